@@ -1,0 +1,1 @@
+"""The HTTP gateway: routes, validation and error mapping. Never imports torch."""

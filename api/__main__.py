@@ -1,0 +1,14 @@
+"""Serve the API with uvicorn: `python -m api`."""
+
+import uvicorn
+
+from shared.settings import api_settings
+
+
+def main() -> None:
+    settings = api_settings()
+    uvicorn.run("api.app:create_app", factory=True, host=settings.host, port=settings.port)
+
+
+if __name__ == "__main__":
+    main()

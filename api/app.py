@@ -1,0 +1,40 @@
+"""The FastAPI application; `uvicorn api.app:create_app --factory` or `python -m api`."""
+
+import logging
+
+from fastapi import FastAPI
+
+from api.deps import Services
+from api.errors import install_error_handlers
+from api.routes import jobs, system
+from shared.jobstore import JobStore
+from shared.queue import make_celery, make_redis
+from shared.settings import api_settings, core_settings, storage_settings
+from shared.storage import make_storage
+
+VERSION = "0.1.0"
+
+
+def create_app() -> FastAPI:
+    core, api, storage_config = core_settings(), api_settings(), storage_settings()
+    redis = make_redis(core)
+    services = Services(
+        core=core,
+        api=api,
+        storage_settings=storage_config,
+        redis=redis,
+        store=JobStore(redis, core.retention_s),
+        storage=make_storage(storage_config),
+        celery=make_celery(core),
+    )
+    app = FastAPI(
+        title="txt2img-service",
+        version=VERSION,
+        description="Asynchronous text-to-image jobs with Stable Diffusion 1.5.",
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    app.include_router(jobs.router)
+    app.include_router(system.router)
+    logging.getLogger(__name__).info("API ready; storage backend %s", storage_config.storage)
+    return app

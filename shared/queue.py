@@ -1,0 +1,45 @@
+"""The Celery app both sides share: broker settings and the task names the API sends by."""
+
+from celery import Celery
+from redis import Redis
+
+from shared.settings import CoreSettings
+
+RENDER_TASK = "txt2img.render"
+WORKERS_KEY = "t2i:workers"
+
+
+def make_celery(settings: CoreSettings) -> Celery:
+    app = Celery("txt2img", broker=settings.redis_url)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_default_queue=settings.queue_name,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_connect_timeout": settings.redis_timeout_s,
+        },
+    )
+    return app
+
+
+def make_redis(settings: CoreSettings) -> Redis:
+    return Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+    )
+
+
+def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:
+    """Workers whose heartbeat is younger than `max_age_s`."""
+    return int(redis.zcount(WORKERS_KEY, now - max_age_s, "+inf"))

@@ -1,0 +1,154 @@
+"""The job contract: the generation request, job states and the job record."""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_SEED = 2**32 - 1
+
+Scheduler = Literal[
+    "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"
+]
+OutputFormat = Literal["png", "jpeg", "webp"]
+Dimension = Annotated[int, Field(ge=256, le=1024, multiple_of=8)]
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class GenerationRequest(BaseModel):
+    """What a client asks for; defaults are the seed notebook's, except the scheduler."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str = Field(default="", max_length=2000)
+    width: Dimension = 512
+    height: Dimension = 512
+    num_inference_steps: int = Field(default=25, ge=1, le=150)
+    guidance_scale: float = Field(default=7.5, ge=0, le=20)
+    scheduler: Scheduler = "dpmpp_2m"
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_images: int = Field(default=1, ge=1, le=8)
+    output_format: OutputFormat = "png"
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, prompt: str) -> str:
+        if not prompt.strip():
+            raise ValueError("prompt must not be blank")
+        return prompt
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.num_images
+
+    def image_seeds(self) -> list[int]:
+        """Seed of each image: consecutive from the job's seed, as popular SD UIs do."""
+        if self.seed is None:
+            raise ValueError("seed is resolved before rendering")
+        return [(self.seed + index) % (MAX_SEED + 1) for index in range(self.num_images)]
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED}
+)
+
+ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.EXPIRED, JobStatus.FAILED}
+    ),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}),
+}
+
+
+def can_transition(current: JobStatus, new: JobStatus) -> bool:
+    return new in ALLOWED_TRANSITIONS.get(current, frozenset())
+
+
+class JobErrorType(StrEnum):
+    """Why a job failed."""
+
+    RENDER_ERROR = "render_error"
+    OUT_OF_MEMORY = "out_of_memory"
+    STORAGE_ERROR = "storage_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+class JobError(BaseModel):
+    type: JobErrorType
+    message: str
+
+
+class StoredImage(BaseModel):
+    """An image as the worker records it: a storage key, never a URL."""
+
+    key: str
+    width: int
+    height: int
+    seed: int
+    content_type: str
+
+
+class ImageOut(BaseModel):
+    url: str
+    width: int
+    height: int
+    seed: int
+    content_type: str
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    eta_s: float | None = None
+
+
+class Timings(BaseModel):
+    queued_s: float | None = None
+    render_s: float | None = None
+    upload_s: float | None = None
+
+
+class JobRecord(BaseModel):
+    """A job as the job store holds it."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    request: GenerationRequest
+    progress: Progress | None = None
+    images: list[StoredImage] = Field(default_factory=list)
+    error: JobError | None = None
+    timings: Timings = Field(default_factory=Timings)
+
+
+class JobOut(BaseModel):
+    """A job as `GET /v1/jobs/{id}` returns it."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    request: GenerationRequest
+    queue_position: int | None = None
+    progress: Progress | None = None
+    images: list[ImageOut]
+    error: JobError | None
+    timings: Timings

@@ -1,0 +1,110 @@
+"""Typed settings, one class per concern, all read from `T2I_*` environment variables."""
+
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_SIGNING_SECRET = "dev-only-signing-secret-change-me"
+DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class _T2ISettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="T2I_", extra="ignore", frozen=True)
+
+
+class CoreSettings(_T2ISettings):
+    """What every process needs: where Redis is and how long jobs live."""
+
+    env: Environment = Environment.DEVELOPMENT
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    queue_name: str = "txt2img"
+    retention_s: int = Field(default=7 * 24 * 3600, ge=60)
+    # Longer than the longest render, or Redis redelivers a job that is still rendering.
+    visibility_timeout_s: int = Field(default=3600, ge=60)
+    redis_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class StorageSettings(_T2ISettings):
+    """Where images go and how download URLs are made."""
+
+    env: Environment = Environment.DEVELOPMENT
+    storage: Literal["local", "s3"] = "local"
+    data_dir: Path = Path("data")
+    signing_secret: str = DEV_SIGNING_SECRET
+    url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    key_prefix: str = "images"
+    s3_bucket: str = "txt2img"
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    @property
+    def local_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secret(self) -> "StorageSettings":
+        if self.env is not Environment.DEVELOPMENT and self.signing_secret == DEV_SIGNING_SECRET:
+            raise ValueError("T2I_SIGNING_SECRET must be set outside development")
+        return self
+
+
+class ApiSettings(_T2ISettings):
+    """The HTTP gateway."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Caps width x height x num_images so one job cannot monopolise a GPU.
+    max_pixels_per_job: int = Field(default=8 * 512 * 512, ge=256 * 256)
+    public_base_url: str | None = None
+    worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
+
+
+class WorkerSettings(_T2ISettings):
+    """The GPU worker: model, device and test hooks."""
+
+    env: Environment = Environment.DEVELOPMENT
+    model_id: str = DEFAULT_MODEL_ID
+    model_cache_dir: Path = Path("data/models")
+    device: str = "auto"
+    concurrency: int = Field(default=2, ge=1, le=64)
+    warmup: bool = True
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    # Development-only fault injection: a job with exactly this prompt fails inside the render.
+    debug_fail_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _fault_injection_only_in_development(self) -> "WorkerSettings":
+        if self.env is not Environment.DEVELOPMENT and self.debug_fail_prompt:
+            raise ValueError("T2I_DEBUG_FAIL_PROMPT is only allowed when T2I_ENV=development")
+        return self
+
+
+@lru_cache
+def core_settings() -> CoreSettings:
+    return CoreSettings()
+
+
+@lru_cache
+def storage_settings() -> StorageSettings:
+    return StorageSettings()
+
+
+@lru_cache
+def api_settings() -> ApiSettings:
+    return ApiSettings()
+
+
+@lru_cache
+def worker_settings() -> WorkerSettings:
+    return WorkerSettings()

@@ -1,0 +1,68 @@
+"""The job store's compare-and-set against a real redis-server."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+from redis import Redis
+
+from shared.jobstore import JobStore, new_job_id, utc_now
+from shared.schema import GenerationRequest, JobRecord, JobStatus
+
+
+def _queued(store: JobStore) -> JobRecord:
+    record = JobRecord(
+        id=new_job_id(),
+        status=JobStatus.QUEUED,
+        created_at=utc_now(),
+        request=GenerationRequest(prompt="a cat", seed=1),
+    )
+    store.create(record)
+    return record
+
+
+def test_create_and_read_back(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    record = _queued(store)
+    assert store.get(record.id) == record
+    assert 590 < redis_client.ttl(f"t2i:job:{record.id}") <= 600
+    assert store.get(new_job_id()) is None
+
+
+def test_only_one_of_many_concurrent_claims_wins(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    record = _queued(store)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(
+            pool.map(
+                lambda _: store.transition(record.id, JobStatus.RUNNING, expected=JobStatus.QUEUED),
+                range(32),
+            )
+        )
+    assert sum(result.applied for result in results) == 1
+    assert store.get(record.id).status is JobStatus.RUNNING
+
+
+def test_a_terminal_job_never_changes(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    record = _queued(store)
+    assert store.transition(record.id, JobStatus.CANCELED).applied
+    late = store.transition(record.id, JobStatus.RUNNING, expected=JobStatus.QUEUED)
+    assert (late.applied, late.previous) == (False, JobStatus.CANCELED)
+    assert not store.transition(record.id, JobStatus.SUCCEEDED, images=[]).applied
+    assert not store.update_if(record.id, JobStatus.RUNNING, progress={"step": 1}).applied
+    final = store.get(record.id)
+    assert final.status is JobStatus.CANCELED and final.progress is None
+
+
+def test_fields_are_written_with_the_transition(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    record = _queued(store)
+    started = utc_now()
+    assert store.transition(record.id, JobStatus.RUNNING, started_at=started).applied
+    assert store.update_if(record.id, JobStatus.RUNNING, progress={"step": 2, "total": 4}).applied
+    job = store.get(record.id)
+    assert job.started_at == started and (job.progress.step, job.progress.total) == (2, 4)
+
+
+def test_missing_job_reports_no_previous_state(redis_client: Redis) -> None:
+    result = JobStore(redis_client, 600).transition(new_job_id(), JobStatus.RUNNING)
+    assert (result.applied, result.previous) == (False, None)

@@ -1,0 +1,170 @@
+"""Real processes for tests: redis-server, an S3 server, Celery workers and uvicorn."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REQUEST_TIMEOUT_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Process:
+    """A child process whose output goes to a log file, shown when a test needs it."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen | None = None
+
+    def start(self) -> "Process":
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            self.args, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout_s: float = 15) -> None:
+        if not self.alive():
+            return
+        assert self.popen is not None
+        self.popen.terminate()
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def service_env(**overrides: str) -> dict[str, str]:
+    """The test process's environment without any T2I_* of the developer's, plus overrides."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("T2I_")}
+    env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(overrides)
+    return env
+
+
+def start_redis(workdir: Path) -> tuple[Process, int]:
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    process = Process(
+        "redis",
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(workdir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        service_env(),
+        workdir / "redis.log",
+    ).start()
+    wait_until(lambda: port_open(port), 10, "redis-server")
+    return process, port
+
+
+def start_s3_server(workdir: Path) -> tuple[Process, str]:
+    port = free_port()
+    process = Process(
+        "s3",
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        service_env(),
+        workdir / "s3.log",
+    ).start()
+    wait_until(lambda: port_open(port), 30, "the moto S3 server")
+    return process, f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class Stack:
+    """One worker and one API process sharing a Redis database and a storage backend."""
+
+    env: dict[str, str]
+    workdir: Path
+    api_port: int = field(default_factory=free_port)
+    worker: Process | None = None
+    api: Process | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self) -> "Stack":
+        env = {**self.env, "T2I_PORT": str(self.api_port)}
+        self.worker = Process(
+            "worker", [sys.executable, "-m", "worker"], env, self.workdir / "worker.log"
+        ).start()
+        self.api = Process("api", [sys.executable, "-m", "api"], env, self.workdir / "api.log")
+        self.api.start()
+        wait_until(self._ready, 120, "the API to report ready (a live worker)")
+        return self
+
+    def _ready(self) -> bool:
+        for process in (self.worker, self.api):
+            assert process is not None
+            if not process.alive():
+                raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
+        try:
+            return httpx.get(f"{self.base_url}/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=REQUEST_TIMEOUT_S)
+
+    def stop(self) -> None:
+        for process in (self.api, self.worker):
+            if process is not None:
+                process.stop()
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 60) -> dict:
+    """Poll as a client would until the job is terminal."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+        if job["status"] in {"succeeded", "failed", "canceled", "expired"}:
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout_s} s")

@@ -1,0 +1,79 @@
+"""Start a worker: load and warm the pipeline, then consume jobs. `python -m worker`."""
+
+import logging
+import os
+import socket
+import sys
+
+from celery.signals import worker_ready, worker_shutdown
+
+from shared.jobstore import JobStore
+from shared.queue import make_celery, make_redis
+from shared.settings import core_settings, storage_settings, worker_settings
+from shared.storage import make_storage
+from worker.executor import GpuExecutor
+from worker.heartbeat import Heartbeat
+from worker.jobs import JobRunner
+from worker.pipeline import DiffusionRenderer, ModelLoadError
+from worker.tasks import install_runner, register_tasks
+
+log = logging.getLogger("worker")
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    core, storage_config, settings = core_settings(), storage_settings(), worker_settings()
+    try:
+        renderer = DiffusionRenderer.load(
+            settings.model_id, settings.model_cache_dir, settings.device
+        )
+    except ModelLoadError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
+    if settings.warmup:
+        renderer.warm_up()
+        log.info("warm-up render done")
+
+    fail_prompt = settings.debug_fail_prompt
+
+    def render(batch, on_step):
+        if fail_prompt is not None and any(item.prompt == fail_prompt for item in batch.items):
+            raise RuntimeError(f"injected failure for prompt {fail_prompt!r}")
+        return renderer.render(batch, on_step)
+
+    redis = make_redis(core)
+    install_runner(
+        JobRunner(
+            store=JobStore(redis, core.retention_s),
+            storage=make_storage(storage_config),
+            executor=GpuExecutor(render),
+            model_name=settings.model_id,
+            key_prefix=storage_config.key_prefix,
+        )
+    )
+    worker_name = f"render@{socket.gethostname()}.{os.getpid()}"
+    heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s)
+    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
+    worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)
+
+    app = make_celery(core)
+    register_tasks(app)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.concurrency}",
+            f"--queues={core.queue_name}",
+            f"--hostname={worker_name}",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
