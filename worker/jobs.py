@@ -18,7 +18,7 @@ from shared.schema import (
 )
 from shared.storage import ObjectStorage, StorageError, image_key
 from worker.encoding import encode_image, parameters_text
-from worker.executor import GpuExecutor
+from worker.executor import GpuExecutor, RenderJob
 from worker.pipeline import RenderBatch
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class JobRunner:
         request = record.request
         render_started = time.monotonic()
         try:
-            images = self.executor.submit(RenderBatch.from_request(request)).result()
+            images = self.executor.submit(RenderJob(RenderBatch.from_request(request))).result()
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
