@@ -1,12 +1,18 @@
 """The FastAPI application; `uvicorn api.app:create_app --factory` or `python -m api`."""
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from redis.asyncio import Redis as AsyncRedis
 
+from api import events
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.routes import jobs, system
+from api.sweeper import run_sweeper
 from shared.jobstore import JobStore
 from shared.queue import make_celery, make_redis
 from shared.settings import api_settings, core_settings, storage_settings
@@ -23,18 +29,33 @@ def create_app() -> FastAPI:
         api=api,
         storage_settings=storage_config,
         redis=redis,
+        async_redis=AsyncRedis.from_url(
+            core.redis_url, socket_connect_timeout=core.redis_timeout_s
+        ),
         store=JobStore(redis, core.retention_s),
         storage=make_storage(storage_config),
         celery=make_celery(core),
     )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(run_sweeper(services))
+        logging.getLogger(__name__).info("API ready; storage backend %s", storage_config.storage)
+        yield
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+        await services.async_redis.aclose()
+
     app = FastAPI(
         title="txt2img-service",
         version=VERSION,
         description="Asynchronous text-to-image jobs with Stable Diffusion 1.5.",
+        lifespan=lifespan,
     )
     app.state.services = services
     install_error_handlers(app)
     app.include_router(jobs.router)
+    app.include_router(events.router)
     app.include_router(system.router)
-    logging.getLogger(__name__).info("API ready; storage backend %s", storage_config.storage)
     return app

@@ -6,6 +6,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 from shared.jobstore import JobStore
 from shared.settings import ApiSettings, CoreSettings, StorageSettings
@@ -18,6 +19,8 @@ class Services:
     api: ApiSettings
     storage_settings: StorageSettings
     redis: Redis
+    # For waits that must not hold a thread: SSE streams and `Prefer: wait`.
+    async_redis: AsyncRedis
     store: JobStore
     storage: LocalStorage | S3Storage
     celery: Celery

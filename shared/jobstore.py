@@ -1,5 +1,10 @@
-"""Job records in Redis: one hash per job, every state change a compare-and-set in Lua."""
+"""Job records in Redis: one hash per job, every state change a compare-and-set in Lua.
 
+Each change also appends an event to the job's stream (resumable SSE) in the same script, so the
+stream and the record never disagree.
+"""
+
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -9,24 +14,71 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 from redis import Redis
 
-from shared.schema import ALLOWED_TRANSITIONS, JobRecord, JobStatus
+from shared.schema import ALLOWED_TRANSITIONS, GenerationRequest, JobRecord, JobStatus
 
-JOB_KEY_PREFIX = "t2i:job:"
+QUEUE_KEY = "t2i:queue"
+INDEX_KEY = "t2i:jobs"
+RETENTION_KEY = "t2i:retention"
+SEQUENCE_KEY = "t2i:seq"
+COMPLETIONS_KEY = "t2i:completions"
+STATS_KEY = "t2i:stats"
+IDEMPOTENCY_TTL_S = 24 * 3600
+EVENTS_MAXLEN = 1000
+PROGRESS_EVENT = "progress"
+_JOB_PREFIX = "t2i:job:"
+_IDEMPOTENCY_PREFIX = "t2i:idem:"
+_THROUGHPUT_WINDOW_S = 120.0
+_EWMA_WEIGHT = 0.2
+# A filtered listing reads at most this many windows of the index per page.
+_MAX_LIST_WINDOWS = 20
 
-# ARGV: n, n allowed current states, then field/value pairs to write when the current state is
-# one of them. Returns {1, previous} when written, {0, previous} when not, {0, false} if missing.
+_EVENT = """
+local function append_event(stream, event_type, data, ttl)
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV_MAXLEN, '*', 'type', event_type, 'data', data)
+  redis.call('EXPIRE', stream, ttl)
+end
+"""
+
+# KEYS: job, events, queue, index, retention, sequence, idempotency key.
+# ARGV: job id, created (epoch s), retention s, idempotency value ('' for none), idempotency TTL,
+# event data, then field/value pairs. Returns {1, seq} or {0, existing idempotency value}.
+_CREATE = """
+if ARGV[4] ~= '' then
+  local existing = redis.call('GET', KEYS[7])
+  if existing then return {0, existing} end
+  redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5])
+end
+local seq = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
+return {1, seq}
+"""
+
+# KEYS: job, events, queue. ARGV: job id, event type, event data, retention s, n, the n states
+# the job may be in, then field/value pairs. A status change takes the job off the queue.
+# Returns {1, previous} when written, {0, previous} when not, {0, false} when the job is missing.
 _COMPARE_AND_SET = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, false} end
-local n = tonumber(ARGV[1])
-for i = 2, n + 1 do
+local n = tonumber(ARGV[5])
+for i = 6, n + 5 do
   if ARGV[i] == current then
-    if #ARGV > n + 1 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 2)) end
+    if #ARGV > n + 5 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 6)) end
+    if ARGV[2] ~= 'progress' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+    append_event(KEYS[2], ARGV[2], ARGV[3], ARGV[4])
     return {1, current}
   end
 end
 return {0, current}
 """
+
+
+def _script(body: str) -> str:
+    return _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
 
 
 def new_job_id() -> str:
@@ -37,14 +89,25 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _job_key(job_id: str) -> str:
-    return JOB_KEY_PREFIX + job_id
+def job_key(job_id: str) -> str:
+    return _JOB_PREFIX + job_id
 
 
-def _encode_fields(fields: dict[str, Any]) -> dict[str, str]:
-    return {
-        name: value if name == "status" else json.dumps(value) for name, value in fields.items()
-    }
+def events_key(job_id: str) -> str:
+    return f"{_JOB_PREFIX}{job_id}:events"
+
+
+def request_fingerprint(request: GenerationRequest) -> str:
+    """Same body, same fingerprint: the normalized request as the client sent it."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _encode_fields(fields: dict[str, Any]) -> list[str]:
+    flat: list[str] = []
+    for name, value in to_jsonable_python(fields).items():
+        flat.extend((name, value if name == "status" else json.dumps(value)))
+    return flat
 
 
 @dataclass(frozen=True)
@@ -53,31 +116,74 @@ class CasResult:
     previous: JobStatus | None
 
 
+@dataclass(frozen=True)
+class Created:
+    """A new job, or (`created` false) the job an earlier POST with the same key made."""
+
+    created: bool
+    job_id: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[JobRecord]
+    next_cursor: str | None
+
+
 class JobStore:
-    """Creates, reads and moves jobs; a terminal job never changes again."""
+    """Creates, reads, lists and moves jobs; a terminal job never changes again."""
 
     def __init__(self, redis: Redis, retention_s: int) -> None:
         self._redis = redis
-        self._retention_s = retention_s
-        self._cas = redis.register_script(_COMPARE_AND_SET)
+        self.retention_s = retention_s
+        self._create = redis.register_script(_script(_CREATE))
+        self._cas = redis.register_script(_script(_COMPARE_AND_SET))
 
-    def create(self, record: JobRecord) -> None:
-        fields = _encode_fields(record.model_dump(mode="json"))
-        key = _job_key(record.id)
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self._retention_s)
-            pipe.execute()
+    def create(
+        self,
+        record: JobRecord,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Created:
+        """Store a new queued job; with an idempotency key, only if the key is new."""
+        fingerprint = fingerprint or request_fingerprint(record.request)
+        claim = json.dumps({"job_id": record.id, "fingerprint": fingerprint})
+        created, value = self._create(
+            keys=[
+                job_key(record.id),
+                events_key(record.id),
+                QUEUE_KEY,
+                INDEX_KEY,
+                RETENTION_KEY,
+                SEQUENCE_KEY,
+                _IDEMPOTENCY_PREFIX + (idempotency_key or ""),
+            ],
+            args=[
+                record.id,
+                record.created_at.timestamp(),
+                self.retention_s,
+                claim if idempotency_key else "",
+                IDEMPOTENCY_TTL_S,
+                json.dumps({"status": JobStatus.QUEUED.value}),
+                *_encode_fields(record.model_dump(mode="json")),
+            ],
+        )
+        if created:
+            return Created(True, record.id, fingerprint)
+        earlier = json.loads(value)
+        return Created(False, earlier["job_id"], earlier["fingerprint"])
+
+    def forget_idempotency_key(self, idempotency_key: str) -> None:
+        self._redis.delete(_IDEMPOTENCY_PREFIX + idempotency_key)
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self._redis.hgetall(_job_key(job_id))
-        if not raw:
-            return None
-        decoded = {
-            name.decode(): value.decode() if name == b"status" else json.loads(value)
-            for name, value in raw.items()
-        }
-        return JobRecord.model_validate(decoded)
+        raw = self._redis.hgetall(job_key(job_id))
+        return _decode(raw) if raw else None
+
+    def status(self, job_id: str) -> JobStatus | None:
+        value = self._redis.hget(job_key(job_id), "status")
+        return JobStatus(value.decode()) if value else None
 
     def transition(
         self,
@@ -93,22 +199,117 @@ class JobStore:
             sources = [s for s in sources if s == expected]
         if not sources:
             raise ValueError(f"no state may move to {new_status}")
-        payload = {"status": new_status.value, **to_jsonable_python(fields)}
-        return self._compare_and_set(job_id, sources, payload)
+        return self._compare_and_set(
+            job_id, sources, new_status.value, {"status": new_status.value, **fields}
+        )
 
-    def update_if(self, job_id: str, status: JobStatus, **fields: Any) -> CasResult:
-        """Write `fields` only while the job is in `status` (progress of a running job, say)."""
-        return self._compare_and_set(job_id, [status], to_jsonable_python(fields))
+    def update_progress(self, job_id: str, **progress: Any) -> CasResult:
+        """Record progress, only while the job runs."""
+        return self._compare_and_set(
+            job_id, [JobStatus.RUNNING], PROGRESS_EVENT, {"progress": progress}
+        )
 
     def _compare_and_set(
-        self, job_id: str, sources: list[JobStatus], fields: dict[str, Any]
+        self, job_id: str, sources: list[JobStatus], event_type: str, fields: dict[str, Any]
     ) -> CasResult:
-        flat: list[str] = []
-        for name, value in _encode_fields(fields).items():
-            flat.extend((name, value))
+        event_data = json.dumps(to_jsonable_python(fields))
         applied, previous = self._cas(
-            keys=[_job_key(job_id)], args=[len(sources), *[s.value for s in sources], *flat]
+            keys=[job_key(job_id), events_key(job_id), QUEUE_KEY],
+            args=[
+                job_id,
+                event_type,
+                event_data,
+                self.retention_s,
+                len(sources),
+                *[s.value for s in sources],
+                *_encode_fields(fields),
+            ],
         )
         return CasResult(
             applied=bool(applied), previous=JobStatus(previous.decode()) if previous else None
         )
+
+    def queue_position(self, job_id: str) -> int | None:
+        """How many queued jobs are ahead of this one; None once it has left the queue."""
+        return self._redis.zrank(QUEUE_KEY, job_id)
+
+    def queued_count(self) -> int:
+        return int(self._redis.zcard(QUEUE_KEY))
+
+    def oldest_queued(self, count: int) -> list[str]:
+        return [member.decode() for member in self._redis.zrange(QUEUE_KEY, 0, count - 1)]
+
+    def page(self, limit: int, cursor: str | None, status: JobStatus | None) -> JobPage:
+        """Newest first; `cursor` is the `next_cursor` of the page before."""
+        upper = f"({int(cursor)}" if cursor else "+inf"
+        jobs: list[JobRecord] = []
+        scanned_to: float | None = None
+        for _ in range(_MAX_LIST_WINDOWS):
+            if len(jobs) == limit:
+                break
+            window = self._redis.zrevrangebyscore(
+                INDEX_KEY, upper, "-inf", start=0, num=max(limit, 50), withscores=True
+            )
+            if not window:
+                return JobPage(jobs, None)
+            with self._redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in window:
+                    pipe.hgetall(job_key(job_id.decode()))
+                records = pipe.execute()
+            for (_, score), raw in zip(window, records, strict=True):
+                scanned_to = score
+                if raw:
+                    record = _decode(raw)
+                    if status is None or record.status is status:
+                        jobs.append(record)
+                        if len(jobs) == limit:
+                            break
+            upper = f"({int(scanned_to)}"
+        more = self._redis.zcount(INDEX_KEY, "-inf", upper) > 0
+        return JobPage(jobs, str(int(scanned_to)) if more and scanned_to is not None else None)
+
+    def record_completion(self, job_s: float, now: float) -> None:
+        """Feed the throughput figures that queue ETAs come from."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(COMPLETIONS_KEY, {uuid.uuid4().hex: now})
+            pipe.zremrangebyscore(COMPLETIONS_KEY, "-inf", now - _THROUGHPUT_WINDOW_S)
+            pipe.hget(STATS_KEY, "job_s")
+            previous = pipe.execute()[-1]
+        average = (
+            job_s
+            if previous is None
+            else ((1 - _EWMA_WEIGHT) * float(previous) + _EWMA_WEIGHT * job_s)
+        )
+        self._redis.hset(STATS_KEY, "job_s", average)
+
+    def throughput(self, now: float) -> tuple[float | None, float | None]:
+        """(jobs finished per second lately, average seconds per job), each None if unknown."""
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(COMPLETIONS_KEY, now - _THROUGHPUT_WINDOW_S, "+inf", withscores=True)
+            pipe.hget(STATS_KEY, "job_s")
+            recent, job_s = pipe.execute()
+        rate = None
+        if len(recent) >= 2:
+            span = recent[-1][1] - recent[0][1]
+            if span > 0:
+                rate = (len(recent) - 1) / span
+        return rate, float(job_s) if job_s is not None else None
+
+    def expired_for_retention(self, before: float, count: int) -> list[str]:
+        ids = self._redis.zrangebyscore(RETENTION_KEY, "-inf", before, start=0, num=count)
+        return [job_id.decode() for job_id in ids]
+
+    def delete(self, job_id: str) -> None:
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(job_key(job_id), events_key(job_id))
+            for index in (QUEUE_KEY, INDEX_KEY, RETENTION_KEY):
+                pipe.zrem(index, job_id)
+            pipe.execute()
+
+
+def _decode(raw: dict[bytes, bytes]) -> JobRecord:
+    decoded = {
+        name.decode(): value.decode() if name == b"status" else json.loads(value)
+        for name, value in raw.items()
+    }
+    return JobRecord.model_validate(decoded)

@@ -147,8 +147,20 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     request: GenerationRequest
-    queue_position: int | None = None
+    queue_position: int | None = Field(
+        default=None, description="queued jobs ahead of this one (0: it starts next)"
+    )
+    eta_s: float | None = Field(
+        default=None, description="estimated seconds until the job finishes, while not terminal"
+    )
     progress: Progress | None = None
     images: list[ImageOut]
     error: JobError | None
     timings: Timings
+
+
+class JobList(BaseModel):
+    data: list[JobOut]
+    next_cursor: str | None = Field(
+        description="pass as `cursor` for the next page; null at the end"
+    )

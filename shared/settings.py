@@ -27,7 +27,8 @@ class CoreSettings(_T2ISettings):
     env: Environment = Environment.DEVELOPMENT
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "txt2img"
-    retention_s: int = Field(default=7 * 24 * 3600, ge=60)
+    retention_s: int = Field(default=7 * 24 * 3600, ge=10)
+    queue_timeout_s: int = Field(default=3600, ge=1)
     # Longer than the longest render, or Redis redelivers a job that is still rendering.
     visibility_timeout_s: int = Field(default=3600, ge=60)
     redis_timeout_s: float = Field(default=2.0, gt=0)
@@ -68,6 +69,7 @@ class ApiSettings(_T2ISettings):
     max_pixels_per_job: int = Field(default=8 * 512 * 512, ge=256 * 256)
     public_base_url: str | None = None
     worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
 
 
 class WorkerSettings(_T2ISettings):
@@ -80,6 +82,7 @@ class WorkerSettings(_T2ISettings):
     concurrency: int = Field(default=2, ge=1, le=64)
     warmup: bool = True
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    progress_interval_s: float = Field(default=0.25, ge=0)
     # Development-only fault injection: a job with exactly this prompt fails inside the render.
     debug_fail_prompt: str | None = None
 
@@ -88,6 +91,13 @@ class WorkerSettings(_T2ISettings):
         if self.env is not Environment.DEVELOPMENT and self.debug_fail_prompt:
             raise ValueError("T2I_DEBUG_FAIL_PROMPT is only allowed when T2I_ENV=development")
         return self
+
+
+class ClientSettings(_T2ISettings):
+    """The Python client and the `txt2img` CLI."""
+
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
 
 
 @lru_cache

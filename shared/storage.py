@@ -3,6 +3,7 @@
 import hashlib
 import hmac
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -15,9 +16,14 @@ from botocore.config import Config
 from shared.settings import StorageSettings
 
 
+def job_prefix(prefix: str, job_id: str) -> str:
+    """Everything of one job lies under this prefix; an S3 lifecycle rule on `prefix/` ages it."""
+    return f"{prefix}/{job_id}"
+
+
 def image_key(prefix: str, job_id: str, index: int, extension: str) -> str:
     """Deterministic, so a retried upload overwrites instead of duplicating."""
-    return f"{prefix}/{job_id}/{index}.{extension}"
+    return f"{job_prefix(prefix, job_id)}/{index}.{extension}"
 
 
 class StorageError(Exception):
@@ -30,6 +36,9 @@ class ObjectStorage(Protocol):
     def download_url(self, key: str, base_url: str) -> str: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with `prefix/`; how many there were."""
 
     def check(self) -> None:
         """Raise StorageError when the backend cannot take writes."""
@@ -59,6 +68,14 @@ class LocalStorage:
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
+
+    def delete_prefix(self, prefix: str) -> int:
+        directory = self.path_for(prefix)
+        if not directory.is_dir():
+            return 0
+        files = [path for path in directory.rglob("*") if path.is_file()]
+        shutil.rmtree(directory, ignore_errors=True)
+        return len(files)
 
     def signature(self, key: str, expires: int) -> str:
         message = f"{key}\n{expires}".encode()
@@ -124,6 +141,23 @@ class S3Storage:
         except self._client.exceptions.ClientError:
             return False
         return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        deleted = 0
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self._bucket, Prefix=prefix.rstrip("/") + "/"
+            )
+            for page in pages:
+                objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+                if objects:
+                    self._client.delete_objects(
+                        Bucket=self._bucket, Delete={"Objects": objects, "Quiet": True}
+                    )
+                    deleted += len(objects)
+        except Exception as exc:
+            raise StorageError(f"deleting {prefix}/ failed: {exc}") from exc
+        return deleted
 
     def check(self) -> None:
         try:

@@ -51,6 +51,8 @@ def main() -> int:
             executor=GpuExecutor(render),
             model_name=settings.model_id,
             key_prefix=storage_config.key_prefix,
+            queue_timeout_s=core.queue_timeout_s,
+            progress_interval_s=settings.progress_interval_s,
         )
     )
     worker_name = f"render@{socket.gethostname()}.{os.getpid()}"

@@ -16,9 +16,9 @@ from shared.schema import (
     StoredImage,
     Timings,
 )
-from shared.storage import ObjectStorage, StorageError, image_key
+from shared.storage import ObjectStorage, StorageError, image_key, job_prefix
 from worker.encoding import encode_image, parameters_text
-from worker.executor import GpuExecutor, RenderJob
+from worker.executor import GpuExecutor, RenderCanceled, RenderJob
 from worker.pipeline import RenderBatch
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,25 @@ class RenderError(Exception):
     """The pipeline raised while rendering."""
 
 
+class ProgressReporter:
+    """Writes a running job's progress at most every `interval_s`, and always the last step."""
+
+    def __init__(self, store: JobStore, job_id: str, interval_s: float) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._interval_s = interval_s
+        self._started = time.monotonic()
+        self._last_write = float("-inf")
+
+    def __call__(self, step: int, total: int) -> None:
+        now = time.monotonic()
+        if step < total and now - self._last_write < self._interval_s:
+            return
+        self._last_write = now
+        eta_s = (now - self._started) / step * (total - step)
+        self._store.update_progress(self._job_id, step=step, total=total, eta_s=round(eta_s, 3))
+
+
 @dataclass
 class JobRunner:
     store: JobStore
@@ -37,8 +56,20 @@ class JobRunner:
     executor: GpuExecutor
     model_name: str
     key_prefix: str
+    queue_timeout_s: float
+    progress_interval_s: float
 
     def run(self, job_id: str) -> None:
+        record = self.store.get(job_id)
+        if record is None:
+            log.info("skipping job %s: no such job (deleted after its retention?)", job_id)
+            return
+        if record.status is JobStatus.QUEUED and self._waited_too_long(record):
+            self.store.transition(
+                job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
+            )
+            log.info("job %s expired in the queue", job_id)
+            return
         started_at = utc_now()
         claim = self.store.transition(
             job_id, JobStatus.RUNNING, expected=JobStatus.QUEUED, started_at=started_at
@@ -46,26 +77,37 @@ class JobRunner:
         if not claim.applied:
             log.info("skipping job %s: it is %s, not queued", job_id, claim.previous or "missing")
             return
-        record = self.store.get(job_id)
-        if record is None:
-            log.warning("job %s vanished after it was claimed", job_id)
-            return
         try:
             self._render_and_store(record, started_at.timestamp())
+        except RenderCanceled:
+            log.info("job %s was canceled while it rendered", job_id)
         except Exception as exc:
             self._fail(job_id, exc)
             raise
 
+    def _waited_too_long(self, record: JobRecord) -> bool:
+        return (utc_now() - record.created_at).total_seconds() > self.queue_timeout_s
+
+    def _canceled(self, job_id: str) -> bool:
+        return self.store.status(job_id) is JobStatus.CANCELED
+
     def _render_and_store(self, record: JobRecord, started: float) -> None:
         request = record.request
         render_started = time.monotonic()
+        job = RenderJob(
+            RenderBatch.from_request(request),
+            on_step=ProgressReporter(self.store, record.id, self.progress_interval_s),
+            is_canceled=lambda: self._canceled(record.id),
+        )
         try:
-            images = self.executor.submit(RenderJob(RenderBatch.from_request(request))).result()
-        except torch.OutOfMemoryError:
+            images = self.executor.submit(job).result()
+        except (RenderCanceled, torch.OutOfMemoryError):
             raise
         except Exception as exc:
             raise RenderError(str(exc)) from exc
         render_s = time.monotonic() - render_started
+        if self._canceled(record.id):
+            raise RenderCanceled()
 
         upload_started = time.monotonic()
         stored: list[StoredImage] = []
@@ -83,10 +125,11 @@ class JobRunner:
                     content_type=CONTENT_TYPES[extension],
                 )
             )
+        upload_s = time.monotonic() - upload_started
         timings = Timings(
             queued_s=round(started - record.created_at.timestamp(), 4),
             render_s=round(render_s, 4),
-            upload_s=round(time.monotonic() - upload_started, 4),
+            upload_s=round(upload_s, 4),
         )
         finished = self.store.transition(
             record.id,
@@ -97,9 +140,10 @@ class JobRunner:
             finished_at=utc_now(),
         )
         if not finished.applied:
-            log.info(
-                "job %s ended %s while rendering; result dropped", record.id, finished.previous
-            )
+            # Canceled during the upload: the job ends with no objects.
+            self.storage.delete_prefix(job_prefix(self.key_prefix, record.id))
+            raise RenderCanceled()
+        self.store.record_completion(render_s + upload_s, time.time())
 
     def _fail(self, job_id: str, exc: Exception) -> None:
         error = JobError(type=_error_type(exc), message=str(exc)[:_MAX_ERROR_MESSAGE] or repr(exc))

@@ -1,20 +1,26 @@
-"""Submit and read jobs."""
+"""Submit, read, list and cancel jobs."""
 
 import logging
+import re
 import secrets
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Header, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 
 from api.deps import Services, ServicesDep
+from api.events import wait_until_terminal
+from api.jobview import job_out
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
-from shared.jobstore import new_job_id, utc_now
+from shared.jobstore import new_job_id, request_fingerprint, utc_now
 from shared.queue import RENDER_TASK
 from shared.schema import (
     MAX_SEED,
     GenerationRequest,
-    ImageOut,
     JobError,
     JobErrorType,
+    JobList,
     JobOut,
     JobRecord,
     JobStatus,
@@ -24,26 +30,13 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-_ERRORS = {
-    status.HTTP_404_NOT_FOUND: {"model": ErrorEnvelope},
-    status.HTTP_422_UNPROCESSABLE_CONTENT: {"model": ErrorEnvelope},
-    status.HTTP_503_SERVICE_UNAVAILABLE: {"model": ErrorEnvelope},
-}
+MAX_WAIT_S = 60
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
-def job_out(record: JobRecord, services: Services, request: Request) -> JobOut:
-    base_url = services.base_url(request)
-    images = [
-        ImageOut(
-            url=services.storage.download_url(image.key, base_url),
-            width=image.width,
-            height=image.height,
-            seed=image.seed,
-            content_type=image.content_type,
-        )
-        for image in record.images
-    ]
-    return JobOut(**record.model_dump(exclude={"images"}), images=images)
+def _errors(*codes: int) -> dict[int | str, dict]:
+    return {code: {"model": ErrorEnvelope} for code in codes}
 
 
 def _check_pixel_budget(generation: GenerationRequest, limit: int) -> None:
@@ -55,23 +48,36 @@ def _check_pixel_budget(generation: GenerationRequest, limit: int) -> None:
         )
 
 
-@router.post(
-    "",
-    status_code=status.HTTP_202_ACCEPTED,
-    response_model=JobOut,
-    responses=_ERRORS,
-    summary="Submit a generation job",
-)
-def create_job(
-    generation: GenerationRequest, services: ServicesDep, request: Request, response: Response
-) -> JobOut:
-    _check_pixel_budget(generation, services.api.max_pixels_per_job)
+def _requested_wait_s(prefer: str | None) -> int:
+    match = _PREFER_WAIT.search(prefer or "")
+    return min(int(match.group(1)), MAX_WAIT_S) if match else 0
+
+
+def _enqueue(services: Services, generation: GenerationRequest, idempotency_key: str | None):
+    """Create the job (or find the one this idempotency key made) and send it to the workers."""
+    resolved = generation
     if generation.seed is None:
-        generation = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+        resolved = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     record = JobRecord(
-        id=new_job_id(), status=JobStatus.QUEUED, created_at=utc_now(), request=generation
+        id=new_job_id(), status=JobStatus.QUEUED, created_at=utc_now(), request=resolved
     )
-    services.store.create(record)
+    # The fingerprint is of the body as sent, so a retry without a seed matches its original.
+    fingerprint = request_fingerprint(generation)
+    created = services.store.create(record, idempotency_key, fingerprint)
+    if not created.created:
+        if created.fingerprint != fingerprint:
+            raise ServiceError(
+                ErrorType.CONFLICT,
+                "this Idempotency-Key was used with a different request body",
+                {"job_id": created.job_id},
+            )
+        earlier = services.store.get(created.job_id)
+        if earlier is None:
+            # The earlier job is past its retention; the key no longer protects anything.
+            assert idempotency_key is not None
+            services.store.forget_idempotency_key(idempotency_key)
+            return _enqueue(services, generation, idempotency_key)
+        return earlier, False
     try:
         services.celery.send_task(
             RENDER_TASK,
@@ -87,16 +93,98 @@ def create_job(
             error=JobError(type=JobErrorType.INTERNAL_ERROR, message="the job was not enqueued"),
             finished_at=utc_now(),
         )
+        if idempotency_key is not None:
+            services.store.forget_idempotency_key(idempotency_key)
         raise ServiceError(
             ErrorType.UNAVAILABLE, "the queue is unavailable; retry shortly"
         ) from exc
-    response.headers["Location"] = f"/v1/jobs/{record.id}"
-    return job_out(record, services, request)
+    return record, True
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=_ERRORS, summary="Read a job")
-def get_job(job_id: str, services: ServicesDep, request: Request) -> JobOut:
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    responses={
+        200: {"model": JobOut, "description": "finished within `Prefer: wait`, or a replay"},
+        **_errors(409, 422, 503),
+    },
+    summary="Submit a generation job",
+)
+async def create_job(
+    generation: GenerationRequest,
+    services: ServicesDep,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="retrying with the same key and body returns the same job (24 h)"),
+    ] = None,
+    prefer: Annotated[
+        str | None, Header(description="`wait=N` holds the answer up to N s (at most 60)")
+    ] = None,
+) -> JSONResponse:
+    _check_pixel_budget(generation, services.api.max_pixels_per_job)
+    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR, "Idempotency-Key must be 1-255 visible ASCII characters"
+        )
+    record, created = await run_in_threadpool(_enqueue, services, generation, idempotency_key)
+    headers = {"Location": f"/v1/jobs/{record.id}"}
+    wait_s = _requested_wait_s(prefer)
+    if wait_s:
+        headers["Preference-Applied"] = f"wait={wait_s}"
+        await wait_until_terminal(services, record.id, wait_s)
+    if not created:
+        headers["Idempotent-Replayed"] = "true"
+    latest = await run_in_threadpool(services.store.get, record.id) or record
+    body = await run_in_threadpool(job_out, latest, services, services.base_url(request))
+    finished = latest.status.is_terminal
+    code = status.HTTP_200_OK if finished or not created else status.HTTP_202_ACCEPTED
+    return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
+
+
+@router.get("", response_model=JobList, responses=_errors(422), summary="List jobs, newest first")
+def list_jobs(
+    services: ServicesDep,
+    request: Request,
+    status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(pattern=r"^\d{1,19}$")] = None,
+) -> JobList:
+    page = services.store.page(limit, cursor, status_filter)
+    base_url = services.base_url(request)
+    return JobList(
+        data=[job_out(record, services, base_url) for record in page.jobs],
+        next_cursor=page.next_cursor,
+    )
+
+
+def load_job(services: Services, job_id: str) -> JobRecord:
     record = services.store.get(job_id)
     if record is None:
         raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
-    return job_out(record, services, request)
+    return record
+
+
+@router.get("/{job_id}", response_model=JobOut, responses=_errors(404), summary="Read a job")
+def get_job(job_id: str, services: ServicesDep, request: Request) -> JobOut:
+    return job_out(load_job(services, job_id), services, services.base_url(request))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses=_errors(404, 409),
+    summary="Cancel a queued or running job",
+)
+def cancel_job(job_id: str, services: ServicesDep, request: Request) -> JobOut:
+    load_job(services, job_id)
+    result = services.store.transition(job_id, JobStatus.CANCELED, finished_at=utc_now())
+    if not result.applied:
+        if result.previous is None:
+            raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
+        raise ServiceError(
+            ErrorType.CONFLICT,
+            f"the job is already {result.previous}; only queued or running jobs can be canceled",
+        )
+    return job_out(load_job(services, job_id), services, services.base_url(request))

@@ -48,7 +48,7 @@ def test_a_terminal_job_never_changes(redis_client: Redis) -> None:
     late = store.transition(record.id, JobStatus.RUNNING, expected=JobStatus.QUEUED)
     assert (late.applied, late.previous) == (False, JobStatus.CANCELED)
     assert not store.transition(record.id, JobStatus.SUCCEEDED, images=[]).applied
-    assert not store.update_if(record.id, JobStatus.RUNNING, progress={"step": 1}).applied
+    assert not store.update_progress(record.id, step=1, total=2).applied
     final = store.get(record.id)
     assert final.status is JobStatus.CANCELED and final.progress is None
 
@@ -58,7 +58,7 @@ def test_fields_are_written_with_the_transition(redis_client: Redis) -> None:
     record = _queued(store)
     started = utc_now()
     assert store.transition(record.id, JobStatus.RUNNING, started_at=started).applied
-    assert store.update_if(record.id, JobStatus.RUNNING, progress={"step": 2, "total": 4}).applied
+    assert store.update_progress(record.id, step=2, total=4).applied
     job = store.get(record.id)
     assert job.started_at == started and (job.progress.step, job.progress.total) == (2, 4)
 

@@ -2,7 +2,13 @@
 
 import re
 
-from shared.settings import ApiSettings, CoreSettings, StorageSettings, WorkerSettings
+from shared.settings import (
+    ApiSettings,
+    ClientSettings,
+    CoreSettings,
+    StorageSettings,
+    WorkerSettings,
+)
 from tests.support import REPO_ROOT
 
 
@@ -12,7 +18,7 @@ def test_readme_lists_every_setting() -> None:
     )
     defined = {
         f"T2I_{name.upper()}"
-        for settings in (CoreSettings, StorageSettings, ApiSettings, WorkerSettings)
+        for settings in (CoreSettings, StorageSettings, ApiSettings, WorkerSettings, ClientSettings)
         for name in settings.model_fields
     }
     assert documented == defined

@@ -1,0 +1,130 @@
+"""Job events as Server-Sent Events, read from the job's Redis stream (any API process can serve
+any client, and `Last-Event-ID` resumes where a dropped connection stopped)."""
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from api.deps import Services, ServicesDep
+from api.jobview import job_out, queue_eta_s
+from shared.errors import ErrorEnvelope, ErrorType, ServiceError
+from shared.jobstore import QUEUE_KEY, events_key, job_key
+from shared.schema import TERMINAL_STATES, JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_BLOCK_MS = 1000
+_KEEPALIVE_S = 15.0
+_STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
+_TERMINAL = {status.value for status in TERMINAL_STATES}
+
+
+def sse(event_id: str | None, event: str, data: object) -> str:
+    lines = [f"id: {event_id}"] if event_id else []
+    lines += [f"event: {event}", f"data: {json.dumps(data, separators=(',', ':'))}"]
+    return "\n".join(lines) + "\n\n"
+
+
+async def _read(services: Services, job_id: str, after: str, block_ms: int) -> list[tuple]:
+    reply = await services.async_redis.xread({events_key(job_id): after}, count=100, block=block_ms)
+    return [
+        (entry_id.decode(), fields[b"type"].decode(), json.loads(fields[b"data"]))
+        for _, entries in reply
+        for entry_id, fields in entries
+    ]
+
+
+async def wait_until_terminal(services: Services, job_id: str, timeout_s: float) -> bool:
+    """Whether the job reached a terminal state within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    after = "0"
+    while (remaining := deadline - time.monotonic()) > 0:
+        events = await _read(services, job_id, after, max(1, int(min(remaining, 1) * 1000)))
+        for event_id, event_type, _ in events:
+            after = event_id
+            if event_type in _TERMINAL:
+                return True
+    return False
+
+
+async def _job_events(
+    services: Services, request: Request, job_id: str, after: str
+) -> AsyncIterator[str]:
+    base_url = services.base_url(request)
+    last_position: int | None = None
+    last_sent = time.monotonic()
+    while not await request.is_disconnected():
+        events = await _read(services, job_id, after, _BLOCK_MS)
+        for event_id, event_type, data in events:
+            after = event_id
+            if event_type in _TERMINAL:
+                yield await _terminal_event(services, job_id, event_id, base_url)
+                return
+            if event_type == "progress":
+                data = data.get("progress", data)
+            yield sse(event_id, event_type, data)
+            last_sent = time.monotonic()
+        current = await services.async_redis.hget(job_key(job_id), "status")
+        if current is None:
+            yield sse(None, "error", {"type": "not_found", "message": "the job no longer exists"})
+            return
+        if current.decode() in _TERMINAL and not events:
+            # Resumed after the terminal event: send the job once more and end.
+            yield await _terminal_event(services, job_id, after, base_url)
+            return
+        if current.decode() == JobStatus.QUEUED:
+            position = await services.async_redis.zrank(QUEUE_KEY, job_id)
+            if position is not None and position != last_position:
+                last_position = position
+                eta_s = await run_in_threadpool(queue_eta_s, services, position)
+                yield sse(after, "position", {"queue_position": position, "eta_s": eta_s})
+                last_sent = time.monotonic()
+        if time.monotonic() - last_sent > _KEEPALIVE_S:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        await asyncio.sleep(0)
+
+
+async def _terminal_event(services: Services, job_id: str, event_id: str, base_url: str) -> str:
+    record = await run_in_threadpool(services.store.get, job_id)
+    if record is None:
+        return sse(None, "error", {"type": "not_found", "message": "the job no longer exists"})
+    job = await run_in_threadpool(job_out, record, services, base_url)
+    return sse(event_id, record.status.value, job.model_dump(mode="json"))
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Stream a job's events (Server-Sent Events)",
+    description=(
+        "Events: `queued`, `position` (queue position and ETA, while queued), `running`, "
+        "`progress` (step, total, eta_s), then one terminal event (`succeeded`, `failed`, "
+        "`canceled` or `expired`) whose data is the whole job, after which the stream ends. "
+        "Reconnect with `Last-Event-ID` to resume."
+    ),
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        404: {"model": ErrorEnvelope},
+        422: {"model": ErrorEnvelope},
+    },
+)
+async def job_events(
+    job_id: str,
+    services: ServicesDep,
+    request: Request,
+    last_event_id: Annotated[str | None, Header(pattern=_STREAM_ID)] = None,
+) -> StreamingResponse:
+    if await services.async_redis.exists(job_key(job_id)) == 0:
+        raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
+    return StreamingResponse(
+        _job_events(services, request, job_id, last_event_id or "0"),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
