@@ -27,7 +27,7 @@ class CoreSettings(_T2ISettings):
     env: Environment = Environment.DEVELOPMENT
     redis_url: str = "redis://127.0.0.1:6379/0"
     queue_name: str = "txt2img"
-    retention_s: int = Field(default=7 * 24 * 3600, ge=10)
+    retention_s: int = Field(default=7 * 24 * 3600, ge=1)
     queue_timeout_s: int = Field(default=3600, ge=1)
     # Longer than the longest render, or Redis redelivers a job that is still rendering.
     visibility_timeout_s: int = Field(default=3600, ge=60)

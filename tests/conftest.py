@@ -66,25 +66,32 @@ def _stack_env(redis_port: int, db: int, workdir: Path, model_cache: Path, **ext
     )
 
 
-@pytest.fixture(scope="session")
-def local_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
-    stack_dir = workdir / "local-stack"
+def _run_stack(
+    name: str, db: int, redis_port: int, workdir: Path, model_cache: Path, **extra: str
+) -> Iterator[Stack]:
+    stack_dir = workdir / name
     stack_dir.mkdir()
-    stack = Stack(_stack_env(redis_port, 0, stack_dir, model_cache), stack_dir).start()
+    with_worker = extra.pop("with_worker", "yes") == "yes"
+    env = _stack_env(redis_port, db, stack_dir, model_cache, **extra)
+    stack = Stack(env, stack_dir, with_worker=with_worker).start()
     yield stack
     stack.stop()
+
+
+@pytest.fixture(scope="session")
+def local_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
+    yield from _run_stack("local-stack", 0, redis_port, workdir, model_cache)
 
 
 @pytest.fixture(scope="session")
 def s3_stack(
     redis_port: int, workdir: Path, model_cache: Path, s3_endpoint: str
 ) -> Iterator[Stack]:
-    stack_dir = workdir / "s3-stack"
-    stack_dir.mkdir()
-    env = _stack_env(
-        redis_port,
+    yield from _run_stack(
+        "s3-stack",
         1,
-        stack_dir,
+        redis_port,
+        workdir,
         model_cache,
         T2I_STORAGE="s3",
         T2I_S3_ENDPOINT_URL=s3_endpoint,
@@ -92,9 +99,41 @@ def s3_stack(
         T2I_S3_ACCESS_KEY_ID="test",
         T2I_S3_SECRET_ACCESS_KEY="test",
     )
-    stack = Stack(env, stack_dir).start()
-    yield stack
-    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def serial_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
+    """A worker that takes one job at a time, so the queue behind it is predictable."""
+    yield from _run_stack("serial-stack", 2, redis_port, workdir, model_cache, T2I_CONCURRENCY="1")
+
+
+@pytest.fixture(scope="session")
+def workerless_api(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
+    """An API with no worker behind it: jobs wait until they expire."""
+    yield from _run_stack(
+        "workerless",
+        3,
+        redis_port,
+        workdir,
+        model_cache,
+        with_worker="no",
+        T2I_QUEUE_TIMEOUT_S="1",
+        T2I_SWEEP_INTERVAL_S="0.3",
+    )
+
+
+@pytest.fixture(scope="session")
+def short_retention_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
+    """Jobs and their images live three seconds."""
+    yield from _run_stack(
+        "short-retention",
+        4,
+        redis_port,
+        workdir,
+        model_cache,
+        T2I_RETENTION_S="3",
+        T2I_SWEEP_INTERVAL_S="0.3",
+    )
 
 
 @pytest.fixture(params=["local", "s3"])
