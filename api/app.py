@@ -11,30 +11,40 @@ from redis.asyncio import Redis as AsyncRedis
 from api import events
 from api.deps import Services
 from api.errors import install_error_handlers
-from api.routes import jobs, system
+from api.limits import BodySizeLimit
+from api.ratelimit import RateLimiter
+from api.routes import jobs, system, webhooks
 from api.sweeper import run_sweeper
+from shared.apikeys import ApiKeyStore
 from shared.jobstore import JobStore
 from shared.queue import make_celery, make_redis
-from shared.settings import api_settings, core_settings, storage_settings
+from shared.settings import api_settings, core_settings, storage_settings, webhook_settings
 from shared.storage import make_storage
+from shared.webhooks import Webhooks
 
 VERSION = "0.1.0"
 
 
 def create_app() -> FastAPI:
     core, api, storage_config = core_settings(), api_settings(), storage_settings()
+    hooks_config = webhook_settings()
     redis = make_redis(core)
+    celery = make_celery(core)
     services = Services(
         core=core,
         api=api,
         storage_settings=storage_config,
+        webhook_settings=hooks_config,
         redis=redis,
         async_redis=AsyncRedis.from_url(
             core.redis_url, socket_connect_timeout=core.redis_timeout_s
         ),
         store=JobStore(redis, core.retention_s),
+        keys=ApiKeyStore(redis),
+        rate_limiter=RateLimiter(redis),
+        webhooks=Webhooks(redis, celery, hooks_config, core.retention_s),
         storage=make_storage(storage_config),
-        celery=make_celery(core),
+        celery=celery,
     )
 
     @contextlib.asynccontextmanager
@@ -57,5 +67,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(jobs.router)
     app.include_router(events.router)
+    app.include_router(webhooks.router)
     app.include_router(system.router)
+    app.add_middleware(BodySizeLimit, max_bytes=api.max_body_bytes)
     return app

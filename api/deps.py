@@ -1,16 +1,23 @@
-"""Request-scoped access to the app's services, as `Annotated` dependencies."""
+"""Request-scoped access to the app's services and the caller, as `Annotated` dependencies."""
 
 from dataclasses import dataclass
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from api.ratelimit import RateLimiter
+from shared.apikeys import ApiKey, ApiKeyStore
+from shared.errors import ErrorType, ServiceError
 from shared.jobstore import JobStore
-from shared.settings import ApiSettings, CoreSettings, StorageSettings
+from shared.schema import JobRecord
+from shared.settings import ApiSettings, CoreSettings, StorageSettings, WebhookSettings
 from shared.storage import LocalStorage, S3Storage
+from shared.webhooks import Webhooks
 
 
 @dataclass
@@ -18,15 +25,26 @@ class Services:
     core: CoreSettings
     api: ApiSettings
     storage_settings: StorageSettings
+    webhook_settings: WebhookSettings
     redis: Redis
     # For waits that must not hold a thread: SSE streams and `Prefer: wait`.
     async_redis: AsyncRedis
     store: JobStore
+    keys: ApiKeyStore
+    rate_limiter: RateLimiter
+    webhooks: Webhooks
     storage: LocalStorage | S3Storage
     celery: Celery
 
     def base_url(self, request: Request) -> str:
         return self.api.public_base_url or str(request.base_url)
+
+    def owned_job(self, job_id: str, caller: ApiKey) -> JobRecord:
+        """The job, when this caller made it; another key's job is as absent as a missing one."""
+        record = self.store.get(job_id)
+        if record is None or record.owner != caller.id:
+            raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
+        return record
 
 
 def _services(request: Request) -> Services:
@@ -34,3 +52,22 @@ def _services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(_services)]
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer t2i_...`")
+
+
+async def _caller(
+    services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKey:
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if credentials is None:
+        message = "send an API key: Authorization: Bearer <key>"
+        raise ServiceError(ErrorType.UNAUTHORIZED, message, headers=challenge)
+    key = await run_in_threadpool(services.keys.authenticate, credentials.credentials)
+    if key is None:
+        raise ServiceError(ErrorType.UNAUTHORIZED, "the API key is not valid", headers=challenge)
+    return key
+
+
+CallerDep = Annotated[ApiKey, Depends(_caller)]

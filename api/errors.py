@@ -46,7 +46,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        error_type = _TYPE_BY_STATUS.get(exc.status_code, ErrorType.INTERNAL_ERROR)
+        # A 400 from the framework is a body it could not even parse: a validation error to us.
+        fallback = ErrorType.VALIDATION_ERROR if exc.status_code < 500 else ErrorType.INTERNAL_ERROR
+        error_type = _TYPE_BY_STATUS.get(exc.status_code, fallback)
         return error_response(ServiceError(error_type, str(exc.detail), headers=exc.headers))
 
     @app.exception_handler(RedisError)

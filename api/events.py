@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from api.deps import Services, ServicesDep
+from api.deps import CallerDep, Services, ServicesDep
 from api.jobview import job_out, queue_eta_s
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
 from shared.jobstore import QUEUE_KEY, events_key, job_key
@@ -23,6 +23,10 @@ _BLOCK_MS = 1000
 _KEEPALIVE_S = 15.0
 _STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
 _TERMINAL = {status.value for status in TERMINAL_STATES}
+
+
+def _valid_stream_id(value: str) -> bool:
+    return all(int(part) < 2**64 for part in value.split("-"))
 
 
 def sse(event_id: str | None, event: str, data: object) -> str:
@@ -111,6 +115,7 @@ async def _terminal_event(services: Services, job_id: str, event_id: str, base_u
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}},
+        401: {"model": ErrorEnvelope},
         404: {"model": ErrorEnvelope},
         422: {"model": ErrorEnvelope},
     },
@@ -118,11 +123,13 @@ async def _terminal_event(services: Services, job_id: str, event_id: str, base_u
 async def job_events(
     job_id: str,
     services: ServicesDep,
+    caller: CallerDep,
     request: Request,
     last_event_id: Annotated[str | None, Header(pattern=_STREAM_ID)] = None,
 ) -> StreamingResponse:
-    if await services.async_redis.exists(job_key(job_id)) == 0:
-        raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
+    await run_in_threadpool(services.owned_job, job_id, caller)
+    if last_event_id is not None and not _valid_stream_id(last_event_id):
+        raise ServiceError(ErrorType.VALIDATION_ERROR, "Last-Event-ID is not an event id")
     return StreamingResponse(
         _job_events(services, request, job_id, last_event_id or "0"),
         media_type="text/event-stream",

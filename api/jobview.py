@@ -4,7 +4,8 @@ import time
 
 from api.deps import Services
 from shared.queue import live_worker_count
-from shared.schema import ImageOut, JobOut, JobRecord, JobStatus
+from shared.schema import JobOut, JobRecord, JobStatus
+from shared.views import public_job
 
 
 def queue_eta_s(services: Services, position: int) -> float | None:
@@ -20,16 +21,6 @@ def queue_eta_s(services: Services, position: int) -> float | None:
 
 
 def job_out(record: JobRecord, services: Services, base_url: str) -> JobOut:
-    images = [
-        ImageOut(
-            url=services.storage.download_url(image.key, base_url),
-            width=image.width,
-            height=image.height,
-            seed=image.seed,
-            content_type=image.content_type,
-        )
-        for image in record.images
-    ]
     position = eta_s = None
     if record.status is JobStatus.QUEUED:
         position = services.store.queue_position(record.id)
@@ -37,9 +28,4 @@ def job_out(record: JobRecord, services: Services, base_url: str) -> JobOut:
             eta_s = queue_eta_s(services, position)
     elif record.status is JobStatus.RUNNING and record.progress is not None:
         eta_s = record.progress.eta_s
-    return JobOut(
-        **record.model_dump(exclude={"images"}),
-        images=images,
-        queue_position=position,
-        eta_s=eta_s,
-    )
+    return public_job(record, services.storage, base_url, position, eta_s)

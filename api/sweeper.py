@@ -34,15 +34,16 @@ def sweep_once(services: Services) -> tuple[int, int]:
         if store.transition(
             job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
         ).applied:
+            services.webhooks.job_event(record, JobStatus.EXPIRED)
             expired += 1
     deleted = 0
-    for job_id in store.expired_for_retention(now - store.retention_s, _BATCH):
+    for owner, job_id in store.expired_for_retention(now - store.retention_s, _BATCH):
         try:
             services.storage.delete_prefix(job_prefix(services.storage_settings.key_prefix, job_id))
         except StorageError as exc:
             log.warning("could not delete the images of job %s yet: %s", job_id, exc)
             continue
-        store.delete(job_id)
+        store.delete(owner, job_id)
         deleted += 1
     return expired, deleted
 

@@ -39,7 +39,14 @@ if ! redis_answers; then
     redis_answers || { echo "redis-server did not start on port $port" >&2; exit 1; }
 fi
 
+if [[ ${T2I_ENV:-development} == development ]]; then
+    .venv/bin/txt2img keys dev --file "$T2I_DATA_DIR/dev-api-key"
+    echo "  export T2I_API_KEY=\$(cat $T2I_DATA_DIR/dev-api-key)"
+fi
+
 "$PY" -m worker &
+children+=($!)
+"$PY" -m worker.webhooks &
 children+=($!)
 "$PY" -m api &
 children+=($!)

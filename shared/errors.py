@@ -31,7 +31,8 @@ HTTP_STATUS: dict[ErrorType, int] = {
     ErrorType.RATE_LIMITED: 429,
     ErrorType.INTERNAL_ERROR: 500,
     ErrorType.UNAVAILABLE: 503,
-    ErrorType.OVERLOADED: 503,
+    # The queue is full: like a rate limit, the client should come back after Retry-After.
+    ErrorType.OVERLOADED: 429,
 }
 
 

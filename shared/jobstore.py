@@ -17,7 +17,6 @@ from redis import Redis
 from shared.schema import ALLOWED_TRANSITIONS, GenerationRequest, JobRecord, JobStatus
 
 QUEUE_KEY = "t2i:queue"
-INDEX_KEY = "t2i:jobs"
 RETENTION_KEY = "t2i:retention"
 SEQUENCE_KEY = "t2i:seq"
 COMPLETIONS_KEY = "t2i:completions"
@@ -39,21 +38,24 @@ local function append_event(stream, event_type, data, ttl)
 end
 """
 
-# KEYS: job, events, queue, index, retention, sequence, idempotency key.
+# KEYS: job, events, queue, owner's index, retention, sequence, idempotency key.
 # ARGV: job id, created (epoch s), retention s, idempotency value ('' for none), idempotency TTL,
-# event data, then field/value pairs. Returns {1, seq} or {0, existing idempotency value}.
+# event data, max queue depth, retention member, then field/value pairs.
+# Returns {1, seq}, {0, existing idempotency value}, or {-1, depth} when the queue is full.
 _CREATE = """
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[7])
   if existing then return {0, existing} end
-  redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5])
 end
+local depth = redis.call('ZCARD', KEYS[3])
+if depth >= tonumber(ARGV[7]) then return {-1, depth} end
+if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
 local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
-redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[8])
 append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
 return {1, seq}
 """
@@ -97,6 +99,14 @@ def events_key(job_id: str) -> str:
     return f"{_JOB_PREFIX}{job_id}:events"
 
 
+def index_key(owner: str | None) -> str:
+    return f"t2i:jobs:{owner or '-'}"
+
+
+def _idempotency_key(owner: str | None, key: str) -> str:
+    return f"{_IDEMPOTENCY_PREFIX}{owner or '-'}:{key}"
+
+
 def request_fingerprint(request: GenerationRequest) -> str:
     """Same body, same fingerprint: the normalized request as the client sent it."""
     canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -125,6 +135,12 @@ class Created:
     fingerprint: str
 
 
+class QueueFull(Exception):
+    def __init__(self, depth: int) -> None:
+        super().__init__(f"{depth} jobs are queued")
+        self.depth = depth
+
+
 @dataclass(frozen=True)
 class JobPage:
     jobs: list[JobRecord]
@@ -145,19 +161,23 @@ class JobStore:
         record: JobRecord,
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        max_queue_depth: int = 2**31,
     ) -> Created:
-        """Store a new queued job; with an idempotency key, only if the key is new."""
+        """Store a new queued job; with an idempotency key, only if the key is new.
+
+        Raises QueueFull when `max_queue_depth` jobs are already queued.
+        """
         fingerprint = fingerprint or request_fingerprint(record.request)
         claim = json.dumps({"job_id": record.id, "fingerprint": fingerprint})
-        created, value = self._create(
+        outcome, value = self._create(
             keys=[
                 job_key(record.id),
                 events_key(record.id),
                 QUEUE_KEY,
-                INDEX_KEY,
+                index_key(record.owner),
                 RETENTION_KEY,
                 SEQUENCE_KEY,
-                _IDEMPOTENCY_PREFIX + (idempotency_key or ""),
+                _idempotency_key(record.owner, idempotency_key or ""),
             ],
             args=[
                 record.id,
@@ -166,16 +186,20 @@ class JobStore:
                 claim if idempotency_key else "",
                 IDEMPOTENCY_TTL_S,
                 json.dumps({"status": JobStatus.QUEUED.value}),
+                max_queue_depth,
+                _retention_member(record.owner, record.id),
                 *_encode_fields(record.model_dump(mode="json")),
             ],
         )
-        if created:
+        if outcome == -1:
+            raise QueueFull(int(value))
+        if outcome == 1:
             return Created(True, record.id, fingerprint)
         earlier = json.loads(value)
         return Created(False, earlier["job_id"], earlier["fingerprint"])
 
-    def forget_idempotency_key(self, idempotency_key: str) -> None:
-        self._redis.delete(_IDEMPOTENCY_PREFIX + idempotency_key)
+    def forget_idempotency_key(self, owner: str | None, idempotency_key: str) -> None:
+        self._redis.delete(_idempotency_key(owner, idempotency_key))
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self._redis.hgetall(job_key(job_id))
@@ -239,8 +263,11 @@ class JobStore:
     def oldest_queued(self, count: int) -> list[str]:
         return [member.decode() for member in self._redis.zrange(QUEUE_KEY, 0, count - 1)]
 
-    def page(self, limit: int, cursor: str | None, status: JobStatus | None) -> JobPage:
-        """Newest first; `cursor` is the `next_cursor` of the page before."""
+    def page(
+        self, owner: str | None, limit: int, cursor: str | None, status: JobStatus | None
+    ) -> JobPage:
+        """The owner's jobs, newest first; `cursor` is the `next_cursor` of the page before."""
+        index = index_key(owner)
         upper = f"({int(cursor)}" if cursor else "+inf"
         jobs: list[JobRecord] = []
         scanned_to: float | None = None
@@ -248,7 +275,7 @@ class JobStore:
             if len(jobs) == limit:
                 break
             window = self._redis.zrevrangebyscore(
-                INDEX_KEY, upper, "-inf", start=0, num=max(limit, 50), withscores=True
+                index, upper, "-inf", start=0, num=max(limit, 50), withscores=True
             )
             if not window:
                 return JobPage(jobs, None)
@@ -265,7 +292,7 @@ class JobStore:
                         if len(jobs) == limit:
                             break
             upper = f"({int(scanned_to)}"
-        more = self._redis.zcount(INDEX_KEY, "-inf", upper) > 0
+        more = self._redis.zcount(index, "-inf", upper) > 0
         return JobPage(jobs, str(int(scanned_to)) if more and scanned_to is not None else None)
 
     def record_completion(self, job_s: float, now: float) -> None:
@@ -295,16 +322,23 @@ class JobStore:
                 rate = (len(recent) - 1) / span
         return rate, float(job_s) if job_s is not None else None
 
-    def expired_for_retention(self, before: float, count: int) -> list[str]:
-        ids = self._redis.zrangebyscore(RETENTION_KEY, "-inf", before, start=0, num=count)
-        return [job_id.decode() for job_id in ids]
+    def expired_for_retention(self, before: float, count: int) -> list[tuple[str | None, str]]:
+        """(owner, job id) of jobs created before `before`."""
+        members = self._redis.zrangebyscore(RETENTION_KEY, "-inf", before, start=0, num=count)
+        pairs = [member.decode().rpartition(":") for member in members]
+        return [(owner if owner != "-" else None, job_id) for owner, _, job_id in pairs]
 
-    def delete(self, job_id: str) -> None:
+    def delete(self, owner: str | None, job_id: str) -> None:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(job_key(job_id), events_key(job_id))
-            for index in (QUEUE_KEY, INDEX_KEY, RETENTION_KEY):
-                pipe.zrem(index, job_id)
+            pipe.zrem(QUEUE_KEY, job_id)
+            pipe.zrem(index_key(owner), job_id)
+            pipe.zrem(RETENTION_KEY, _retention_member(owner, job_id))
             pipe.execute()
+
+
+def _retention_member(owner: str | None, job_id: str) -> str:
+    return f"{owner or '-'}:{job_id}"
 
 
 def _decode(raw: dict[bytes, bytes]) -> JobRecord:

@@ -16,6 +16,25 @@ Dimension = Annotated[int, Field(ge=256, le=1024, multiple_of=8)]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
+WebhookEvent = Literal["completed", "started", "progress"]
+
+
+class WebhookSpec(BaseModel):
+    """Where to send a job's events; `completed` covers every terminal state."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    url: str = Field(min_length=1, max_length=2048)
+    events: list[WebhookEvent] = Field(default=["completed"], min_length=1, max_length=3)
+
+    @field_validator("events")
+    @classmethod
+    def _distinct(cls, events: list[str]) -> list[str]:
+        if len(set(events)) != len(events):
+            raise ValueError("events must not repeat")
+        return events
+
+
 class GenerationRequest(BaseModel):
     """What a client asks for; defaults are the seed notebook's, except the scheduler."""
 
@@ -31,6 +50,7 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_images: int = Field(default=1, ge=1, le=8)
     output_format: OutputFormat = "png"
+    webhook: WebhookSpec | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -127,6 +147,7 @@ class JobRecord(BaseModel):
     """A job as the job store holds it."""
 
     id: str
+    owner: str | None = None
     status: JobStatus
     created_at: datetime
     started_at: datetime | None = None

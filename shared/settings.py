@@ -70,6 +70,15 @@ class ApiSettings(_T2ISettings):
     public_base_url: str | None = None
     worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    # Applies to job submissions; the default for keys created without their own limit.
+    rate_limit_per_min: int = Field(default=60, ge=1)
+    max_queue_depth: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+
+    @property
+    def own_base_url(self) -> str:
+        """Where clients reach this API, for links that leave it (webhook payloads)."""
+        return self.public_base_url or f"http://{self.host}:{self.port}"
 
 
 class WorkerSettings(_T2ISettings):
@@ -93,6 +102,41 @@ class WorkerSettings(_T2ISettings):
         return self
 
 
+class WebhookSettings(_T2ISettings):
+    """Webhook delivery: its own Celery queue on CPU workers."""
+
+    env: Environment = Environment.DEVELOPMENT
+    webhook_queue: str = "webhooks"
+    webhook_allowlist: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Seconds before each retry (jitter added); the default spans more than a day.
+    webhook_retry_delays_s: str = "5,30,120,600,1800,3600,7200,14400,28800,43200"
+    webhook_secret_overlap_s: float = Field(default=24 * 3600, ge=0)
+    webhook_concurrency: int = Field(default=8, ge=1, le=256)
+
+    @property
+    def retry_delays_s(self) -> list[float]:
+        return [float(part) for part in self.webhook_retry_delays_s.split(",") if part.strip()]
+
+    @property
+    def allowlist(self) -> list[str]:
+        return [part.strip().lower() for part in self.webhook_allowlist.split(",") if part.strip()]
+
+    @property
+    def https_only(self) -> bool:
+        return self.env is not Environment.DEVELOPMENT
+
+    @model_validator(mode="after")
+    def _valid_delays(self) -> "WebhookSettings":
+        try:
+            delays = self.retry_delays_s
+        except ValueError as exc:
+            raise ValueError("T2I_WEBHOOK_RETRY_DELAYS_S must be comma-separated seconds") from exc
+        if any(delay <= 0 for delay in delays):
+            raise ValueError("T2I_WEBHOOK_RETRY_DELAYS_S must be positive")
+        return self
+
+
 class ClientSettings(_T2ISettings):
     """The Python client and the `txt2img` CLI."""
 
@@ -113,6 +157,11 @@ def storage_settings() -> StorageSettings:
 @lru_cache
 def api_settings() -> ApiSettings:
     return ApiSettings()
+
+
+@lru_cache
+def webhook_settings() -> WebhookSettings:
+    return WebhookSettings()
 
 
 @lru_cache

@@ -89,7 +89,7 @@ class LocalStorage:
     def verify(self, key: str, expires: int, signature: str) -> bool:
         if expires < time.time():
             return False
-        return hmac.compare_digest(self.signature(key, expires), signature)
+        return hmac.compare_digest(self.signature(key, expires).encode(), signature.encode())
 
     def check(self) -> None:
         try:

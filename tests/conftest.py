@@ -72,8 +72,9 @@ def _run_stack(
     stack_dir = workdir / name
     stack_dir.mkdir()
     with_worker = extra.pop("with_worker", "yes") == "yes"
+    with_webhooks = extra.pop("with_webhooks", "no") == "yes"
     env = _stack_env(redis_port, db, stack_dir, model_cache, **extra)
-    stack = Stack(env, stack_dir, with_worker=with_worker).start()
+    stack = Stack(env, stack_dir, with_worker=with_worker, with_webhooks=with_webhooks).start()
     yield stack
     stack.stop()
 
@@ -119,6 +120,7 @@ def workerless_api(redis_port: int, workdir: Path, model_cache: Path) -> Iterato
         with_worker="no",
         T2I_QUEUE_TIMEOUT_S="1",
         T2I_SWEEP_INTERVAL_S="0.3",
+        T2I_MAX_QUEUE_DEPTH="3",
     )
 
 
@@ -133,6 +135,21 @@ def short_retention_stack(redis_port: int, workdir: Path, model_cache: Path) -> 
         model_cache,
         T2I_RETENTION_S="3",
         T2I_SWEEP_INTERVAL_S="0.3",
+    )
+
+
+@pytest.fixture(scope="session")
+def webhook_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
+    """A render worker, a webhook worker allowed to call loopback, and quick retries."""
+    yield from _run_stack(
+        "webhook-stack",
+        5,
+        redis_port,
+        workdir,
+        model_cache,
+        with_webhooks="yes",
+        T2I_WEBHOOK_ALLOWLIST="127.0.0.1",
+        T2I_WEBHOOK_RETRY_DELAYS_S="0.3,0.6,1.2",
     )
 
 

@@ -5,12 +5,17 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+from redis import Redis
+
+from shared.apikeys import ApiKeyStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 10
@@ -124,19 +129,30 @@ class Stack:
     env: dict[str, str]
     workdir: Path
     with_worker: bool = True
+    with_webhooks: bool = False
     api_port: int = field(default_factory=free_port)
     worker: Process | None = None
+    webhook_worker: Process | None = None
     api: Process | None = None
+    api_key: str = ""
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start(self) -> "Stack":
+        self.api_key = self.create_key("tests", rate_limit_per_min=100_000)
         env = {**self.env, "T2I_PORT": str(self.api_port)}
         if self.with_worker:
             self.worker = Process(
                 "worker", [sys.executable, "-m", "worker"], env, self.workdir / "worker.log"
+            ).start()
+        if self.with_webhooks:
+            self.webhook_worker = Process(
+                "webhooks",
+                [sys.executable, "-m", "worker.webhooks"],
+                env,
+                self.workdir / "webhooks.log",
             ).start()
         self.api = Process("api", [sys.executable, "-m", "api"], env, self.workdir / "api.log")
         self.api.start()
@@ -146,7 +162,7 @@ class Stack:
         return self
 
     def _answers(self, path: str) -> bool:
-        for process in (self.worker, self.api):
+        for process in (self.worker, self.webhook_worker, self.api):
             if process is not None and not process.alive():
                 raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
         try:
@@ -154,11 +170,23 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=REQUEST_TIMEOUT_S)
+    def create_key(self, name: str, rate_limit_per_min: int) -> str:
+        redis = Redis.from_url(self.env["T2I_REDIS_URL"])
+        try:
+            return ApiKeyStore(redis).create(name, rate_limit_per_min)[1]
+        finally:
+            redis.close()
+
+    def client(self, api_key: str | None = None) -> httpx.Client:
+        """An HTTP client that authenticates with the stack's key (or `api_key`)."""
+        return httpx.Client(
+            base_url=self.base_url,
+            timeout=REQUEST_TIMEOUT_S,
+            headers={"Authorization": f"Bearer {api_key or self.api_key}"},
+        )
 
     def stop(self) -> None:
-        for process in (self.api, self.worker):
+        for process in (self.api, self.webhook_worker, self.worker):
             if process is not None:
                 process.stop()
 
@@ -206,3 +234,53 @@ def read_sse(
                     break
             fields = {}
     return events
+
+
+@dataclass
+class ReceivedWebhook:
+    headers: dict[str, str]
+    body: bytes
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that answers webhooks with scripted status codes."""
+
+    def __init__(self, statuses: list[int] | None = None) -> None:
+        self.statuses = list(statuses or [])
+        self.received: list[ReceivedWebhook] = []
+        self.port = free_port()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = self.rfile.read(length)
+                receiver.received.append(
+                    ReceivedWebhook({k.lower(): v for k, v in self.headers.items()}, body)
+                )
+                status = receiver.statuses.pop(0) if receiver.statuses else 200
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/txt2img"
+
+    def __enter__(self) -> "WebhookReceiver":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait_for(self, count: int, timeout_s: float = 30) -> list[ReceivedWebhook]:
+        wait_until(lambda: len(self.received) >= count, timeout_s, f"{count} webhook(s)")
+        return self.received

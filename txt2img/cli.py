@@ -11,6 +11,7 @@ from shared.schema import JobOut, JobStatus, OutputFormat, Progress, Scheduler
 from txt2img._core import GenerationFields
 from txt2img.client import Client
 from txt2img.errors import Conflict, JobFailed, Txt2ImgError
+from txt2img.keys import add_keys_command
 
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 FORMAT_BY_SUFFIX: dict[str, str] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -165,6 +166,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_generate,
     _add_status,
     _add_cancel,
+    add_keys_command,
     _add_list,
 ]
 
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; the exit status is 0 on success, 1 on any error, 130 when interrupted."""
     args = build_parser().parse_args(argv)
+    if hasattr(args, "offline_command"):
+        return args.offline_command(args)
     command: Command = args.command
     try:
         with Client(args.api_url, args.api_key) as client:

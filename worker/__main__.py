@@ -9,8 +9,9 @@ from celery.signals import worker_ready, worker_shutdown
 
 from shared.jobstore import JobStore
 from shared.queue import make_celery, make_redis
-from shared.settings import core_settings, storage_settings, worker_settings
+from shared.settings import core_settings, storage_settings, webhook_settings, worker_settings
 from shared.storage import make_storage
+from shared.webhooks import Webhooks
 from worker.executor import GpuExecutor
 from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
@@ -44,10 +45,12 @@ def main() -> int:
         return renderer.render(batch, on_step)
 
     redis = make_redis(core)
+    app = make_celery(core)
     install_runner(
         JobRunner(
             store=JobStore(redis, core.retention_s),
             storage=make_storage(storage_config),
+            webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
             executor=GpuExecutor(render),
             model_name=settings.model_id,
             key_prefix=storage_config.key_prefix,
@@ -60,7 +63,6 @@ def main() -> int:
     worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
     worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)
 
-    app = make_celery(core)
     register_tasks(app)
     app.worker_main(
         [

@@ -17,6 +17,7 @@ from shared.schema import (
     Timings,
 )
 from shared.storage import ObjectStorage, StorageError, image_key, job_prefix
+from shared.webhooks import Webhooks
 from worker.encoding import encode_image, parameters_text
 from worker.executor import GpuExecutor, RenderCanceled, RenderJob
 from worker.pipeline import RenderBatch
@@ -33,9 +34,12 @@ class RenderError(Exception):
 class ProgressReporter:
     """Writes a running job's progress at most every `interval_s`, and always the last step."""
 
-    def __init__(self, store: JobStore, job_id: str, interval_s: float) -> None:
+    def __init__(
+        self, store: JobStore, webhooks: Webhooks, record: JobRecord, interval_s: float
+    ) -> None:
         self._store = store
-        self._job_id = job_id
+        self._webhooks = webhooks
+        self._record = record
         self._interval_s = interval_s
         self._started = time.monotonic()
         self._last_write = float("-inf")
@@ -46,13 +50,18 @@ class ProgressReporter:
             return
         self._last_write = now
         eta_s = (now - self._started) / step * (total - step)
-        self._store.update_progress(self._job_id, step=step, total=total, eta_s=round(eta_s, 3))
+        written = self._store.update_progress(
+            self._record.id, step=step, total=total, eta_s=round(eta_s, 3)
+        )
+        if written.applied:
+            self._webhooks.enqueue(self._record, "progress")
 
 
 @dataclass
 class JobRunner:
     store: JobStore
     storage: ObjectStorage
+    webhooks: Webhooks
     executor: GpuExecutor
     model_name: str
     key_prefix: str
@@ -65,9 +74,11 @@ class JobRunner:
             log.info("skipping job %s: no such job (deleted after its retention?)", job_id)
             return
         if record.status is JobStatus.QUEUED and self._waited_too_long(record):
-            self.store.transition(
+            expired = self.store.transition(
                 job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
             )
+            if expired.applied:
+                self.webhooks.job_event(record, JobStatus.EXPIRED)
             log.info("job %s expired in the queue", job_id)
             return
         started_at = utc_now()
@@ -77,12 +88,13 @@ class JobRunner:
         if not claim.applied:
             log.info("skipping job %s: it is %s, not queued", job_id, claim.previous or "missing")
             return
+        self.webhooks.job_event(record, JobStatus.RUNNING)
         try:
             self._render_and_store(record, started_at.timestamp())
         except RenderCanceled:
             log.info("job %s was canceled while it rendered", job_id)
         except Exception as exc:
-            self._fail(job_id, exc)
+            self._fail(record, exc)
             raise
 
     def _waited_too_long(self, record: JobRecord) -> bool:
@@ -96,7 +108,7 @@ class JobRunner:
         render_started = time.monotonic()
         job = RenderJob(
             RenderBatch.from_request(request),
-            on_step=ProgressReporter(self.store, record.id, self.progress_interval_s),
+            on_step=ProgressReporter(self.store, self.webhooks, record, self.progress_interval_s),
             is_canceled=lambda: self._canceled(record.id),
         )
         try:
@@ -144,13 +156,20 @@ class JobRunner:
             self.storage.delete_prefix(job_prefix(self.key_prefix, record.id))
             raise RenderCanceled()
         self.store.record_completion(render_s + upload_s, time.time())
+        self.webhooks.job_event(record, JobStatus.SUCCEEDED)
 
-    def _fail(self, job_id: str, exc: Exception) -> None:
+    def _fail(self, record: JobRecord, exc: Exception) -> None:
         error = JobError(type=_error_type(exc), message=str(exc)[:_MAX_ERROR_MESSAGE] or repr(exc))
-        self.store.transition(
-            job_id, JobStatus.FAILED, expected=JobStatus.RUNNING, error=error, finished_at=utc_now()
+        failed = self.store.transition(
+            record.id,
+            JobStatus.FAILED,
+            expected=JobStatus.RUNNING,
+            error=error,
+            finished_at=utc_now(),
         )
-        log.error("job %s failed: %s: %s", job_id, error.type, error.message)
+        if failed.applied:
+            self.webhooks.job_event(record, JobStatus.FAILED)
+        log.error("job %s failed: %s: %s", record.id, error.type, error.message)
 
 
 def _error_type(exc: Exception) -> JobErrorType:

@@ -1,19 +1,23 @@
 """Submit, read, list and cancel jobs."""
 
 import logging
+import math
 import re
 import secrets
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.deps import Services, ServicesDep
+from api.deps import CallerDep, Services, ServicesDep
 from api.events import wait_until_terminal
 from api.jobview import job_out
+from api.ratelimit import Decision
+from shared.apikeys import ApiKey
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
-from shared.jobstore import new_job_id, request_fingerprint, utc_now
+from shared.jobstore import QueueFull, new_job_id, request_fingerprint, utc_now
 from shared.queue import RENDER_TASK
 from shared.schema import (
     MAX_SEED,
@@ -25,6 +29,7 @@ from shared.schema import (
     JobRecord,
     JobStatus,
 )
+from shared.webhooks import WebhookRefused, check_webhook_url
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +53,63 @@ def _check_pixel_budget(generation: GenerationRequest, limit: int) -> None:
         )
 
 
+def _check_webhook(generation: GenerationRequest, services: Services) -> None:
+    if generation.webhook is None:
+        return
+    try:
+        check_webhook_url(generation.webhook.url, services.webhook_settings)
+    except WebhookRefused as exc:
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR,
+            f"the webhook URL is refused: {exc}",
+            [{"loc": ["body", "webhook", "url"], "msg": str(exc), "type": "webhook_refused"}],
+        ) from exc
+
+
+def _rate_limited(decision: Decision) -> ServiceError:
+    return ServiceError(
+        ErrorType.RATE_LIMITED,
+        f"over this key's limit of {decision.limit} jobs per minute",
+        headers=decision.headers(),
+    )
+
+
+def _queue_full(services: Services, depth: int, decision: Decision) -> ServiceError:
+    retry_after = 5
+    rate, _ = services.store.throughput(time.time())
+    if rate:
+        retry_after = max(1, math.ceil(1 / rate))
+    return ServiceError(
+        ErrorType.OVERLOADED,
+        f"the queue is full ({depth} jobs); retry later",
+        headers={**decision.headers(), "Retry-After": str(retry_after)},
+    )
+
+
 def _requested_wait_s(prefer: str | None) -> int:
     match = _PREFER_WAIT.search(prefer or "")
     return min(int(match.group(1)), MAX_WAIT_S) if match else 0
 
 
-def _enqueue(services: Services, generation: GenerationRequest, idempotency_key: str | None):
+def _enqueue(
+    services: Services, caller: ApiKey, generation: GenerationRequest, idempotency_key: str | None
+) -> tuple[JobRecord, bool]:
     """Create the job (or find the one this idempotency key made) and send it to the workers."""
     resolved = generation
     if generation.seed is None:
         resolved = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     record = JobRecord(
-        id=new_job_id(), status=JobStatus.QUEUED, created_at=utc_now(), request=resolved
+        id=new_job_id(),
+        owner=caller.id,
+        status=JobStatus.QUEUED,
+        created_at=utc_now(),
+        request=resolved,
     )
     # The fingerprint is of the body as sent, so a retry without a seed matches its original.
     fingerprint = request_fingerprint(generation)
-    created = services.store.create(record, idempotency_key, fingerprint)
+    created = services.store.create(
+        record, idempotency_key, fingerprint, services.api.max_queue_depth
+    )
     if not created.created:
         if created.fingerprint != fingerprint:
             raise ServiceError(
@@ -75,8 +121,8 @@ def _enqueue(services: Services, generation: GenerationRequest, idempotency_key:
         if earlier is None:
             # The earlier job is past its retention; the key no longer protects anything.
             assert idempotency_key is not None
-            services.store.forget_idempotency_key(idempotency_key)
-            return _enqueue(services, generation, idempotency_key)
+            services.store.forget_idempotency_key(caller.id, idempotency_key)
+            return _enqueue(services, caller, generation, idempotency_key)
         return earlier, False
     try:
         services.celery.send_task(
@@ -94,7 +140,7 @@ def _enqueue(services: Services, generation: GenerationRequest, idempotency_key:
             finished_at=utc_now(),
         )
         if idempotency_key is not None:
-            services.store.forget_idempotency_key(idempotency_key)
+            services.store.forget_idempotency_key(caller.id, idempotency_key)
         raise ServiceError(
             ErrorType.UNAVAILABLE, "the queue is unavailable; retry shortly"
         ) from exc
@@ -107,13 +153,14 @@ def _enqueue(services: Services, generation: GenerationRequest, idempotency_key:
     response_model=JobOut,
     responses={
         200: {"model": JobOut, "description": "finished within `Prefer: wait`, or a replay"},
-        **_errors(409, 422, 503),
+        **_errors(401, 409, 413, 422, 429, 503),
     },
     summary="Submit a generation job",
 )
 async def create_job(
     generation: GenerationRequest,
     services: ServicesDep,
+    caller: CallerDep,
     request: Request,
     idempotency_key: Annotated[
         str | None,
@@ -128,8 +175,19 @@ async def create_job(
         raise ServiceError(
             ErrorType.VALIDATION_ERROR, "Idempotency-Key must be 1-255 visible ASCII characters"
         )
-    record, created = await run_in_threadpool(_enqueue, services, generation, idempotency_key)
-    headers = {"Location": f"/v1/jobs/{record.id}"}
+    await run_in_threadpool(_check_webhook, generation, services)
+    decision = await run_in_threadpool(
+        services.rate_limiter.take, caller.id, caller.rate_limit_per_min
+    )
+    if not decision.allowed:
+        raise _rate_limited(decision)
+    try:
+        record, created = await run_in_threadpool(
+            _enqueue, services, caller, generation, idempotency_key
+        )
+    except QueueFull as full:
+        raise _queue_full(services, full.depth, decision) from full
+    headers = {"Location": f"/v1/jobs/{record.id}", **decision.headers()}
     wait_s = _requested_wait_s(prefer)
     if wait_s:
         headers["Preference-Applied"] = f"wait={wait_s}"
@@ -143,15 +201,18 @@ async def create_job(
     return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
 
 
-@router.get("", response_model=JobList, responses=_errors(422), summary="List jobs, newest first")
+@router.get(
+    "", response_model=JobList, responses=_errors(401, 422), summary="List your jobs, newest first"
+)
 def list_jobs(
     services: ServicesDep,
+    caller: CallerDep,
     request: Request,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,19}$")] = None,
 ) -> JobList:
-    page = services.store.page(limit, cursor, status_filter)
+    page = services.store.page(caller.id, limit, cursor, status_filter)
     base_url = services.base_url(request)
     return JobList(
         data=[job_out(record, services, base_url) for record in page.jobs],
@@ -159,26 +220,19 @@ def list_jobs(
     )
 
 
-def load_job(services: Services, job_id: str) -> JobRecord:
-    record = services.store.get(job_id)
-    if record is None:
-        raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
-    return record
-
-
-@router.get("/{job_id}", response_model=JobOut, responses=_errors(404), summary="Read a job")
-def get_job(job_id: str, services: ServicesDep, request: Request) -> JobOut:
-    return job_out(load_job(services, job_id), services, services.base_url(request))
+@router.get("/{job_id}", response_model=JobOut, responses=_errors(401, 404), summary="Read a job")
+def get_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> JobOut:
+    return job_out(services.owned_job(job_id, caller), services, services.base_url(request))
 
 
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
-    responses=_errors(404, 409),
+    responses=_errors(401, 404, 409),
     summary="Cancel a queued or running job",
 )
-def cancel_job(job_id: str, services: ServicesDep, request: Request) -> JobOut:
-    load_job(services, job_id)
+def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> JobOut:
+    record = services.owned_job(job_id, caller)
     result = services.store.transition(job_id, JobStatus.CANCELED, finished_at=utc_now())
     if not result.applied:
         if result.previous is None:
@@ -187,4 +241,5 @@ def cancel_job(job_id: str, services: ServicesDep, request: Request) -> JobOut:
             ErrorType.CONFLICT,
             f"the job is already {result.previous}; only queued or running jobs can be canceled",
         )
-    return job_out(load_job(services, job_id), services, services.base_url(request))
+    services.webhooks.job_event(record, JobStatus.CANCELED)
+    return job_out(services.owned_job(job_id, caller), services, services.base_url(request))

@@ -37,14 +37,9 @@ LONG = {"width": 512, "height": 512, "num_inference_steps": 150}
 CLI = [sys.executable, "-m", "txt2img.cli"]
 
 
-def api_key(stack: Stack) -> str | None:
-    """The stack's key once its API requires one, else None."""
-    return getattr(stack, "api_key", None) or None
-
-
 @pytest.fixture
 def client(local_stack: Stack) -> Iterator[Client]:
-    with Client(local_stack.base_url, api_key(local_stack), timeout=10) as client:
+    with Client(local_stack.base_url, local_stack.api_key, timeout=10) as client:
         yield client
 
 
@@ -160,7 +155,7 @@ def test_events_reconnect_with_last_event_id_after_a_dropped_connection(
     job = client.submit("a dropped stream", **{**SMALL, "num_inference_steps": 100})
     proxy = DroppingProxy(local_stack.api_port, cut_after_s=0.6)
     try:
-        with Client(f"http://127.0.0.1:{proxy.port}", api_key(local_stack), timeout=10) as proxied:
+        with Client(f"http://127.0.0.1:{proxy.port}", local_stack.api_key, timeout=10) as proxied:
             events = list(proxied.events(job.id))
     finally:
         proxy.close()
@@ -174,7 +169,7 @@ def test_events_reconnect_with_last_event_id_after_a_dropped_connection(
 
 
 def test_wait_falls_back_to_polling_when_the_stream_is_unusable(local_stack: Stack) -> None:
-    with NoStreamClient(local_stack.base_url, api_key(local_stack), timeout=10) as client:
+    with NoStreamClient(local_stack.base_url, local_stack.api_key, timeout=10) as client:
         with pytest.raises(NotFound):
             list(client.events("anything"))
         job = client.generate("a lantern", **SMALL)
@@ -242,8 +237,6 @@ def test_list_pages_newest_first(client: Client) -> None:
 
 
 def test_a_wrong_key_raises_unauthorized(local_stack: Stack) -> None:
-    if api_key(local_stack) is None:
-        pytest.skip("this API requires no key")
     with (
         Client(local_stack.base_url, "t2i_wrong.key", timeout=10) as client,
         pytest.raises(Unauthorized) as raised,
@@ -262,7 +255,7 @@ def test_unreachable_api_raises_connection_error() -> None:
 
 def test_async_client_end_to_end(local_stack: Stack, tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with AsyncClient(local_stack.base_url, api_key(local_stack), timeout=10) as client:
+        async with AsyncClient(local_stack.base_url, local_stack.api_key, timeout=10) as client:
             reported: list[Progress] = []
             job = await client.generate(
                 "an async owl", on_progress=reported.append, **{**SMALL, "width": 320}
@@ -290,7 +283,7 @@ def test_async_client_end_to_end(local_stack: Stack, tmp_path: Path) -> None:
 def run_cli(stack: Stack, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [*CLI, *args],
-        env=service_env(T2I_API_URL=stack.base_url, T2I_API_KEY=api_key(stack) or ""),
+        env=service_env(T2I_API_URL=stack.base_url, T2I_API_KEY=stack.api_key),
         cwd=cwd or REPO_ROOT,
         capture_output=True,
         text=True,
@@ -376,9 +369,8 @@ def test_cli_errors_exit_non_zero_with_one_line(local_stack: Stack, tmp_path: Pa
     failed = run_cli(local_stack, "generate", FAIL_PROMPT, "-s", "2", "-q", cwd=tmp_path)
     assert_one_line_error(failed, "render_error")
     assert list(tmp_path.iterdir()) == []
-    if api_key(local_stack) is not None:
-        wrong_key = run_cli(local_stack, "--api-key", "t2i_wrong.key", "status", "x")
-        assert_one_line_error(wrong_key, "unauthorized")
+    wrong_key = run_cli(local_stack, "--api-key", "t2i_wrong.key", "status", "x")
+    assert_one_line_error(wrong_key, "unauthorized")
     unreachable = run_cli(
         local_stack, "--api-url", f"http://127.0.0.1:{free_port()}", "status", "x"
     )

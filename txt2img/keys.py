@@ -1,0 +1,104 @@
+"""`txt2img keys ...`: manage API keys directly in the service's Redis (an operator's tool)."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from shared.apikeys import ApiKeyStore
+from shared.queue import make_redis
+from shared.settings import Environment, api_settings, core_settings
+
+
+class KeyAdminError(Exception):
+    """An operator error, said in one line."""
+
+
+def _store() -> tuple[ApiKeyStore, Redis]:
+    redis = make_redis(core_settings())
+    return ApiKeyStore(redis), redis
+
+
+def create(name: str, rate_limit_per_min: int | None) -> str:
+    """Create a key and print it alone on the last line; it is never shown again."""
+    store, _ = _store()
+    limit = rate_limit_per_min or api_settings().rate_limit_per_min
+    key, plain = store.create(name, limit)
+    print(f"created key {key.id} ({key.name!r}, {key.rate_limit_per_min} jobs/min)")
+    print("keep it now: it is stored only as a hash and cannot be shown again")
+    print(plain)
+    return plain
+
+
+def list_keys() -> None:
+    store, _ = _store()
+    keys = store.all()
+    if not keys:
+        print("no API keys")
+    for key in keys:
+        created = f"{key.created_at:%Y-%m-%d %H:%M:%S}"
+        print(f"{key.id}  {created}  {key.rate_limit_per_min:>6} jobs/min  {key.name}")
+
+
+def revoke(key_id: str) -> None:
+    store, _ = _store()
+    if not store.revoke(key_id):
+        raise KeyAdminError(f"no API key with id {key_id!r}")
+    print(f"revoked key {key_id}")
+
+
+def ensure_development_key(path: Path) -> None:
+    """The key `make run` uses: kept in `path` (mode 600), made anew when Redis lost it."""
+    if core_settings().env is not Environment.DEVELOPMENT:
+        raise KeyAdminError("a development key is only made when T2I_ENV=development")
+    store, _ = _store()
+    if path.is_file() and store.authenticate(path.read_text().strip()) is not None:
+        print(f"API key (from {path}): {path.read_text().strip()}")
+        return
+    key, plain = store.create("development", api_settings().rate_limit_per_min)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(plain + "\n")
+    os.chmod(path, 0o600)
+    print(f"created development API key {key.id}, saved in {path}: {plain}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        if args.keys_command == "create":
+            create(args.name, args.rate_limit)
+        elif args.keys_command == "list":
+            list_keys()
+        elif args.keys_command == "revoke":
+            revoke(args.key_id)
+        else:
+            ensure_development_key(Path(args.file))
+    except KeyAdminError as exc:
+        print(f"txt2img: error: {exc}", file=sys.stderr)
+        return 1
+    except RedisError as exc:
+        print(f"txt2img: error: Redis at T2I_REDIS_URL is unavailable: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_keys_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "keys", help="create, list and revoke API keys (talks to Redis at $T2I_REDIS_URL)"
+    )
+    actions = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create_parser = actions.add_parser("create", help="create a key; prints it on the last line")
+    create_parser.add_argument("--name", required=True)
+    create_parser.add_argument(
+        "--rate-limit", type=int, help="jobs per minute (default: $T2I_RATE_LIMIT_PER_MIN)"
+    )
+    actions.add_parser("list", help="list keys (never the keys themselves)")
+    revoke_parser = actions.add_parser("revoke", help="revoke a key by its id")
+    revoke_parser.add_argument("key_id")
+    dev_parser = actions.add_parser("dev", help="development: the key in FILE, made if needed")
+    dev_parser.add_argument("--file", default="data/dev-api-key")
+    parser.set_defaults(offline_command=_run)

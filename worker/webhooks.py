@@ -1,0 +1,250 @@
+"""The webhook worker: a CPU-only Celery worker that signs and sends webhook deliveries, and
+retries them with backoff. `python -m worker.webhooks`. Imports no torch."""
+
+import json
+import logging
+import os
+import random
+import socket
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from shared.apikeys import ApiKeyStore
+from shared.jobstore import JobStore
+from shared.queue import make_celery, make_redis
+from shared.settings import (
+    WebhookSettings,
+    api_settings,
+    core_settings,
+    storage_settings,
+    webhook_settings,
+)
+from shared.storage import ObjectStorage, make_storage
+from shared.views import public_job
+from shared.webhooks import (
+    DELIVER_TASK,
+    Target,
+    WebhookRefused,
+    Webhooks,
+    check_webhook_url,
+    signed_headers,
+)
+
+log = logging.getLogger("worker.webhooks")
+
+_JITTER = 0.2
+_RETRY_STATUSES = {429} | set(range(500, 600))
+_SCHEDULER_POLL_S = 0.1
+
+
+class Sender:
+    """One delivery attempt at a time: build the body once, sign, send, decide what next."""
+
+    def __init__(
+        self,
+        webhooks: Webhooks,
+        store: JobStore,
+        keys: ApiKeyStore,
+        storage: ObjectStorage,
+        settings: WebhookSettings,
+        base_url: str,
+    ) -> None:
+        self.webhooks = webhooks
+        self.store = store
+        self.keys = keys
+        self.storage = storage
+        self.settings = settings
+        self.base_url = base_url
+
+    def deliver(self, delivery_id: str) -> None:
+        delivery = self.webhooks.get(delivery_id)
+        if delivery is None or delivery["status"] in {"delivered", "gone"}:
+            return
+        body = delivery.get("body")
+        if body is None:
+            body = self._body(delivery)
+            if body is None:
+                self._finish(delivery_id, "failed", error="the job no longer exists")
+                return
+            self.webhooks.update(delivery_id, body=body)
+        secrets = self.keys.webhook_secrets(delivery["owner"]) if delivery["owner"] else None
+        if secrets is None:
+            self._finish(delivery_id, "failed", error="the API key that made the job is revoked")
+            return
+        attempt = int(delivery["attempts"]) + 1
+        try:
+            target = check_webhook_url(delivery["url"], self.settings)
+        except WebhookRefused as exc:
+            self._finish(delivery_id, "failed", attempt=attempt, error=f"refused: {exc}")
+            return
+        now = int(time.time())
+        headers = signed_headers(secrets.signing_secrets(now), delivery_id, now, body.encode())
+        started = time.monotonic()
+        status_code, error, retry_after = self._post(target, body, headers)
+        outcome: dict[str, Any] = {
+            "attempt": attempt,
+            "status_code": status_code,
+            "error": error,
+            "duration_ms": round((time.monotonic() - started) * 1000, 1),
+        }
+        if status_code is not None and 200 <= status_code < 300:
+            self._finish(delivery_id, "delivered", **outcome)
+        elif status_code == 410:
+            self._finish(delivery_id, "gone", **outcome)
+        elif status_code is None or status_code in _RETRY_STATUSES:
+            self._retry_or_give_up(delivery_id, attempt, retry_after, outcome)
+        else:
+            self._finish(delivery_id, "failed", **outcome)
+
+    def _body(self, delivery: dict[str, str]) -> str | None:
+        record = self.store.get(delivery["job_id"])
+        if record is None:
+            return None
+        job = public_job(record, self.storage, self.base_url)
+        payload = {
+            "type": f"job.{delivery['event']}",
+            "timestamp": datetime.now(UTC).isoformat(),
+            "data": job.model_dump(mode="json"),
+        }
+        return json.dumps(payload, separators=(",", ":"))
+
+    def _post(
+        self, target: Target, body: str, headers: dict[str, str]
+    ) -> tuple[int | None, str | None, float | None]:
+        """(status code, error, Retry-After seconds), connecting to the checked address only."""
+        address = target.addresses[0]
+        literal = f"[{address}]" if ":" in address else address
+        url = f"{target.scheme}://{literal}:{target.port}{target.path}"
+        host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+        try:
+            with httpx.Client(
+                timeout=self.settings.webhook_timeout_s, follow_redirects=False
+            ) as http:
+                response = http.post(
+                    url,
+                    content=body.encode(),
+                    headers={
+                        **headers,
+                        "content-type": "application/json",
+                        "host": host_header,
+                        "user-agent": "txt2img-service-webhooks",
+                    },
+                    extensions={"sni_hostname": target.host},
+                )
+        except httpx.TimeoutException:
+            return None, "timed out", None
+        except httpx.HTTPError as exc:
+            return None, f"{type(exc).__name__}: {exc}", None
+        return response.status_code, None, _retry_after(response)
+
+    def _retry_or_give_up(
+        self, delivery_id: str, attempt: int, retry_after: float | None, outcome: dict
+    ) -> None:
+        delays = self.settings.retry_delays_s
+        if attempt > len(delays):
+            self._finish(delivery_id, "failed", **outcome)
+            return
+        delay = delays[attempt - 1] * random.uniform(1 - _JITTER, 1 + _JITTER)
+        due = time.time() + max(delay, retry_after or 0)
+        self.webhooks.record_attempt(
+            delivery_id, {**outcome, "at": _now_iso(), "next_attempt_at": _iso(due)}
+        )
+        self.webhooks.update(delivery_id, status="retrying")
+        self.webhooks.schedule_retry(delivery_id, due)
+
+    def _finish(self, delivery_id: str, status: str, **outcome: Any) -> None:
+        if outcome:
+            self.webhooks.record_attempt(
+                delivery_id, {"status_code": None, **outcome, "at": _now_iso()}
+            )
+        self.webhooks.update(delivery_id, status=status)
+        log.info("webhook %s %s %s", delivery_id, status, outcome.get("error") or "")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
+def _now_iso() -> str:
+    return _iso(time.time())
+
+
+class RetryScheduler:
+    """Moves deliveries whose retry time has come back onto the queue."""
+
+    def __init__(self, webhooks: Webhooks) -> None:
+        self._webhooks = webhooks
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="webhook-retries", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                for delivery_id in self._webhooks.claim_due(time.time()):
+                    self._webhooks.send_now(delivery_id)
+            except Exception:
+                log.exception("retry scheduler: will try again")
+            self._stopped.wait(_SCHEDULER_POLL_S)
+
+
+def register_webhook_task(app: Celery, sender: Sender) -> None:
+    @app.task(name=DELIVER_TASK)
+    def deliver(delivery_id: str) -> None:
+        sender.deliver(delivery_id)
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    core, settings = core_settings(), webhook_settings()
+    redis = make_redis(core)
+    app = make_celery(core)
+    webhooks = Webhooks(redis, app, settings, core.retention_s)
+    sender = Sender(
+        webhooks,
+        JobStore(redis, core.retention_s),
+        ApiKeyStore(redis),
+        make_storage(storage_settings()),
+        settings,
+        api_settings().own_base_url,
+    )
+    register_webhook_task(app, sender)
+    scheduler = RetryScheduler(webhooks)
+    worker_ready.connect(lambda **_: scheduler.start(), weak=False)
+    worker_shutdown.connect(lambda **_: scheduler.stop(), weak=False)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.webhook_concurrency}",
+            f"--queues={settings.webhook_queue}",
+            f"--hostname=webhooks@{socket.gethostname()}.{os.getpid()}",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
