@@ -123,6 +123,13 @@ class Timings(BaseModel):
     upload_s: float | None = None
 
 
+class BatchInfo(BaseModel):
+    """The pipeline call a job's images came from: several jobs may share one."""
+
+    id: str
+    images: int
+
+
 class JobRecord(BaseModel):
     """A job as the job store holds it."""
 
@@ -136,6 +143,7 @@ class JobRecord(BaseModel):
     images: list[StoredImage] = Field(default_factory=list)
     error: JobError | None = None
     timings: Timings = Field(default_factory=Timings)
+    batch: BatchInfo | None = None
 
 
 class JobOut(BaseModel):
@@ -152,3 +160,4 @@ class JobOut(BaseModel):
     images: list[ImageOut]
     error: JobError | None
     timings: Timings
+    batch: BatchInfo | None = None

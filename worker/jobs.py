@@ -9,6 +9,7 @@ import torch
 from shared.jobstore import JobStore, utc_now
 from shared.schema import (
     CONTENT_TYPES,
+    BatchInfo,
     JobError,
     JobErrorType,
     JobRecord,
@@ -60,12 +61,13 @@ class JobRunner:
         request = record.request
         render_started = time.monotonic()
         try:
-            images = self.executor.submit(RenderJob(RenderBatch.from_request(request))).result()
+            outcome = self.executor.submit(RenderJob(RenderBatch.from_request(request))).result()
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:
             raise RenderError(str(exc)) from exc
         render_s = time.monotonic() - render_started
+        images = outcome.images
 
         upload_started = time.monotonic()
         stored: list[StoredImage] = []
@@ -94,6 +96,7 @@ class JobRunner:
             expected=JobStatus.RUNNING,
             images=stored,
             timings=timings,
+            batch=BatchInfo(id=outcome.batch_id, images=outcome.batch_images),
             finished_at=utc_now(),
         )
         if not finished.applied:
