@@ -37,26 +37,20 @@ GUIDANCE = 7.5
 PROMPT = "a lighthouse at dusk, oil painting, highly detailed"
 
 
-def build_sd15(target: Path) -> Path:
+def build_sd15(target: Path, cache_dir: Path) -> Path:
     """SD 1.5's architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, saved as a
-    diffusers directory; same shapes and FLOPs as the real model, no hub needed."""
+    diffusers directory: the tiny model's components grown to SD 1.5's sizes, so it has the real
+    model's shapes and FLOPs and needs no hub. Only the tokenizer stays byte-level."""
     if (target / "model_index.json").is_file():
         return target
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel as UNet
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from worker.tiny_model import _write_tokenizer_files
-
+    tiny = StableDiffusionPipeline.from_pretrained(ensure_tiny_model(cache_dir))
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
+    unet = UNet.from_config(
+        tiny.unet.config,
         block_out_channels=(320, 640, 1280, 1280),
         layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -65,61 +59,33 @@ def build_sd15(target: Path) -> Path:
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = AutoencoderKL.from_config(
+        tiny.vae.config,
         block_out_channels=(128, 256, 512, 512),
-        latent_channels=4,
         layers_per_block=2,
         norm_num_groups=32,
-        sample_size=512,
         scaling_factor=0.18215,
     )
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        # A byte-level CLIP tokenizer: the real vocabulary is not needed to time the model.
-        _write_tokenizer_files(Path(tokenizer_dir))
-        tokenizer = CLIPTokenizer(
-            str(Path(tokenizer_dir) / "vocab.json"),
-            str(Path(tokenizer_dir) / "merges.txt"),
-            model_max_length=77,
-        )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_config = tiny.text_encoder.config.to_dict()
+    text_config.update(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        hidden_act="quick_gelu",
     )
     # The seed notebook's scheduler: SD 1.5's own PNDM configuration.
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
+    scheduler = PNDMScheduler.from_config(
+        tiny.scheduler.config, skip_prk_steps=True, set_alpha_to_one=False
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(target)
+    components = {
+        **tiny.components,
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
+        "scheduler": scheduler,
+    }
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(target)
     return target
 
 
@@ -254,7 +220,8 @@ def child_options(args: argparse.Namespace) -> list[str]:
     for name in ("compile", "cuda_graphs", "fuse_qkv"):
         value = getattr(args, name)
         if value is not None:
-            options.append(f"--{name.replace('_', '-')}" if value else f"--no-{name}")
+            flag = name.replace("_", "-")
+            options.append(f"--{flag}" if value else f"--no-{flag}")
     return options
 
 
@@ -270,7 +237,11 @@ def main() -> int:
         print(READY, flush=True)
         return 0
 
-    model_dir = ensure_tiny_model(args.cache_dir) if args.smoke else build_sd15(args.model_dir)
+    model_dir = (
+        ensure_tiny_model(args.cache_dir)
+        if args.smoke
+        else build_sd15(args.model_dir, args.cache_dir)
+    )
     figures: dict[str, Any] = {"gpu": gpu_name(device)}
     figures.update(plain_diffusers(model_dir, device, args))
     if device.type == "cuda":

@@ -35,7 +35,7 @@ def model_dir() -> Iterator[Path]:
     from bench.gpu_pipeline import build_sd15
 
     with tempfile.TemporaryDirectory() as directory:
-        yield build_sd15(Path(directory) / "sd15-random")
+        yield build_sd15(Path(directory) / "sd15-random", Path(directory))
 
 
 @pytest.fixture(scope="module")
