@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format redis venv clean
+.PHONY: run test lint format redis venv clean bench
 
 $(INSTALLED): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,11 @@ run: venv redis
 
 test: venv redis lint
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The GPU pipeline benchmark (bench/README.md); on a machine without CUDA, its CPU smoke mode.
+BENCH_ARGS ?= $(shell $(PY) -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")')
+bench: venv
+	$(PY) -m bench.gpu_pipeline $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

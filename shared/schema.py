@@ -143,6 +143,13 @@ class Timings(BaseModel):
     upload_s: float | None = None
 
 
+class BatchInfo(BaseModel):
+    """The pipeline call a job's images came from: several jobs may share one."""
+
+    id: str
+    images: int
+
+
 class JobRecord(BaseModel):
     """A job as the job store holds it."""
 
@@ -157,6 +164,7 @@ class JobRecord(BaseModel):
     images: list[StoredImage] = Field(default_factory=list)
     error: JobError | None = None
     timings: Timings = Field(default_factory=Timings)
+    batch: BatchInfo | None = None
 
 
 class JobOut(BaseModel):
@@ -178,6 +186,7 @@ class JobOut(BaseModel):
     images: list[ImageOut]
     error: JobError | None
     timings: Timings
+    batch: BatchInfo | None = None
 
 
 class JobList(BaseModel):

@@ -88,12 +88,25 @@ class WorkerSettings(_T2ISettings):
     model_id: str = DEFAULT_MODEL_ID
     model_cache_dir: Path = Path("data/models")
     device: str = "auto"
-    concurrency: int = Field(default=2, ge=1, le=64)
+    # Unset: twice the largest batch, so one batch gathers while the previous one renders.
+    concurrency: int | None = Field(default=None, ge=1, le=256)
+    max_batch_images: int = Field(default=8, ge=1, le=64)
+    batch_wait_ms: float = Field(default=15.0, ge=0, le=5000)
+    # Speed levers; unset means on where they pay (CUDA) and off elsewhere.
+    compile: bool | None = None
+    cuda_graphs: bool | None = None
+    fuse_qkv: bool | None = None
+    # Slower in eager on the torch we measured (DESIGN section 10), so off unless asked for.
+    channels_last: bool = False
     warmup: bool = True
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     progress_interval_s: float = Field(default=0.25, ge=0)
     # Development-only fault injection: a job with exactly this prompt fails inside the render.
     debug_fail_prompt: str | None = None
+
+    @property
+    def task_threads(self) -> int:
+        return self.concurrency or 2 * self.max_batch_images
 
     @model_validator(mode="after")
     def _fault_injection_only_in_development(self) -> "WorkerSettings":

@@ -153,6 +153,14 @@ def webhook_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator
     )
 
 
+@pytest.fixture(scope="session")
+def batching_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
+    """A worker that waits long enough for a burst of requests to gather into batches."""
+    yield from _run_stack(
+        "batching-stack", 7, redis_port, workdir, model_cache, T2I_BATCH_WAIT_MS="400"
+    )
+
+
 @pytest.fixture(params=["local", "s3"])
 def any_stack(request: pytest.FixtureRequest) -> Stack:
     """Each storage backend in turn."""

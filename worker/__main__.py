@@ -15,7 +15,13 @@ from shared.webhooks import Webhooks
 from worker.executor import GpuExecutor
 from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
-from worker.pipeline import DiffusionRenderer, ModelLoadError
+from worker.pipeline import (
+    DiffusionRenderer,
+    ModelLoadError,
+    SpeedLevers,
+    batch_buckets,
+    resolve_device,
+)
 from worker.tasks import install_runner, register_tasks
 
 log = logging.getLogger("worker")
@@ -26,16 +32,25 @@ def main() -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     core, storage_config, settings = core_settings(), storage_settings(), worker_settings()
+    levers = SpeedLevers.for_device(
+        resolve_device(settings.device),
+        compile=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
+        fuse_qkv=settings.fuse_qkv,
+        channels_last=settings.channels_last,
+    )
     try:
         renderer = DiffusionRenderer.load(
-            settings.model_id, settings.model_cache_dir, settings.device
+            settings.model_id, settings.model_cache_dir, settings.device, levers
         )
     except ModelLoadError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
-    if settings.warmup:
-        renderer.warm_up()
-        log.info("warm-up render done")
+    if settings.warmup or levers.compile:
+        # A compiled UNet serves only the shapes it was warmed for, so it is always warmed.
+        counts = batch_buckets(settings.max_batch_images) if levers.compile else [1]
+        renderer.warm_up(image_counts=counts)
+        log.info("warm-up renders done (%s images)", counts)
 
     fail_prompt = settings.debug_fail_prompt
 
@@ -51,7 +66,7 @@ def main() -> int:
             store=JobStore(redis, core.retention_s),
             storage=make_storage(storage_config),
             webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
-            executor=GpuExecutor(render),
+            executor=GpuExecutor(render, settings.max_batch_images, settings.batch_wait_ms / 1000),
             model_name=settings.model_id,
             key_prefix=storage_config.key_prefix,
             queue_timeout_s=core.queue_timeout_s,
@@ -68,7 +83,7 @@ def main() -> int:
         [
             "worker",
             "--pool=threads",
-            f"--concurrency={settings.concurrency}",
+            f"--concurrency={settings.task_threads}",
             f"--queues={core.queue_name}",
             f"--hostname={worker_name}",
             "--loglevel=INFO",

@@ -1,12 +1,20 @@
-"""The one thread that owns the pipeline; task threads hand it jobs and wait for images."""
+"""The one thread that owns the pipeline; task threads hand it jobs and wait for images.
+
+Compatible jobs (same size, steps, scheduler and guidance) that wait together ride in one
+pipeline call, each with its own prompts and seeds, so each gets the images it would get alone.
+"""
 
 import logging
 import queue
 import threading
+import time
+import uuid
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import torch
 from PIL.Image import Image
 
 from worker.pipeline import RenderBatch, StepCallback
@@ -15,9 +23,16 @@ log = logging.getLogger(__name__)
 
 RenderFunction = Callable[[RenderBatch, StepCallback | None], list[Image]]
 
+# What must be equal for two jobs to share a pipeline call: everything in a batch but its items.
+BatchKey = tuple[int, int, int, float, str]
+
 
 class RenderCanceled(Exception):
     """The job was canceled before or while it rendered."""
+
+
+class _BatchAbandoned(Exception):
+    """Every job of the running batch is gone; raised from the step callback to stop the call."""
 
 
 @dataclass(frozen=True)
@@ -29,23 +44,62 @@ class RenderJob:
     is_canceled: Callable[[], bool] = lambda: False
 
 
-@dataclass
+@dataclass(frozen=True)
+class RenderOutcome:
+    """A job's images and the pipeline call they came from."""
+
+    images: list[Image]
+    batch_id: str
+    batch_images: int
+
+
+@dataclass(eq=False)
 class _Work:
     job: RenderJob
-    future: Future[list[Image]] = field(default_factory=Future)
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future[RenderOutcome] = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.job.batch.items)
+
+
+def batch_key(batch: RenderBatch) -> BatchKey:
+    return (
+        batch.width,
+        batch.height,
+        batch.num_inference_steps,
+        batch.guidance_scale,
+        batch.scheduler,
+    )
+
+
+def merge(jobs: list[RenderJob]) -> RenderBatch:
+    """One batch holding every job's items in order; the jobs must share a batch key."""
+    first = jobs[0].batch
+    assert all(batch_key(job.batch) == batch_key(first) for job in jobs)
+    return replace(first, items=tuple(item for job in jobs for item in job.batch.items))
 
 
 class GpuExecutor:
-    """Serialises GPU work on one thread, so the pipeline is never used concurrently."""
+    """Serialises GPU work on one thread, so the pipeline is never used concurrently, and
+    groups compatible jobs into batches of at most `max_batch_images` images."""
 
-    def __init__(self, render: RenderFunction) -> None:
+    def __init__(
+        self, render: RenderFunction, max_batch_images: int = 1, batch_wait_s: float = 0.0
+    ) -> None:
         self._render = render
+        self._max_images = max_batch_images
+        self._wait_s = batch_wait_s
         self._queue: queue.Queue[_Work | None] = queue.Queue()
+        # Jobs taken off the queue that did not fit the batch being gathered, oldest first.
+        self._held: deque[_Work] = deque()
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="gpu-executor", daemon=True)
         self._thread.start()
 
-    def submit(self, job: RenderJob) -> Future[list[Image]]:
-        """Images for the job, or RenderCanceled, or whatever the render raised."""
+    def submit(self, job: RenderJob) -> Future[RenderOutcome]:
+        """The job's images, or RenderCanceled, or whatever the render raised."""
         work = _Work(job)
         self._queue.put(work)
         return work.future
@@ -55,23 +109,124 @@ class GpuExecutor:
         self._thread.join()
 
     def _run(self) -> None:
-        while (work := self._queue.get()) is not None:
-            if not work.future.set_running_or_notify_cancel():
-                continue
-            try:
-                work.future.set_result(self._render_one(work.job))
-            except BaseException as exc:
-                work.future.set_exception(exc)
+        while (first := self._next()) is not None:
+            group = self._gather(first)
+            if group:
+                self._render_group(group)
 
-    def _render_one(self, job: RenderJob) -> list[Image]:
-        if job.is_canceled():
-            raise RenderCanceled()
+    def _next(self) -> _Work | None:
+        """The oldest job not yet rendered, waiting for one; None once shut down and drained."""
+        while True:
+            if self._held:
+                work = self._held.popleft()
+            elif self._stopping:
+                return None
+            else:
+                item = self._queue.get()
+                if item is None:
+                    self._stopping = True
+                    continue
+                work = item
+            if self._admit(work):
+                return work
+
+    def _admit(self, work: _Work) -> bool:
+        """Start the job unless it was canceled while it waited."""
+        if not work.future.set_running_or_notify_cancel():
+            return False
+        if work.job.is_canceled():
+            work.future.set_exception(RenderCanceled())
+            return False
+        return True
+
+    def _gather(self, first: _Work) -> list[_Work]:
+        """`first` and the compatible jobs that fit with it: those already waiting, then those
+        that arrive within the batch wait counted from `first`'s arrival."""
+        key = batch_key(first.job.batch)
+        group, images = [first], first.size
+        skipped: list[_Work] = []
+        while self._held and images < self._max_images:
+            work = self._held.popleft()
+            if batch_key(work.job.batch) == key and images + work.size <= self._max_images:
+                if self._admit(work):
+                    group.append(work)
+                    images += work.size
+            else:
+                skipped.append(work)
+        self._held.extendleft(reversed(skipped))
+
+        deadline = first.arrived + self._wait_s
+        while images < self._max_images and not self._stopping:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if item is None:
+                self._stopping = True
+                break
+            if batch_key(item.job.batch) == key and images + item.size <= self._max_images:
+                if self._admit(item):
+                    group.append(item)
+                    images += item.size
+            else:
+                self._held.append(item)
+        return group
+
+    def _render_group(self, group: list[_Work]) -> None:
+        batch_id = uuid.uuid4().hex[:16]
+        batch = merge([work.job for work in group])
+        live = list(group)
+        started = time.monotonic()
+
+        def finish(work: _Work, exc: BaseException) -> None:
+            live.remove(work)
+            work.future.set_exception(exc)
 
         def on_step(step: int, total: int) -> None:
-            if job.on_step is not None:
-                job.on_step(step, total)
+            for work in list(live):
+                try:
+                    if work.job.on_step is not None:
+                        work.job.on_step(step, total)
+                    canceled = step < total and work.job.is_canceled()
+                except Exception as exc:
+                    finish(work, exc)
+                    continue
+                if canceled:
+                    finish(work, RenderCanceled())
             # Raising inside the step callback stops the pipeline at once, skipping the decode.
-            if step < total and job.is_canceled():
-                raise RenderCanceled()
+            if not live:
+                raise _BatchAbandoned()
 
-        return self._render(job.batch, on_step)
+        try:
+            images = self._render(batch, on_step)
+        except _BatchAbandoned:
+            log.info("batch %s stopped: every job in it was canceled", batch_id)
+            return
+        except torch.OutOfMemoryError as exc:
+            if len(live) > 1:
+                log.warning("batch %s ran out of memory; rendering its jobs one by one", batch_id)
+                torch.cuda.empty_cache()
+                for work in list(live):
+                    self._render_group([work])
+                return
+            for work in list(live):
+                finish(work, exc)
+            return
+        except BaseException as exc:
+            for work in list(live):
+                finish(work, exc)
+            return
+
+        log.info(
+            "batch %s: %d jobs, %d images in %.3f s",
+            batch_id,
+            len(group),
+            len(batch.items),
+            time.monotonic() - started,
+        )
+        offset = 0
+        for work in group:
+            mine = images[offset : offset + work.size]
+            offset += work.size
+            if work in live:
+                work.future.set_result(RenderOutcome(mine, batch_id, len(batch.items)))

@@ -9,6 +9,7 @@ import torch
 from shared.jobstore import JobStore, utc_now
 from shared.schema import (
     CONTENT_TYPES,
+    BatchInfo,
     JobError,
     JobErrorType,
     JobRecord,
@@ -112,7 +113,7 @@ class JobRunner:
             is_canceled=lambda: self._canceled(record.id),
         )
         try:
-            images = self.executor.submit(job).result()
+            outcome = self.executor.submit(job).result()
         except (RenderCanceled, torch.OutOfMemoryError):
             raise
         except Exception as exc:
@@ -120,6 +121,7 @@ class JobRunner:
         render_s = time.monotonic() - render_started
         if self._canceled(record.id):
             raise RenderCanceled()
+        images = outcome.images
 
         upload_started = time.monotonic()
         stored: list[StoredImage] = []
@@ -149,6 +151,7 @@ class JobRunner:
             expected=JobStatus.RUNNING,
             images=stored,
             timings=timings,
+            batch=BatchInfo(id=outcome.batch_id, images=outcome.batch_images),
             finished_at=utc_now(),
         )
         if not finished.applied:

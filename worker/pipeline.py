@@ -1,8 +1,9 @@
 """The diffusers pipeline: load once, render batches. Knows nothing of Celery, Redis or S3."""
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,86 @@ class RenderBatch:
         )
 
 
+@dataclass(frozen=True)
+class SpeedLevers:
+    """Optional speed-ups of the warm pipeline; all off is plain diffusers (SDPA attention)."""
+
+    compile: bool = False
+    cuda_graphs: bool = False
+    fuse_qkv: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def for_device(
+        cls,
+        device: torch.device,
+        *,
+        compile: bool | None = None,
+        cuda_graphs: bool | None = None,
+        fuse_qkv: bool | None = None,
+        channels_last: bool = False,
+    ) -> "SpeedLevers":
+        """Levers left unset are on where they pay: on CUDA, not on a CPU."""
+        on_cuda = device.type == "cuda"
+
+        def pick(value: bool | None) -> bool:
+            return on_cuda if value is None else value
+
+        return cls(
+            compile=pick(compile),
+            cuda_graphs=pick(cuda_graphs),
+            fuse_qkv=pick(fuse_qkv),
+            channels_last=channels_last,
+        )
+
+
+def batch_buckets(max_batch_images: int) -> list[int]:
+    """Image counts a compiled pipeline is warmed for: powers of two, and the maximum itself."""
+    buckets = {max_batch_images}
+    size = 1
+    while size < max_batch_images:
+        buckets.add(size)
+        size *= 2
+    return sorted(buckets)
+
+
+def padded_count(count: int, warmed: Iterable[int]) -> int:
+    """The smallest warmed image count that holds `count` images, or `count` if none does."""
+    return min((size for size in warmed if size >= count), default=count)
+
+
+class _CompiledUNet:
+    """The UNet's forward, compiled for the shapes seen while warming and eager for any other,
+    so a request of a new size renders at once instead of waiting a minute for a recompile."""
+
+    def __init__(self, unet: torch.nn.Module, cuda_graphs: bool) -> None:
+        self._eager = unet.forward
+        mode = "reduce-overhead" if cuda_graphs else "default"
+        self._compiled = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
+        self._warmed: set[tuple[Any, ...]] = set()
+        self.warming = False
+        unet.forward = self._forward
+
+    def _forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        context = kwargs.get("encoder_hidden_states")
+        shape = (tuple(sample.shape), None if context is None else tuple(context.shape))
+        if self.warming:
+            self._warmed.add(shape)
+        if shape in self._warmed:
+            return self._compiled(sample, *args, **kwargs)
+        return self._eager(sample, *args, **kwargs)
+
+
+def _use_persistent_compile_cache(directory: Path) -> None:
+    """Keep inductor's compiled kernels across restarts, so a restarted worker is ready fast."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # Inductor reads its cache directory from the environment each time it looks it up.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory))
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -94,15 +175,25 @@ class DiffusionRenderer:
     def __init__(self, pipeline: StableDiffusionPipeline, model_name: str) -> None:
         self.pipeline = pipeline
         self.model_name = model_name
+        self.levers = SpeedLevers()
         self._base_scheduler_config = pipeline.scheduler.config
         self._schedulers: dict[Scheduler, Any] = {}
+        self._compiled_unet: _CompiledUNet | None = None
+        # Image counts warmed per (width, height): batches are padded up to one of them.
+        self._warmed_counts: dict[tuple[int, int], set[int]] = {}
 
     @property
     def device(self) -> torch.device:
         return self.pipeline.device
 
     @classmethod
-    def load(cls, model_id: str, cache_dir: Path, device: str = "auto") -> "DiffusionRenderer":
+    def load(
+        cls,
+        model_id: str,
+        cache_dir: Path,
+        device: str = "auto",
+        levers: SpeedLevers | None = None,
+    ) -> "DiffusionRenderer":
         target = resolve_device(device)
         dtype = torch.float16 if target.type == "cuda" else torch.float32
         source = str(ensure_tiny_model(cache_dir)) if model_id == TINY_MODEL_ID else model_id
@@ -110,7 +201,24 @@ class DiffusionRenderer:
         pipeline.to(target)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s on %s (%s)", model_id, target, dtype)
-        return cls(pipeline, model_name=model_id)
+        renderer = cls(pipeline, model_name=model_id)
+        if levers is not None:
+            renderer.apply(levers, cache_dir / "inductor")
+        return renderer
+
+    def apply(self, levers: SpeedLevers, compile_cache_dir: Path | None = None) -> None:
+        """Turn levers on; call once, before warming up."""
+        if levers.channels_last:
+            self.pipeline.unet.to(memory_format=torch.channels_last)
+            self.pipeline.vae.to(memory_format=torch.channels_last)
+        if levers.fuse_qkv:
+            self.pipeline.fuse_qkv_projections()
+        if levers.compile and self._compiled_unet is None:
+            if compile_cache_dir is not None:
+                _use_persistent_compile_cache(compile_cache_dir)
+            self._compiled_unet = _CompiledUNet(self.pipeline.unet, levers.cuda_graphs)
+        self.levers = replace(levers, cuda_graphs=levers.compile and levers.cuda_graphs)
+        log.info("speed levers: %s", self.levers)
 
     def _scheduler(self, name: Scheduler) -> Any:
         if name not in self._schedulers:
@@ -132,11 +240,12 @@ class DiffusionRenderer:
                 on_step(step + 1, total)
             return tensors
 
+        items = self._pad(batch)
         # CPU generators make a seed give the same noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in batch.items]
+        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
         result = self.pipeline(
-            prompt=[item.prompt for item in batch.items],
-            negative_prompt=[item.negative_prompt for item in batch.items],
+            prompt=[item.prompt for item in items],
+            negative_prompt=[item.negative_prompt for item in items],
             width=batch.width,
             height=batch.height,
             num_inference_steps=batch.num_inference_steps,
@@ -145,19 +254,38 @@ class DiffusionRenderer:
             output_type="pil",
             callback_on_step_end=step_end,
         )
-        return list(result.images)
+        return list(result.images)[: len(batch.items)]
 
-    def warm_up(self, width: int = 512, height: int = 512) -> None:
-        """One small render so the first job pays no start-up cost."""
-        batch = RenderBatch(
-            items=(RenderItem("warm-up", "", 0),),
-            width=width,
-            height=height,
-            num_inference_steps=2,
-            guidance_scale=7.5,
-            scheduler="dpmpp_2m",
-        )
-        self.render(batch)
+    def _pad(self, batch: RenderBatch) -> tuple[RenderItem, ...]:
+        """The batch's items, padded to a warmed image count so the compiled UNet serves it."""
+        warmed = self._warmed_counts.get((batch.width, batch.height), set())
+        padding = padded_count(len(batch.items), warmed) - len(batch.items)
+        return batch.items + (RenderItem("", "", 0),) * padding
+
+    def warm_up(
+        self, width: int = 512, height: int = 512, image_counts: Iterable[int] = (1,)
+    ) -> None:
+        """Small renders so the first job pays no start-up cost; with a compiled UNet, each
+        image count warmed here is one the compiled graphs serve."""
+        for count in image_counts:
+            batch = RenderBatch(
+                items=tuple(RenderItem("warm-up", "", index) for index in range(count)),
+                width=width,
+                height=height,
+                # Three UNet calls: CUDA graph trees warm up, record, then replay.
+                num_inference_steps=3,
+                guidance_scale=7.5,
+                scheduler="dpmpp_2m",
+            )
+            if self._compiled_unet is None:
+                self.render(batch)
+                continue
+            self._compiled_unet.warming = True
+            try:
+                self.render(batch)
+            finally:
+                self._compiled_unet.warming = False
+            self._warmed_counts.setdefault((width, height), set()).add(count)
 
 
 def _from_pretrained(source: str, dtype: torch.dtype) -> StableDiffusionPipeline:

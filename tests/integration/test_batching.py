@@ -1,0 +1,274 @@
+"""Dynamic batching: in the executor with the real tiny pipeline, and through HTTP."""
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.test_jobs_http import download, pixels, render, submit
+from tests.support import Stack, wait_for_job
+from worker.executor import GpuExecutor, RenderCanceled, RenderJob, RenderOutcome
+from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, StepCallback
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def renderer(model_cache: Path) -> DiffusionRenderer:
+    return DiffusionRenderer.load("tiny", model_cache, "cpu")
+
+
+class Recorder:
+    """The real renderer, remembering the batch of each pipeline call."""
+
+    def __init__(self, renderer: DiffusionRenderer) -> None:
+        self.renderer = renderer
+        self.calls: list[RenderBatch] = []
+
+    def __call__(self, batch: RenderBatch, on_step: StepCallback | None) -> list:
+        self.calls.append(batch)
+        if any(item.prompt == "boom" for item in batch.items):
+            raise RuntimeError("boom")
+        return self.renderer.render(batch, on_step)
+
+
+@pytest.fixture
+def recorder(renderer: DiffusionRenderer) -> Recorder:
+    return Recorder(renderer)
+
+
+@pytest.fixture
+def executor(recorder: Recorder) -> Iterator[GpuExecutor]:
+    executor = GpuExecutor(recorder, max_batch_images=4, batch_wait_s=0.05)
+    yield executor
+    executor.shutdown()
+
+
+def job(*items: RenderItem, size: int = 64, steps: int = STEPS, **shared: object) -> RenderBatch:
+    options = {"guidance_scale": 7.5, "scheduler": "dpmpp_2m", **shared}
+    return RenderBatch(items=items, width=size, height=size, num_inference_steps=steps, **options)
+
+
+def item(seed: int, prompt: str = "a cat") -> RenderItem:
+    return RenderItem(prompt, "", seed)
+
+
+def hold_gpu(executor: GpuExecutor) -> threading.Event:
+    """Keep the executor busy until the event is set, so jobs submitted meanwhile wait together."""
+    release, busy = threading.Event(), threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        busy.set()
+        release.wait(30)
+
+    executor.submit(RenderJob(job(item(0, "gate"), size=32), on_step=on_step))
+    assert busy.wait(30)
+    return release
+
+
+def array(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def outcomes(futures: list[Future[RenderOutcome]]) -> list[RenderOutcome]:
+    return [future.result(timeout=60) for future in futures]
+
+
+def test_jobs_batched_together_each_get_the_images_they_get_alone(
+    executor: GpuExecutor, recorder: Recorder, renderer: DiffusionRenderer
+) -> None:
+    batches = [job(item(1)), job(item(2, "a dog"), item(3, "a dog")), job(item(4, "a fox"))]
+    release = hold_gpu(executor)
+    futures = [executor.submit(RenderJob(batch)) for batch in batches]
+    release.set()
+    results = outcomes(futures)
+
+    assert len({result.batch_id for result in results}) == 1
+    assert [result.batch_images for result in results] == [4, 4, 4]
+    assert len(recorder.calls) == 2  # the gate, then one call for all three jobs
+    for batch, result in zip(batches, results, strict=True):
+        alone = renderer.render(batch)
+        assert len(result.images) == len(alone) == len(batch.items)
+        for together, single in zip(result.images, alone, strict=True):
+            assert np.abs(array(together) - array(single)).max() <= 2
+
+
+def test_incompatible_jobs_never_share_a_pipeline_call(
+    executor: GpuExecutor, recorder: Recorder
+) -> None:
+    batches = [
+        job(item(1)),
+        job(item(2), size=72),
+        job(item(3), steps=STEPS + 1),
+        job(item(4), scheduler="euler"),
+        job(item(5), guidance_scale=3.0),
+        job(item(6)),
+    ]
+    release = hold_gpu(executor)
+    futures = [executor.submit(RenderJob(batch)) for batch in batches]
+    release.set()
+    results = outcomes(futures)
+
+    # The first and last are compatible and ride together; every other job rides alone.
+    assert results[0].batch_id == results[-1].batch_id
+    assert len({result.batch_id for result in results}) == 5
+    assert sorted(len(call.items) for call in recorder.calls[1:]) == [1, 1, 1, 1, 2]
+
+
+def test_a_batch_holds_at_most_max_batch_images(executor: GpuExecutor) -> None:
+    release = hold_gpu(executor)
+    futures = [executor.submit(RenderJob(job(item(seed), item(seed + 100)))) for seed in range(5)]
+    release.set()
+    results = outcomes(futures)
+    assert [result.batch_images for result in results] == [4, 4, 4, 4, 2]
+    assert len({result.batch_id for result in results}) == 3
+
+
+def test_each_job_in_a_batch_reports_every_step(executor: GpuExecutor) -> None:
+    steps: dict[int, list[tuple[int, int]]] = {1: [], 2: []}
+    release = hold_gpu(executor)
+    futures = [
+        executor.submit(RenderJob(job(item(seed)), on_step=lambda *s, k=seed: steps[k].append(s)))
+        for seed in steps
+    ]
+    release.set()
+    assert len({result.batch_id for result in outcomes(futures)}) == 1
+    assert steps[1] == steps[2] == [(i, STEPS) for i in range(1, STEPS + 1)]
+
+
+def test_canceling_one_job_of_a_running_batch_leaves_the_others_to_succeed(
+    executor: GpuExecutor, renderer: DiffusionRenderer
+) -> None:
+    canceled = threading.Event()
+    seen: list[int] = []
+
+    def cancel_at_step_two(step: int, total: int) -> None:
+        seen.append(step)
+        if step == 2:
+            canceled.set()
+
+    keep = [job(item(1)), job(item(3))]
+    release = hold_gpu(executor)
+    first = executor.submit(RenderJob(keep[0]))
+    doomed = executor.submit(
+        RenderJob(job(item(2)), on_step=cancel_at_step_two, is_canceled=canceled.is_set)
+    )
+    last = executor.submit(RenderJob(keep[1]))
+    release.set()
+
+    with pytest.raises(RenderCanceled):
+        doomed.result(timeout=60)
+    assert seen == [1, 2]  # nothing reported after the step that saw the cancel
+    for batch, result in zip(keep, outcomes([first, last]), strict=True):
+        assert result.batch_images == 3
+        [alone] = renderer.render(batch)
+        assert np.abs(array(result.images[0]) - array(alone)).max() <= 2
+
+
+def test_canceling_every_job_of_a_running_batch_stops_the_pipeline_call(
+    executor: GpuExecutor,
+) -> None:
+    steps: list[int] = []
+    canceled = threading.Event()
+
+    def cancel_at_step_one(step: int, total: int) -> None:
+        steps.append(step)
+        canceled.set()
+
+    release = hold_gpu(executor)
+    futures = [
+        executor.submit(RenderJob(job(item(seed)), cancel_at_step_one, canceled.is_set))
+        for seed in (1, 2)
+    ]
+    release.set()
+    for future in futures:
+        with pytest.raises(RenderCanceled):
+            future.result(timeout=60)
+    assert steps == [1, 1]
+    # The executor goes on with the next job.
+    [after] = outcomes([executor.submit(RenderJob(job(item(3))))])
+    assert after.batch_images == 1
+
+
+def test_a_job_canceled_while_it_waits_is_dropped_before_rendering(
+    executor: GpuExecutor, recorder: Recorder
+) -> None:
+    release = hold_gpu(executor)
+    dropped = executor.submit(RenderJob(job(item(1, "never")), is_canceled=lambda: True))
+    kept = executor.submit(RenderJob(job(item(2))))
+    release.set()
+    with pytest.raises(RenderCanceled):
+        dropped.result(timeout=60)
+    assert outcomes([kept])[0].batch_images == 1
+    assert all(i.prompt != "never" for call in recorder.calls for i in call.items)
+
+
+def test_a_render_that_raises_fails_every_job_of_its_batch(executor: GpuExecutor) -> None:
+    release = hold_gpu(executor)
+    futures = [executor.submit(RenderJob(job(item(1, prompt)))) for prompt in ("boom", "fine")]
+    release.set()
+    for future in futures:
+        with pytest.raises(RuntimeError, match="boom"):
+            future.result(timeout=60)
+
+
+# Through HTTP: a worker that waits long enough for a burst of requests to gather.
+BURST = {"width": 256, "height": 256, "num_inference_steps": 2}
+
+
+def burst(client: httpx.Client, requests: list[dict]) -> list[dict]:
+    ids = [submit(client, **{**BURST, **request})["id"] for request in requests]
+    jobs = [wait_for_job(client, job_id) for job_id in ids]
+    assert all(job["status"] == "succeeded" for job in jobs), jobs
+    return jobs
+
+
+def test_a_burst_of_compatible_jobs_is_served_in_fewer_pipeline_calls_than_jobs(
+    batching_stack: Stack,
+) -> None:
+    with batching_stack.client() as client:
+        jobs = burst(client, [{"prompt": f"pebble {seed}", "seed": seed} for seed in range(16)])
+    calls: dict[str, list[dict]] = {}
+    for finished in jobs:
+        calls.setdefault(finished["batch"]["id"], []).append(finished)
+    assert len(calls) < len(jobs)
+    for members in calls.values():
+        assert {m["batch"]["images"] for m in members} == {len(members)}
+        assert len(members) <= 8
+
+
+def test_jobs_batched_over_http_get_the_images_they_get_alone(batching_stack: Stack) -> None:
+    requests = [
+        {"prompt": "a red kite", "seed": 10},
+        {"prompt": "a blue kite", "seed": 20, "num_images": 2},
+        {"prompt": "a green kite", "negative_prompt": "blurry", "seed": 30},
+    ]
+    with batching_stack.client() as client:
+        together = burst(client, requests)
+        alone = [render(client, **BURST, **request) for request in requests]
+    assert len({job["batch"]["id"] for job in together}) < len(together)
+    for batched, single in zip(together, alone, strict=True):
+        assert single["batch"]["images"] == len(single["images"])
+        for a, b in zip(batched["images"], single["images"], strict=True):
+            assert np.abs(pixels(download(a["url"])) - pixels(download(b["url"]))).max() <= 2
+
+
+def test_incompatible_jobs_over_http_are_never_batched_together(batching_stack: Stack) -> None:
+    variants = [{}, {"width": 320}, {"num_inference_steps": 3}, {"scheduler": "euler"}]
+    variants += [{"guidance_scale": 5.0}, {}]
+    with batching_stack.client() as client:
+        jobs = burst(client, [{"prompt": "a kite", "seed": 1, **v} for v in variants])
+    calls: dict[str, set[tuple]] = {}
+    for finished in jobs:
+        request = finished["request"]
+        shared = tuple(
+            request[name]
+            for name in ("width", "height", "num_inference_steps", "guidance_scale", "scheduler")
+        )
+        calls.setdefault(finished["batch"]["id"], set()).add(shared)
+    assert all(len(keys) == 1 for keys in calls.values())
+    assert len(calls) >= 5
