@@ -20,6 +20,7 @@ QUEUE_KEY = "t2i:queue"
 RETENTION_KEY = "t2i:retention"
 SEQUENCE_KEY = "t2i:seq"
 COMPLETIONS_KEY = "t2i:completions"
+CANCEL_CHANNEL = "t2i:cancel"
 STATS_KEY = "t2i:stats"
 IDEMPOTENCY_TTL_S = 24 * 3600
 EVENTS_MAXLEN = 1000
@@ -71,6 +72,7 @@ for i = 6, n + 5 do
   if ARGV[i] == current then
     if #ARGV > n + 5 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 6)) end
     if ARGV[2] ~= 'progress' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+    if ARGV[2] == 'canceled' then redis.call('PUBLISH', 'CANCEL_CHANNEL', ARGV[1]) end
     append_event(KEYS[2], ARGV[2], ARGV[3], ARGV[4])
     return {1, current}
   end
@@ -80,7 +82,8 @@ return {0, current}
 
 
 def _script(body: str) -> str:
-    return _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
+    script = _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
+    return script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL)
 
 
 def new_job_id() -> str:

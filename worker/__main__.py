@@ -12,6 +12,7 @@ from shared.queue import make_celery, make_redis
 from shared.settings import core_settings, storage_settings, webhook_settings, worker_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
+from worker.cancel import CancelWatcher
 from worker.executor import GpuExecutor
 from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
@@ -61,12 +62,16 @@ def main() -> int:
 
     redis = make_redis(core)
     app = make_celery(core)
+    store = JobStore(redis, core.retention_s)
+    cancels = CancelWatcher(redis, store)
+    cancels.start()
     install_runner(
         JobRunner(
-            store=JobStore(redis, core.retention_s),
+            store=store,
             storage=make_storage(storage_config),
             webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
             executor=GpuExecutor(render, settings.max_batch_images, settings.batch_wait_ms / 1000),
+            cancels=cancels,
             model_name=settings.model_id,
             key_prefix=storage_config.key_prefix,
             queue_timeout_s=core.queue_timeout_s,

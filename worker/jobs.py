@@ -19,6 +19,7 @@ from shared.schema import (
 )
 from shared.storage import ObjectStorage, StorageError, image_key, job_prefix
 from shared.webhooks import Webhooks
+from worker.cancel import CancelWatcher
 from worker.encoding import encode_image, parameters_text
 from worker.executor import GpuExecutor, RenderCanceled, RenderJob
 from worker.pipeline import RenderBatch
@@ -64,6 +65,7 @@ class JobRunner:
     storage: ObjectStorage
     webhooks: Webhooks
     executor: GpuExecutor
+    cancels: CancelWatcher
     model_name: str
     key_prefix: str
     queue_timeout_s: float
@@ -90,6 +92,7 @@ class JobRunner:
             log.info("skipping job %s: it is %s, not queued", job_id, claim.previous or "missing")
             return
         self.webhooks.job_event(record, JobStatus.RUNNING)
+        self.cancels.watch(job_id)
         try:
             self._render_and_store(record, started_at.timestamp())
         except RenderCanceled:
@@ -97,6 +100,8 @@ class JobRunner:
         except Exception as exc:
             self._fail(record, exc)
             raise
+        finally:
+            self.cancels.unwatch(job_id)
 
     def _waited_too_long(self, record: JobRecord) -> bool:
         return (utc_now() - record.created_at).total_seconds() > self.queue_timeout_s
@@ -110,7 +115,8 @@ class JobRunner:
         job = RenderJob(
             RenderBatch.from_request(request),
             on_step=ProgressReporter(self.store, self.webhooks, record, self.progress_interval_s),
-            is_canceled=lambda: self._canceled(record.id),
+            # Checked between denoising steps: an in-memory lookup, no Redis round trip.
+            is_canceled=lambda: self.cancels.is_canceled(record.id),
         )
         try:
             outcome = self.executor.submit(job).result()

@@ -6,6 +6,8 @@ from redis import Redis
 
 from shared.jobstore import JobStore, new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
+from tests.support import wait_until
+from worker.cancel import CancelWatcher
 
 
 def _queued(store: JobStore) -> JobRecord:
@@ -66,3 +68,25 @@ def test_fields_are_written_with_the_transition(redis_client: Redis) -> None:
 def test_missing_job_reports_no_previous_state(redis_client: Redis) -> None:
     result = JobStore(redis_client, 600).transition(new_job_id(), JobStatus.RUNNING)
     assert (result.applied, result.previous) == (False, None)
+
+
+def test_the_cancel_watcher_learns_of_cancels_without_asking_per_step(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    early, watched, ignored = (_queued(store) for _ in range(3))
+    store.transition(early.id, JobStatus.CANCELED)
+    watcher = CancelWatcher(redis_client, store, poll_interval_s=0.2)
+    watcher.watch(early.id)
+    watcher.watch(watched.id)
+    watcher.start()
+    try:
+        wait_until(lambda: watcher.is_canceled(early.id), 5, "the poll to see an earlier cancel")
+        assert not watcher.is_canceled(watched.id)
+        store.transition(watched.id, JobStatus.RUNNING)
+        store.transition(watched.id, JobStatus.CANCELED)
+        store.transition(ignored.id, JobStatus.CANCELED)
+        wait_until(lambda: watcher.is_canceled(watched.id), 5, "the published cancel")
+        assert not watcher.is_canceled(ignored.id)
+        watcher.unwatch(watched.id)
+        assert not watcher.is_canceled(watched.id)
+    finally:
+        watcher.stop()
