@@ -43,3 +43,19 @@ def make_redis(settings: CoreSettings) -> Redis:
 def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:
     """Workers whose heartbeat is younger than `max_age_s`."""
     return int(redis.zcount(WORKERS_KEY, now - max_age_s, "+inf"))
+
+
+def consume(app: Celery, queue: str, concurrency: int, hostname: str) -> None:
+    """Run a Celery worker in this process: a thread pool on one queue, until it is stopped."""
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={concurrency}",
+            f"--queues={queue}",
+            f"--hostname={hostname}",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

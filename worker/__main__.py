@@ -8,7 +8,7 @@ import sys
 from celery.signals import worker_ready, worker_shutdown
 
 from shared.jobstore import JobStore
-from shared.queue import make_celery, make_redis
+from shared.queue import consume, make_celery, make_redis
 from shared.settings import core_settings, storage_settings, webhook_settings, worker_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
@@ -84,18 +84,7 @@ def main() -> int:
     worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)
 
     register_tasks(app)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={settings.task_threads}",
-            f"--queues={core.queue_name}",
-            f"--hostname={worker_name}",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    consume(app, core.queue_name, settings.task_threads, worker_name)
     return 0
 
 

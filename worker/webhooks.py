@@ -18,7 +18,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from shared.apikeys import ApiKeyStore
 from shared.jobstore import JobStore
-from shared.queue import make_celery, make_redis
+from shared.queue import consume, make_celery, make_redis
 from shared.settings import (
     WebhookSettings,
     api_settings,
@@ -231,18 +231,8 @@ def main() -> int:
     scheduler = RetryScheduler(webhooks)
     worker_ready.connect(lambda **_: scheduler.start(), weak=False)
     worker_shutdown.connect(lambda **_: scheduler.stop(), weak=False)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={settings.webhook_concurrency}",
-            f"--queues={settings.webhook_queue}",
-            f"--hostname=webhooks@{socket.gethostname()}.{os.getpid()}",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
+    hostname = f"webhooks@{socket.gethostname()}.{os.getpid()}"
+    consume(app, settings.webhook_queue, settings.webhook_concurrency, hostname)
     return 0
 
 

@@ -3,7 +3,6 @@ the published schema."""
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,24 +12,9 @@ from tests.support import Stack
 st = pytest.importorskip("schemathesis")
 
 
-@pytest.fixture(scope="module")
-def fuzz_stack(workdir: Path, redis_port: int, model_cache: Path) -> Iterator[Stack]:
-    from tests.conftest import _run_stack
-
-    # No worker: fuzzed jobs (up to 8 images of 1024x1024) only queue, then expire.
-    yield from _run_stack(
-        "fuzz-stack",
-        6,
-        redis_port,
-        workdir,
-        model_cache,
-        with_worker="no",
-        T2I_QUEUE_TIMEOUT_S="1",
-        T2I_SWEEP_INTERVAL_S="0.3",
-    )
-
-
-def test_schemathesis_finds_no_server_error_and_no_schema_violation(fuzz_stack: Stack) -> None:
+def test_schemathesis_finds_no_server_error_and_no_schema_violation(workerless_api: Stack) -> None:
+    # No worker behind this API: fuzzed jobs (up to 8 images of 1024x1024) only queue, then expire.
+    fuzz_stack = workerless_api
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("st")),
