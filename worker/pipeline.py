@@ -37,7 +37,8 @@ _SCHEDULERS: dict[Scheduler, tuple[Any, dict[str, Any]]] = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
+    # SD 1.5 ships PNDM with PRK steps skipped; with them, fewer than 4 steps cannot run.
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),
     "lms": (LMSDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
 }

@@ -30,7 +30,9 @@ def _array(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def test_tiny_model_is_built_once_and_loaded_with_from_pretrained(model_cache: Path) -> None:
+def test_tiny_model_is_built_once_and_loaded_with_from_pretrained(
+    renderer: DiffusionRenderer, model_cache: Path
+) -> None:
     [built] = list(model_cache.glob("tiny-sd15-*"))
     assert (built / "model_index.json").is_file()
     assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {
@@ -38,11 +40,13 @@ def test_tiny_model_is_built_once_and_loaded_with_from_pretrained(model_cache: P
     }
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4])
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_every_scheduler_renders_the_requested_size(
-    renderer: DiffusionRenderer, scheduler: str
+def test_every_scheduler_renders_the_requested_size_at_any_step_count(
+    renderer: DiffusionRenderer, scheduler: str, steps: int
 ) -> None:
-    [image] = renderer.render(_batch(RenderItem("a cat", "", 1), scheduler=scheduler))
+    item = RenderItem("a cat", "", 1)
+    [image] = renderer.render(_batch(item, scheduler=scheduler, steps=steps))
     assert image.size == (256, 192)
 
 
