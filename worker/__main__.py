@@ -70,7 +70,12 @@ def main() -> int:
             store=store,
             storage=make_storage(storage_config),
             webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
-            executor=GpuExecutor(render, settings.max_batch_images, settings.batch_wait_ms / 1000),
+            executor=GpuExecutor(
+                render,
+                settings.max_batch_images,
+                settings.batch_wait_ms / 1000,
+                key=renderer.batch_key,
+            ),
             cancels=cancels,
             model_name=settings.model_id,
             key_prefix=storage_config.key_prefix,

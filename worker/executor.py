@@ -17,14 +17,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL.Image import Image
 
-from worker.pipeline import RenderBatch, StepCallback
+from worker.pipeline import BatchKey, RenderBatch, StepCallback, batch_key
 
 log = logging.getLogger(__name__)
 
 RenderFunction = Callable[[RenderBatch, StepCallback | None], list[Image]]
-
-# What must be equal for two jobs to share a pipeline call: everything in a batch but its items.
-BatchKey = tuple[int, int, int, float, str]
 
 
 class RenderCanceled(Exception):
@@ -64,16 +61,6 @@ class _Work:
         return len(self.job.batch.items)
 
 
-def batch_key(batch: RenderBatch) -> BatchKey:
-    return (
-        batch.width,
-        batch.height,
-        batch.num_inference_steps,
-        batch.guidance_scale,
-        batch.scheduler,
-    )
-
-
 def merge(jobs: list[RenderJob]) -> RenderBatch:
     """One batch holding every job's items in order; the jobs must share a batch key."""
     first = jobs[0].batch
@@ -86,9 +73,14 @@ class GpuExecutor:
     groups compatible jobs into batches of at most `max_batch_images` images."""
 
     def __init__(
-        self, render: RenderFunction, max_batch_images: int = 1, batch_wait_s: float = 0.0
+        self,
+        render: RenderFunction,
+        max_batch_images: int = 1,
+        batch_wait_s: float = 0.0,
+        key: Callable[[RenderBatch], BatchKey] = batch_key,
     ) -> None:
         self._render = render
+        self._key = key
         self._max_images = max_batch_images
         self._wait_s = batch_wait_s
         self._queue: queue.Queue[_Work | None] = queue.Queue()
@@ -142,12 +134,12 @@ class GpuExecutor:
     def _gather(self, first: _Work) -> list[_Work]:
         """`first` and the compatible jobs that fit with it: those already waiting, then those
         that arrive within the batch wait counted from `first`'s arrival."""
-        key = batch_key(first.job.batch)
+        key = self._key(first.job.batch)
         group, images = [first], first.size
         skipped: list[_Work] = []
         while self._held and images < self._max_images:
             work = self._held.popleft()
-            if batch_key(work.job.batch) == key and images + work.size <= self._max_images:
+            if self._key(work.job.batch) == key and images + work.size <= self._max_images:
                 if self._admit(work):
                     group.append(work)
                     images += work.size
@@ -164,7 +156,7 @@ class GpuExecutor:
             if item is None:
                 self._stopping = True
                 break
-            if batch_key(item.job.batch) == key and images + item.size <= self._max_images:
+            if self._key(item.job.batch) == key and images + item.size <= self._max_images:
                 if self._admit(item):
                     group.append(item)
                     images += item.size

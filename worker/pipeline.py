@@ -1,6 +1,7 @@
 """The diffusers pipeline: load once, render batches. Knows nothing of Celery, Redis or S3."""
 
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -164,6 +165,24 @@ def _use_persistent_compile_cache(directory: Path) -> None:
     inductor_config.fx_graph_cache = True
 
 
+# What must be equal for two jobs to share a pipeline call.
+BatchKey = tuple[Any, ...]
+
+# CLIP sees 77 tokens: BOS, 75 of the prompt, EOS. Longer prompts are encoded in 75-token chunks.
+CHUNK_TOKENS = 75
+
+
+def batch_key(batch: RenderBatch) -> BatchKey:
+    """Everything in a batch but its items."""
+    return (
+        batch.width,
+        batch.height,
+        batch.num_inference_steps,
+        batch.guidance_scale,
+        batch.scheduler,
+    )
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,9 +263,18 @@ class DiffusionRenderer:
         items = self._pad(batch)
         # CPU generators make a seed give the same noise on any device.
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+        prompts = [item.prompt for item in items]
+        negatives = [item.negative_prompt for item in items]
+        chunks = self.prompt_chunks(batch)
+        if chunks == 1:
+            conditioning: dict[str, Any] = {"prompt": prompts, "negative_prompt": negatives}
+        else:
+            conditioning = {
+                "prompt_embeds": self._encode_in_chunks(prompts, chunks),
+                "negative_prompt_embeds": self._encode_in_chunks(negatives, chunks),
+            }
         result = self.pipeline(
-            prompt=[item.prompt for item in items],
-            negative_prompt=[item.negative_prompt for item in items],
+            **conditioning,
             width=batch.width,
             height=batch.height,
             num_inference_steps=batch.num_inference_steps,
@@ -256,6 +284,38 @@ class DiffusionRenderer:
             callback_on_step_end=step_end,
         )
         return list(result.images)[: len(batch.items)]
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.pipeline.tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+
+    def prompt_chunks(self, batch: RenderBatch) -> int:
+        """How many 75-token chunks the batch's longest prompt or negative prompt needs."""
+        longest = max(
+            len(self._token_ids(text))
+            for item in batch.items
+            for text in (item.prompt, item.negative_prompt)
+        )
+        return max(1, math.ceil(longest / CHUNK_TOKENS))
+
+    def batch_key(self, batch: RenderBatch) -> BatchKey:
+        """Jobs share a call only with jobs whose prompts take as many chunks: padding a prompt
+        with empty chunks would change its image."""
+        return (*batch_key(batch), self.prompt_chunks(batch))
+
+    def _encode_in_chunks(self, texts: list[str], chunks: int) -> torch.Tensor:
+        """Each text as `chunks` CLIP windows of BOS + 75 tokens + EOS, encoded separately and
+        joined along the sequence: long prompts are not truncated (as popular SD UIs do it)."""
+        tokenizer = self.pipeline.tokenizer
+        rows: list[list[int]] = []
+        for text in texts:
+            ids = self._token_ids(text)
+            for chunk in range(chunks):
+                part = ids[chunk * CHUNK_TOKENS : (chunk + 1) * CHUNK_TOKENS]
+                padding = [tokenizer.pad_token_id] * (CHUNK_TOKENS - len(part))
+                rows.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id, *padding])
+        input_ids = torch.tensor(rows, device=self.device)
+        hidden = self.pipeline.text_encoder(input_ids)[0]
+        return hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2])
 
     def _pad(self, batch: RenderBatch) -> tuple[RenderItem, ...]:
         """The batch's items, padded to a warmed image count so the compiled UNet serves it."""

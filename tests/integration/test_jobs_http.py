@@ -198,3 +198,11 @@ def test_health_ready_and_openapi(local_stack: Stack) -> None:
     assert ready["status"] == "ready" and ready["checks"]["workers"] == "1 alive"
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/health", "/ready"} <= set(spec["paths"])
     assert docs.status_code == 200
+
+
+def test_a_prompt_longer_than_clips_window_renders_whole(local_stack: Stack) -> None:
+    prompt = ("a very detailed harbour scene with boats, gulls and nets, " * 40)[:2000]
+    with local_stack.client() as client:
+        job = render(client, prompt=prompt, seed=11)
+    parameters = read_parameters(download(job["images"][0]["url"]))
+    assert parameters.startswith(prompt + "\n")

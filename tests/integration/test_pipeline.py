@@ -63,3 +63,26 @@ def test_progress_is_reported_after_every_step(renderer: DiffusionRenderer) -> N
     steps: list[tuple[int, int]] = []
     renderer.render(_batch(RenderItem("a cat", "", 1), steps=5), on_step=lambda *s: steps.append(s))
     assert steps == [(i, 5) for i in range(1, 6)]
+
+
+def test_long_prompts_are_encoded_in_chunks_not_truncated(renderer: DiffusionRenderer) -> None:
+    # The tiny tokenizer spends a token per character but spaces: this head fills 75 tokens.
+    head = "a lighthouse on a cliff at dusk, oil painting, warm light, heavy brush strokes " * 2
+    same_head = [RenderItem(f"{head}, {tail}", "", 5) for tail in ("red sky", "green sea")]
+    batches = [_batch(item) for item in same_head]
+    assert [renderer.prompt_chunks(batch) for batch in batches] == [2, 2]
+    first, second = (renderer.render(batch)[0] for batch in batches)
+    assert np.abs(_array(first) - _array(second)).max() > 0
+
+    longest = RenderItem("x" * 2000, "y" * 300, 6)
+    assert renderer.prompt_chunks(_batch(longest)) == 27
+    [image] = renderer.render(_batch(longest))
+    assert image.size == (256, 192)
+
+
+def test_prompts_needing_different_chunk_counts_are_not_batched(
+    renderer: DiffusionRenderer,
+) -> None:
+    short, long = _batch(RenderItem("a cat", "", 1)), _batch(RenderItem("a cat " * 30, "", 1))
+    assert renderer.batch_key(short) != renderer.batch_key(long)
+    assert renderer.batch_key(short) == renderer.batch_key(_batch(RenderItem("a dog", "", 2)))
