@@ -16,7 +16,7 @@ def queue_eta_s(services: Services, position: int) -> float | None:
         return round((position + 1) / rate, 2)
     if job_s is None:
         return None
-    workers = live_worker_count(services.redis, services.api.worker_heartbeat_max_age_s, now)
+    workers = live_worker_count(services.redis, services.core.worker_heartbeat_max_age_s, now)
     return round((position + 1) * job_s / max(workers, 1), 2)
 
 

@@ -81,6 +81,17 @@ return {0, current}
 """
 
 
+# KEYS: job, events. ARGV: the dead worker, the new worker, started_at (JSON), retention s.
+# Moves a running job to a new worker only if the one that claimed it is still on record.
+_RECLAIM = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'started_at', ARGV[3], 'progress', 'null')
+append_event(KEYS[2], 'running', cjson.encode({reclaimed_from = cjson.decode(ARGV[1])}), ARGV[4])
+return 1
+"""
+
+
 def _script(body: str) -> str:
     script = _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
     return script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL)
@@ -158,6 +169,7 @@ class JobStore:
         self.retention_s = retention_s
         self._create = redis.register_script(_script(_CREATE))
         self._cas = redis.register_script(_script(_COMPARE_AND_SET))
+        self._reclaim = redis.register_script(_script(_RECLAIM))
 
     def create(
         self,
@@ -229,6 +241,21 @@ class JobStore:
         return self._compare_and_set(
             job_id, sources, new_status.value, {"status": new_status.value, **fields}
         )
+
+    def reclaim(
+        self, job_id: str, dead_worker: str | None, worker: str, started_at: datetime
+    ) -> bool:
+        """Take over a running job whose worker died; False if anyone else changed it first."""
+        reclaimed = self._reclaim(
+            keys=[job_key(job_id), events_key(job_id)],
+            args=[
+                json.dumps(dead_worker),
+                json.dumps(worker),
+                json.dumps(started_at.isoformat()),
+                self.retention_s,
+            ],
+        )
+        return bool(reclaimed)
 
     def update_progress(self, job_id: str, **progress: Any) -> CasResult:
         """Record progress, only while the job runs."""

@@ -40,6 +40,11 @@ def make_redis(settings: CoreSettings) -> Redis:
     )
 
 
+def worker_alive(redis: Redis, name: str, max_age_s: float, now: float) -> bool:
+    last_seen = redis.zscore(WORKERS_KEY, name)
+    return last_seen is not None and now - last_seen <= max_age_s
+
+
 def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:
     """Workers whose heartbeat is younger than `max_age_s`."""
     return int(redis.zcount(WORKERS_KEY, now - max_age_s, "+inf"))

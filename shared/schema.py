@@ -155,6 +155,8 @@ class JobRecord(BaseModel):
 
     id: str
     owner: str | None = None
+    # The worker that claimed the job: while it is alive, a duplicate delivery is skipped.
+    worker: str | None = None
     status: JobStatus
     created_at: datetime
     started_at: datetime | None = None

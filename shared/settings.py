@@ -32,6 +32,8 @@ class CoreSettings(_T2ISettings):
     # Longer than the longest render, or Redis redelivers a job that is still rendering.
     visibility_timeout_s: int = Field(default=3600, ge=60)
     redis_timeout_s: float = Field(default=2.0, gt=0)
+    # A worker silent for longer is dead: /ready stops counting it, its running jobs are reclaimed.
+    worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
 
 
 class StorageSettings(_T2ISettings):
@@ -68,7 +70,6 @@ class ApiSettings(_T2ISettings):
     # Caps width x height x num_images so one job cannot monopolise a GPU.
     max_pixels_per_job: int = Field(default=8 * 512 * 512, ge=256 * 256)
     public_base_url: str | None = None
-    worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0)
     # Applies to job submissions; the default for keys created without their own limit.
     rate_limit_per_min: int = Field(default=60, ge=1)

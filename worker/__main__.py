@@ -4,11 +4,12 @@ import logging
 import os
 import socket
 import sys
+import time
 
 from celery.signals import worker_ready, worker_shutdown
 
 from shared.jobstore import JobStore
-from shared.queue import consume, make_celery, make_redis
+from shared.queue import consume, make_celery, make_redis, worker_alive
 from shared.settings import core_settings, storage_settings, webhook_settings, worker_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
@@ -65,6 +66,7 @@ def main() -> int:
     store = JobStore(redis, core.retention_s)
     cancels = CancelWatcher(redis, store)
     cancels.start()
+    worker_name = f"render@{socket.gethostname()}.{os.getpid()}"
     install_runner(
         JobRunner(
             store=store,
@@ -77,13 +79,16 @@ def main() -> int:
                 key=renderer.batch_key,
             ),
             cancels=cancels,
+            worker_name=worker_name,
+            worker_alive=lambda name: worker_alive(
+                redis, name, core.worker_heartbeat_max_age_s, time.time()
+            ),
             model_name=settings.model_id,
             key_prefix=storage_config.key_prefix,
             queue_timeout_s=core.queue_timeout_s,
             progress_interval_s=settings.progress_interval_s,
         )
     )
-    worker_name = f"render@{socket.gethostname()}.{os.getpid()}"
     heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s)
     worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
     worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)

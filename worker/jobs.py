@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,9 @@ class JobRunner:
     webhooks: Webhooks
     executor: GpuExecutor
     cancels: CancelWatcher
+    worker_name: str
+    # Whether a worker (by name) has sent a heartbeat lately.
+    worker_alive: Callable[[str], bool]
     model_name: str
     key_prefix: str
     queue_timeout_s: float
@@ -85,12 +89,24 @@ class JobRunner:
             log.info("job %s expired in the queue", job_id)
             return
         started_at = utc_now()
-        claim = self.store.transition(
-            job_id, JobStatus.RUNNING, expected=JobStatus.QUEUED, started_at=started_at
-        )
-        if not claim.applied:
-            log.info("skipping job %s: it is %s, not queued", job_id, claim.previous or "missing")
-            return
+        if record.status is JobStatus.RUNNING and self._orphaned(record):
+            # Redelivered because the worker that had it died: take it over.
+            if not self.store.reclaim(job_id, record.worker, self.worker_name, started_at):
+                log.info("skipping job %s: another worker reclaimed it first", job_id)
+                return
+            log.warning("reclaimed job %s from dead worker %s", job_id, record.worker)
+        else:
+            claim = self.store.transition(
+                job_id,
+                JobStatus.RUNNING,
+                expected=JobStatus.QUEUED,
+                started_at=started_at,
+                worker=self.worker_name,
+            )
+            if not claim.applied:
+                state = claim.previous or "missing"
+                log.info("skipping job %s: it is %s, not queued", job_id, state)
+                return
         self.webhooks.job_event(record, JobStatus.RUNNING)
         self.cancels.watch(job_id)
         try:
@@ -102,6 +118,9 @@ class JobRunner:
             raise
         finally:
             self.cancels.unwatch(job_id)
+
+    def _orphaned(self, record: JobRecord) -> bool:
+        return record.worker is None or not self.worker_alive(record.worker)
 
     def _waited_too_long(self, record: JobRecord) -> bool:
         return (utc_now() - record.created_at).total_seconds() > self.queue_timeout_s

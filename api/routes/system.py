@@ -31,7 +31,7 @@ def ready(services: ServicesDep) -> JSONResponse:
         services.redis.ping()
         checks["redis"] = "ok"
         workers = live_worker_count(
-            services.redis, services.api.worker_heartbeat_max_age_s, time.time()
+            services.redis, services.core.worker_heartbeat_max_age_s, time.time()
         )
         checks["workers"] = f"{workers} alive" if workers else "none alive"
     except RedisError as exc:

@@ -90,3 +90,17 @@ def test_the_cancel_watcher_learns_of_cancels_without_asking_per_step(redis_clie
         assert not watcher.is_canceled(watched.id)
     finally:
         watcher.stop()
+
+
+def test_only_a_running_job_of_the_named_worker_is_reclaimed(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    record = _queued(store)
+    assert not store.reclaim(record.id, None, "render@b.2", utc_now())
+    store.transition(record.id, JobStatus.RUNNING, worker="render@a.1")
+    assert not store.reclaim(record.id, "render@other.9", "render@b.2", utc_now())
+    assert store.reclaim(record.id, "render@a.1", "render@b.2", utc_now())
+    assert not store.reclaim(record.id, "render@a.1", "render@c.3", utc_now())
+    job = store.get(record.id)
+    assert job.status is JobStatus.RUNNING and job.worker == "render@b.2"
+    store.transition(record.id, JobStatus.FAILED)
+    assert not store.reclaim(record.id, "render@b.2", "render@c.3", utc_now())

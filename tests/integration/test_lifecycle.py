@@ -9,6 +9,10 @@ import httpx
 import pytest
 from redis import Redis
 
+from shared.jobstore import JobStore, new_job_id, utc_now
+from shared.queue import RENDER_TASK, WORKERS_KEY, make_celery
+from shared.schema import GenerationRequest, JobRecord, JobStatus
+from shared.settings import CoreSettings
 from tests.conftest import FAIL_PROMPT
 from tests.support import Stack, read_sse, wait_for_job, wait_until
 
@@ -266,3 +270,35 @@ def test_prefer_without_a_usable_wait_answers_at_once(local_stack: Stack, prefer
         )
     assert response.status_code == 202
     assert "preference-applied" not in response.headers
+
+
+def test_a_redelivered_job_of_a_dead_worker_is_finished_and_a_live_ones_is_left(
+    serial_stack: Stack,
+) -> None:
+    redis = Redis.from_url(serial_stack.env["T2I_REDIS_URL"])
+    store = JobStore(redis, retention_s=600)
+    owner = serial_stack.api_key.split("_")[1]
+    live_worker, dead_worker = "render@elsewhere.1", "render@killed.9"
+    redis.zadd(WORKERS_KEY, {live_worker: time.time() + 600})
+    jobs = {}
+    for name in (live_worker, dead_worker):
+        record = JobRecord(
+            id=new_job_id(),
+            owner=owner,
+            status=JobStatus.QUEUED,
+            created_at=utc_now(),
+            request=GenerationRequest(prompt=f"claimed by {name}", seed=3, **QUICK),
+        )
+        store.create(record)
+        store.transition(record.id, JobStatus.RUNNING, started_at=utc_now(), worker=name)
+        jobs[name] = record.id
+    celery = make_celery(CoreSettings(redis_url=serial_stack.env["T2I_REDIS_URL"]))
+    for name in (live_worker, dead_worker):  # as Redis redelivers unacknowledged messages
+        celery.send_task(RENDER_TASK, kwargs={"job_id": jobs[name]}, queue="txt2img")
+
+    with serial_stack.client() as client:
+        rescued = wait_for_job(client, jobs[dead_worker])
+        untouched = client.get(f"/v1/jobs/{jobs[live_worker]}").json()
+    redis.zrem(WORKERS_KEY, live_worker)
+    assert rescued["status"] == "succeeded" and len(rescued["images"]) == 1
+    assert untouched["status"] == "running" and untouched["images"] == []
