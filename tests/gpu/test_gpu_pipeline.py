@@ -93,3 +93,17 @@ def test_compiled_equals_eager_within_tolerance(model_dir: Path, eager: Diffusio
         )
     odd = batch(7, size=384)
     assert max_difference(fast.render(odd), eager.render(odd)) <= FP16_TOLERANCE
+
+
+def test_no_host_sync_between_denoising_steps(eager: DiffusionRenderer) -> None:
+    """A sync per step (an .item(), a CPU tensor) stalls the launch queue; the loop has none."""
+
+    def on_step(step: int, total: int) -> None:
+        # From the end of step 1 to the end of the last step, a device-to-host sync raises.
+        torch.cuda.set_sync_debug_mode("error" if step < total else "default")
+
+    try:
+        [image] = eager.render(batch(1, steps=6), on_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert image.size == (SIZE, SIZE)
