@@ -287,9 +287,6 @@ class JobStore:
         """How many queued jobs are ahead of this one; None once it has left the queue."""
         return self._redis.zrank(QUEUE_KEY, job_id)
 
-    def queued_count(self) -> int:
-        return int(self._redis.zcard(QUEUE_KEY))
-
     def oldest_queued(self, count: int) -> list[str]:
         return [member.decode() for member in self._redis.zrange(QUEUE_KEY, 0, count - 1)]
 
