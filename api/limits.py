@@ -1,10 +1,10 @@
 """A request-body cap enforced while the body streams in, before it is read in full."""
 
 import contextlib
-import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import error_response
 from shared.errors import ErrorType, ServiceError
 
 
@@ -25,7 +25,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
             return
 
         received = 0
@@ -53,22 +53,12 @@ class BodySizeLimit:
         with contextlib.suppress(_TooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if exceeded and not response_started:
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = ServiceError(
-            ErrorType.PAYLOAD_TOO_LARGE, f"the request body is over {self.max_bytes} bytes"
+            ErrorType.PAYLOAD_TOO_LARGE,
+            f"the request body is over {self.max_bytes} bytes",
+            headers={"connection": "close"},
         )
-        body = json.dumps(error.envelope().model_dump(mode="json")).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": error.status_code,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await error_response(error)(scope, receive, send)
