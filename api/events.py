@@ -1,7 +1,6 @@
 """Job events as Server-Sent Events, read from the job's Redis stream (any API process can serve
 any client, and `Last-Event-ID` resumes where a dropped connection stopped)."""
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ _BLOCK_MS = 1000
 _KEEPALIVE_S = 15.0
 _STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
 _TERMINAL = {status.value for status in TERMINAL_STATES}
+_GONE = {"type": "not_found", "message": "the job no longer exists"}
 
 
 def _valid_stream_id(value: str) -> bool:
@@ -76,7 +76,7 @@ async def _job_events(
             last_sent = time.monotonic()
         current = await services.async_redis.hget(job_key(job_id), "status")
         if current is None:
-            yield sse(None, "error", {"type": "not_found", "message": "the job no longer exists"})
+            yield sse(None, "error", _GONE)
             return
         if current.decode() in _TERMINAL and not events:
             # Resumed after the terminal event: send the job once more and end.
@@ -92,13 +92,12 @@ async def _job_events(
         if time.monotonic() - last_sent > _KEEPALIVE_S:
             yield ": keep-alive\n\n"
             last_sent = time.monotonic()
-        await asyncio.sleep(0)
 
 
 async def _terminal_event(services: Services, job_id: str, event_id: str, base_url: str) -> str:
     record = await run_in_threadpool(services.store.get, job_id)
     if record is None:
-        return sse(None, "error", {"type": "not_found", "message": "the job no longer exists"})
+        return sse(None, "error", _GONE)
     job = await run_in_threadpool(job_out, record, services, base_url)
     return sse(event_id, record.status.value, job.model_dump(mode="json"))
 
