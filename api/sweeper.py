@@ -29,11 +29,9 @@ def sweep_once(services: Services) -> tuple[int, int]:
         record = store.get(job_id)
         if record is None:
             continue
-        if now - record.created_at.timestamp() <= services.core.queue_timeout_s:
+        if not record.waited_longer_than(services.core.queue_timeout_s, utc_now()):
             break
-        if store.transition(
-            job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
-        ).applied:
+        if store.expire(job_id):
             services.webhooks.job_event(record, JobStatus.EXPIRED)
             expired += 1
     deleted = 0

@@ -242,6 +242,12 @@ class JobStore:
             job_id, sources, new_status.value, {"status": new_status.value, **fields}
         )
 
+    def expire(self, job_id: str) -> bool:
+        """A job that waited in the queue too long ends `expired`; False if it had left it."""
+        return self.transition(
+            job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
+        ).applied
+
     def reclaim(
         self, job_id: str, dead_worker: str | None, worker: str, started_at: datetime
     ) -> bool:

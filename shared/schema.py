@@ -168,6 +168,10 @@ class JobRecord(BaseModel):
     timings: Timings = Field(default_factory=Timings)
     batch: BatchInfo | None = None
 
+    def waited_longer_than(self, seconds: float, now: datetime) -> bool:
+        """Whether a job still queued at `now` has outwaited the queue timeout."""
+        return (now - self.created_at).total_seconds() > seconds
+
 
 class JobOut(BaseModel):
     """A job as `GET /v1/jobs/{id}` returns it."""

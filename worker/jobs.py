@@ -80,11 +80,9 @@ class JobRunner:
         if record is None:
             log.info("skipping job %s: no such job (deleted after its retention?)", job_id)
             return
-        if record.status is JobStatus.QUEUED and self._waited_too_long(record):
-            expired = self.store.transition(
-                job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
-            )
-            if expired.applied:
+        waited_too_long = record.waited_longer_than(self.queue_timeout_s, utc_now())
+        if record.status is JobStatus.QUEUED and waited_too_long:
+            if self.store.expire(job_id):
                 self.webhooks.job_event(record, JobStatus.EXPIRED)
             log.info("job %s expired in the queue", job_id)
             return
@@ -121,9 +119,6 @@ class JobRunner:
 
     def _orphaned(self, record: JobRecord) -> bool:
         return record.worker is None or not self.worker_alive(record.worker)
-
-    def _waited_too_long(self, record: JobRecord) -> bool:
-        return (utc_now() - record.created_at).total_seconds() > self.queue_timeout_s
 
     def _canceled(self, job_id: str) -> bool:
         return self.store.status(job_id) is JobStatus.CANCELED
