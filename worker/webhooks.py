@@ -7,7 +7,6 @@ import os
 import random
 import socket
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +35,7 @@ from shared.webhooks import (
     check_webhook_url,
     signed_headers,
 )
+from worker.periodic import Periodic
 
 log = logging.getLogger("worker.webhooks")
 
@@ -181,28 +181,10 @@ def _now_iso() -> str:
     return _iso(time.time())
 
 
-class RetryScheduler:
-    """Moves deliveries whose retry time has come back onto the queue."""
-
-    def __init__(self, webhooks: Webhooks) -> None:
-        self._webhooks = webhooks
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="webhook-retries", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def _run(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                for delivery_id in self._webhooks.claim_due(time.time()):
-                    self._webhooks.send_now(delivery_id)
-            except Exception:
-                log.exception("retry scheduler: will try again")
-            self._stopped.wait(_SCHEDULER_POLL_S)
+def requeue_due(webhooks: Webhooks) -> None:
+    """Put deliveries whose retry time has come back onto the queue."""
+    for delivery_id in webhooks.claim_due(time.time()):
+        webhooks.send_now(delivery_id)
 
 
 def register_webhook_task(app: Celery, sender: Sender) -> None:
@@ -228,7 +210,7 @@ def main() -> int:
         api_settings().own_base_url,
     )
     register_webhook_task(app, sender)
-    scheduler = RetryScheduler(webhooks)
+    scheduler = Periodic("webhook-retries", _SCHEDULER_POLL_S, lambda: requeue_due(webhooks))
     worker_ready.connect(lambda **_: scheduler.start(), weak=False)
     worker_shutdown.connect(lambda **_: scheduler.stop(), weak=False)
     hostname = f"webhooks@{socket.gethostname()}.{os.getpid()}"

@@ -1,0 +1,33 @@
+"""A daemon thread that calls an action every interval until stopped."""
+
+import logging
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Periodic:
+    """Calls `action` every `interval_s`; a failing round is logged and the next one goes on."""
+
+    def __init__(self, name: str, interval_s: float, action: Callable[[], None]) -> None:
+        self._name = name
+        self._interval_s = interval_s
+        self._action = action
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=self._interval_s + 1)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._action()
+            except Exception:
+                log.exception("%s failed; trying again in %s s", self._name, self._interval_s)
+            self._stopped.wait(self._interval_s)
