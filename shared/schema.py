@@ -104,6 +104,8 @@ class JobErrorType(StrEnum):
 
     RENDER_ERROR = "render_error"
     OUT_OF_MEMORY = "out_of_memory"
+    # The image came out with NaN or infinite pixels (a numerical overflow in fp16).
+    NUMERICAL_ERROR = "numerical_error"
     STORAGE_ERROR = "storage_error"
     INTERNAL_ERROR = "internal_error"
 

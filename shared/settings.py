@@ -92,13 +92,19 @@ class WorkerSettings(_T2ISettings):
     # Unset: twice the largest batch, so one batch gathers while the previous one renders.
     concurrency: int | None = Field(default=None, ge=1, le=256)
     max_batch_images: int = Field(default=8, ge=1, le=64)
-    batch_wait_ms: float = Field(default=15.0, ge=0, le=5000)
+    # 0: an idle GPU starts a job at once; jobs that arrive while it renders form the next batch.
+    batch_wait_ms: float = Field(default=0.0, ge=0, le=5000)
     # Speed levers; unset means on where they pay (CUDA) and off elsewhere.
     compile: bool | None = None
     cuda_graphs: bool | None = None
     fuse_qkv: bool | None = None
+    cudnn_benchmark: bool | None = None
     # Slower in eager on the torch we measured (DESIGN section 10), so off unless asked for.
     channels_last: bool = False
+    # Image counts the UNet is compiled for (JSON list, e.g. [1,4,8]); unset: 1 and the largest
+    # batch. Each costs a trace at every start; other counts render eager, or padded up to a
+    # compiled count where warm-up measured that to be faster.
+    compiled_image_counts: list[int] | None = None
     warmup: bool = True
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     progress_interval_s: float = Field(default=0.25, ge=0)

@@ -21,7 +21,7 @@ from worker.pipeline import (
     DiffusionRenderer,
     ModelLoadError,
     SpeedLevers,
-    batch_buckets,
+    compiled_image_counts,
     resolve_device,
 )
 from worker.tasks import install_runner, register_tasks
@@ -40,6 +40,7 @@ def main() -> int:
         cuda_graphs=settings.cuda_graphs,
         fuse_qkv=settings.fuse_qkv,
         channels_last=settings.channels_last,
+        cudnn_benchmark=settings.cudnn_benchmark,
     )
     try:
         renderer = DiffusionRenderer.load(
@@ -48,11 +49,13 @@ def main() -> int:
     except ModelLoadError as exc:
         print(f"worker: {exc}", file=sys.stderr)
         return 2
-    if settings.warmup or levers.compile:
-        # A compiled UNet serves only the shapes it was warmed for, so it is always warmed.
-        counts = batch_buckets(settings.max_batch_images) if levers.compile else [1]
-        renderer.warm_up(image_counts=counts)
-        log.info("warm-up renders done (%s images)", counts)
+    compiled_counts = settings.compiled_image_counts or compiled_image_counts(
+        settings.max_batch_images
+    )
+
+    def warm_up() -> None:
+        renderer.warm_up(compiled_counts=compiled_counts, max_images=settings.max_batch_images)
+        log.info("warm-up renders done")
 
     fail_prompt = settings.debug_fail_prompt
 
@@ -60,6 +63,20 @@ def main() -> int:
         if fail_prompt is not None and any(item.prompt == fail_prompt for item in batch.items):
             raise RuntimeError(f"injected failure for prompt {fail_prompt!r}")
         return renderer.render(batch, on_step)
+
+    # A compiled UNet serves only the shapes it was warmed for, so it is always warmed.
+    executor = GpuExecutor(
+        render,
+        settings.max_batch_images,
+        settings.batch_wait_ms / 1000,
+        key=renderer.batch_key,
+        warm_up=warm_up if settings.warmup or levers.compile else None,
+    )
+    try:
+        executor.wait_ready()
+    except Exception:
+        log.exception("the warm-up render failed")
+        return 2
 
     redis = make_redis(core)
     app = make_celery(core)
@@ -72,12 +89,7 @@ def main() -> int:
             store=store,
             storage=make_storage(storage_config),
             webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
-            executor=GpuExecutor(
-                render,
-                settings.max_batch_images,
-                settings.batch_wait_ms / 1000,
-                key=renderer.batch_key,
-            ),
+            executor=executor,
             cancels=cancels,
             worker_name=worker_name,
             worker_alive=lambda name: worker_alive(

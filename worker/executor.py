@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL.Image import Image
 
-from worker.pipeline import BatchKey, RenderBatch, StepCallback, batch_key
+from worker.pipeline import BatchKey, RenderBatch, RenderedImages, StepCallback, batch_key
 
 log = logging.getLogger(__name__)
 
-RenderFunction = Callable[[RenderBatch, StepCallback | None], list[Image]]
+RenderFunction = Callable[[RenderBatch, StepCallback | None], RenderedImages]
 
 
 class RenderCanceled(Exception):
@@ -78,6 +78,7 @@ class GpuExecutor:
         max_batch_images: int = 1,
         batch_wait_s: float = 0.0,
         key: Callable[[RenderBatch], BatchKey] = batch_key,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         self._render = render
         self._key = key
@@ -87,8 +88,17 @@ class GpuExecutor:
         # Jobs taken off the queue that did not fit the batch being gathered, oldest first.
         self._held: deque[_Work] = deque()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="gpu-executor", daemon=True)
+        # Done once `warm_up` has run on the executor's own thread: compiled code and CUDA graphs
+        # belong to the thread that made them, so jobs must render on that same thread.
+        self._ready: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(warm_up,), name="gpu-executor", daemon=True
+        )
         self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Return once the warm-up is done; raise what it raised."""
+        self._ready.result(timeout)
 
     def submit(self, job: RenderJob) -> Future[RenderOutcome]:
         """The job's images, or RenderCanceled, or whatever the render raised."""
@@ -100,7 +110,14 @@ class GpuExecutor:
         self._queue.put(None)
         self._thread.join()
 
-    def _run(self) -> None:
+    def _run(self, warm_up: Callable[[], None] | None) -> None:
+        try:
+            if warm_up is not None:
+                warm_up()
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
         while (first := self._next()) is not None:
             group = self._gather(first)
             if group:
@@ -195,18 +212,19 @@ class GpuExecutor:
             log.info("batch %s stopped: every job in it was canceled", batch_id)
             return
         except torch.OutOfMemoryError as exc:
-            if len(live) > 1:
-                log.warning("batch %s ran out of memory; rendering its jobs one by one", batch_id)
-                torch.cuda.empty_cache()
-                for work in list(live):
-                    self._render_group([work])
+            if len(live) == 1:
+                finish(live[0], _without_traceback(exc))
                 return
-            for work in list(live):
-                finish(work, exc)
-            return
+            images = None
         except BaseException as exc:
+            log.exception("batch %s failed", batch_id)
             for work in list(live):
-                finish(work, exc)
+                finish(work, _without_traceback(exc))
+            return
+        if images is None:
+            # Out of memory: retried here, outside the except block, so the failed call's
+            # tensors (held by its traceback) are freed before the smaller batches render.
+            self._render_in_halves(batch_id, live)
             return
 
         log.info(
@@ -220,5 +238,28 @@ class GpuExecutor:
         for work in group:
             mine = images[offset : offset + work.size]
             offset += work.size
-            if work in live:
+            if work not in live:
+                continue
+            failed = next((image for image in mine if isinstance(image, Exception)), None)
+            if failed is not None:
+                work.future.set_exception(failed)
+            else:
                 work.future.set_result(RenderOutcome(mine, batch_id, len(batch.items)))
+
+    def _render_in_halves(self, batch_id: str, live: list[_Work]) -> None:
+        half = len(live) // 2
+        log.warning(
+            "batch %s ran out of memory; rendering its %d jobs in two smaller batches",
+            batch_id,
+            len(live),
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._render_group(live[:half])
+        self._render_group(live[half:])
+
+
+def _without_traceback(exc: BaseException) -> BaseException:
+    """The exception as the jobs get it: its traceback would keep the failed call's frames, and
+    with them its device memory, alive until every job has dealt with the failure."""
+    return exc.with_traceback(None)

@@ -23,7 +23,7 @@ from shared.webhooks import Webhooks
 from worker.cancel import CancelWatcher
 from worker.encoding import encode_image, parameters_text
 from worker.executor import GpuExecutor, RenderCanceled, RenderJob
-from worker.pipeline import RenderBatch
+from worker.pipeline import NonFiniteImage, RenderBatch
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class JobRunner:
         )
         try:
             outcome = self.executor.submit(job).result()
-        except (RenderCanceled, torch.OutOfMemoryError):
+        except (RenderCanceled, torch.OutOfMemoryError, NonFiniteImage):
             raise
         except Exception as exc:
             raise RenderError(str(exc)) from exc
@@ -198,6 +198,8 @@ class JobRunner:
 def _error_type(exc: Exception) -> JobErrorType:
     if isinstance(exc, torch.OutOfMemoryError):
         return JobErrorType.OUT_OF_MEMORY
+    if isinstance(exc, NonFiniteImage):
+        return JobErrorType.NUMERICAL_ERROR
     if isinstance(exc, RenderError):
         return JobErrorType.RENDER_ERROR
     if isinstance(exc, StorageError):

@@ -3,10 +3,13 @@
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import (
@@ -19,6 +22,8 @@ from diffusers import (
     StableDiffusionPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image as PILImage
 from PIL.Image import Image
 
 from shared.schema import GenerationRequest, Scheduler
@@ -26,8 +31,24 @@ from worker.tiny_model import TINY_MODEL_ID, ensure_tiny_model
 
 log = logging.getLogger(__name__)
 
-# Called after each denoising step with (steps done, total steps).
+# Called after each denoising step has finished on the device, with (steps done, total steps).
 StepCallback = Callable[[int, int], None]
+
+
+class _TimestepsOnHost:
+    """Keeps a scheduler's timesteps on the CPU, whatever device the pipeline asks for: its step
+    arithmetic then never reads device memory (a host sync per step), and the UNet wrapper moves
+    each timestep to the device with a non-blocking copy."""
+
+    def set_timesteps(
+        self, num_inference_steps: Any = None, device: Any = None, *args: Any, **kwargs: Any
+    ) -> None:
+        super().set_timesteps(num_inference_steps, "cpu", *args, **kwargs)  # type: ignore[misc]
+
+
+def _on_host(scheduler_class: type) -> type:
+    return type(scheduler_class.__name__, (_TimestepsOnHost, scheduler_class), {})
+
 
 _SCHEDULERS: dict[Scheduler, tuple[Any, dict[str, Any]]] = {
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
@@ -47,6 +68,20 @@ _SCHEDULERS: dict[Scheduler, tuple[Any, dict[str, Any]]] = {
 
 class ModelLoadError(Exception):
     """The configured model could not be loaded."""
+
+
+class NonFiniteImage(Exception):
+    """The decoder produced NaN or infinite pixels (an fp16 overflow): the image would be black."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the image came out with NaN or infinite pixels (a numerical overflow on the GPU); "
+            "another seed or fewer guidance usually renders"
+        )
+
+
+# One entry per image of a batch: the image, or why it has none.
+RenderedImages = list[Image | NonFiniteImage]
 
 
 @dataclass(frozen=True)
@@ -84,6 +119,11 @@ class RenderBatch:
             scheduler=request.scheduler,
         )
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance: the UNet sees each image twice (with and without prompt)."""
+        return self.guidance_scale > 1
+
 
 @dataclass(frozen=True)
 class SpeedLevers:
@@ -93,6 +133,7 @@ class SpeedLevers:
     cuda_graphs: bool = False
     fuse_qkv: bool = False
     channels_last: bool = False
+    cudnn_benchmark: bool = False
 
     @classmethod
     def for_device(
@@ -103,6 +144,7 @@ class SpeedLevers:
         cuda_graphs: bool | None = None,
         fuse_qkv: bool | None = None,
         channels_last: bool = False,
+        cudnn_benchmark: bool | None = None,
     ) -> "SpeedLevers":
         """Levers left unset are on where they pay: on CUDA, not on a CPU."""
         on_cuda = device.type == "cuda"
@@ -115,44 +157,123 @@ class SpeedLevers:
             cuda_graphs=pick(cuda_graphs),
             fuse_qkv=pick(fuse_qkv),
             channels_last=channels_last,
+            cudnn_benchmark=pick(cudnn_benchmark),
         )
 
 
-def batch_buckets(max_batch_images: int) -> list[int]:
-    """Image counts a compiled pipeline is warmed for: powers of two, and the maximum itself."""
-    buckets = {max_batch_images}
-    size = 1
-    while size < max_batch_images:
-        buckets.add(size)
-        size *= 2
-    return sorted(buckets)
+def compiled_image_counts(max_batch_images: int) -> list[int]:
+    """Image counts the UNet is compiled for by default: one (latency) and the largest batch
+    (throughput). Each costs a trace at every start, so a few counts keep a restart fast."""
+    return sorted({1, max_batch_images})
 
 
-def padded_count(count: int, warmed: Iterable[int]) -> int:
-    """The smallest warmed image count that holds `count` images, or `count` if none does."""
-    return min((size for size in warmed if size >= count), default=count)
+def cheapest_count(count: int, seconds_per_count: dict[int, float], compiled: set[int]) -> int:
+    """How many images to render a batch of `count` as: itself, or padded up to a compiled count
+    where that was measured to be faster. Without a measurement, no padding."""
+    own = seconds_per_count.get(count)
+    if own is None or count in compiled:
+        return count
+    candidates = [m for m in compiled if m > count and m in seconds_per_count]
+    best = min(candidates, key=lambda m: seconds_per_count[m], default=None)
+    return best if best is not None and seconds_per_count[best] < own else count
 
 
-class _CompiledUNet:
-    """The UNet's forward, compiled for the shapes seen while warming and eager for any other,
-    so a request of a new size renders at once instead of waiting a minute for a recompile."""
+class _Event(Protocol):
+    def record(self) -> None: ...
+    def query(self) -> bool: ...
+    def synchronize(self) -> None: ...
 
-    def __init__(self, unet: torch.nn.Module, cuda_graphs: bool) -> None:
+
+class FinishedSteps:
+    """Turns "step launched" into "step finished". On CUDA the host queues work ahead of the
+    device, so each step's end is marked with an event, a step is reported only once its event
+    has completed, and the host never runs more than `lag` steps ahead: progress shows steps
+    done, not queued, and a cancel takes effect within `lag` steps. On a CPU, launched is done."""
+
+    def __init__(self, make_event: Callable[[], _Event] | None, lag: int = 2) -> None:
+        self._make_event = make_event
+        self._lag = lag
+        self._launched = 0
+        self._pending: deque[tuple[int, _Event]] = deque()
+
+    @classmethod
+    def on(cls, device: torch.device) -> "FinishedSteps":
+        return cls(torch.cuda.Event if device.type == "cuda" else None)
+
+    def launched(self) -> list[int]:
+        """Mark the end of the step just queued; the steps that finished since the last call."""
+        self._launched += 1
+        if self._make_event is None:
+            return [self._launched]
+        event = self._make_event()
+        event.record()
+        self._pending.append((self._launched, event))
+        finished = []
+        while self._pending and (len(self._pending) > self._lag or self._pending[0][1].query()):
+            step, oldest = self._pending.popleft()
+            # Waits only when the host is `lag` steps ahead; the device still has those queued.
+            oldest.synchronize()
+            finished.append(step)
+        return finished
+
+    def rest(self) -> list[int]:
+        """After the last step: every step not reported yet, once each has finished."""
+        finished = []
+        while self._pending:
+            step, event = self._pending.popleft()
+            event.synchronize()
+            finished.append(step)
+        return finished
+
+
+class _UNetForward:
+    """Stands in for the UNet's forward: timesteps reach the UNet as float32 on its device
+    (schedulers feed int64 or float32, on the host), and once compiled, the shapes seen while
+    warming run compiled and any other eager, so a request of a new size renders at once instead
+    of waiting a minute for a compile."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
         self._eager = unet.forward
-        mode = "reduce-overhead" if cuda_graphs else "default"
-        self._compiled = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
+        self._compiled: Callable[..., Any] | None = None
         self._warmed: set[tuple[Any, ...]] = set()
         self.warming = False
         unet.forward = self._forward
 
-    def _forward(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        context = kwargs.get("encoder_hidden_states")
-        shape = (tuple(sample.shape), None if context is None else tuple(context.shape))
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def compile(self, cuda_graphs: bool) -> None:
+        mode = "reduce-overhead" if cuda_graphs else "default"
+        self._compiled = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
+        # One graph per warmed shape; past the default limit of 8, dynamo would go eager silently.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+    def _forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        # One timestep dtype means one compiled graph for every scheduler.
+        timestep = _timestep_on(sample.device, timestep)
+        if self._compiled is None:
+            return self._eager(sample, timestep, *args, **kwargs)
+        shape = unet_input_shape(sample, kwargs.get("encoder_hidden_states"))
         if self.warming:
             self._warmed.add(shape)
         if shape in self._warmed:
-            return self._compiled(sample, *args, **kwargs)
-        return self._eager(sample, *args, **kwargs)
+            return self._compiled(sample, timestep, *args, **kwargs)
+        return self._eager(sample, timestep, *args, **kwargs)
+
+
+def unet_input_shape(sample: torch.Tensor, context: torch.Tensor | None) -> tuple[Any, ...]:
+    return (tuple(sample.shape), None if context is None else tuple(context.shape))
+
+
+def _timestep_on(device: torch.device, timestep: Any) -> torch.Tensor:
+    """The timestep as a float32 tensor on `device`, copied without blocking the host."""
+    value = torch.as_tensor(timestep, dtype=torch.float32)
+    if value.device == device:
+        return value
+    if device.type == "cuda" and value.device.type == "cpu":
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)
 
 
 def _use_persistent_compile_cache(directory: Path) -> None:
@@ -163,6 +284,8 @@ def _use_persistent_compile_cache(directory: Path) -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
+    # 1x1 convolutions as matrix products: cheaper on tensor cores, a common SD setting.
+    inductor_config.conv_1x1_as_mm = True
 
 
 # What must be equal for two jobs to share a pipeline call.
@@ -170,6 +293,8 @@ BatchKey = tuple[Any, ...]
 
 # CLIP sees 77 tokens: BOS, 75 of the prompt, EOS. Longer prompts are encoded in 75-token chunks.
 CHUNK_TOKENS = 75
+# Denoising steps of each warm-up render: CUDA graph trees warm up, record, then replay.
+WARM_UP_STEPS = 3
 
 
 def batch_key(batch: RenderBatch) -> BatchKey:
@@ -189,6 +314,11 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class DiffusionRenderer:
     """A warm StableDiffusionPipeline on one device."""
 
@@ -198,9 +328,11 @@ class DiffusionRenderer:
         self.levers = SpeedLevers()
         self._base_scheduler_config = pipeline.scheduler.config
         self._schedulers: dict[Scheduler, Any] = {}
-        self._compiled_unet: _CompiledUNet | None = None
-        # Image counts warmed per (width, height): batches are padded up to one of them.
-        self._warmed_counts: dict[tuple[int, int], set[int]] = {}
+        self._unet = _UNetForward(pipeline.unet)
+        # Per (width, height): the image counts compiled, and seconds of a warm-up render by image
+        # count (what padding decides on).
+        self._compiled_counts: dict[tuple[int, int], set[int]] = {}
+        self.render_costs: dict[tuple[int, int], dict[int, float]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -233,39 +365,45 @@ class DiffusionRenderer:
             self.pipeline.vae.to(memory_format=torch.channels_last)
         if levers.fuse_qkv:
             self.pipeline.fuse_qkv_projections()
-        if levers.compile and self._compiled_unet is None:
+        if levers.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        if levers.compile and not self._unet.compiled:
             if compile_cache_dir is not None:
                 _use_persistent_compile_cache(compile_cache_dir)
-            self._compiled_unet = _CompiledUNet(self.pipeline.unet, levers.cuda_graphs)
+            self._unet.compile(levers.cuda_graphs)
         self.levers = replace(levers, cuda_graphs=levers.compile and levers.cuda_graphs)
         log.info("speed levers: %s", self.levers)
 
     def _scheduler(self, name: Scheduler) -> Any:
         if name not in self._schedulers:
             scheduler_class, overrides = _SCHEDULERS[name]
-            self._schedulers[name] = scheduler_class.from_config(
+            self._schedulers[name] = _on_host(scheduler_class).from_config(
                 self._base_scheduler_config, **overrides
             )
         return self._schedulers[name]
 
     @torch.inference_mode()
-    def render(self, batch: RenderBatch, on_step: StepCallback | None = None) -> list[Image]:
+    def render(self, batch: RenderBatch, on_step: StepCallback | None = None) -> RenderedImages:
         """One pipeline call for the whole batch; image i depends only on item i and the batch's
-        shared settings."""
+        shared settings. An image whose pixels came out non-finite is a NonFiniteImage."""
         self.pipeline.scheduler = self._scheduler(batch.scheduler)
         total = batch.num_inference_steps
+        steps = FinishedSteps.on(self.device)
+
+        def report(finished: list[int]) -> None:
+            if on_step is not None:
+                for step in finished:
+                    on_step(step, total)
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
-            if on_step is not None:
-                on_step(step + 1, total)
+            report(steps.launched())
             return tensors
 
-        items = self._pad(batch)
-        # CPU generators make a seed give the same noise on any device.
-        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+        chunks = self.prompt_chunks(batch)
+        items = self._pad(batch, chunks)
+        latents, step_generators = self._noise(items, batch)
         prompts = [item.prompt for item in items]
         negatives = [item.negative_prompt for item in items]
-        chunks = self.prompt_chunks(batch)
         if chunks == 1:
             conditioning: dict[str, Any] = {"prompt": prompts, "negative_prompt": negatives}
         else:
@@ -279,11 +417,38 @@ class DiffusionRenderer:
             height=batch.height,
             num_inference_steps=batch.num_inference_steps,
             guidance_scale=batch.guidance_scale,
-            generator=generators,
-            output_type="pil",
+            latents=latents,
+            generator=step_generators,
+            output_type="pt",
             callback_on_step_end=step_end,
         )
-        return list(result.images)[: len(batch.items)]
+        report(steps.rest())
+        return _to_images(result.images[: len(batch.items)])
+
+    def _noise(
+        self, items: Sequence[RenderItem], batch: RenderBatch
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Each image's starting latents, and the generators for noise added while stepping.
+        The starting noise comes from CPU generators, so a seed gives the same latents on any
+        device; the noise ancestral schedulers add at each step comes from generators on the
+        device, where a CPU draw would cost a blocking copy per step."""
+        host = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+        scale = self.pipeline.vae_scale_factor
+        shape = (
+            len(items),
+            self.pipeline.unet.config.in_channels,
+            batch.height // scale,
+            batch.width // scale,
+        )
+        latents = randn_tensor(shape, generator=host, device=self.device, dtype=self.dtype)
+        if self.device.type == "cpu":
+            return latents, host
+        on_device = [torch.Generator(self.device).manual_seed(item.seed) for item in items]
+        return latents, on_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
 
     def _token_ids(self, text: str) -> list[int]:
         return self.pipeline.tokenizer(text, add_special_tokens=False, truncation=False).input_ids
@@ -317,36 +482,96 @@ class DiffusionRenderer:
         hidden = self.pipeline.text_encoder(input_ids)[0]
         return hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2])
 
-    def _pad(self, batch: RenderBatch) -> tuple[RenderItem, ...]:
-        """The batch's items, padded to a warmed image count so the compiled UNet serves it."""
-        warmed = self._warmed_counts.get((batch.width, batch.height), set())
-        padding = padded_count(len(batch.items), warmed) - len(batch.items)
+    def _pad(self, batch: RenderBatch, chunks: int) -> tuple[RenderItem, ...]:
+        """The batch's items, padded up to a compiled image count where warm-up measured that
+        to be faster than rendering them as they are."""
+        compiled = self._compiled_counts.get((batch.width, batch.height), set())
+        if not batch.guided or chunks > 1 or not compiled:
+            # No compiled graph serves these shapes: padding would only cost.
+            return batch.items
+        count = len(batch.items)
+        costs = self.render_costs.get((batch.width, batch.height), {})
+        padding = cheapest_count(count, costs, compiled) - count
         return batch.items + (RenderItem("", "", 0),) * padding
 
     def warm_up(
-        self, width: int = 512, height: int = 512, image_counts: Iterable[int] = (1,)
+        self,
+        width: int = 512,
+        height: int = 512,
+        compiled_counts: Iterable[int] = (1,),
+        max_images: int = 1,
     ) -> None:
-        """Small renders so the first job pays no start-up cost; with a compiled UNet, each
-        image count warmed here is one the compiled graphs serve."""
-        for count in image_counts:
-            batch = RenderBatch(
-                items=tuple(RenderItem("warm-up", "", index) for index in range(count)),
-                width=width,
-                height=height,
-                # Three UNet calls: CUDA graph trees warm up, record, then replay.
-                num_inference_steps=3,
-                guidance_scale=7.5,
-                scheduler="dpmpp_2m",
-            )
-            if self._compiled_unet is None:
-                self.render(batch)
-                continue
-            self._compiled_unet.warming = True
-            try:
-                self.render(batch)
-            finally:
-                self._compiled_unet.warming = False
-            self._warmed_counts.setdefault((width, height), set()).add(count)
+        """Renders so the first job pays no start-up cost. With a compiled UNet: compile (and
+        record CUDA graphs) for each of `compiled_counts`, then time a render of every image
+        count up to `max_images`, so a batch is padded only where that is faster. CUDA graphs
+        belong to the thread that records them: call this on the thread that will render."""
+        if not self._unet.compiled:
+            self.render(_warm_up_batch(1, width, height))
+            return
+        if self.levers.cuda_graphs:
+            _cuda_graph_trees_on_this_thread()
+        compiled = sorted(set(compiled_counts))
+        self._unet.warming = True
+        try:
+            for count in compiled:
+                self.render(_warm_up_batch(count, width, height))
+        finally:
+            self._unet.warming = False
+        self._compiled_counts[(width, height)] = set(compiled)
+        costs: dict[int, float] = {}
+        for count in sorted({*range(1, max(max_images, *compiled) + 1)}):
+            batch = _warm_up_batch(count, width, height)
+            if count not in compiled:
+                self.render(batch)  # the first render of a shape pays for kernel selection
+            costs[count] = self._timed_render(batch)
+        self.render_costs[(width, height)] = costs
+        log.info("warm-up render seconds by image count at %dx%d: %s", width, height, costs)
+
+    def _timed_render(self, batch: RenderBatch) -> float:
+        _synchronize(self.device)
+        started = time.perf_counter()
+        self.render(batch)
+        _synchronize(self.device)
+        return time.perf_counter() - started
+
+
+def _cuda_graph_trees_on_this_thread() -> None:
+    """Inductor keeps its CUDA graph trees per thread. Before torch 2.13 it set that state up only
+    on the thread that imported it (and autograd's threads), and asserted on any other."""
+    from torch._inductor import cudagraph_trees
+
+    local = cudagraph_trees.local
+    if hasattr(local, "tree_manager_containers"):
+        return
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
+def _warm_up_batch(count: int, width: int, height: int) -> RenderBatch:
+    return RenderBatch(
+        items=tuple(RenderItem("warm-up", "", index) for index in range(count)),
+        width=width,
+        height=height,
+        num_inference_steps=WARM_UP_STEPS,
+        guidance_scale=7.5,
+        scheduler="dpmpp_2m",
+    )
+
+
+def _to_images(pixels: torch.Tensor) -> RenderedImages:
+    """The decoder's output in [0, 1] as 8-bit images, converted on the device so one small copy
+    reaches the host; the same rounding as diffusers' own conversion."""
+    finite = torch.isfinite(pixels).flatten(1).all(dim=1)
+    as_bytes = (pixels.float().permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    arrays, finite_flags = as_bytes.cpu().numpy(), finite.cpu().tolist()
+    return [
+        PILImage.fromarray(array) if ok else NonFiniteImage()
+        for array, ok in zip(arrays, finite_flags, strict=True)
+    ]
 
 
 def _from_pretrained(source: str, dtype: torch.dtype) -> StableDiffusionPipeline:

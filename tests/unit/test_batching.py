@@ -7,7 +7,7 @@ import torch
 
 from shared.settings import WorkerSettings
 from worker.executor import RenderJob, batch_key, merge
-from worker.pipeline import RenderBatch, RenderItem, SpeedLevers, batch_buckets, padded_count
+from worker.pipeline import RenderBatch, RenderItem, SpeedLevers
 
 
 def _batch(*seeds: int, **shared: object) -> RenderBatch:
@@ -47,23 +47,10 @@ def test_merge_keeps_every_item_in_job_order() -> None:
     assert batch_key(merged) == batch_key(_batch(1))
 
 
-def test_warmed_batch_sizes_are_powers_of_two_and_the_maximum() -> None:
-    assert batch_buckets(1) == [1]
-    assert batch_buckets(8) == [1, 2, 4, 8]
-    assert batch_buckets(6) == [1, 2, 4, 6]
-
-
-def test_a_batch_is_padded_to_the_smallest_warmed_size_that_holds_it() -> None:
-    assert padded_count(3, [1, 2, 4, 8]) == 4
-    assert padded_count(4, [1, 2, 4, 8]) == 4
-    assert padded_count(9, [1, 2, 4, 8]) == 9
-    assert padded_count(3, []) == 3
-
-
 def test_speed_levers_default_on_with_cuda_only() -> None:
     assert SpeedLevers.for_device(torch.device("cpu")) == SpeedLevers()
     on_gpu = SpeedLevers.for_device(torch.device("cuda"))
-    assert on_gpu.compile and on_gpu.cuda_graphs and on_gpu.fuse_qkv
+    assert on_gpu.compile and on_gpu.cuda_graphs and on_gpu.fuse_qkv and on_gpu.cudnn_benchmark
     assert not on_gpu.channels_last
     assert not SpeedLevers.for_device(torch.device("cuda"), compile=False).compile
 

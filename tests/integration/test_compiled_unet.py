@@ -1,0 +1,71 @@
+"""The compiled UNet, with inductor on this CPU: warmed once on the executor's thread, then every
+scheduler renders through the compiled graph with no recompile."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from tests.integration.test_batching import item, job
+from worker.executor import GpuExecutor, RenderJob
+from worker.pipeline import DiffusionRenderer, SpeedLevers
+
+SCHEDULERS = ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def compiled(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuExecutor]:
+    renderer = DiffusionRenderer.load("tiny", model_cache, "cpu")
+    renderer.apply(SpeedLevers(compile=True), tmp_path_factory.mktemp("compiled") / "inductor")
+    graphs_before = counters["stats"]["unique_graphs"]
+    executor = GpuExecutor(
+        renderer.render,
+        max_batch_images=2,
+        key=renderer.batch_key,
+        warm_up=lambda: renderer.warm_up(SIZE, SIZE, compiled_counts=(1,), max_images=2),
+    )
+    executor.wait_ready(timeout=900)
+    # One image count compiled at one size: one graph.
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    yield executor
+    executor.shutdown()
+
+
+@pytest.fixture(scope="module")
+def eager(model_cache: Path) -> DiffusionRenderer:
+    return DiffusionRenderer.load("tiny", model_cache, "cpu")
+
+
+@pytest.fixture
+def no_recompiles() -> Iterator[None]:
+    graphs_before = counters["stats"]["unique_graphs"]
+    previous = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        yield
+    finally:
+        torch._dynamo.config.error_on_recompile = previous
+    assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+@pytest.mark.usefixtures("no_recompiles")
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_renders_compiled_after_warm_up_without_a_recompile(
+    compiled: GpuExecutor, eager: DiffusionRenderer, scheduler: str
+) -> None:
+    batch = job(item(7), size=SIZE, scheduler=scheduler)
+    [image] = compiled.submit(RenderJob(batch)).result(timeout=300).images
+    [reference] = eager.render(batch)
+    difference = np.abs(np.asarray(image, np.int16) - np.asarray(reference, np.int16)).max()
+    assert difference <= 2
+
+
+@pytest.mark.usefixtures("no_recompiles")
+def test_shapes_not_warmed_render_eager_instead_of_compiling(compiled: GpuExecutor) -> None:
+    for batch in [job(item(1), item(2), size=SIZE), job(item(3), size=SIZE + 8)]:
+        images = compiled.submit(RenderJob(batch)).result(timeout=300).images
+        assert len(images) == len(batch.items)
