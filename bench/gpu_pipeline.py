@@ -24,14 +24,17 @@ import torch
 from worker.executor import GpuExecutor, RenderJob
 from worker.pipeline import (
     DiffusionRenderer,
+    NonFiniteImage,
     RenderBatch,
     RenderItem,
     SpeedLevers,
-    batch_buckets,
+    compiled_image_counts,
 )
 from worker.tiny_model import ensure_tiny_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Models and the compile cache; the GPU tests reuse both when the benchmark ran first.
+DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "t2i-bench-cache"
 READY = "bench-ready"
 GUIDANCE = 7.5
 PROMPT = "a lighthouse at dusk, oil painting, highly detailed"
@@ -85,8 +88,15 @@ def build_sd15(target: Path, cache_dir: Path) -> Path:
         "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
         "scheduler": scheduler,
     }
-    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(target)
+    pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    # Half the bytes to write and read back; every consumer loads it in fp16 anyway.
+    pipeline.to(torch.float16).save_pretrained(target)
     return target
+
+
+def note(message: str) -> None:
+    """Progress on stderr, so a run cut short still tells how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def sync() -> None:
@@ -94,8 +104,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def mean_seconds(run: Callable[[], Any], repeats: int) -> float:
-    """Mean wall time of `run` after one untimed warm-up call."""
+def median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `run` after one untimed warm-up call."""
     run()
     times = []
     for _ in range(repeats):
@@ -104,7 +114,7 @@ def mean_seconds(run: Callable[[], Any], repeats: int) -> float:
         run()
         sync()
         times.append(time.perf_counter() - started)
-    return statistics.mean(times)
+    return statistics.median(times)
 
 
 def plain_diffusers(model_dir: Path, device: torch.device, args: argparse.Namespace) -> dict:
@@ -118,24 +128,30 @@ def plain_diffusers(model_dir: Path, device: torch.device, args: argparse.Namesp
     pipe.set_progress_bar_config(disable=True)
     base = pipe.scheduler.config
 
-    def call(steps: int) -> Callable[[], Any]:
+    def call(steps: int, images: int = 1) -> Callable[[], Any]:
         return lambda: pipe(
-            PROMPT,
+            [PROMPT] * images,
             width=args.size,
             height=args.size,
             num_inference_steps=steps,
             guidance_scale=GUIDANCE,
-            generator=torch.Generator("cpu").manual_seed(0),
+            generator=[torch.Generator("cpu").manual_seed(n) for n in range(images)],
         )
 
     # As SD 1.5 ships it: PNDM without its Runge-Kutta warm-up steps.
     pipe.scheduler = PNDMScheduler.from_config(base, skip_prk_steps=True)
-    seed = mean_seconds(call(args.seed_steps), args.repeats)
+    seed = median_seconds(call(args.seed_steps), args.repeats)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
         base, algorithm_type="dpmsolver++", solver_order=2
     )
-    dpm = mean_seconds(call(args.steps), args.repeats)
-    return {"seed_baseline_s_per_image": seed, "diffusers_dpm25_s_per_image": dpm}
+    dpm = median_seconds(call(args.steps), args.repeats)
+    note(f"plain diffusers: seed path {seed:.3f} s, DPM-Solver++ {dpm:.3f} s per image")
+    batched = median_seconds(call(args.steps, args.max_batch_images), args.repeats)
+    return {
+        "seed_baseline_s_per_image": seed,
+        "diffusers_dpm25_s_per_image": dpm,
+        f"diffusers_dpm25_b{args.max_batch_images}_images_per_s": args.max_batch_images / batched,
+    }
 
 
 def job_batch(args: argparse.Namespace, seed: int) -> RenderBatch:
@@ -155,38 +171,59 @@ def levers_for(args: argparse.Namespace) -> SpeedLevers:
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         fuse_qkv=args.fuse_qkv,
+        cudnn_benchmark=args.cudnn_benchmark,
     )
 
 
-def load_ours(model_dir: Path, args: argparse.Namespace) -> DiffusionRenderer:
-    """The worker's start-up: load, turn on the levers, warm every batch size it will serve."""
+def load_ours(model_dir: Path, args: argparse.Namespace) -> tuple[DiffusionRenderer, GpuExecutor]:
+    """The worker's start-up: load, turn on the levers, then warm up on the executor's thread
+    (compile, record CUDA graphs, time each batch size), which is where jobs will render."""
     levers = levers_for(args)
     renderer = DiffusionRenderer.load(str(model_dir), args.cache_dir, args.device, levers)
-    counts = args.warm_counts or batch_buckets(args.max_batch_images)
-    renderer.warm_up(args.size, args.size, counts if levers.compile else [1])
-    return renderer
+    counts = args.compiled_counts or compiled_image_counts(args.max_batch_images)
+    executor = GpuExecutor(
+        renderer.render,
+        args.max_batch_images,
+        args.batch_wait_ms / 1000,
+        key=renderer.batch_key,
+        warm_up=lambda: renderer.warm_up(args.size, args.size, counts, args.max_batch_images),
+    )
+    executor.wait_ready()
+    return renderer, executor
 
 
-def ours(renderer: DiffusionRenderer, args: argparse.Namespace) -> dict:
-    """(c) one job through our render path; (d) concurrent jobs through the batching executor."""
-    one = mean_seconds(lambda: renderer.render(job_batch(args, 0)), args.repeats)
-    executor = GpuExecutor(renderer.render, args.max_batch_images, args.batch_wait_ms / 1000)
-    try:
-        # One untimed round, so every batch size the round uses has run once.
-        for future in [executor.submit(RenderJob(job_batch(args, s))) for s in range(args.jobs)]:
-            future.result()
-        batches: set[str] = set()
-        started = time.perf_counter()
-        futures = [executor.submit(RenderJob(job_batch(args, s))) for s in range(args.jobs)]
-        for future in futures:
+def run_jobs(executor: GpuExecutor, args: argparse.Namespace, seeds: range) -> dict[str, int]:
+    """Submit one job per seed at once and wait for all: pipeline calls and failed images."""
+    futures = [executor.submit(RenderJob(job_batch(args, seed))) for seed in seeds]
+    batches: set[str] = set()
+    non_finite = 0
+    for future in futures:
+        try:
             batches.add(future.result().batch_id)
-        elapsed = time.perf_counter() - started
-    finally:
-        executor.shutdown()
+        except NonFiniteImage:
+            non_finite += 1
+    return {"pipeline_calls": len(batches), "non_finite_images": non_finite}
+
+
+def ours(executor: GpuExecutor, args: argparse.Namespace) -> dict:
+    """(c) one job at a time through our executor; (d) concurrent jobs, batched."""
+
+    def one_job() -> None:
+        run_jobs(executor, args, range(1))
+
+    one = median_seconds(one_job, args.repeats)
+    note(f"ours: {one:.3f} s per image, one job at a time")
+    # One untimed round, so every batch size the round uses has run once.
+    run_jobs(executor, args, range(args.jobs))
+    started = time.perf_counter()
+    counts = run_jobs(executor, args, range(args.jobs))
+    elapsed = time.perf_counter() - started
+    note(f"ours: {args.jobs / elapsed:.2f} images/s with {args.jobs} concurrent jobs")
     return {
         "ours_b1_s_per_image": one,
         "ours_throughput_images_per_s": args.jobs / elapsed,
-        "ours_throughput_pipeline_calls": len(batches),
+        "ours_throughput_pipeline_calls": counts["pipeline_calls"],
+        "ours_non_finite_images": counts["non_finite_images"],
     }
 
 
@@ -215,9 +252,9 @@ def child_options(args: argparse.Namespace) -> list[str]:
         str(args.cache_dir),
     ]
     options += ["--max-batch-images", str(args.max_batch_images)]
-    if args.warm_counts:
-        options += ["--warm-counts", ",".join(map(str, args.warm_counts))]
-    for name in ("compile", "cuda_graphs", "fuse_qkv"):
+    if args.compiled_counts:
+        options += ["--compiled-counts", ",".join(map(str, args.compiled_counts))]
+    for name in ("compile", "cuda_graphs", "fuse_qkv", "cudnn_benchmark"):
         value = getattr(args, name)
         if value is not None:
             flag = name.replace("_", "-")
@@ -233,49 +270,76 @@ def main() -> int:
     args = parse_args()
     device = torch.device(args.device)
     if args.cold_start_child:
-        load_ours(Path(args.model_dir), args)
+        _, executor = load_ours(Path(args.model_dir), args)
         print(READY, flush=True)
+        executor.shutdown()
         return 0
+
+    figures: dict[str, Any] = {"gpu": gpu_name(device), "config": config(args)}
+    out = args.out
+    if out is None and not args.smoke:
+        out = RESULTS_DIR / f"{datetime.date.today()}-{slug(figures['gpu'])}.json"
+
+    def save() -> None:
+        """Written after every phase, so a run cut short keeps what it measured."""
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(figures, indent=2) + "\n")
 
     model_dir = (
         ensure_tiny_model(args.cache_dir)
         if args.smoke
         else build_sd15(args.model_dir, args.cache_dir)
     )
-    figures: dict[str, Any] = {"gpu": gpu_name(device)}
+    note(f"model ready in {model_dir}")
     figures.update(plain_diffusers(model_dir, device, args))
+    save()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     load_started = time.perf_counter()
-    renderer = load_ours(model_dir, args)
+    renderer, executor = load_ours(model_dir, args)
     figures["ours_load_and_warm_up_s"] = time.perf_counter() - load_started
-    figures.update(ours(renderer, args))
-    del renderer
-    figures["cold_start_warm_cache_s"] = cold_start(model_dir, args)
+    figures["ours_warm_up_render_s"] = {
+        f"{width}x{height}": costs for (width, height), costs in renderer.render_costs.items()
+    }
+    note(f"ours: loaded and warmed up in {figures['ours_load_and_warm_up_s']:.1f} s")
+    try:
+        figures.update(ours(executor, args))
+    finally:
+        executor.shutdown()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     figures["peak_vram_gib"] = peak / 2**30
-    figures["config"] = {
+    figures["speedup_b1_vs_diffusers_dpm25"] = (
+        figures["diffusers_dpm25_s_per_image"] / figures["ours_b1_s_per_image"]
+    )
+    seed_rate = 1 / figures["seed_baseline_s_per_image"]
+    figures["throughput_vs_seed_path"] = figures["ours_throughput_images_per_s"] / seed_rate
+    save()
+    del renderer, executor
+    figures["cold_start_warm_cache_s"] = cold_start(model_dir, args)
+    note(f"cold start with a warm cache: {figures['cold_start_warm_cache_s']:.1f} s")
+    save()
+    print(json.dumps(figures, indent=2))
+    if out is not None:
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
         "size": args.size,
         "steps": args.steps,
         "seed_steps": args.seed_steps,
         "jobs": args.jobs,
         "max_batch_images": args.max_batch_images,
-        "warm_counts": args.warm_counts or batch_buckets(args.max_batch_images),
+        "compiled_counts": args.compiled_counts or compiled_image_counts(args.max_batch_images),
         "batch_wait_ms": args.batch_wait_ms,
         "levers": asdict(levers_for(args)),
         "smoke": args.smoke,
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
     }
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.out is not None or not args.smoke:
-        out = args.out or RESULTS_DIR / f"{datetime.date.today()}-{slug(figures['gpu'])}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        print(f"wrote {out}", file=sys.stderr)
-    return 0
 
 
 def slug(name: str) -> str:
@@ -290,17 +354,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="our steps and (b)'s (25)")
     parser.add_argument("--seed-steps", type=int, default=None, help="(a)'s PNDM steps (50)")
     parser.add_argument("--jobs", type=int, default=None, help="concurrent jobs in (d) (32)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (5)")
     parser.add_argument("--max-batch-images", type=int, default=8)
-    parser.add_argument("--batch-wait-ms", type=float, default=15.0)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
-        "--warm-counts",
+        "--compiled-counts",
         type=lambda text: [int(n) for n in text.split(",")],
         default=None,
-        help="image counts to compile, e.g. 1,8 (default: 1, 2, 4, ... up to the max batch)",
+        help="image counts to compile, e.g. 1,4,8 (default: 1 and the max batch)",
     )
     parser.add_argument("--cache-dir", default=None, help="models and the compile cache")
     parser.add_argument("--model-dir", type=Path, default=None)
@@ -308,7 +373,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cold-start-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # Smoke figures are seconds on a CPU: tiny model, 256x256, 2 steps, a few jobs.
-    defaults = (256, 2, 2, 4, 1) if args.smoke else (512, 25, 50, 32, 3)
+    defaults = (256, 2, 2, 4, 1) if args.smoke else (512, 25, 50, 32, 5)
     for name, value in zip(
         ("size", "steps", "seed_steps", "jobs", "repeats"), defaults, strict=True
     ):
@@ -317,8 +382,7 @@ def parse_args() -> argparse.Namespace:
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --smoke for the CPU smoke test")
-    default_cache = Path(tempfile.gettempdir()) / "t2i-bench-cache"
-    args.cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache
+    args.cache_dir = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR
     args.model_dir = args.model_dir or args.cache_dir / "sd15-random"
     return args
 
