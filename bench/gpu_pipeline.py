@@ -179,7 +179,9 @@ def load_ours(model_dir: Path, args: argparse.Namespace) -> tuple[DiffusionRende
     """The worker's start-up: load, turn on the levers, then warm up on the executor's thread
     (compile, record CUDA graphs, time each batch size), which is where jobs will render."""
     levers = levers_for(args)
+    started = time.perf_counter()
     renderer = DiffusionRenderer.load(str(model_dir), args.cache_dir, args.device, levers)
+    renderer.warm_up_seconds["load"] = time.perf_counter() - started
     counts = args.compiled_counts or compiled_image_counts(args.max_batch_images)
     executor = GpuExecutor(
         renderer.render,
@@ -190,6 +192,11 @@ def load_ours(model_dir: Path, args: argparse.Namespace) -> tuple[DiffusionRende
     )
     executor.wait_ready()
     return renderer, executor
+
+
+def startup_phases(renderer: DiffusionRenderer) -> dict[str, float]:
+    """Seconds of each start-up phase: loading the model, compiling each count, timing counts."""
+    return {name: round(seconds, 2) for name, seconds in renderer.warm_up_seconds.items()}
 
 
 def run_jobs(executor: GpuExecutor, args: argparse.Namespace, seeds: range) -> dict[str, int]:
@@ -227,19 +234,28 @@ def ours(executor: GpuExecutor, args: argparse.Namespace) -> dict:
     }
 
 
-def cold_start(model_dir: Path, args: argparse.Namespace) -> float:
-    """(e) seconds from starting a fresh process to a warmed pipeline, with the cache warm."""
+def cold_start(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """(e) seconds from starting a fresh process to a warmed executor, with the cache warm, and
+    where they went ("python and imports" is the rest: interpreter start, imports, threads)."""
     command = [sys.executable, "-m", "bench.gpu_pipeline", "--cold-start-child"]
     command += [*child_options(args), "--model-dir", str(model_dir)]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
-    ready = any(line.strip() == READY for line in process.stdout)
+    phases: dict[str, float] = {}
+    ready = False
+    for line in process.stdout:
+        if line.startswith("{"):
+            phases = json.loads(line)
+        elif line.strip() == READY:
+            ready = True
+            break
     elapsed = time.perf_counter() - started
     process.wait()
     if not ready or process.returncode != 0:
         raise RuntimeError(f"the cold-start process failed (exit {process.returncode})")
-    return elapsed
+    phases["python and imports"] = round(elapsed - sum(phases.values()), 2)
+    return {"cold_start_warm_cache_s": elapsed, "cold_start_phases_s": phases}
 
 
 def child_options(args: argparse.Namespace) -> list[str]:
@@ -270,7 +286,8 @@ def main() -> int:
     args = parse_args()
     device = torch.device(args.device)
     if args.cold_start_child:
-        _, executor = load_ours(Path(args.model_dir), args)
+        renderer, executor = load_ours(Path(args.model_dir), args)
+        print(json.dumps(startup_phases(renderer)), flush=True)
         print(READY, flush=True)
         executor.shutdown()
         return 0
@@ -303,6 +320,7 @@ def main() -> int:
     figures["ours_warm_up_render_s"] = {
         f"{width}x{height}": costs for (width, height), costs in renderer.render_costs.items()
     }
+    figures["ours_load_and_warm_up_phases_s"] = startup_phases(renderer)
     note(f"ours: loaded and warmed up in {figures['ours_load_and_warm_up_s']:.1f} s")
     try:
         figures.update(ours(executor, args))
@@ -317,7 +335,7 @@ def main() -> int:
     figures["throughput_vs_seed_path"] = figures["ours_throughput_images_per_s"] / seed_rate
     save()
     del renderer, executor
-    figures["cold_start_warm_cache_s"] = cold_start(model_dir, args)
+    figures.update(cold_start(model_dir, args))
     note(f"cold start with a warm cache: {figures['cold_start_warm_cache_s']:.1f} s")
     save()
     print(json.dumps(figures, indent=2))

@@ -333,6 +333,8 @@ class DiffusionRenderer:
         # count (what padding decides on).
         self._compiled_counts: dict[tuple[int, int], set[int]] = {}
         self.render_costs: dict[tuple[int, int], dict[int, float]] = {}
+        # Where the start-up time went: compiling each image count, timing every count.
+        self.warm_up_seconds: dict[str, float] = {}
 
     @property
     def device(self) -> torch.device:
@@ -514,10 +516,13 @@ class DiffusionRenderer:
         self._unet.warming = True
         try:
             for count in compiled:
+                started = time.perf_counter()
                 self.render(_warm_up_batch(count, width, height))
+                self.warm_up_seconds[f"compile {count}"] = time.perf_counter() - started
         finally:
             self._unet.warming = False
         self._compiled_counts[(width, height)] = set(compiled)
+        started = time.perf_counter()
         costs: dict[int, float] = {}
         for count in sorted({*range(1, max(max_images, *compiled) + 1)}):
             batch = _warm_up_batch(count, width, height)
@@ -525,7 +530,9 @@ class DiffusionRenderer:
                 self.render(batch)  # the first render of a shape pays for kernel selection
             costs[count] = self._timed_render(batch)
         self.render_costs[(width, height)] = costs
+        self.warm_up_seconds["time every count"] = time.perf_counter() - started
         log.info("warm-up render seconds by image count at %dx%d: %s", width, height, costs)
+        log.info("warm-up phases in seconds: %s", self.warm_up_seconds)
 
     def _timed_render(self, batch: RenderBatch) -> float:
         _synchronize(self.device)
