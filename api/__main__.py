@@ -1,14 +1,38 @@
-"""Serve the API with uvicorn: `python -m api`."""
+"""Serve the API with uvicorn in `T2I_API_PROCESSES` processes: `python -m api`."""
+
+import os
+import sys
+import tempfile
 
 import uvicorn
 
-from shared.settings import api_settings
+from shared.logs import configure_logging, logging_config
+from shared.settings import api_settings, log_settings
+
+# prometheus-client's own switch: each process reads it when it first imports the library.
+_MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def main() -> None:
-    settings = api_settings()
-    uvicorn.run("api.app:create_app", factory=True, host=settings.host, port=settings.port)
+    settings, logs = api_settings(), log_settings()
+    configure_logging(logs)
+    # A fresh directory per start: counts left by an earlier run would be summed in.
+    with tempfile.TemporaryDirectory(prefix="t2i-api-metrics-") as metrics_dir:
+        os.environ[_MULTIPROCESS_DIR] = metrics_dir
+        uvicorn.run(
+            "api.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.api_processes,
+            log_config=logging_config(logs),
+            access_log=logs.access_log,
+        )
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # Ctrl-C before uvicorn took over the signal.
+        sys.exit(130)

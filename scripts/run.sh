@@ -1,24 +1,46 @@
 #!/usr/bin/env bash
-# `make run`: Redis (unless T2I_REDIS_URL already answers), one worker and the API.
-# Ctrl-C, or SIGTERM to make, stops everything this script started.
+# `make run`: Redis (unless T2I_REDIS_URL already answers), a worker, a webhook worker and the API.
+# Ctrl-C, or SIGTERM to make or its process group, stops everything this script started.
 set -euo pipefail
+# Each part in a process group of its own: Ctrl-C reaches this script alone, which stops the
+# services first, while Redis still answers them, and Redis last.
+set -m
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 export T2I_DATA_DIR="${T2I_DATA_DIR:-data}"
 export T2I_REDIS_URL="${T2I_REDIS_URL:-redis://127.0.0.1:6379/0}"
+# transformers warns about optional packages as it is imported, before the worker can route
+# its lines through the service's log format.
+export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}"
 mkdir -p "$T2I_DATA_DIR"
 
-children=()
+services=()
+redis_pid=""
+stopping=""
 stop_all() {
-    trap - EXIT INT TERM
-    if ((${#children[@]})); then
-        kill -TERM "${children[@]}" 2>/dev/null || true
-        wait "${children[@]}" 2>/dev/null || true
+    stopping=yes
+    trap - EXIT
+    # A second Ctrl-C does not wait for the jobs in hand.
+    trap 'for group in "${services[@]}" $redis_pid; do kill -KILL -- "-$group"; done' INT
+    if ((${#services[@]})); then
+        kill -TERM "${services[@]}" 2>/dev/null || true
+        wait_for_exit "${services[@]}"
+    fi
+    if [[ -n $redis_pid ]]; then
+        kill -TERM "$redis_pid" 2>/dev/null || true
+        wait_for_exit "$redis_pid"
     fi
 }
+# `wait` returns early when a signal comes in (make passes its SIGTERM on a second time).
+wait_for_exit() {
+    local pid
+    for pid in "$@"; do
+        while kill -0 "$pid" 2>/dev/null; do wait "$pid" 2>/dev/null || true; done
+    done
+}
 trap stop_all EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap '[[ -n $stopping ]] || { stop_all; exit 130; }' INT
+trap '[[ -n $stopping ]] || { stop_all; exit 143; }' TERM
 
 redis_answers() {
     "$PY" -c 'import os, redis; redis.Redis.from_url(os.environ["T2I_REDIS_URL"], socket_connect_timeout=1).ping()' 2>/dev/null
@@ -34,7 +56,7 @@ if ! redis_answers; then
     redis-server --bind 127.0.0.1 --port "$port" --dir "$T2I_DATA_DIR/redis" \
         --appendonly yes --appendfsync everysec --save "" --maxmemory-policy noeviction \
         --loglevel warning &
-    children+=($!)
+    redis_pid=$!
     for _ in $(seq 50); do redis_answers && break; sleep 0.1; done
     redis_answers || { echo "redis-server did not start on port $port" >&2; exit 1; }
 fi
@@ -44,12 +66,25 @@ if [[ ${T2I_ENV:-development} == development ]]; then
     echo "  export T2I_API_KEY=\$(cat $T2I_DATA_DIR/dev-api-key)"
 fi
 
-"$PY" -m worker &
-children+=($!)
-"$PY" -m worker.webhooks &
-children+=($!)
 "$PY" -m api &
-children+=($!)
-echo "txt2img-service: API on http://${T2I_HOST:-127.0.0.1}:${T2I_PORT:-8000} (docs at /docs); Ctrl-C stops it."
-# When any part exits (a worker that cannot load its model, say), stop the rest too.
+services+=($!)
+"$PY" -m worker.webhooks &
+services+=($!)
+"$PY" -m worker &
+services+=($!)
+
+api_url="http://${T2I_HOST:-127.0.0.1}:${T2I_PORT:-8000}"
+probe_url="${api_url/\/\/0.0.0.0:/\/\/127.0.0.1:}/ready"
+echo "txt2img-service: starting; ready once a worker has loaded its model..."
+# /ready answers 200 once a worker has loaded and warmed its model and takes jobs.
+until "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+    "$probe_url" 2>/dev/null; do
+    for part in "${services[@]}" $redis_pid; do
+        # A part exited before the service was ready (a model that cannot load, say).
+        kill -0 "$part" 2>/dev/null || { wait "$part"; exit $?; }
+    done
+    sleep 0.5
+done
+echo "txt2img-service ready: API on $api_url (docs at /docs, metrics at /metrics); Ctrl-C stops it."
+# When any part exits, stop the rest too.
 wait -n

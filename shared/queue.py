@@ -1,12 +1,22 @@
 """The Celery app both sides share: broker settings and the task names the API sends by."""
 
+import logging
+import warnings
+
 from celery import Celery
+from celery.apps.worker import install_worker_term_handler
+from celery.exceptions import SecurityWarning
+from celery.signals import worker_ready, worker_shutting_down
 from redis import Redis
 
+from shared.info import WorkerInfo
 from shared.settings import CoreSettings
 
 RENDER_TASK = "txt2img.render"
 WORKERS_KEY = "t2i:workers"
+_WORKER_INFO_PREFIX = "t2i:worker:"
+
+log = logging.getLogger(__name__)
 
 
 def make_celery(settings: CoreSettings) -> Celery:
@@ -50,16 +60,55 @@ def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:
     return int(redis.zcount(WORKERS_KEY, now - max_age_s, "+inf"))
 
 
+def worker_info_key(name: str) -> str:
+    return _WORKER_INFO_PREFIX + name
+
+
+def live_workers(redis: Redis, max_age_s: float, now: float) -> list[WorkerInfo]:
+    """The workers whose heartbeat is younger than `max_age_s`, as they describe themselves."""
+    seen = redis.zrangebyscore(WORKERS_KEY, now - max_age_s, "+inf", withscores=True)
+    if not seen:
+        return []
+    described = redis.mget([worker_info_key(name.decode()) for name, _ in seen])
+    return [
+        WorkerInfo.model_validate_json(raw).model_copy(
+            update={"last_seen_s": round(max(0.0, now - last_seen), 3)}
+        )
+        for (_, last_seen), raw in zip(seen, described, strict=True)
+        # A worker that has just stopped may leave its score a moment longer than its description.
+        if raw is not None
+    ]
+
+
+def _quiet_shutdown_handlers(sender: object, **_: object) -> None:
+    """Celery's SIGTERM and SIGINT handlers print their own line to stdout; install the same warm
+    shutdown without it (the line is logged below instead)."""
+    worker = sender.controller  # type: ignore[attr-defined]
+    for signal_name in ("SIGTERM", "SIGINT"):
+        install_worker_term_handler(worker, sig=signal_name, verbose=False)
+
+
+def _log_shutdown(sig: str, **_: object) -> None:
+    log.info("%s: warm shutdown, finishing the tasks in hand", sig)
+
+
 def consume(app: Celery, queue: str, concurrency: int, hostname: str) -> None:
     """Run a Celery worker in this process: a thread pool on one queue, until it is stopped."""
+    # Accepting only JSON, a root worker is no risk; containers run it as a user anyway.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    worker_ready.connect(_quiet_shutdown_handlers, weak=False)
+    worker_shutting_down.connect(_log_shutdown, weak=False)
     app.worker_main(
         [
+            # No start-up banner: the process logs its own ready line.
+            "--quiet",
             "worker",
             "--pool=threads",
             f"--concurrency={concurrency}",
             f"--queues={queue}",
             f"--hostname={hostname}",
-            "--loglevel=INFO",
+            # Celery sets the root logger's level to this: keep the one T2I_LOG_LEVEL chose.
+            f"--loglevel={logging.getLevelName(logging.getLogger().getEffectiveLevel())}",
             "--without-gossip",
             "--without-mingle",
         ]

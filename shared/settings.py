@@ -9,6 +9,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_SIGNING_SECRET = "dev-only-signing-secret-change-me"
+# What the shipped deployment files (.env.example, deploy/k8s/secrets.yaml) hold for each secret.
+PLACEHOLDER_SECRET = "replace-me"
 DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -35,6 +37,12 @@ class CoreSettings(_T2ISettings):
     # A worker silent for longer is dead: /ready stops counting it, its running jobs are reclaimed.
     worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
 
+    @model_validator(mode="after")
+    def _refuse_placeholder_password(self) -> "CoreSettings":
+        if self.env is not Environment.DEVELOPMENT and PLACEHOLDER_SECRET in self.redis_url:
+            raise ValueError(f"T2I_REDIS_URL still holds the {PLACEHOLDER_SECRET!r} placeholder")
+        return self
+
 
 class StorageSettings(_T2ISettings):
     """Where images go and how download URLs are made."""
@@ -47,6 +55,9 @@ class StorageSettings(_T2ISettings):
     key_prefix: str = "images"
     s3_bucket: str = "txt2img"
     s3_endpoint_url: str | None = None
+    # Download URLs are signed for this endpoint: where clients reach the store, when that is
+    # not where the services do (MinIO inside compose: http://minio:9000 vs http://localhost:9000).
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: str | None = None
@@ -57,8 +68,12 @@ class StorageSettings(_T2ISettings):
 
     @model_validator(mode="after")
     def _refuse_placeholder_secret(self) -> "StorageSettings":
-        if self.env is not Environment.DEVELOPMENT and self.signing_secret == DEV_SIGNING_SECRET:
+        if self.env is Environment.DEVELOPMENT:
+            return self
+        if self.signing_secret in {DEV_SIGNING_SECRET, PLACEHOLDER_SECRET}:
             raise ValueError("T2I_SIGNING_SECRET must be set outside development")
+        if self.s3_secret_access_key == PLACEHOLDER_SECRET:
+            raise ValueError(f"T2I_S3_SECRET_ACCESS_KEY is still {PLACEHOLDER_SECRET!r}")
         return self
 
 
@@ -75,6 +90,8 @@ class ApiSettings(_T2ISettings):
     rate_limit_per_min: int = Field(default=60, ge=1)
     max_queue_depth: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # uvicorn processes; their metrics are summed (prometheus-client's multiprocess mode).
+    api_processes: int = Field(default=1, ge=1, le=64)
 
     @property
     def own_base_url(self) -> str:
@@ -110,6 +127,9 @@ class WorkerSettings(_T2ISettings):
     progress_interval_s: float = Field(default=0.25, ge=0)
     # Development-only fault injection: a job with exactly this prompt fails inside the render.
     debug_fail_prompt: str | None = None
+    # /metrics, /health and /ready of this worker; port 0 turns the endpoint off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
 
     @property
     def task_threads(self) -> int:
@@ -133,6 +153,9 @@ class WebhookSettings(_T2ISettings):
     webhook_retry_delays_s: str = "5,30,120,600,1800,3600,7200,14400,28800,43200"
     webhook_secret_overlap_s: float = Field(default=24 * 3600, ge=0)
     webhook_concurrency: int = Field(default=8, ge=1, le=256)
+    # The webhook worker's /metrics, /health and /ready; port 0 turns the endpoint off.
+    metrics_host: str = "127.0.0.1"
+    webhook_metrics_port: int = Field(default=9102, ge=0, le=65535)
 
     @property
     def retry_delays_s(self) -> list[float]:
@@ -155,6 +178,15 @@ class WebhookSettings(_T2ISettings):
         if any(delay <= 0 for delay in delays):
             raise ValueError("T2I_WEBHOOK_RETRY_DELAYS_S must be positive")
         return self
+
+
+class LogSettings(_T2ISettings):
+    """How every service process logs."""
+
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # One line per HTTP request; off by default, since clients poll.
+    access_log: bool = False
 
 
 class ClientSettings(_T2ISettings):
@@ -187,3 +219,8 @@ def webhook_settings() -> WebhookSettings:
 @lru_cache
 def worker_settings() -> WorkerSettings:
     return WorkerSettings()
+
+
+@lru_cache
+def log_settings() -> LogSettings:
+    return LogSettings()

@@ -1,7 +1,9 @@
 """Celery tasks: messaging only; the work is in JobRunner."""
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 
+from shared.logs import set_current_job
 from shared.queue import RENDER_TASK
 from worker.jobs import JobRunner
 
@@ -19,3 +21,10 @@ def register_tasks(app: Celery) -> None:
         if _runner is None:
             raise RuntimeError("the worker started its consumer before loading the pipeline")
         _runner.run(job_id)
+
+    # Around the task rather than inside it: Celery logs a task's failure after the body has
+    # returned, and that line is about the job too.
+    task_prerun.connect(
+        lambda kwargs=None, **_: set_current_job((kwargs or {}).get("job_id")), weak=False
+    )
+    task_postrun.connect(lambda **_: set_current_job(None), weak=False)
