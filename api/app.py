@@ -6,26 +6,29 @@ import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from redis.asyncio import Redis as AsyncRedis
 
 from api import events
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
+from api.metrics import HttpMetrics, QueueCollector, metrics_router
 from api.ratelimit import RateLimiter
 from api.routes import jobs, system, webhooks
 from api.sweeper import run_sweeper
 from shared.apikeys import ApiKeyStore
+from shared.info import SERVICE_VERSION
 from shared.jobstore import JobStore
 from shared.queue import make_celery, make_redis
 from shared.settings import api_settings, core_settings, storage_settings, webhook_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
 
-VERSION = "0.1.0"
-
 
 def create_app() -> FastAPI:
+    # Library warnings become log lines, so JSON logs stay one object a line.
+    logging.captureWarnings(True)
     core, api, storage_config = core_settings(), api_settings(), storage_settings()
     hooks_config = webhook_settings()
     redis = make_redis(core)
@@ -57,11 +60,15 @@ def create_app() -> FastAPI:
             await sweeper
         await services.async_redis.aclose()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc from assets the service serves itself: the docs render offline.
+    app = FastAPIOffline(
         title="txt2img-service",
-        version=VERSION,
+        version=SERVICE_VERSION,
         description="Asynchronous text-to-image jobs with Stable Diffusion 1.5.",
         lifespan=lifespan,
+        static_url="/docs/assets",
+        # Swagger UI's default validator badge is fetched from an outside service.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.services = services
     install_error_handlers(app)
@@ -69,5 +76,8 @@ def create_app() -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(system.router)
+    app.include_router(metrics_router(QueueCollector(redis, core.worker_heartbeat_max_age_s)))
     app.add_middleware(BodySizeLimit, max_bytes=api.max_body_bytes)
+    # Outermost, so requests the body cap refuses are counted too.
+    app.add_middleware(HttpMetrics)
     return app

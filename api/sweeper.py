@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from api.deps import Services
 from shared.jobstore import utc_now
+from shared.metrics import count_finished
 from shared.schema import JobStatus
 from shared.storage import StorageError, job_prefix
 
@@ -32,6 +33,7 @@ def sweep_once(services: Services) -> tuple[int, int]:
         if not record.waited_longer_than(services.core.queue_timeout_s, utc_now()):
             break
         if store.expire(job_id):
+            count_finished(JobStatus.EXPIRED)
             services.webhooks.job_event(record, JobStatus.EXPIRED)
             expired += 1
     deleted = 0
@@ -39,7 +41,12 @@ def sweep_once(services: Services) -> tuple[int, int]:
         try:
             services.storage.delete_prefix(job_prefix(services.storage_settings.key_prefix, job_id))
         except StorageError as exc:
-            log.warning("could not delete the images of job %s yet: %s", job_id, exc)
+            log.warning(
+                "could not delete the images of job %s yet: %s",
+                job_id,
+                exc,
+                extra={"job_id": job_id},
+            )
             continue
         store.delete(owner, job_id)
         deleted += 1

@@ -4,19 +4,32 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
+from dataclasses import asdict
 
 from celery.signals import worker_ready, worker_shutdown
 
+from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
+from shared.logs import configure_logging
 from shared.queue import consume, make_celery, make_redis, worker_alive
-from shared.settings import core_settings, storage_settings, webhook_settings, worker_settings
+from shared.settings import (
+    core_settings,
+    log_settings,
+    storage_settings,
+    webhook_settings,
+    worker_settings,
+)
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
 from worker.cancel import CancelWatcher
 from worker.executor import GpuExecutor
 from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
+from worker.library_logs import route_library_logs
+from worker.metrics import instrument, watch_gpu_memory
+from worker.metrics_server import serve_metrics
 from worker.pipeline import (
     DiffusionRenderer,
     ModelLoadError,
@@ -30,10 +43,13 @@ log = logging.getLogger("worker")
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_settings())
+    route_library_logs()
     core, storage_config, settings = core_settings(), storage_settings(), worker_settings()
+    taking_jobs = threading.Event()
+    if settings.metrics_port:
+        # Up before the model loads, so a probe can tell a slow start from a dead process.
+        serve_metrics(settings.metrics_host, settings.metrics_port, taking_jobs.is_set)
     levers = SpeedLevers.for_device(
         resolve_device(settings.device),
         compile=settings.compile,
@@ -47,8 +63,9 @@ def main() -> int:
             settings.model_id, settings.model_cache_dir, settings.device, levers
         )
     except ModelLoadError as exc:
-        print(f"worker: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
+    watch_gpu_memory(renderer.device)
     compiled_counts = settings.compiled_image_counts or compiled_image_counts(
         settings.max_batch_images
     )
@@ -66,7 +83,7 @@ def main() -> int:
 
     # A compiled UNet serves only the shapes it was warmed for, so it is always warmed.
     executor = GpuExecutor(
-        render,
+        instrument(render),
         settings.max_batch_images,
         settings.batch_wait_ms / 1000,
         key=renderer.batch_key,
@@ -101,9 +118,27 @@ def main() -> int:
             progress_interval_s=settings.progress_interval_s,
         )
     )
-    heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s)
-    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
-    worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)
+    info = WorkerInfo(
+        name=worker_name,
+        model=settings.model_id,
+        device=str(renderer.device),
+        max_batch_images=settings.max_batch_images,
+        levers=asdict(renderer.levers),
+        version=SERVICE_VERSION,
+    )
+    heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s, info)
+
+    def on_ready(**_: object) -> None:
+        heartbeat.start()
+        taking_jobs.set()
+        log.info("worker ready: %s on %s, taking jobs", info.model, info.device)
+
+    def on_shutdown(**_: object) -> None:
+        taking_jobs.clear()
+        heartbeat.stop()
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
 
     register_tasks(app)
     consume(app, core.queue_name, settings.task_threads, worker_name)
@@ -111,4 +146,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        # Ctrl-C while the model loads: Celery handles it once it runs.
+        sys.exit(130)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.jobstore import JobStore, utc_now
+from shared.metrics import count_finished
 from shared.schema import (
     CONTENT_TYPES,
     BatchInfo,
@@ -20,6 +21,7 @@ from shared.schema import (
 )
 from shared.storage import ObjectStorage, StorageError, image_key, job_prefix
 from shared.webhooks import Webhooks
+from worker import metrics
 from worker.cancel import CancelWatcher
 from worker.encoding import encode_image, parameters_text
 from worker.executor import GpuExecutor, RenderCanceled, RenderJob
@@ -83,6 +85,7 @@ class JobRunner:
         waited_too_long = record.waited_longer_than(self.queue_timeout_s, utc_now())
         if record.status is JobStatus.QUEUED and waited_too_long:
             if self.store.expire(job_id):
+                count_finished(JobStatus.EXPIRED)
                 self.webhooks.job_event(record, JobStatus.EXPIRED)
             log.info("job %s expired in the queue", job_id)
             return
@@ -105,6 +108,7 @@ class JobRunner:
                 state = claim.previous or "missing"
                 log.info("skipping job %s: it is %s, not queued", job_id, state)
                 return
+            metrics.job_started(record.created_at, started_at)
         self.webhooks.job_event(record, JobStatus.RUNNING)
         self.cancels.watch(job_id)
         try:
@@ -179,6 +183,15 @@ class JobRunner:
             self.storage.delete_prefix(job_prefix(self.key_prefix, record.id))
             raise RenderCanceled()
         self.store.record_completion(render_s + upload_s, time.time())
+        metrics.job_succeeded(timings)
+        log.info(
+            "job %s succeeded: %d images, render %.3f s, upload %.3f s, batch %s",
+            record.id,
+            len(stored),
+            render_s,
+            upload_s,
+            outcome.batch_id,
+        )
         self.webhooks.job_event(record, JobStatus.SUCCEEDED)
 
     def _fail(self, record: JobRecord, exc: Exception) -> None:
@@ -191,6 +204,7 @@ class JobRunner:
             finished_at=utc_now(),
         )
         if failed.applied:
+            count_finished(JobStatus.FAILED)
             self.webhooks.job_event(record, JobStatus.FAILED)
         log.error("job %s failed: %s: %s", record.id, error.type, error.message)
 

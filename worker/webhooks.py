@@ -7,6 +7,7 @@ import os
 import random
 import socket
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -14,14 +15,17 @@ from typing import Any
 import httpx
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
+from prometheus_client import Counter
 
 from shared.apikeys import ApiKeyStore
 from shared.jobstore import JobStore
+from shared.logs import configure_logging, set_current_job
 from shared.queue import consume, make_celery, make_redis
 from shared.settings import (
     WebhookSettings,
     api_settings,
     core_settings,
+    log_settings,
     storage_settings,
     webhook_settings,
 )
@@ -35,9 +39,16 @@ from shared.webhooks import (
     check_webhook_url,
     signed_headers,
 )
+from worker.metrics_server import serve_metrics
 from worker.periodic import Periodic
 
 log = logging.getLogger("worker.webhooks")
+
+DELIVERY_ATTEMPTS = Counter(
+    "txt2img_webhook_deliveries_total",
+    "Webhook delivery attempts by outcome: delivered, retrying, failed (given up), gone (410)",
+    ["outcome"],
+)
 
 _JITTER = 0.2
 _RETRY_STATUSES = {429} | set(range(500, 600))
@@ -67,6 +78,7 @@ class Sender:
         delivery = self.webhooks.get(delivery_id)
         if delivery is None or delivery["status"] in {"delivered", "gone"}:
             return
+        set_current_job(delivery["job_id"])
         body = delivery.get("body")
         if body is None:
             body = self._body(delivery)
@@ -158,6 +170,7 @@ class Sender:
         )
         self.webhooks.update(delivery_id, status="retrying")
         self.webhooks.schedule_retry(delivery_id, due)
+        DELIVERY_ATTEMPTS.labels(outcome="retrying").inc()
 
     def _finish(self, delivery_id: str, status: str, **outcome: Any) -> None:
         if outcome:
@@ -165,6 +178,7 @@ class Sender:
                 delivery_id, {"status_code": None, **outcome, "at": _now_iso()}
             )
         self.webhooks.update(delivery_id, status=status)
+        DELIVERY_ATTEMPTS.labels(outcome=status).inc()
         log.info("webhook %s %s %s", delivery_id, status, outcome.get("error") or "")
 
 
@@ -190,14 +204,18 @@ def requeue_due(webhooks: Webhooks) -> None:
 def register_webhook_task(app: Celery, sender: Sender) -> None:
     @app.task(name=DELIVER_TASK)
     def deliver(delivery_id: str) -> None:
-        sender.deliver(delivery_id)
+        try:
+            sender.deliver(delivery_id)
+        finally:
+            set_current_job(None)
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_settings())
     core, settings = core_settings(), webhook_settings()
+    taking_jobs = threading.Event()
+    if settings.webhook_metrics_port:
+        serve_metrics(settings.metrics_host, settings.webhook_metrics_port, taking_jobs.is_set)
     redis = make_redis(core)
     app = make_celery(core)
     webhooks = Webhooks(redis, app, settings, core.retention_s)
@@ -211,12 +229,24 @@ def main() -> int:
     )
     register_webhook_task(app, sender)
     scheduler = Periodic("webhook-retries", _SCHEDULER_POLL_S, lambda: requeue_due(webhooks))
-    worker_ready.connect(lambda **_: scheduler.start(), weak=False)
-    worker_shutdown.connect(lambda **_: scheduler.stop(), weak=False)
+
+    def on_ready(**_: object) -> None:
+        scheduler.start()
+        taking_jobs.set()
+
+    def on_shutdown(**_: object) -> None:
+        taking_jobs.clear()
+        scheduler.stop()
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
     hostname = f"webhooks@{socket.gethostname()}.{os.getpid()}"
     consume(app, settings.webhook_queue, settings.webhook_concurrency, hostname)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -14,10 +14,12 @@ from fastapi.responses import JSONResponse
 from api.deps import CallerDep, Services, ServicesDep
 from api.events import wait_until_terminal
 from api.jobview import job_out
+from api.metrics import JOBS_SUBMITTED
 from api.ratelimit import Decision
 from shared.apikeys import ApiKey
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
 from shared.jobstore import QueueFull, new_job_id, request_fingerprint, utc_now
+from shared.metrics import count_finished
 from shared.queue import RENDER_TASK
 from shared.schema import (
     MAX_SEED,
@@ -132,18 +134,22 @@ def _enqueue(
             retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         )
     except Exception as exc:
-        log.warning("could not enqueue job %s: %s", record.id, exc)
-        services.store.transition(
+        log.warning("could not enqueue job %s: %s", record.id, exc, extra={"job_id": record.id})
+        failed = services.store.transition(
             record.id,
             JobStatus.FAILED,
             error=JobError(type=JobErrorType.INTERNAL_ERROR, message="the job was not enqueued"),
             finished_at=utc_now(),
         )
+        if failed.applied:
+            count_finished(JobStatus.FAILED)
         if idempotency_key is not None:
             services.store.forget_idempotency_key(caller.id, idempotency_key)
         raise ServiceError(
             ErrorType.UNAVAILABLE, "the queue is unavailable; retry shortly"
         ) from exc
+    JOBS_SUBMITTED.inc()
+    log.info("job %s queued", record.id, extra={"job_id": record.id})
     return record, True
 
 
@@ -241,5 +247,7 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep, request: R
             ErrorType.CONFLICT,
             f"the job is already {result.previous}; only queued or running jobs can be canceled",
         )
+    count_finished(JobStatus.CANCELED)
+    log.info("job %s canceled", job_id, extra={"job_id": job_id})
     services.webhooks.job_event(record, JobStatus.CANCELED)
     return job_out(services.owned_job(job_id, caller), services, services.base_url(request))

@@ -1,15 +1,17 @@
-"""Liveness, readiness and local-storage downloads."""
+"""Liveness, readiness, what the service serves, and local-storage downloads."""
 
 import mimetypes
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Query, status
 from fastapi.responses import FileResponse, JSONResponse
 from redis.exceptions import RedisError
 
 from api.deps import ServicesDep
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
-from shared.queue import live_worker_count
+from shared.info import SCHEDULERS, SERVICE_VERSION, ServiceInfo, request_limits
+from shared.queue import live_worker_count, live_workers
 from shared.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["system"])
@@ -25,7 +27,16 @@ def health() -> dict[str, str]:
     summary="Redis and storage reachable and a worker alive",
     responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": ErrorEnvelope}},
 )
-def ready(services: ServicesDep) -> JSONResponse:
+def ready(
+    services: ServicesDep,
+    require_worker: Annotated[
+        bool,
+        Query(
+            description="false: ready without a live worker (an API probe where workers scale "
+            "to zero: jobs wait in the queue until one starts)"
+        ),
+    ] = True,
+) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         services.redis.ping()
@@ -42,9 +53,27 @@ def ready(services: ServicesDep) -> JSONResponse:
         checks["storage"] = "ok"
     except StorageError as exc:
         checks["storage"] = str(exc)
-    if checks["redis"] == "ok" and checks["storage"] == "ok" and checks["workers"] != "none alive":
+    worker_ok = checks["workers"] != "none alive" or not require_worker
+    if checks["redis"] == "ok" and checks["storage"] == "ok" and worker_ok:
         return JSONResponse({"status": "ready", "checks": checks})
     raise ServiceError(ErrorType.UNAVAILABLE, "not ready", checks)
+
+
+@router.get(
+    "/info",
+    response_model=ServiceInfo,
+    summary="Version, request limits, and the live workers with their models and levers",
+    responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": ErrorEnvelope}},
+)
+def info(services: ServicesDep) -> ServiceInfo:
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    return ServiceInfo(
+        version=SERVICE_VERSION,
+        models=sorted({worker.model for worker in workers}),
+        schedulers=SCHEDULERS,
+        limits=request_limits(services.api.max_pixels_per_job),
+        workers=workers,
+    )
 
 
 @router.get(

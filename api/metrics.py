@@ -1,0 +1,131 @@
+"""The API's Prometheus metrics: HTTP requests, submitted jobs, and the queue and workers as Redis
+sees them. `python -m api` runs prometheus-client in multiprocess mode, so whichever uvicorn
+process answers a scrape reports the sum over all of them."""
+
+import time
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+from redis import Redis
+from redis.exceptions import RedisError
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.jobstore import QUEUE_KEY
+from shared.queue import live_workers
+
+HTTP_REQUESTS = Counter(
+    "txt2img_http_requests_total",
+    "HTTP requests answered, by method, route template and status code",
+    ["method", "route", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "txt2img_http_request_duration_seconds",
+    "Time to answer an HTTP request (an event stream: until it ends)",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+JOBS_SUBMITTED = Counter(
+    "txt2img_jobs_submitted_total", "Jobs created by POST /v1/jobs (idempotent replays excluded)"
+)
+
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+
+
+def _route(scope: Scope) -> str:
+    """The route template that served the request, so job ids never become label values."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    for candidate in scope["app"].router.routes:
+        if candidate.matches(scope)[0] is Match.FULL:
+            return candidate.path
+    return "unmatched"
+
+
+class HttpMetrics:
+    """Counts and times every HTTP request by route template and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        # An exception that escapes here becomes a 500 further out.
+        status = 500
+
+        async def send_and_note_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note_status)
+        finally:
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            route = _route(scope)
+            HTTP_REQUESTS.labels(method, route, str(status)).inc()
+            HTTP_REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - started)
+
+
+class QueueCollector(Collector):
+    """Queue depth and live workers, read from Redis at scrape time (once, whichever process
+    answers), so every API process reports the same numbers."""
+
+    def __init__(self, redis: Redis, worker_max_age_s: float) -> None:
+        self._redis = redis
+        self._max_age_s = worker_max_age_s
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            depth = self._redis.zcard(QUEUE_KEY)
+            workers = live_workers(self._redis, self._max_age_s, time.time())
+        except RedisError:
+            return
+        yield GaugeMetricFamily("txt2img_queue_depth", "Jobs waiting for a worker", value=depth)
+        alive = GaugeMetricFamily(
+            "txt2img_workers_alive", "Render workers with a recent heartbeat", labels=["model"]
+        )
+        for model in sorted({worker.model for worker in workers}):
+            alive.add_metric([model], sum(worker.model == model for worker in workers))
+        yield alive
+
+
+def _exposition(queue: QueueCollector) -> bytes:
+    if values.ValueClass is values.MutexValue:
+        # One process (the app built in-process, as in tests): its own registry is the truth.
+        counted = REGISTRY
+    else:
+        counted = CollectorRegistry()
+        MultiProcessCollector(counted)
+    state = CollectorRegistry()
+    state.register(queue)
+    return generate_latest(counted) + generate_latest(state)
+
+
+def metrics_router(queue: QueueCollector) -> APIRouter:
+    router = APIRouter(tags=["system"])
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics(request: Request) -> Response:
+        body = await run_in_threadpool(_exposition, queue)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    return router

@@ -1,0 +1,70 @@
+"""What the service tells about itself: its version, request limits and the live workers."""
+
+from importlib.metadata import version
+from typing import get_args
+
+from pydantic import BaseModel, Field
+
+from shared.schema import GenerationRequest, Scheduler
+
+SERVICE_VERSION = version("txt2img-service")
+SCHEDULERS: list[str] = list(get_args(Scheduler))
+_REQUEST_FIELDS = GenerationRequest.model_json_schema()["properties"]
+
+
+class WorkerInfo(BaseModel):
+    """A render worker as its heartbeat describes it."""
+
+    name: str
+    model: str
+    device: str
+    max_batch_images: int
+    levers: dict[str, bool] = Field(description="speed levers and whether each is on")
+    version: str
+    last_seen_s: float | None = Field(default=None, description="seconds since its last heartbeat")
+
+
+class Bounds(BaseModel):
+    minimum: float
+    maximum: float
+    multiple_of: int | None = None
+
+
+class RequestLimits(BaseModel):
+    prompt_max_chars: int
+    width: Bounds
+    height: Bounds
+    num_inference_steps: Bounds
+    guidance_scale: Bounds
+    num_images: Bounds
+    max_pixels_per_job: int = Field(description="cap on width x height x num_images")
+
+
+class ServiceInfo(BaseModel):
+    """What `GET /info` returns."""
+
+    version: str
+    models: list[str] = Field(description="the models the live workers serve")
+    schedulers: list[str]
+    limits: RequestLimits
+    workers: list[WorkerInfo]
+
+
+def _bounds(field: str) -> Bounds:
+    schema = _REQUEST_FIELDS[field]
+    return Bounds(
+        minimum=schema["minimum"], maximum=schema["maximum"], multiple_of=schema.get("multipleOf")
+    )
+
+
+def request_limits(max_pixels_per_job: int) -> RequestLimits:
+    """The request's bounds, read from the request schema itself."""
+    return RequestLimits(
+        prompt_max_chars=_REQUEST_FIELDS["prompt"]["maxLength"],
+        width=_bounds("width"),
+        height=_bounds("height"),
+        num_inference_steps=_bounds("num_inference_steps"),
+        guidance_scale=_bounds("guidance_scale"),
+        num_images=_bounds("num_images"),
+        max_pixels_per_job=max_pixels_per_job,
+    )

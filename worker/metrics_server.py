@@ -1,0 +1,59 @@
+"""A worker process's own small HTTP server: /metrics for Prometheus, /health and /ready for
+probes. Celery workers are separate processes, so each serves its own. Imports no torch."""
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metrics, make_wsgi_app
+
+log = logging.getLogger(__name__)
+
+_StartResponse = Callable[..., Any]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No line per scrape or probe."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _json(start_response: _StartResponse, status: str, body: dict[str, str]) -> Iterable[bytes]:
+    start_response(status, [("Content-Type", "application/json")])
+    return [json.dumps(body).encode()]
+
+
+def serve_metrics(
+    host: str, port: int, is_ready: Callable[[], bool], registry: CollectorRegistry = REGISTRY
+) -> WSGIServer:
+    """Serve on a daemon thread: /metrics; /health (the process answers); /ready (it takes
+    jobs, i.e. its model is loaded and its consumer runs)."""
+    # `_created` series double every counter and histogram for little use.
+    disable_created_metrics()
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics(environ, start_response)
+        if path == "/health":
+            return _json(start_response, "200 OK", {"status": "ok"})
+        if path == "/ready":
+            if is_ready():
+                return _json(start_response, "200 OK", {"status": "ready"})
+            return _json(start_response, "503 Service Unavailable", {"status": "not ready"})
+        return _json(start_response, "404 Not Found", {"status": "no such path"})
+
+    server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return server
