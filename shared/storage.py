@@ -7,7 +7,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote, urlencode
 
 import boto3
@@ -106,9 +106,17 @@ class S3Storage:
     def __init__(self, settings: StorageSettings) -> None:
         self._bucket = settings.s3_bucket
         self._url_ttl_s = settings.url_ttl_s
-        self._client = boto3.client(
+        self._client = self._make_client(settings, settings.s3_endpoint_url)
+        # Signing a URL needs no connection: this client only signs, for where clients reach.
+        self._signer = self._client
+        if settings.s3_public_endpoint_url:
+            self._signer = self._make_client(settings, settings.s3_public_endpoint_url)
+
+    @staticmethod
+    def _make_client(settings: StorageSettings, endpoint_url: str | None) -> Any:
+        return boto3.client(
             "s3",
-            endpoint_url=settings.s3_endpoint_url,
+            endpoint_url=endpoint_url,
             region_name=settings.s3_region,
             aws_access_key_id=settings.s3_access_key_id,
             aws_secret_access_key=settings.s3_secret_access_key,
@@ -129,7 +137,7 @@ class S3Storage:
             raise StorageError(f"upload of {key} failed: {exc}") from exc
 
     def download_url(self, key: str, base_url: str) -> str:
-        return self._client.generate_presigned_url(
+        return self._signer.generate_presigned_url(
             "get_object",
             Params={"Bucket": self._bucket, "Key": key},
             ExpiresIn=self._url_ttl_s,
