@@ -16,9 +16,19 @@ import httpx
 from redis import Redis
 
 from shared.apikeys import ApiKeyStore
+from shared.settings import _T2ISettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 10
+
+
+def setting_names() -> set[str]:
+    """Every T2I_* environment variable a settings class reads."""
+    return {
+        f"T2I_{name.upper()}"
+        for settings in _T2ISettings.__subclasses__()
+        for name in settings.model_fields
+    }
 
 
 def free_port() -> int:
@@ -50,11 +60,23 @@ class Process:
     env: dict[str, str]
     log_path: Path
     popen: subprocess.Popen | None = None
+    # Its own process group (and stderr in a file of its own), as a terminal runs a command.
+    own_group: bool = False
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.log_path.with_suffix(".stderr")
 
     def start(self) -> "Process":
         log = self.log_path.open("ab")
+        stderr = self.stderr_path.open("ab") if self.own_group else subprocess.STDOUT
         self.popen = subprocess.Popen(
-            self.args, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+            self.args,
+            env=self.env,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=stderr,
+            start_new_session=self.own_group,
         )
         return self
 

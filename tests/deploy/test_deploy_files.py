@@ -1,0 +1,379 @@
+"""The deployment files, checked offline with no Docker engine and no cluster: the compose file
+against the Compose specification, the Dockerfiles with hadolint, deploy/k8s rendered by
+kustomize against the Kubernetes schemas and KEDA's; every T2I_* name they set is a setting, every
+command they run is one our processes accept, and the numbers they repeat agree."""
+
+import copy
+import json
+import re
+import shlex
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import kubernetes_validate
+import pytest
+import yaml
+from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
+from pydantic import BaseModel
+from redis import Redis
+from redis.exceptions import AuthenticationError, ResponseError
+
+from shared.probe import PROBES
+from shared.settings import CoreSettings, WorkerSettings
+from tests.support import REPO_ROOT, Process, free_port, port_open, setting_names, wait_until
+
+BIN = Path(sys.executable).parent
+COMPOSE = REPO_ROOT / "docker-compose.yml"
+DOCKERFILES = {"txt2img-api": "Dockerfile.api", "txt2img-worker": "Dockerfile.worker"}
+KUBERNETES_VERSIONS = ["1.30", "1.37"]
+KEDA_MODELS: dict[str, type[BaseModel]] = {
+    "ScaledObject": ScaledObject,
+    "TriggerAuthentication": TriggerAuthentication,
+}
+# The processes our images run, and the health probe that belongs to each.
+ENTRY_POINTS = {"api": "api", "worker": "worker", "worker.webhooks": "webhooks"}
+
+
+def tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """A checker installed with the dev extra, run from the virtual environment's bin/."""
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=REPO_ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@cache
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@cache
+def manifests() -> tuple[dict[str, Any], ...]:
+    rendered = tool("kubectl", "kustomize", "deploy/k8s")
+    assert rendered.returncode == 0, rendered.stderr
+    return tuple(doc for doc in yaml.safe_load_all(rendered.stdout) if doc)
+
+
+def manifest(kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def dockerfile_instructions(path: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) pairs, continuation lines joined and comments dropped."""
+    text = (REPO_ROOT / path).read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    return [
+        (parts[0].upper(), parts[1] if len(parts) > 1 else "")
+        for line in joined.splitlines()
+        if (parts := line.strip().split(None, 1))
+    ]
+
+
+def dockerfile_env(path: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction, arguments in dockerfile_instructions(path):
+        if instruction == "ENV":
+            env.update(token.split("=", 1) for token in shlex.split(arguments))
+    return env
+
+
+def dockerfile_exec_form(path: str, instruction: str) -> list[str]:
+    """CMD's argv, or HEALTHCHECK's command's argv."""
+    (arguments,) = [args for name, args in dockerfile_instructions(path) if name == instruction]
+    return json.loads(arguments[arguments.index("[") :])
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """A Kubernetes container's environment: its ConfigMaps and Secrets, then its own `env`."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(manifest("ConfigMap", source["configMapRef"]["name"])["data"])
+        if "secretRef" in source:
+            env.update(manifest("Secret", source["secretRef"]["name"])["stringData"])
+    env.update({item["name"]: item["value"] for item in container.get("env", [])})
+    return env
+
+
+def our_containers() -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+    """(pod spec, container, Dockerfile) for every container running one of our images."""
+    found = []
+    for doc in manifests():
+        if doc["kind"] != "Deployment":
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            image = container["image"].rsplit("/", 1)[-1].split(":")[0]
+            found.append((doc, container, DOCKERFILES[image]))
+    return found
+
+
+def compose_services_built_here() -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in compose()["services"].items() if "build" in svc}
+
+
+def test_compose_file_matches_the_compose_specification(tmp_path: Path) -> None:
+    result = tool("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The same check refuses a misspelt key, so its pass above means something.
+    broken = copy.deepcopy(compose())
+    broken["services"]["worker"]["healthchek"] = broken["services"]["worker"].pop("healthcheck")
+    (tmp_path / "compose.yml").write_text(yaml.safe_dump(broken))
+    refused = tool(
+        "check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(tmp_path / "compose.yml")
+    )
+    assert refused.returncode == 1 and "healthchek" in refused.stdout
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    result = tool("hadolint", *DOCKERFILES.values())
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+def test_the_worker_image_refuses_a_cpu_build_of_torch_and_the_api_image_any_torch() -> None:
+    worker = " ".join(args for name, args in dockerfile_instructions("Dockerfile.worker"))
+    assert "torch.version.cuda is None" in worker
+    assert "constraints.txt" not in worker
+    api = dockerfile_instructions("Dockerfile.api")
+    assert any("find_spec('torch')" in args for name, args in api if name == "RUN")
+    for path in DOCKERFILES.values():
+        assert ("USER", "10001:10001") in dockerfile_instructions(path)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_manifests_match_the_kubernetes_schemas(version: str) -> None:
+    kinds = set()
+    for doc in manifests():
+        if doc["kind"] in KEDA_MODELS:
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)
+        kinds.add(doc["kind"])
+    expected = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret"}
+    assert expected <= kinds
+    # Strict validation refuses a misspelt field.
+    broken = copy.deepcopy(manifest("Deployment", "txt2img-worker"))
+    broken["spec"]["template"]["spec"]["terminationGracePeriod"] = 600
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def keda_validate(doc: dict[str, Any]) -> None:
+    """Against KEDA's schema for the kind; a field the schema does not know is dropped by the
+    model, so a round trip that loses anything is an unknown field."""
+    parsed = KEDA_MODELS[doc["kind"]].model_validate(doc)
+    assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == doc
+
+
+def test_keda_objects_match_kedas_schemas() -> None:
+    keda = [doc for doc in manifests() if doc["kind"] in KEDA_MODELS]
+    assert {doc["kind"] for doc in keda} == set(KEDA_MODELS)
+    for doc in keda:
+        keda_validate(doc)
+    broken = copy.deepcopy(manifest("ScaledObject", "txt2img-worker"))
+    broken["spec"]["minReplicas"] = 0
+    with pytest.raises(AssertionError):
+        keda_validate(broken)
+    broken = copy.deepcopy(manifest("ScaledObject", "txt2img-worker"))
+    broken["spec"]["triggers"][0]["metadata"]["listLength"] = 8
+    with pytest.raises(ValueError):
+        keda_validate(broken)
+
+
+def test_keda_scales_the_worker_on_the_queue_the_services_use_from_zero() -> None:
+    scaler = manifest("ScaledObject", "txt2img-worker")["spec"]
+    assert (
+        scaler["scaleTargetRef"]["name"]
+        == manifest("Deployment", "txt2img-worker")["metadata"]["name"]
+    )
+    assert scaler["minReplicaCount"] == 0
+    (trigger,) = scaler["triggers"]
+    assert trigger["type"] == "redis"
+    config = manifest("ConfigMap", "txt2img-config")["data"]
+    redis_url = urlparse(manifest("Secret", "txt2img-secrets")["stringData"]["T2I_REDIS_URL"])
+    metadata = trigger["metadata"]
+    assert metadata["listName"] == config["T2I_QUEUE_NAME"] == CoreSettings().queue_name
+    assert metadata["address"] == f"{redis_url.hostname}:{redis_url.port}"
+    assert metadata["databaseIndex"] == redis_url.path.strip("/")
+    # One waiting job wakes the first worker; then about one worker per batch of waiting jobs.
+    assert metadata["activationListLength"] == "0"
+    assert metadata["listLength"] == str(WorkerSettings().max_batch_images)
+    auth = manifest("TriggerAuthentication", trigger["authenticationRef"]["name"])["spec"]
+    (password,) = auth["secretTargetRef"]
+    assert password["key"] in manifest("Secret", password["name"])["stringData"]
+
+
+def test_the_gpu_worker_gets_a_gpu_and_time_to_finish_its_batches() -> None:
+    worker = manifest("Deployment", "txt2img-worker")
+    pod = worker["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and pod["tolerations"]
+    assert pod["terminationGracePeriodSeconds"] >= 300
+    assert "replicas" not in worker["spec"], "KEDA owns the worker's replica count"
+    hpa = manifest("HorizontalPodAutoscaler", "txt2img-api")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "txt2img-api"
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+    for budget in (d for d in manifests() if d["kind"] == "PodDisruptionBudget"):
+        selector = budget["spec"]["selector"]["matchLabels"]
+        targets = [
+            d
+            for d in manifests()
+            if d["kind"] == "Deployment"
+            and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(targets) == 1, budget["metadata"]["name"]
+
+
+def _t2i_names(text: str) -> set[str]:
+    return set(re.findall(r"\bT2I_[A-Z0-9_]+", text))
+
+
+def test_every_t2i_name_the_deployment_files_set_is_a_real_setting() -> None:
+    settings = setting_names()
+    compose_names = {
+        name
+        for service in compose()["services"].values()
+        for name in service.get("environment", {})
+        if name.startswith("T2I_")
+    }
+    kubernetes_names = {
+        name
+        for _, container, _ in our_containers()
+        for name in container_env(container)
+        if name.startswith("T2I_")
+    }
+    dockerfile_names = {
+        name for path in DOCKERFILES.values() for name in dockerfile_env(path) if "T2I_" in name
+    }
+    mentioned = set()
+    for path in [COMPOSE, *REPO_ROOT.glob("deploy/**/*.*"), *REPO_ROOT.glob("Dockerfile.*")]:
+        mentioned |= _t2i_names(path.read_text())
+    assert len(compose_names) >= 10 and len(kubernetes_names) >= 10 and len(dockerfile_names) >= 4
+    unknown = (compose_names | kubernetes_names | dockerfile_names | mentioned) - settings
+    assert not unknown, f"not settings: {sorted(unknown)}"
+
+
+def assert_accepted(argv: list[str], runs: str | None = None) -> str:
+    """The module argv runs, after checking it is one of our processes (they take no arguments)
+    or the health probe of the process `runs`."""
+    assert argv[:2] == ["python", "-m"], argv
+    module, *args = argv[2:]
+    if module == "shared.probe":
+        assert args in ([target] for target in PROBES), argv
+        assert runs is None or args == [ENTRY_POINTS[runs]], (argv, runs)
+    else:
+        assert module in ENTRY_POINTS and args == [], argv
+    return module
+
+
+def test_commands_are_ones_our_processes_accept() -> None:
+    checked = 0
+    for path in DOCKERFILES.values():
+        runs = assert_accepted(dockerfile_exec_form(path, "CMD"))
+        assert_accepted(dockerfile_exec_form(path, "HEALTHCHECK"), runs)
+        checked += 2
+    for name, service in compose_services_built_here().items():
+        dockerfile = service["build"]["dockerfile"]
+        runs = assert_accepted(service.get("command") or dockerfile_exec_form(dockerfile, "CMD"))
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD", name
+        assert_accepted(test[1:], runs)
+        checked += 2
+    for _, container, dockerfile in our_containers():
+        argv = container.get("command", dockerfile_exec_form(dockerfile, "CMD"))
+        assert_accepted([*argv, *container.get("args", [])])
+        checked += 1
+    assert checked >= 13
+    # The probe itself refuses what it does not know.
+    refused = subprocess.run(
+        [sys.executable, "-m", "shared.probe", "sweeper"], cwd=REPO_ROOT, capture_output=True
+    )
+    assert refused.returncode == 2
+
+
+def test_kubernetes_probes_and_scrape_annotations_use_the_ports_the_processes_listen_on() -> None:
+    port_setting = {"api": "T2I_PORT", "worker": "T2I_METRICS_PORT"}
+    port_setting["worker.webhooks"] = "T2I_WEBHOOK_METRICS_PORT"
+    for deployment, container, dockerfile in our_containers():
+        argv = container.get("command", dockerfile_exec_form(dockerfile, "CMD"))
+        module = argv[2]
+        env = {**dockerfile_env(dockerfile), **container_env(container)}
+        port = int(env[port_setting[module]])
+        ports = {item["name"]: item["containerPort"] for item in container["ports"]}
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert int(annotations["prometheus.io/port"]) == port
+        assert annotations["prometheus.io/path"] == "/metrics"
+        for probe in ("readinessProbe", "livenessProbe"):
+            check = container[probe]["httpGet"]
+            assert ports[check["port"]] == port, (module, probe)
+        assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+        ready = container["readinessProbe"]["httpGet"]["path"]
+        # The API is ready without a worker: workers scale to zero and jobs wait for them.
+        assert ready == ("/ready?require_worker=false" if module == "api" else "/ready")
+
+
+def test_compose_prometheus_scrapes_each_process_on_its_metrics_port() -> None:
+    config = yaml.safe_load((REPO_ROOT / "deploy/prometheus/compose.yml").read_text())
+    services = compose()["services"]
+    port_setting = {"api": "T2I_PORT", "worker": "T2I_METRICS_PORT"}
+    port_setting["worker.webhooks"] = "T2I_WEBHOOK_METRICS_PORT"
+    scraped = set()
+    for job in config["scrape_configs"]:
+        for target in job["static_configs"][0]["targets"]:
+            host, port = target.split(":")
+            service = services[host]
+            dockerfile = service["build"]["dockerfile"]
+            module = (service.get("command") or dockerfile_exec_form(dockerfile, "CMD"))[2]
+            env = {**dockerfile_env(dockerfile), **service["environment"]}
+            assert int(env[port_setting[module]]) == int(port), target
+            scraped.add(host)
+    assert scraped == set(compose_services_built_here())
+
+
+def test_minio_lifecycle_rule_matches_the_job_retention() -> None:
+    init = compose()["services"]["minio-init"]["environment"]
+    days = int(init["RETENTION_DAYS"])
+    api_env = compose()["services"]["api"]["environment"]
+    retention_s = int(api_env.get("T2I_RETENTION_S", CoreSettings().retention_s))
+    assert days * 24 * 3600 == retention_s
+    script = subprocess.run(["sh", "-n", str(REPO_ROOT / "deploy/minio/init.sh")])
+    assert script.returncode == 0
+
+
+def test_compose_redis_config_is_durable_and_needs_the_password(tmp_path: Path) -> None:
+    """redis-server started the way compose starts it (its config file, then the command's
+    flags), on loopback here instead of the compose network."""
+    redis = compose()["services"]["redis"]
+    password = "${REDIS_PASSWORD:?set REDIS_PASSWORD in .env}"
+    argv = [arg.replace(password, "s3cret") for arg in redis["command"]]
+    assert argv[1] == "/usr/local/etc/redis/redis.conf"
+    port = free_port()
+    argv[1] = str(REPO_ROOT / "deploy/redis.conf")
+    server = Process(
+        "compose-redis",
+        [*argv, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path)],
+        {},
+        tmp_path / "redis.log",
+    ).start()
+    try:
+        wait_until(lambda: port_open(port), 10, "redis-server with deploy/redis.conf")
+        with pytest.raises((AuthenticationError, ResponseError)):
+            Redis(port=port).ping()
+        client = Redis(port=port, password="s3cret", decode_responses=True)
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("appendfsync")["appendfsync"] == "everysec"
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        client.close()
+    finally:
+        server.stop()
+    assert "ports" not in redis, "Redis is never published"

@@ -1,0 +1,363 @@
+"""`make run` as an operator runs it: one ready line; jobs through it; /metrics on the API (two
+processes) and on each worker; /info; the docs with no internet; JSON log lines that carry the
+job id; and a clean stop on SIGTERM or Ctrl-C to its process group."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urljoin
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.info import SCHEDULERS, SERVICE_VERSION
+from tests.support import (
+    REPO_ROOT,
+    Process,
+    WebhookReceiver,
+    free_port,
+    port_open,
+    service_env,
+    wait_for_job,
+    wait_until,
+)
+
+FAIL_PROMPT = "fail-on-purpose"
+READY_LINE = "txt2img-service ready"
+# make's own status line when what it ran ends on a signal: not a line of ours.
+MAKE_STATUS = re.compile(r"^make(\[\d+\])?: \*\*\* ")
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@dataclass
+class MakeRun:
+    """`make run` in a process group of its own, as a terminal would run it."""
+
+    process: Process
+    data_dir: Path
+    api_port: int
+    metrics_port: int
+    webhook_metrics_port: int
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def worker(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
+    def webhooks(self) -> str:
+        return f"http://127.0.0.1:{self.webhook_metrics_port}"
+
+    def stdout(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.process.stderr_path.read_text(errors="replace")
+
+    def client(self) -> httpx.Client:
+        key = (self.data_dir / "dev-api-key").read_text().strip()
+        return httpx.Client(
+            base_url=self.api, timeout=10, headers={"Authorization": f"Bearer {key}"}
+        )
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if not self.process.alive():
+                raise RuntimeError(f"make run exited:\n{self.stdout()}\n{self.stderr()[-3000:]}")
+            return READY_LINE in self.stdout()
+
+        wait_until(ready, 180, "make run's ready line")
+
+    def stop(self, sig: signal.Signals) -> None:
+        assert self.process.popen is not None
+        os.killpg(self.process.popen.pid, sig)
+        self.process.popen.wait(90)
+
+
+def start_make_run(workdir: Path, model_cache: Path, redis_url: str, **env: str) -> MakeRun:
+    workdir.mkdir(parents=True, exist_ok=True)
+    run = MakeRun(
+        process=Process(
+            "make-run",
+            ["make", "--no-print-directory", "run"],
+            {
+                # A make that runs the tests passes its own flags down; this one starts afresh.
+                **{k: v for k, v in service_env().items() if not k.startswith(("MAKE", "MFLAGS"))},
+                "T2I_REDIS_URL": redis_url,
+                "T2I_MODEL_ID": "tiny",
+                "T2I_MODEL_CACHE_DIR": str(model_cache),
+                "T2I_DATA_DIR": str(workdir / "data"),
+                "T2I_HEARTBEAT_INTERVAL_S": "1",
+                **env,
+            },
+            workdir / "make-run.log",
+            own_group=True,
+        ),
+        data_dir=workdir / "data",
+        api_port=int(env["T2I_PORT"]),
+        metrics_port=int(env["T2I_METRICS_PORT"]),
+        webhook_metrics_port=int(env["T2I_WEBHOOK_METRICS_PORT"]),
+    )
+    run.process.start()
+    return run
+
+
+def ports() -> dict[str, str]:
+    return {
+        "T2I_PORT": str(free_port()),
+        "T2I_METRICS_PORT": str(free_port()),
+        "T2I_WEBHOOK_METRICS_PORT": str(free_port()),
+    }
+
+
+@pytest.fixture(scope="module")
+def running(workdir: Path, model_cache: Path, redis_port: int) -> Iterator[MakeRun]:
+    """JSON logs, two API processes, a webhook worker allowed to call loopback."""
+    run = start_make_run(
+        workdir / "make-run-json",
+        model_cache,
+        f"redis://127.0.0.1:{redis_port}/8",
+        T2I_LOG_FORMAT="json",
+        T2I_API_PROCESSES="2",
+        T2I_DEBUG_FAIL_PROMPT=FAIL_PROMPT,
+        T2I_WEBHOOK_ALLOWLIST="127.0.0.1",
+        **ports(),
+    )
+    run.wait_ready()
+    yield run
+    if run.process.alive():
+        run.stop(signal.SIGTERM)
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a /metrics page, read with prometheus-client's own parser."""
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def submit(client: httpx.Client, prompt: str = "a lighthouse", **extra: object) -> str:
+    body = {"prompt": prompt, "width": 256, "height": 256, "num_inference_steps": 2, **extra}
+    response = client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def test_make_run_says_ready_once_when_its_worker_has_loaded_the_model(running: MakeRun) -> None:
+    ready_lines = [line for line in running.stdout().splitlines() if READY_LINE in line]
+    assert ready_lines == [
+        f"{READY_LINE}: API on {running.api} (docs at /docs, metrics at /metrics); Ctrl-C stops it."
+    ]
+    assert httpx.get(f"{running.api}/ready").status_code == 200
+    assert httpx.get(f"{running.worker}/ready").status_code == 200
+    assert httpx.get(f"{running.webhooks}/ready").status_code == 200
+
+
+def test_a_job_moves_the_counters_of_the_api_and_of_each_worker(running: MakeRun) -> None:
+    before = {url: scrape(url) for url in (running.api, running.worker, running.webhooks)}
+    with running.client() as client, WebhookReceiver() as receiver:
+        job_id = submit(client, webhook={"url": receiver.url})
+        assert wait_for_job(client, job_id)["status"] == "succeeded"
+        receiver.wait_for(1)
+    deliveries = "txt2img_webhook_deliveries_total"
+    delivered_before = value(before[running.webhooks], deliveries, outcome="delivered")
+    wait_until(
+        lambda: value(scrape(running.webhooks), deliveries, outcome="delivered") > delivered_before,
+        20,
+        "the delivery to be counted",
+    )
+    after = {url: scrape(url) for url in (running.api, running.worker, running.webhooks)}
+
+    def grew(url: str, name: str, **labels: str) -> float:
+        return value(after[url], name, **labels) - value(before[url], name, **labels)
+
+    worker = running.worker
+    assert grew(worker, "txt2img_jobs_finished_total", outcome="succeeded") == 1
+    for phase in ("queued", "render", "upload"):
+        assert grew(worker, f"txt2img_job_{phase}_seconds_count") == 1
+    assert grew(worker, "txt2img_job_render_seconds_sum") > 0
+    assert grew(worker, "txt2img_pipeline_calls_total") == 1
+    assert grew(worker, "txt2img_pipeline_call_images_count") == 1
+    assert grew(worker, "txt2img_pipeline_call_images_sum") == 1
+
+    api = running.api
+    assert grew(api, "txt2img_jobs_submitted_total") == 1
+    requests = "txt2img_http_requests_total"
+    assert grew(api, requests, method="POST", route="/v1/jobs", status="202") == 1
+    assert grew(api, requests, method="GET", route="/v1/jobs/{job_id}", status="200") >= 1
+    assert value(after[api], "txt2img_queue_depth") == 0
+    assert value(after[api], "txt2img_workers_alive", model="tiny") == 1
+
+    assert grew(running.webhooks, deliveries, outcome="delivered") == 1
+    # Labels stay bounded: no job id ever becomes a label value.
+    for url in after:
+        assert job_id not in httpx.get(f"{url}/metrics").text
+
+
+def test_every_api_process_reports_the_sum_of_all_of_them(running: MakeRun) -> None:
+    def health_count(samples: Samples) -> float:
+        return value(
+            samples, "txt2img_http_requests_total", method="GET", route="/health", status="200"
+        )
+
+    before = health_count(scrape(running.api))
+    requests = 40
+    for _ in range(requests):
+        # A new connection each time, so the kernel hands them to either process.
+        assert httpx.get(f"{running.api}/health").status_code == 200
+    seen = [health_count(scrape(running.api)) for _ in range(8)]
+    assert seen == [before + requests] * 8
+    started = re.findall(r"Started server process \[(\d+)\]", running.stderr())
+    assert len(set(started)) == 2
+
+
+def test_info_names_the_live_worker_its_model_levers_and_the_limits(running: MakeRun) -> None:
+    info = httpx.get(f"{running.api}/info").raise_for_status().json()
+    assert info["version"] == SERVICE_VERSION
+    assert info["models"] == ["tiny"]
+    assert info["schedulers"] == SCHEDULERS
+    limits = info["limits"]
+    assert (limits["width"]["minimum"], limits["width"]["maximum"]) == (256, 1024)
+    assert limits["width"]["multiple_of"] == 8
+    assert limits["num_inference_steps"]["maximum"] == 150
+    (worker,) = info["workers"]
+    assert (worker["model"], worker["device"], worker["max_batch_images"]) == ("tiny", "cpu", 8)
+    # On a CPU every lever that pays only on CUDA stays off.
+    assert worker["levers"] == {
+        "compile": False,
+        "cuda_graphs": False,
+        "fuse_qkv": False,
+        "channels_last": False,
+    }
+    assert 0 <= worker["last_seen_s"] < 5
+
+
+class _Assets(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [url for name, url in attrs if name in ("src", "href") and url]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_render_from_assets_the_service_serves_itself(running: MakeRun, page: str) -> None:
+    html = httpx.get(f"{running.api}{page}").raise_for_status().text
+    assert not re.search(r"https?://", html), "the page refers to another host"
+    parser = _Assets()
+    parser.feed(html)
+    assert any(url.endswith(".js") for url in parser.urls)
+    # The scripts then load the OpenAPI document, from the service too.
+    urls = [*parser.urls, "/openapi.json"]
+    for url in urls:
+        asset = httpx.get(urljoin(f"{running.api}{page}", url))
+        assert asset.status_code == 200 and asset.content, url
+    assert parser.urls
+
+
+def test_health_probe_commands_answer_for_each_process(running: MakeRun) -> None:
+    env = {
+        **service_env(),
+        "T2I_PORT": str(running.api_port),
+        "T2I_METRICS_PORT": str(running.metrics_port),
+        "T2I_WEBHOOK_METRICS_PORT": str(running.webhook_metrics_port),
+    }
+
+    def probe(target: str, **overrides: str) -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "shared.probe", target],
+            env={**env, **overrides},
+            cwd=REPO_ROOT,
+            capture_output=True,
+            timeout=30,
+        ).returncode
+
+    assert [probe(target) for target in ("api", "worker", "webhooks")] == [0, 0, 0]
+    assert probe("worker", T2I_METRICS_PORT=str(free_port())) == 1
+
+
+def _log_entries(stderr: str) -> list[dict]:
+    return [json.loads(line) for line in stderr.splitlines() if not MAKE_STATUS.match(line)]
+
+
+def test_json_log_lines_carry_the_id_of_the_job_they_are_about(running: MakeRun) -> None:
+    with running.client() as client:
+        # Different steps, so the two never share the pipeline call the failure breaks.
+        succeeded, failed = submit(client), submit(client, FAIL_PROMPT, num_inference_steps=3)
+        assert wait_for_job(client, succeeded)["status"] == "succeeded"
+        assert wait_for_job(client, failed)["status"] == "failed"
+
+    def celery_logged_the_failure() -> bool:
+        entries = _log_entries(running.stderr())
+        return any(
+            e["logger"] == "celery.app.trace" and failed in e["message"] + json.dumps(e)
+            for e in entries
+        )
+
+    # Celery logs a failed task once the job is already failed for its clients.
+    wait_until(celery_logged_the_failure, 20, "Celery's line about the failed task")
+    entries = _log_entries(running.stderr())
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    for job_id in (succeeded, failed):
+        about = [entry for entry in entries if job_id in json.dumps(entry)]
+        assert about and all(entry.get("job_id") == job_id for entry in about), about
+        loggers = {entry["logger"] for entry in about}
+        assert {"api.routes.jobs", "worker.jobs"} <= loggers
+    failure = [e for e in entries if e.get("job_id") == failed and e["level"] == "ERROR"]
+    # Celery's own line about the failed task, traceback included, carries the id too.
+    assert any(e["logger"] == "celery.app.trace" and "exception" in e for e in failure)
+
+
+def test_sigterm_to_its_process_group_stops_everything_without_a_traceback(
+    running: MakeRun,
+) -> None:
+    logged_before = len(_log_entries(running.stderr()))
+    running.stop(signal.SIGTERM)
+    output = running.stdout() + running.stderr()
+    assert not any(line.startswith("Traceback") for line in output.splitlines())
+    for port in (running.api_port, running.metrics_port, running.webhook_metrics_port):
+        assert not port_open(port)
+    while_stopping = _log_entries(running.stderr())[logged_before:]
+    assert [e for e in while_stopping if e["level"] not in ("INFO", "DEBUG")] == []
+    shutdowns = [e for e in while_stopping if "warm shutdown" in e["message"]]
+    assert len(shutdowns) == 2  # the render worker and the webhook worker
+
+
+def test_ctrl_c_stops_make_run_and_the_redis_it_started(tmp_path: Path, model_cache: Path) -> None:
+    """Text logs, the default; Redis started by make run itself and stopped last."""
+    redis_port = free_port()
+    run = start_make_run(tmp_path, model_cache, f"redis://127.0.0.1:{redis_port}/0", **ports())
+    try:
+        run.wait_ready()
+        assert port_open(redis_port)
+        first_log_line = run.stderr().splitlines()[0]
+        assert " INFO " in first_log_line and not first_log_line.startswith("{")
+    finally:
+        run.stop(signal.SIGINT)
+    output = run.stdout() + run.stderr()
+    assert "Traceback" not in output and " ERROR " not in output
+    assert "warm shutdown" in run.stderr()
+    for port in (redis_port, run.api_port, run.metrics_port, run.webhook_metrics_port):
+        assert not port_open(port)
