@@ -219,6 +219,8 @@ def test_the_gpu_worker_gets_a_gpu_and_time_to_finish_its_batches() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] and pod["tolerations"]
     assert pod["terminationGracePeriodSeconds"] >= 300
+    compose_grace = compose()["services"]["worker"]["stop_grace_period"]
+    assert compose_grace == f"{pod['terminationGracePeriodSeconds'] // 60}m"
     assert "replicas" not in worker["spec"], "KEDA owns the worker's replica count"
     hpa = manifest("HorizontalPodAutoscaler", "txt2img-api")["spec"]
     assert hpa["scaleTargetRef"]["name"] == "txt2img-api"

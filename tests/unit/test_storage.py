@@ -4,7 +4,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from shared.storage import LocalStorage, StorageError, image_key
+from shared.settings import StorageSettings
+from shared.storage import LocalStorage, S3Storage, StorageError, image_key
 
 
 def test_image_keys_are_deterministic() -> None:
@@ -38,3 +39,20 @@ def test_expired_signatures_fail(tmp_path: Path) -> None:
 def test_keys_cannot_escape_the_root(tmp_path: Path, key: str) -> None:
     with pytest.raises(StorageError):
         LocalStorage(tmp_path / "root", "secret", 60).path_for(key)
+
+
+def test_s3_urls_are_signed_for_the_public_endpoint_when_there_is_one() -> None:
+    common = {
+        "storage": "s3",
+        "s3_bucket": "txt2img",
+        "s3_endpoint_url": "http://minio:9000",
+        "s3_access_key_id": "key",
+        "s3_secret_access_key": "secret",
+    }
+    inside = S3Storage(StorageSettings(**common)).download_url("images/j/0.png", "")
+    public = S3Storage(
+        StorageSettings(**common, s3_public_endpoint_url="http://localhost:9000")
+    ).download_url("images/j/0.png", "")
+    assert inside.startswith("http://minio:9000/txt2img/images/j/0.png?")
+    assert public.startswith("http://localhost:9000/txt2img/images/j/0.png?")
+    assert "X-Amz-Signature=" in public
