@@ -62,6 +62,9 @@ def _stack_env(redis_port: int, db: int, workdir: Path, model_cache: Path, **ext
         T2I_DEBUG_FAIL_PROMPT=FAIL_PROMPT,
         T2I_HEARTBEAT_INTERVAL_S="1",
         T2I_WORKER_HEARTBEAT_MAX_AGE_S="5",
+        # Many stacks run side by side; the operations tests serve metrics on ports of their own.
+        T2I_METRICS_PORT="0",
+        T2I_WEBHOOK_METRICS_PORT="0",
         **extra,
     )
 

@@ -29,7 +29,7 @@ from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
 from worker.library_logs import route_library_logs
 from worker.metrics import instrument, watch_gpu_memory
-from worker.metrics_server import serve_metrics
+from worker.metrics_server import MetricsPortInUse, serve_metrics
 from worker.pipeline import (
     DiffusionRenderer,
     ModelLoadError,
@@ -47,9 +47,14 @@ def main() -> int:
     route_library_logs()
     core, storage_config, settings = core_settings(), storage_settings(), worker_settings()
     taking_jobs = threading.Event()
-    if settings.metrics_port:
+    try:
         # Up before the model loads, so a probe can tell a slow start from a dead process.
-        serve_metrics(settings.metrics_host, settings.metrics_port, taking_jobs.is_set)
+        serve_metrics(
+            settings.metrics_host, settings.metrics_port, "T2I_METRICS_PORT", taking_jobs.is_set
+        )
+    except MetricsPortInUse as exc:
+        log.error("%s", exc)
+        return 2
     levers = SpeedLevers.for_device(
         resolve_device(settings.device),
         compile=settings.compile,

@@ -16,6 +16,10 @@ log = logging.getLogger(__name__)
 _StartResponse = Callable[..., Any]
 
 
+class MetricsPortInUse(Exception):
+    """The metrics port cannot be bound (another worker on this machine has it?)."""
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
@@ -33,10 +37,16 @@ def _json(start_response: _StartResponse, status: str, body: dict[str, str]) -> 
 
 
 def serve_metrics(
-    host: str, port: int, is_ready: Callable[[], bool], registry: CollectorRegistry = REGISTRY
-) -> WSGIServer:
+    host: str,
+    port: int,
+    setting: str,
+    is_ready: Callable[[], bool],
+    registry: CollectorRegistry = REGISTRY,
+) -> WSGIServer | None:
     """Serve on a daemon thread: /metrics; /health (the process answers); /ready (it takes
-    jobs, i.e. its model is loaded and its consumer runs)."""
+    jobs, i.e. its model is loaded and its consumer runs). Port 0: nothing."""
+    if not port:
+        return None
     # `_created` series double every counter and histogram for little use.
     disable_created_metrics()
     metrics = make_wsgi_app(registry)
@@ -53,7 +63,13 @@ def serve_metrics(
             return _json(start_response, "503 Service Unavailable", {"status": "not ready"})
         return _json(start_response, "404 Not Found", {"status": "no such path"})
 
-    server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise MetricsPortInUse(
+            f"cannot serve /metrics on {host}:{port} ({exc.strerror}); "
+            f"set {setting} to a free port (0: no metrics endpoint)"
+        ) from exc
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", host, port)
     return server

@@ -39,7 +39,7 @@ from shared.webhooks import (
     check_webhook_url,
     signed_headers,
 )
-from worker.metrics_server import serve_metrics
+from worker.metrics_server import MetricsPortInUse, serve_metrics
 from worker.periodic import Periodic
 
 log = logging.getLogger("worker.webhooks")
@@ -214,8 +214,16 @@ def main() -> int:
     configure_logging(log_settings())
     core, settings = core_settings(), webhook_settings()
     taking_jobs = threading.Event()
-    if settings.webhook_metrics_port:
-        serve_metrics(settings.metrics_host, settings.webhook_metrics_port, taking_jobs.is_set)
+    try:
+        serve_metrics(
+            settings.metrics_host,
+            settings.webhook_metrics_port,
+            "T2I_WEBHOOK_METRICS_PORT",
+            taking_jobs.is_set,
+        )
+    except MetricsPortInUse as exc:
+        log.error("%s", exc)
+        return 2
     redis = make_redis(core)
     app = make_celery(core)
     webhooks = Webhooks(redis, app, settings, core.retention_s)

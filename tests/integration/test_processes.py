@@ -1,5 +1,6 @@
 """Process-level promises: the API stays free of torch; a worker without a model says why."""
 
+import socket
 import subprocess
 import sys
 
@@ -35,3 +36,23 @@ def test_worker_without_a_loadable_model_exits_naming_the_setting_and_tiny(tmp_p
     assert result.returncode == 2
     assert "T2I_MODEL_ID" in result.stderr and "T2I_MODEL_ID=tiny" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_worker_whose_metrics_port_is_taken_exits_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = service_env(
+            T2I_WEBHOOK_METRICS_PORT=str(taken.getsockname()[1]),
+            T2I_REDIS_URL="redis://127.0.0.1:1/0",
+        )
+        result = subprocess.run(
+            [sys.executable, "-m", "worker.webhooks"],
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert "T2I_WEBHOOK_METRICS_PORT" in result.stderr and "Traceback" not in result.stderr
