@@ -4,11 +4,8 @@ import logging
 import os
 import socket
 import sys
-import threading
 import time
 from dataclasses import asdict
-
-from celery.signals import worker_ready, worker_shutdown
 
 from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
@@ -29,7 +26,7 @@ from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
 from worker.library_logs import route_library_logs
 from worker.metrics import instrument, watch_gpu_memory
-from worker.metrics_server import MetricsPortInUse, serve_metrics
+from worker.metrics_server import MetricsPortInUse, WorkerProbes
 from worker.pipeline import (
     DiffusionRenderer,
     ModelLoadError,
@@ -46,12 +43,9 @@ def main() -> int:
     configure_logging(log_settings())
     route_library_logs()
     core, storage_config, settings = core_settings(), storage_settings(), worker_settings()
-    taking_jobs = threading.Event()
     try:
         # Up before the model loads, so a probe can tell a slow start from a dead process.
-        serve_metrics(
-            settings.metrics_host, settings.metrics_port, "T2I_METRICS_PORT", taking_jobs.is_set
-        )
+        probes = WorkerProbes(settings.metrics_host, settings.metrics_port, "T2I_METRICS_PORT")
     except MetricsPortInUse as exc:
         log.error("%s", exc)
         return 2
@@ -133,17 +127,11 @@ def main() -> int:
     )
     heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s, info)
 
-    def on_ready(**_: object) -> None:
+    def start() -> None:
         heartbeat.start()
-        taking_jobs.set()
         log.info("worker ready: %s on %s, taking jobs", info.model, info.device)
 
-    def on_shutdown(**_: object) -> None:
-        taking_jobs.clear()
-        heartbeat.stop()
-
-    worker_ready.connect(on_ready, weak=False)
-    worker_shutdown.connect(on_shutdown, weak=False)
+    probes.ready_while_consuming(start, heartbeat.stop)
 
     register_tasks(app)
     consume(app, core.queue_name, settings.task_threads, worker_name)

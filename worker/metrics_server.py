@@ -9,6 +9,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from celery.signals import worker_ready, worker_shutdown
 from prometheus_client import REGISTRY, CollectorRegistry, disable_created_metrics, make_wsgi_app
 
 log = logging.getLogger(__name__)
@@ -73,3 +74,25 @@ def serve_metrics(
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", host, port)
     return server
+
+
+class WorkerProbes:
+    """A worker process's /metrics, /health and /ready; ready while Celery consumes its queue."""
+
+    def __init__(self, host: str, port: int, setting: str) -> None:
+        self._taking_jobs = threading.Event()
+        serve_metrics(host, port, setting, self._taking_jobs.is_set)
+
+    def ready_while_consuming(self, start: Callable[[], None], stop: Callable[[], None]) -> None:
+        """Once Celery consumes: `start`, then ready. When it shuts down: not ready, then `stop`."""
+
+        def on_ready(**_: object) -> None:
+            start()
+            self._taking_jobs.set()
+
+        def on_shutdown(**_: object) -> None:
+            self._taking_jobs.clear()
+            stop()
+
+        worker_ready.connect(on_ready, weak=False)
+        worker_shutdown.connect(on_shutdown, weak=False)

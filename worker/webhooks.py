@@ -7,14 +7,12 @@ import os
 import random
 import socket
 import sys
-import threading
 import time
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
 from prometheus_client import Counter
 
 from shared.apikeys import ApiKeyStore
@@ -39,7 +37,7 @@ from shared.webhooks import (
     check_webhook_url,
     signed_headers,
 )
-from worker.metrics_server import MetricsPortInUse, serve_metrics
+from worker.metrics_server import MetricsPortInUse, WorkerProbes
 from worker.periodic import Periodic
 
 log = logging.getLogger("worker.webhooks")
@@ -213,13 +211,9 @@ def register_webhook_task(app: Celery, sender: Sender) -> None:
 def main() -> int:
     configure_logging(log_settings())
     core, settings = core_settings(), webhook_settings()
-    taking_jobs = threading.Event()
     try:
-        serve_metrics(
-            settings.metrics_host,
-            settings.webhook_metrics_port,
-            "T2I_WEBHOOK_METRICS_PORT",
-            taking_jobs.is_set,
+        probes = WorkerProbes(
+            settings.metrics_host, settings.webhook_metrics_port, "T2I_WEBHOOK_METRICS_PORT"
         )
     except MetricsPortInUse as exc:
         log.error("%s", exc)
@@ -237,17 +231,7 @@ def main() -> int:
     )
     register_webhook_task(app, sender)
     scheduler = Periodic("webhook-retries", _SCHEDULER_POLL_S, lambda: requeue_due(webhooks))
-
-    def on_ready(**_: object) -> None:
-        scheduler.start()
-        taking_jobs.set()
-
-    def on_shutdown(**_: object) -> None:
-        taking_jobs.clear()
-        scheduler.stop()
-
-    worker_ready.connect(on_ready, weak=False)
-    worker_shutdown.connect(on_shutdown, weak=False)
+    probes.ready_while_consuming(scheduler.start, scheduler.stop)
     hostname = f"webhooks@{socket.gethostname()}.{os.getpid()}"
     consume(app, settings.webhook_queue, settings.webhook_concurrency, hostname)
     return 0

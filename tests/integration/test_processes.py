@@ -19,19 +19,21 @@ def test_importing_and_building_the_api_loads_no_torch() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_worker_without_a_loadable_model_exits_naming_the_setting_and_tiny(tmp_path) -> None:
-    env = service_env(
-        T2I_MODEL_ID="txt2img-tests/no-such-model",
-        T2I_MODEL_CACHE_DIR=str(tmp_path),
-        T2I_REDIS_URL="redis://127.0.0.1:1/0",
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "worker"],
+def run_until_it_exits(module: str, **env: str) -> subprocess.CompletedProcess:
+    """A worker started with a setting it cannot work with; no Redis answers it."""
+    return subprocess.run(
+        [sys.executable, "-m", module],
         cwd=REPO_ROOT,
-        env=env,
+        env=service_env(T2I_REDIS_URL="redis://127.0.0.1:1/0", **env),
         capture_output=True,
         text=True,
         timeout=120,
+    )
+
+
+def test_worker_without_a_loadable_model_exits_naming_the_setting_and_tiny(tmp_path) -> None:
+    result = run_until_it_exits(
+        "worker", T2I_MODEL_ID="txt2img-tests/no-such-model", T2I_MODEL_CACHE_DIR=str(tmp_path)
     )
     assert result.returncode == 2
     assert "T2I_MODEL_ID" in result.stderr and "T2I_MODEL_ID=tiny" in result.stderr
@@ -42,17 +44,7 @@ def test_a_worker_whose_metrics_port_is_taken_exits_naming_the_setting() -> None
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = service_env(
-            T2I_WEBHOOK_METRICS_PORT=str(taken.getsockname()[1]),
-            T2I_REDIS_URL="redis://127.0.0.1:1/0",
-        )
-        result = subprocess.run(
-            [sys.executable, "-m", "worker.webhooks"],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        port = str(taken.getsockname()[1])
+        result = run_until_it_exits("worker.webhooks", T2I_WEBHOOK_METRICS_PORT=port)
     assert result.returncode == 2
     assert "T2I_WEBHOOK_METRICS_PORT" in result.stderr and "Traceback" not in result.stderr
