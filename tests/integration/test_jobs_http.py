@@ -42,7 +42,8 @@ def pixels(data: bytes) -> np.ndarray:
 def test_submit_poll_and_download_a_png(any_stack: Stack) -> None:
     with any_stack.client() as client:
         queued = submit(client, prompt="a lighthouse at dusk", width=320, height=256, seed=1234)
-        assert queued["status"] == "queued"
+        # Whether a worker admitted it before the answer was written is a race this test
+        # does not look at.
         assert queued["request"]["seed"] == 1234
         job = wait_for_job(client, queued["id"])
 
