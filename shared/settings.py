@@ -71,6 +71,7 @@ class ApiSettings(_T2ISettings):
     max_pixels_per_job: int = Field(default=8 * 512 * 512, ge=256 * 256)
     public_base_url: str | None = None
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     # Applies to job submissions; the default for keys created without their own limit.
     rate_limit_per_min: int = Field(default=60, ge=1)
     max_queue_depth: int = Field(default=1000, ge=1)

@@ -155,6 +155,35 @@ def test_malformed_json_gets_422_envelope(local_stack: Stack) -> None:
     assert response.json()["error"]["type"] == "validation_error"
 
 
+@pytest.mark.parametrize(
+    "job_id",
+    [
+        "0123456789abcdef0123456789abcdef:events",
+        "0123456789abcdef0123456789abcdef:webhooks",
+        "*",
+        "0123456789ABCDEF0123456789ABCDEF",
+    ],
+)
+def test_an_id_that_names_no_job_is_404_before_it_reaches_redis(
+    local_stack: Stack, job_id: str
+) -> None:
+    redis = Redis.from_url(local_stack.env["T2I_REDIS_URL"])
+    with local_stack.client() as client:
+        real = client.post("/v1/jobs", json={"prompt": "a real job", **SMALL}).json()
+        wait_for_job(client, real["id"])
+        # An id with a suffix would name the job's own event stream or webhook list in Redis.
+        job_id = job_id.replace("0123456789abcdef0123456789abcdef", real["id"])
+        assert redis.exists(f"t2i:job:{real['id']}:events")
+        responses = [
+            client.get(f"/v1/jobs/{job_id}"),
+            client.get(f"/v1/jobs/{job_id}/events"),
+            client.post(f"/v1/jobs/{job_id}/cancel"),
+        ]
+    for response in responses:
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["type"] == "not_found"
+
+
 def test_unknown_job_gets_404_envelope(local_stack: Stack) -> None:
     with local_stack.client() as client:
         response = client.get("/v1/jobs/0123456789abcdef0123456789abcdef")
