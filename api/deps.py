@@ -15,6 +15,7 @@ from api.ratelimit import RateLimiter
 from shared.apikeys import ApiKey, ApiKeyStore
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import JobStore
+from shared.recovery import Reaper
 from shared.schema import JobRecord
 from shared.settings import ApiSettings, CoreSettings, StorageSettings, WebhookSettings
 from shared.storage import LocalStorage, S3Storage
@@ -38,6 +39,7 @@ class Services:
     webhooks: Webhooks
     storage: LocalStorage | S3Storage
     celery: Celery
+    reaper: Reaper
 
     def base_url(self, request: Request) -> str:
         return self.api.public_base_url or str(request.base_url)

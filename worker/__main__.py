@@ -4,19 +4,21 @@ import logging
 import os
 import socket
 import sys
-import time
+import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from shared.jobstore import JobStore
-from shared.queue import consume, make_celery, make_redis, worker_alive
+from shared.queue import consume, make_celery, make_redis, send_render
 from shared.settings import core_settings, storage_settings, webhook_settings, worker_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
 from worker.cancel import CancelWatcher
 from worker.executor import GpuExecutor
+from worker.faults import Faults
 from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
+from worker.leases import LeaseKeeper
 from worker.pipeline import (
     DiffusionRenderer,
     ModelLoadError,
@@ -24,7 +26,10 @@ from worker.pipeline import (
     batch_buckets,
     resolve_device,
 )
+from worker.reporter import Reporter
+from worker.supervisor import Supervisor
 from worker.tasks import install_runner, register_tasks
+from worker.uploads import StorageGuard
 
 log = logging.getLogger("worker")
 
@@ -54,12 +59,8 @@ def main() -> int:
         renderer.warm_up(image_counts=counts)
         log.info("warm-up renders done (%s images)", counts)
 
-    fail_prompt = settings.debug_fail_prompt
-
-    def render(batch, on_step):
-        if fail_prompt is not None and any(item.prompt == fail_prompt for item in batch.items):
-            raise RuntimeError(f"injected failure for prompt {fail_prompt!r}")
-        return renderer.render(batch, on_step)
+    faults = Faults(settings.debug_fail_prompt, settings.debug_faults)
+    render = faults.wrap(renderer.render)
 
     redis = make_redis(core)
     app = make_celery(core)
@@ -67,31 +68,67 @@ def main() -> int:
     cancels = CancelWatcher(redis, store)
     cancels.start()
     worker_name = f"render@{socket.gethostname()}.{os.getpid()}"
-    install_runner(
-        JobRunner(
-            store=store,
-            storage=make_storage(storage_config),
-            webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
-            executor=GpuExecutor(
-                render,
-                settings.max_batch_images,
-                settings.batch_wait_ms / 1000,
-                key=renderer.batch_key,
-            ),
-            cancels=cancels,
-            worker_name=worker_name,
-            worker_alive=lambda name: worker_alive(
-                redis, name, core.worker_heartbeat_max_age_s, time.time()
-            ),
-            model_name=settings.model_id,
-            key_prefix=storage_config.key_prefix,
-            queue_timeout_s=core.queue_timeout_s,
-            progress_interval_s=settings.progress_interval_s,
-        )
+    executor = GpuExecutor(
+        render,
+        settings.max_batch_images,
+        settings.batch_wait_ms / 1000,
+        key=renderer.batch_key,
+        stall_s=settings.executor_stall_s,
     )
-    heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s)
-    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
-    worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)
+    leases = LeaseKeeper(store, worker_name, core.lease_s)
+    reporter = Reporter()
+    reporter.start()
+    uploads = StorageGuard(
+        make_storage(storage_config),
+        settings.storage_retry_s,
+        on_down=executor.pause,
+        on_up=executor.resume,
+    )
+    runner = JobRunner(
+        store=store,
+        uploads=uploads,
+        webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
+        executor=executor,
+        cancels=cancels,
+        leases=leases,
+        reporter=reporter,
+        send_render=lambda job_id, attempt: send_render(app, core.queue_name, job_id, attempt),
+        model_name=settings.model_id,
+        key_prefix=storage_config.key_prefix,
+        queue_timeout_s=core.queue_timeout_s,
+        progress_interval_s=settings.progress_interval_s,
+        faults=faults,
+    )
+    install_runner(runner)
+    supervisor = Supervisor(
+        executor,
+        leases,
+        Heartbeat(redis, worker_name),
+        uploads,
+        interval_s=min(settings.heartbeat_interval_s, core.lease_s / 3),
+    )
+
+    def hand_back_and_exit() -> None:
+        log.warning("the running batch outlasted the %s s grace period", settings.shutdown_grace_s)
+        runner.hand_back_held()
+        logging.shutdown()
+        os._exit(1)
+
+    def stop_gracefully() -> None:
+        """SIGTERM: leave the live set, let the running batch finish and hand back the rest;
+        past the grace period, hand back the running jobs too and exit."""
+        supervisor.leave()
+        executor.stop_admitting()
+        deadline = threading.Timer(settings.shutdown_grace_s, hand_back_and_exit)
+        deadline.daemon = True
+        deadline.start()
+
+    worker_ready.connect(lambda **_: supervisor.start(), weak=False)
+    # The signal arrives inside a signal handler: do the Redis work on another thread.
+    worker_shutting_down.connect(
+        lambda **_: threading.Thread(target=stop_gracefully, daemon=True).start(), weak=False
+    )
+    worker_shutdown.connect(lambda **_: (supervisor.stop(), reporter.stop()), weak=False)
 
     register_tasks(app)
     consume(app, core.queue_name, settings.task_threads, worker_name)

@@ -8,7 +8,6 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared.queue import WORKERS_KEY
-from worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -16,20 +15,11 @@ _FORGET_AFTER_S = 24 * 3600
 
 
 class Heartbeat:
-    def __init__(self, redis: Redis, worker_name: str, interval_s: float) -> None:
+    def __init__(self, redis: Redis, worker_name: str) -> None:
         self._redis = redis
         self._name = worker_name
-        self._beats = Periodic("heartbeat", interval_s, self._beat)
 
-    def start(self) -> None:
-        self._beats.start()
-
-    def stop(self) -> None:
-        self._beats.stop()
-        with contextlib.suppress(RedisError):
-            self._redis.zrem(WORKERS_KEY, self._name)
-
-    def _beat(self) -> None:
+    def beat(self) -> None:
         now = time.time()
         try:
             with self._redis.pipeline(transaction=False) as pipe:
@@ -38,3 +28,8 @@ class Heartbeat:
                 pipe.execute()
         except RedisError as exc:
             log.warning("heartbeat to Redis failed: %s", exc)
+
+    def leave(self) -> None:
+        """Leave the live set at once: a stopping worker takes no more jobs."""
+        with contextlib.suppress(RedisError):
+            self._redis.zrem(WORKERS_KEY, self._name)

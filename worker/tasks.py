@@ -15,7 +15,8 @@ def install_runner(runner: JobRunner) -> None:
 
 def register_tasks(app: Celery) -> None:
     @app.task(name=RENDER_TASK)
-    def render(job_id: str) -> None:
+    def render(job_id: str, attempt: int | None = None) -> None:
         if _runner is None:
             raise RuntimeError("the worker started its consumer before loading the pipeline")
-        _runner.run(job_id)
+        # A message without an attempt (from an older sender) stands for the current one.
+        _runner.run(job_id, attempt)

@@ -2,17 +2,24 @@
 
 import mimetypes
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from fastapi import APIRouter, status
 from fastapi.responses import FileResponse, JSONResponse
 from redis.exceptions import RedisError
 
-from api.deps import ServicesDep
+from api.deps import Services, ServicesDep
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
 from shared.queue import live_worker_count
 from shared.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["system"])
+
+# /ready answers within this long whatever Redis or storage do; a check still running then is
+# reported as not answering (and finishes, or times out, on its own thread).
+READY_DEADLINE_S = 1.5
+_checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ready-check")
 
 
 @router.get("/health", summary="The API process is alive")
@@ -26,25 +33,40 @@ def health() -> dict[str, str]:
     responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": ErrorEnvelope}},
 )
 def ready(services: ServicesDep) -> JSONResponse:
+    deadline = time.monotonic() + READY_DEADLINE_S
+    redis_check = _checks.submit(_check_redis, services)
+    storage_check = _checks.submit(_check_storage, services)
     checks: dict[str, str] = {}
     try:
-        services.redis.ping()
-        checks["redis"] = "ok"
-        workers = live_worker_count(
-            services.redis, services.core.worker_heartbeat_max_age_s, time.time()
-        )
-        checks["workers"] = f"{workers} alive" if workers else "none alive"
-    except RedisError as exc:
-        checks["redis"] = f"unreachable: {exc}"
-        checks["workers"] = "unknown"
+        checks.update(redis_check.result(timeout=max(0.0, deadline - time.monotonic())))
+    except FutureTimeout:
+        checks.update(redis=f"no answer within {READY_DEADLINE_S} s", workers="unknown")
     try:
-        services.storage.check()
-        checks["storage"] = "ok"
-    except StorageError as exc:
-        checks["storage"] = str(exc)
+        checks["storage"] = storage_check.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        checks["storage"] = f"no answer within {READY_DEADLINE_S} s"
     if checks["redis"] == "ok" and checks["storage"] == "ok" and checks["workers"] != "none alive":
         return JSONResponse({"status": "ready", "checks": checks})
     raise ServiceError(ErrorType.UNAVAILABLE, "not ready", checks)
+
+
+def _check_redis(services: Services) -> dict[str, str]:
+    try:
+        services.redis.ping()
+        workers = live_worker_count(
+            services.redis, services.core.worker_heartbeat_max_age_s, time.time()
+        )
+    except RedisError as exc:
+        return {"redis": f"unreachable ({type(exc).__name__})", "workers": "unknown"}
+    return {"redis": "ok", "workers": f"{workers} alive" if workers else "none alive"}
+
+
+def _check_storage(services: Services) -> str:
+    try:
+        services.storage.check()
+    except StorageError as exc:
+        return str(exc)
+    return "ok"
 
 
 @router.get(

@@ -65,7 +65,7 @@ def test_s3_backend_stores_the_object_under_its_job_key(s3_stack: Stack) -> None
     with s3_stack.client() as client:
         job = render(client, prompt="a red kite", seed=7)
     url = job["images"][0]["url"]
-    assert f"/{job['id']}/0.png" in url and "X-Amz-Signature" in url
+    assert f"/{job['id']}/1/0.png" in url and "X-Amz-Signature" in url
 
 
 def test_same_seed_same_pixels_and_another_seed_different(local_stack: Stack) -> None:

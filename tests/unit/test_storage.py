@@ -4,11 +4,15 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from shared.storage import LocalStorage, StorageError, image_key
+from shared.storage import LocalStorage, StorageError, attempt_prefix, image_key, job_prefix
 
 
-def test_image_keys_are_deterministic() -> None:
-    assert image_key("images", "abc", 2, "webp") == "images/abc/2.webp"
+def test_image_keys_are_deterministic_and_lie_under_their_attempt_and_job() -> None:
+    key = image_key("images", "abc", 3, 2, "webp")
+    assert key == "images/abc/3/2.webp"
+    assert key.startswith(attempt_prefix("images", "abc", 3) + "/")
+    assert key.startswith(job_prefix("images", "abc") + "/")
+    assert not key.startswith(attempt_prefix("images", "abc", 1) + "/")
 
 
 def test_local_put_and_signed_url_round_trip(tmp_path: Path) -> None:
