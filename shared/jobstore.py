@@ -70,7 +70,7 @@ local depth = redis.call('ZCARD', KEYS[3])
 if depth >= tonumber(ARGV[7]) then return {-1, depth} end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
 local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], 'seq', seq, unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
@@ -151,7 +151,7 @@ return lost
 # (error, finished_at, event data) for a job past the cap. Starts the next attempt: queued,
 # nobody's, to be sent again. Returns {1, attempt}, {2, attempt} failed, {0} left alone.
 _REQUEUE = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'retries', 'seq')
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'retries')
 if f[1] ~= 'queued' and f[1] ~= 'running' then return {0} end
 local why = ARGV[2]
 if why == 'lapsed' then
@@ -177,10 +177,12 @@ if why == 'lapsed' and retries > tonumber(ARGV[6]) then
   return {2, attempt}
 end
 attempt = attempt + 1
+-- Its new message joins the back of the broker queue, so its position does too.
+local seq = redis.call('INCR', KEYS[6])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', attempt, 'retries', retries,
            'worker', 'null', 'started_at', 'null', 'progress', 'null')
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
-redis.call('ZADD', KEYS[3], tonumber(f[5]) or redis.call('INCR', KEYS[6]), ARGV[1])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
 local data = cjson.encode({status = 'queued', attempt = attempt, reason = why})
 append_event(KEYS[2], 'queued', data, ARGV[4])
 return {1, attempt}

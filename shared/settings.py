@@ -31,7 +31,7 @@ class CoreSettings(_T2ISettings):
     queue_timeout_s: int = Field(default=3600, ge=1)
     # The broker's redelivery of a vanished worker's messages: only a last resort, since lapsed
     # leases bring those jobs back far sooner (a redelivered message of an old attempt is dropped).
-    visibility_timeout_s: int = Field(default=3600, ge=60)
+    visibility_timeout_s: int = Field(default=3600, ge=1)
     redis_timeout_s: float = Field(default=2.0, gt=0)
     # A worker silent for longer is dead to /ready.
     worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)

@@ -85,9 +85,14 @@ def service_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def start_redis(workdir: Path) -> tuple[Process, int]:
-    port = free_port()
+def start_redis(
+    workdir: Path, port: int | None = None, append_only: bool = False
+) -> tuple[Process, int]:
+    """A redis-server on loopback; with `append_only`, every write is on disk before it is
+    acknowledged, and a restart on the same directory and port brings it all back."""
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    fsync = ["--appendfsync", "always"] if append_only else []
     process = Process(
         "redis",
         [
@@ -101,7 +106,8 @@ def start_redis(workdir: Path) -> tuple[Process, int]:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if append_only else "no",
+            *fsync,
         ],
         service_env(),
         workdir / "redis.log",

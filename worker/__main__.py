@@ -84,6 +84,7 @@ def main() -> int:
         on_down=executor.pause,
         on_up=executor.resume,
     )
+    uploads.start()
     runner = JobRunner(
         store=store,
         uploads=uploads,
@@ -104,7 +105,6 @@ def main() -> int:
         executor,
         leases,
         Heartbeat(redis, worker_name),
-        uploads,
         interval_s=min(settings.heartbeat_interval_s, core.lease_s / 3),
     )
 
@@ -118,6 +118,7 @@ def main() -> int:
         """SIGTERM: leave the live set, let the running batch finish and hand back the rest;
         past the grace period, hand back the running jobs too and exit."""
         supervisor.leave()
+        runner.stopping = True
         executor.stop_admitting()
         deadline = threading.Timer(settings.shutdown_grace_s, hand_back_and_exit)
         deadline.daemon = True
@@ -128,7 +129,9 @@ def main() -> int:
     worker_shutting_down.connect(
         lambda **_: threading.Thread(target=stop_gracefully, daemon=True).start(), weak=False
     )
-    worker_shutdown.connect(lambda **_: (supervisor.stop(), reporter.stop()), weak=False)
+    worker_shutdown.connect(
+        lambda **_: (supervisor.stop(), uploads.stop(), reporter.stop()), weak=False
+    )
 
     register_tasks(app)
     consume(app, core.queue_name, settings.task_threads, worker_name)

@@ -60,6 +60,10 @@ class AdmissionError(Exception):
     """Admitting the job to a batch failed for a reason other than Redis being unreachable."""
 
 
+class WorkerStopping(Exception):
+    """The worker is stopping: the message goes back to the broker untouched."""
+
+
 @dataclass
 class _Attempt:
     """One attempt of a job on this worker."""
@@ -115,9 +119,13 @@ class JobRunner:
     queue_timeout_s: float
     progress_interval_s: float
     faults: Faults
+    stopping: bool = False
 
     def run(self, job_id: str, attempt: int | None) -> None:
-        """Render one attempt of a job, unless the message is stale or a duplicate."""
+        """Render one attempt of a job, unless the message is stale or a duplicate; raises
+        WorkerStopping for a message that arrives once the worker is stopping."""
+        if self.stopping:
+            raise WorkerStopping()
         record = self.store.get(job_id)
         if record is None:
             log.info("skipping job %s: no such job (deleted after its retention?)", job_id)
@@ -214,6 +222,9 @@ class JobRunner:
     def _render_and_store(self, current: _Attempt) -> None:
         record, holder, request = current.record, current.holder, current.record.request
         outcome = self._render(current)
+        log.info(
+            "rendered job %s attempt %d in batch %s", record.id, holder.attempt, outcome.batch_id
+        )
         if self._no_longer_ours(record.id) or current.started_at is None:
             raise RenderCanceled()
 

@@ -13,7 +13,6 @@ from worker.executor import GpuExecutor
 from worker.heartbeat import Heartbeat
 from worker.leases import LeaseKeeper
 from worker.periodic import Periodic
-from worker.uploads import StorageGuard
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +26,12 @@ class Supervisor:
         executor: GpuExecutor,
         leases: LeaseKeeper,
         heartbeat: Heartbeat,
-        uploads: StorageGuard,
         interval_s: float,
         exit_process: Callable[[int], None] = os._exit,
     ) -> None:
         self._executor = executor
         self._leases = leases
         self._heartbeat = heartbeat
-        self._uploads = uploads
         self._exit = exit_process
         self._live = True
         self._live_lock = threading.Lock()
@@ -67,4 +64,3 @@ class Supervisor:
         with self._live_lock:
             if self._live:
                 self._heartbeat.beat()
-        self._uploads.probe()

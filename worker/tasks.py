@@ -1,9 +1,10 @@
 """Celery tasks: messaging only; the work is in JobRunner."""
 
 from celery import Celery
+from celery.exceptions import Reject
 
 from shared.queue import RENDER_TASK
-from worker.jobs import JobRunner
+from worker.jobs import JobRunner, WorkerStopping
 
 _runner: JobRunner | None = None
 
@@ -18,5 +19,8 @@ def register_tasks(app: Celery) -> None:
     def render(job_id: str, attempt: int | None = None) -> None:
         if _runner is None:
             raise RuntimeError("the worker started its consumer before loading the pipeline")
-        # A message without an attempt (from an older sender) stands for the current one.
-        _runner.run(job_id, attempt)
+        try:
+            # A message without an attempt (from an older sender) stands for the current one.
+            _runner.run(job_id, attempt)
+        except WorkerStopping as stopping:
+            raise Reject("the worker is stopping", requeue=True) from stopping

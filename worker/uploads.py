@@ -7,16 +7,18 @@ import time
 from collections.abc import Callable
 
 from shared.storage import ObjectStorage, StorageError
+from worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
 _FIRST_DELAY_S = 0.25
 _MAX_DELAY_S = 5.0
+_PROBE_INTERVAL_S = 1.0
 
 
 class StorageGuard:
     """Puts objects, retrying for up to `retry_s`; `on_down` and `on_up` fire when storage
-    stops and starts taking writes again (an upload or `probe` finds out)."""
+    stops and starts taking writes again (an upload finds out, or a probe while it is down)."""
 
     def __init__(
         self,
@@ -31,6 +33,14 @@ class StorageGuard:
         self._on_up = on_up
         self._lock = threading.Lock()
         self._down = False
+        # Its own thread: a probe of a hung store may take its full timeout.
+        self._probes = Periodic("storage-probe", _PROBE_INTERVAL_S, self.probe)
+
+    def start(self) -> None:
+        self._probes.start()
+
+    def stop(self) -> None:
+        self._probes.stop()
 
     @property
     def down(self) -> bool:

@@ -18,7 +18,7 @@ router = APIRouter(tags=["system"])
 
 # /ready answers within this long whatever Redis or storage do; a check still running then is
 # reported as not answering (and finishes, or times out, on its own thread).
-READY_DEADLINE_S = 1.5
+READY_DEADLINE_S = 1.0
 _checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ready-check")
 
 

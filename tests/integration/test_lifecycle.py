@@ -313,3 +313,55 @@ def test_a_lapsed_lease_is_requeued_and_finished_a_live_one_left_and_a_stale_mes
         10,
         "the stale message to be dropped",
     )
+
+
+def test_of_three_slow_jobs_one_runs_and_the_others_wait_queued_with_their_positions(
+    local_stack: Stack,
+) -> None:
+    with local_stack.client() as client:
+        # One step apart, so no two of them share a pipeline call.
+        jobs = [
+            submit(client, f"slow {n}", **{**LONG, "num_inference_steps": 150 - n})
+            for n in range(3)
+        ]
+        ids = [job["id"] for job in jobs]
+
+        def one_running_with_progress() -> bool:
+            views = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+            return sum(running_with_progress(view) for view in views) == 1
+
+        wait_until(one_running_with_progress, 60, "one of the jobs to render")
+        views = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+        running = next(view for view in views if view["status"] == "running")
+        waiting = [view for view in views if view is not running]
+        for job_id in ids:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+
+    assert running["progress"]["step"] >= 1 and running["started_at"]
+    # Held by the worker or not, a job the GPU has not admitted is queued, in order.
+    assert [view["status"] for view in waiting] == ["queued", "queued"]
+    assert [view["queue_position"] for view in waiting] == [0, 1]
+    assert all(view["started_at"] is None and view["progress"] is None for view in waiting)
+
+
+def test_render_time_is_the_pipeline_call_and_the_wait_is_reported_as_queued(
+    local_stack: Stack,
+) -> None:
+    with local_stack.client() as client:
+        # Not batchable together: the worker holds the second while the first renders.
+        first = submit(client, "renders first", num_inference_steps=40)
+        second = submit(client, "waits for it", num_inference_steps=39)
+        first, second = (wait_for_job(client, job["id"]) for job in (first, second))
+    assert first["status"] == second["status"] == "succeeded"
+    for job in (first, second):
+        started, finished = parse_time(job["started_at"]), parse_time(job["finished_at"])
+        timings = job["timings"]
+        assert timings["queued_s"] == pytest.approx(
+            started - parse_time(job["created_at"]), abs=0.01
+        )
+        assert timings["render_s"] + timings["upload_s"] <= finished - started + 0.01
+    if parse_time(second["started_at"]) < parse_time(first["started_at"]):
+        first, second = second, first  # the worker took them the other way round
+    # The second was not running while the first rendered: its wait counts as queued.
+    first_render_ended = parse_time(first["started_at"]) + first["timings"]["render_s"]
+    assert parse_time(second["started_at"]) >= first_render_ended - 0.01
