@@ -41,7 +41,10 @@ def create_app() -> FastAPI:
         webhook_settings=hooks_config,
         redis=redis,
         async_redis=AsyncRedis.from_url(
-            core.redis_url, socket_connect_timeout=core.redis_timeout_s
+            core.redis_url,
+            socket_connect_timeout=core.redis_timeout_s,
+            # Above the longest blocking read (a one-second XREAD), so only a dead Redis times out.
+            socket_timeout=core.redis_timeout_s + 1,
         ),
         store=store,
         keys=ApiKeyStore(redis),

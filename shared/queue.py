@@ -1,5 +1,7 @@
 """The Celery app both sides share: broker settings and the task names the API sends by."""
 
+from collections.abc import Callable
+
 from celery import Celery
 from redis import Redis
 
@@ -35,6 +37,10 @@ def make_celery(settings: CoreSettings) -> Celery:
         },
     )
     return app
+
+
+# Sends the message for one attempt of a job.
+SendRender = Callable[[str, int], None]
 
 
 def send_render(app: Celery, queue: str, job_id: str, attempt: int) -> None:

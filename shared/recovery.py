@@ -8,13 +8,13 @@ again; a stale message of an old attempt that shows up later is dropped by the w
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from redis import Redis
 from redis.exceptions import RedisError
 
 from shared.jobstore import JobStore, RequeueReason
+from shared.queue import SendRender
 from shared.schema import JobStatus
 from shared.settings import CoreSettings
 from shared.storage import ObjectStorage, StorageError, attempt_prefix
@@ -23,9 +23,6 @@ from shared.webhooks import Webhooks
 log = logging.getLogger(__name__)
 
 _BATCH = 200
-
-# Sends a message for one attempt of a job.
-SendRender = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)

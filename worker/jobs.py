@@ -15,6 +15,7 @@ import torch
 from redis.exceptions import RedisError
 
 from shared.jobstore import Holder, JobStore, RequeueReason, Reservation, utc_now
+from shared.queue import SendRender
 from shared.schema import (
     CONTENT_TYPES,
     BatchInfo,
@@ -47,9 +48,6 @@ from worker.uploads import StorageGuard
 log = logging.getLogger(__name__)
 
 _MAX_ERROR_MESSAGE = 500
-
-# Sends a message for one attempt of a job.
-SendRender = Callable[[str, int], None]
 
 
 class RenderError(Exception):

@@ -132,6 +132,8 @@ class Cluster:
             T2I_MAX_BATCH_IMAGES="4",
             T2I_BATCH_WAIT_MS="50",
             T2I_DEBUG_FAULTS="true",
+            # Workers start often here; what a warm-up render proves is tested elsewhere.
+            T2I_WARMUP="false",
             T2I_MAX_QUEUE_DEPTH="10000",
         )
 
@@ -199,6 +201,11 @@ class Cluster:
             self.workdir / f"{name}.log",
         ).start()
         self.workers.append(worker)
+        return worker
+
+    def start_ready_worker(self, **env: str) -> Process:
+        worker = self.start_worker(**env)
+        self.wait_ready(worker)
         return worker
 
     def wait_ready(self, worker: Process, timeout_s: float = 120) -> None:
@@ -290,10 +297,20 @@ class Cluster:
         assert all(record is not None for record in records)
         return records  # type: ignore[return-value]
 
-    def wait_terminal(self, job_ids: list[str], timeout_s: float) -> list[JobRecord]:
-        """Until every job has ended, read from Redis (the API may be the part that is down)."""
+    def wait_terminal(
+        self, job_ids: list[str], timeout_s: float, exits: list[int] | None = None
+    ) -> list[JobRecord]:
+        """Until every job has ended, read from Redis (the API may be the part that is down).
+        With `exits`, a worker that exits meanwhile is started again, as its supervisor would,
+        and its exit status is added to `exits`."""
 
         def ended() -> bool:
+            if exits is not None:
+                for worker in [worker for worker in self.workers if not worker.alive()]:
+                    assert worker.popen is not None
+                    exits.append(worker.popen.returncode)
+                    self.workers.remove(worker)
+                    self.start_worker()
             return all(record.status in TERMINAL for record in self.records(job_ids))
 
         wait_until(ended, timeout_s, f"{len(job_ids)} jobs to end")

@@ -72,8 +72,7 @@ def test_a_worker_killed_mid_burst_loses_no_job_and_stores_none_twice(fresh: Clu
 def test_the_old_message_of_a_killed_workers_job_is_dropped_and_the_job_rendered_once(
     fresh: Cluster,
 ) -> None:
-    doomed = fresh.start_worker()
-    fresh.wait_ready(doomed)
+    doomed = fresh.start_ready_worker()
     job_id = fresh.submit("held when its worker died", **LONG)
     store = fresh.store()
 
@@ -104,8 +103,7 @@ def test_the_old_message_of_a_killed_workers_job_is_dropped_and_the_job_rendered
 def test_sigterm_finishes_the_running_batch_and_hands_back_what_it_reserved(
     fresh: Cluster,
 ) -> None:
-    stopping = fresh.start_worker(T2I_CONCURRENCY="8")
-    fresh.wait_ready(stopping)
+    stopping = fresh.start_ready_worker(T2I_CONCURRENCY="8")
     name = fresh.worker_name(stopping)
     job_ids = fresh.submit_burst([f"at sigterm {n}" for n in range(8)], num_inference_steps=40)
     store = fresh.store()
@@ -144,8 +142,7 @@ def test_sigterm_finishes_the_running_batch_and_hands_back_what_it_reserved(
 def test_injected_faults_end_only_their_job_and_a_hung_executor_makes_the_worker_exit(
     fresh: Cluster,
 ) -> None:
-    worker = fresh.start_worker(T2I_EXECUTOR_STALL_S="3")
-    fresh.wait_ready(worker)
+    worker = fresh.start_ready_worker(T2I_EXECUTOR_STALL_S="3")
     name = fresh.worker_name(worker)
     prompts = [FAIL_PROGRESS_WRITE, FAIL_ADMISSION, "an ordinary job"]
     job_ids = fresh.submit_burst(prompts)

@@ -1,10 +1,19 @@
+import socket
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from shared.storage import LocalStorage, StorageError, attempt_prefix, image_key, job_prefix
+from shared.settings import StorageSettings
+from shared.storage import (
+    LocalStorage,
+    S3Storage,
+    StorageError,
+    attempt_prefix,
+    image_key,
+    job_prefix,
+)
 
 
 def test_image_keys_are_deterministic_and_lie_under_their_attempt_and_job() -> None:
@@ -42,3 +51,26 @@ def test_expired_signatures_fail(tmp_path: Path) -> None:
 def test_keys_cannot_escape_the_root(tmp_path: Path, key: str) -> None:
     with pytest.raises(StorageError):
         LocalStorage(tmp_path / "root", "secret", 60).path_for(key)
+
+
+def test_storage_errors_name_no_internal_address(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    settings = StorageSettings(
+        storage="s3",
+        s3_endpoint_url=f"http://127.0.0.1:{closed_port}",
+        s3_access_key_id="test",
+        s3_secret_access_key="test",
+        data_dir=tmp_path,
+    )
+    storage = S3Storage(settings)
+    for attempt in (
+        lambda: storage.put("images/job/1/0.png", b"png", "image/png"),
+        storage.check,
+        lambda: storage.delete_prefix("images/job"),
+    ):
+        with pytest.raises(StorageError) as failure:
+            attempt()
+        assert "127.0.0.1" not in str(failure.value) and str(closed_port) not in str(failure.value)
+        assert "unreachable" in str(failure.value)
