@@ -132,8 +132,6 @@ class Cluster:
             T2I_MAX_BATCH_IMAGES="4",
             T2I_BATCH_WAIT_MS="50",
             T2I_DEBUG_FAULTS="true",
-            # Workers start often here; what a warm-up render proves is tested elsewhere.
-            T2I_WARMUP="false",
             T2I_MAX_QUEUE_DEPTH="10000",
         )
 
@@ -233,17 +231,15 @@ class Cluster:
         worker.popen.send_signal(signal.SIGKILL)
         worker.popen.wait()
 
-    def reset(self) -> None:
-        """An empty job store and bucket, a fresh key, and no worker left over."""
-        for worker in self.workers:
-            worker.stop()
-        self.workers.clear()
-        self.redis().flushdb()
+    def empty_bucket(self) -> None:
         s3 = self.s3_client()
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
-            for item in page.get("Contents", []):
-                s3.delete_object(Bucket=BUCKET, Key=item["Key"])
-        self.api_key = ApiKeyStore(self.redis()).create("chaos", 1_000_000)[1]
+        for key in self.stored_keys():
+            s3.delete_object(Bucket=BUCKET, Key=key)
+
+    def stop_workers(self, keep: list[Process] | None = None) -> None:
+        for worker in [worker for worker in self.workers if worker not in (keep or [])]:
+            worker.stop()
+            self.workers.remove(worker)
 
     def client(self, timeout_s: float = REQUEST_TIMEOUT_S) -> httpx.Client:
         return httpx.Client(
@@ -331,7 +327,7 @@ class Cluster:
                 process.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("chaos")
     s3, endpoint = start_s3_server(workdir)
@@ -341,6 +337,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iter
     try:
         cluster.s3_client().create_bucket(Bucket=BUCKET)
         cluster.start_redis()
+        cluster.api_key = ApiKeyStore(cluster.redis()).create("chaos", 1_000_000)[1]
         cluster.start_api()
         yield cluster
     finally:
@@ -349,10 +346,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iter
 
 @pytest.fixture
 def fresh(cluster: Cluster) -> Iterator[Cluster]:
-    """The cluster with an empty job store; whatever workers a test starts are stopped after."""
+    """The cluster with an empty bucket; the workers a test starts are stopped after it.
+
+    The job store is not emptied: each test follows its own jobs, and a running worker keeps
+    the broker's queue bindings that an emptied Redis would lose."""
     assert cluster.api is not None and cluster.api.alive()
     assert port_open(cluster.redis_port)
-    cluster.reset()
+    cluster.empty_bucket()
+    already_running = list(cluster.workers)
     yield cluster
-    for worker in cluster.workers:
-        worker.stop()
+    cluster.stop_workers(keep=already_running)

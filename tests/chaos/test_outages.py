@@ -3,11 +3,12 @@ none stays `running`, and readiness keeps answering."""
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import httpx
+import pytest
 
 from shared.jobstore import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
@@ -57,9 +58,15 @@ def stop_storage(
         resume()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_worker(cluster: Cluster) -> Iterator[None]:
+    """One worker serves this module's tests: none of them is about losing a worker."""
+    cluster.start_ready_worker()
+    yield
+    cluster.stop_workers()
+
+
 def test_redis_lost_mid_burst_and_restarted_from_its_append_only_file(fresh: Cluster) -> None:
-    for worker in (fresh.start_worker(), fresh.start_worker()):
-        fresh.wait_ready(worker)
     for how, stop_redis in (("kill -9", fresh.kill_redis), ("SHUTDOWN", fresh.shut_redis_down)):
         restart = partial(restart_redis, fresh, stop_redis)
         job_ids = burst_through(fresh, [f"redis {how} {n}" for n in range(24)], restart)
@@ -75,7 +82,6 @@ def test_redis_lost_mid_burst_and_restarted_from_its_append_only_file(fresh: Clu
 
 
 def test_a_job_whose_api_died_before_sending_it_is_still_rendered(fresh: Cluster) -> None:
-    fresh.start_ready_worker()
     # What an API killed between storing a job and sending its message leaves behind.
     orphan = JobRecord(
         id=new_job_id(),
@@ -100,7 +106,6 @@ def test_a_job_whose_api_died_before_sending_it_is_still_rendered(fresh: Cluster
 def test_storage_stopped_mid_burst_jobs_wait_then_succeed_and_ready_keeps_answering(
     fresh: Cluster,
 ) -> None:
-    fresh.start_ready_worker()
     assert fresh.s3.popen is not None
     s3_process = fresh.s3.popen
 
@@ -112,7 +117,7 @@ def test_storage_stopped_mid_burst_jobs_wait_then_succeed_and_ready_keeps_answer
 
     outages = [
         ("frozen", frozen, thawed, 20),
-        ("refusing connections", fresh.s3_proxy.refuse, fresh.s3_proxy.accept, 10),
+        ("refusing connections", fresh.s3_proxy.refuse, fresh.s3_proxy.accept, 6),
     ]
     for how, stop, resume, seconds in outages:
         answers: list[httpx.Response] = []

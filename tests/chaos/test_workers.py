@@ -9,12 +9,9 @@ from shared.jobstore import events_key
 from shared.queue import WORKERS_KEY
 from shared.schema import JobErrorType, JobRecord, JobStatus
 from tests.chaos.conftest import Cluster
-from tests.support import wait_until
+from tests.support import Process, wait_until
 from worker.faults import FAIL_ADMISSION, FAIL_PROGRESS_WRITE, HANG_RENDER
 from worker.supervisor import EXIT_EXECUTOR_FAILED
-
-# Long enough to be caught rendering.
-LONG = {"width": 256, "height": 256, "num_inference_steps": 100}
 
 
 def assert_stored_once(cluster: Cluster, records: list[JobRecord]) -> None:
@@ -35,77 +32,66 @@ def renders_of(cluster: Cluster, job_id: str) -> list[str]:
     return cluster.log_lines(f"rendered job {job_id} ")
 
 
-def test_a_worker_killed_mid_burst_loses_no_job_and_stores_none_twice(fresh: Cluster) -> None:
-    doomed, survivor = fresh.start_worker(), fresh.start_worker()
-    for worker in (doomed, survivor):
-        fresh.wait_ready(worker)
+def finished_by(worker: Process) -> set[str]:
+    """The jobs whose success this worker recorded."""
+    lines = worker.log_path.read_text(errors="replace").splitlines()
+    return {line.split("job ")[1].split()[0] for line in lines if line.endswith(" succeeded")}
+
+
+def test_a_worker_killed_mid_burst_loses_no_job_stores_none_twice_and_its_old_messages_drop(
+    fresh: Cluster,
+) -> None:
+    doomed = fresh.start_ready_worker()
     doomed_name = fresh.worker_name(doomed)
     prompts = [f"burst {n}" for n in range(50)]
     with ThreadPoolExecutor(1) as pool:
         submitted = pool.submit(fresh.submit_burst, prompts)
 
-        def doomed_holds_jobs_mid_burst() -> bool:
-            return bool(fresh.held_by(doomed_name)) and len(fresh.log_lines(" succeeded")) >= 4
+        def doomed_is_rendering_mid_burst() -> bool:
+            held = fresh.held_by(doomed_name)
+            running = [record for record in held if record.status is JobStatus.RUNNING]
+            return bool(running) and len(fresh.log_lines(" succeeded")) >= 4
 
-        wait_until(doomed_holds_jobs_mid_burst, 60, "the doomed worker to hold jobs mid-burst")
+        wait_until(doomed_is_rendering_mid_burst, 60, "the doomed worker to render mid-burst")
+        lost = {record.id for record in fresh.held_by(doomed_name)}
         fresh.kill(doomed)
         killed_at = time.monotonic()
-        replacement = fresh.start_worker()
+        # Its leases lapse and the reaper starts new attempts; its unacknowledged messages stay
+        # in the broker until this worker restores them (the visibility timeout is 3 s here).
+        fresh.start_worker()
         job_ids = submitted.result()
 
     records = fresh.wait_terminal(job_ids, 60 - (time.monotonic() - killed_at))
-    recovered_in_s = time.monotonic() - killed_at
-    print(f"\n{len(job_ids)} jobs all ended {recovered_in_s:.1f} s after the kill")
-    assert replacement.alive() and survivor.alive()
+    print(f"\n{len(job_ids)} jobs all ended {time.monotonic() - killed_at:.1f} s after the kill")
     assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(job_ids)
-    retried = [record for record in records if record.attempt > 1]
-    assert retried, "the kill hit no job the doomed worker held"
+    retried = {record.id for record in records if record.attempt > 1}
+    # What the killed worker held went to another attempt (unless it finished as it was killed).
+    assert lost - retried == {job_id for job_id in lost if job_id in finished_by(doomed)}
+    assert retried
     assert_stored_once(fresh, records)
     for record in records:
         assert succeeded_events(fresh, record.id) == 1
         attempts = [line.split(" attempt ")[1].split()[0] for line in renders_of(fresh, record.id)]
-        # An attempt renders once; a later attempt only if the one before never finished.
-        assert len(attempts) == len(set(attempts))
-        assert str(record.attempt) in attempts
-
-
-def test_the_old_message_of_a_killed_workers_job_is_dropped_and_the_job_rendered_once(
-    fresh: Cluster,
-) -> None:
-    doomed = fresh.start_ready_worker()
-    job_id = fresh.submit("held when its worker died", **LONG)
-    store = fresh.store()
-
-    def rendering() -> bool:
-        record = store.get(job_id)
-        return record is not None and record.progress is not None
-
-    wait_until(rendering, 60, "the job to render")
-    fresh.kill(doomed)
-    # The lease lapses and the reaper starts attempt 2; the old message stays unacknowledged
-    # in the broker until the next worker restores it (its visibility timeout is 3 s here).
-    wait_until(lambda: store.get(job_id).attempt == 2, 30, "the job's second attempt")
-    fresh.start_worker()
-    [record] = fresh.wait_terminal([job_id], 120)
-    assert record.status is JobStatus.SUCCEEDED and record.attempt == 2
+        # An attempt renders once; a later attempt only because the one before never finished.
+        assert len(attempts) == len(set(attempts)) and str(record.attempt) in attempts
+    # The old messages come back and are dropped: each lost job still rendered once, above.
     wait_until(
-        lambda: fresh.log_lines(f"dropping the message of job {job_id} attempt 1"),
+        lambda: all(
+            fresh.log_lines(f"dropping the message of job {job_id} attempt 1")
+            for job_id in lost & retried
+        ),
         30,
-        "the old message to come back and be dropped",
+        "the killed worker's old messages to come back and be dropped",
     )
-    # The killed worker never finished its render; the replacement rendered attempt 2 alone.
-    [render] = renders_of(fresh, job_id)
-    assert " attempt 2 " in render
-    assert succeeded_events(fresh, job_id) == 1
-    assert_stored_once(fresh, [record])
 
 
 def test_sigterm_finishes_the_running_batch_and_hands_back_what_it_reserved(
     fresh: Cluster,
 ) -> None:
-    stopping = fresh.start_ready_worker(T2I_CONCURRENCY="8")
+    # A grace period no loaded test machine runs out of: this test is about a graceful stop.
+    stopping = fresh.start_ready_worker(T2I_CONCURRENCY="8", T2I_SHUTDOWN_GRACE_S="120")
     name = fresh.worker_name(stopping)
-    job_ids = fresh.submit_burst([f"at sigterm {n}" for n in range(8)], num_inference_steps=40)
+    job_ids = fresh.submit_burst([f"at sigterm {n}" for n in range(8)], num_inference_steps=20)
     store = fresh.store()
 
     def split() -> dict[JobStatus, set[str]]:
@@ -119,7 +105,7 @@ def test_sigterm_finishes_the_running_batch_and_hands_back_what_it_reserved(
     running = split()[JobStatus.RUNNING]
     assert stopping.popen is not None
     stopping.popen.send_signal(signal.SIGTERM)
-    wait_until(lambda: not stopping.alive(), 60, "the worker to stop")
+    wait_until(lambda: not stopping.alive(), 120, "the worker to stop")
     assert stopping.popen.returncode == 0
     assert fresh.redis().zscore(WORKERS_KEY, name) is None
     after_stop = {record.id: record for record in fresh.records(job_ids)}
