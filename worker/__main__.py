@@ -33,6 +33,9 @@ from worker.uploads import StorageGuard
 
 log = logging.getLogger("worker")
 
+# The exit status of a worker whose Celery consumer stopped without a signal asking it to.
+EXIT_CONSUMER_FAILED = 71
+
 
 def main() -> int:
     logging.basicConfig(
@@ -135,6 +138,10 @@ def main() -> int:
 
     register_tasks(app)
     consume(app, core.queue_name, settings.task_threads, worker_name)
+    if not runner.stopping:
+        # Celery gave up on its own (an unrecoverable error): exit so the supervisor restarts us.
+        log.critical("the Celery consumer stopped without being asked to")
+        return EXIT_CONSUMER_FAILED
     return 0
 
 

@@ -21,9 +21,9 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.apikeys import ApiKeyStore
-from shared.jobstore import LEASES_KEY, JobStore
+from shared.jobstore import LEASES_KEY, QUEUE_KEY, JobStore
 from shared.queue import WORKERS_KEY
-from shared.schema import JobRecord
+from shared.schema import JobRecord, JobStatus
 from tests.support import (
     REQUEST_TIMEOUT_S,
     Process,
@@ -107,6 +107,8 @@ class Cluster:
     api_key: str = ""
     workers: list[Process] = field(default_factory=list)
     workers_started: int = 0
+    # Workers kept across tests (restarted when one dies), not stopped after each test.
+    shared: list[Process] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -200,6 +202,20 @@ class Cluster:
         ).start()
         self.workers.append(worker)
         return worker
+
+    def shared_worker(self) -> Process:
+        """A live worker that outlasts the test; started (again) when there is none."""
+        self.shared = [worker for worker in self.shared if worker.alive()]
+        if not self.shared:
+            self.shared.append(self.start_ready_worker())
+        return self.shared[0]
+
+    def end_unfinished_jobs(self) -> None:
+        """Cancel what an earlier test left queued or running, so it is no later test's load."""
+        store = self.store()
+        for key in (QUEUE_KEY, LEASES_KEY):
+            for job_id in self.redis().zrange(key, 0, -1):
+                store.transition(job_id.decode(), JobStatus.CANCELED)
 
     def start_ready_worker(self, **env: str) -> Process:
         worker = self.start_worker(**env)
@@ -306,7 +322,9 @@ class Cluster:
                     assert worker.popen is not None
                     exits.append(worker.popen.returncode)
                     self.workers.remove(worker)
-                    self.start_worker()
+                    replacement = self.start_worker()
+                    if worker in self.shared:
+                        self.shared[self.shared.index(worker)] = replacement
             return all(record.status in TERMINAL for record in self.records(job_ids))
 
         wait_until(ended, timeout_s, f"{len(job_ids)} jobs to end")
@@ -352,7 +370,7 @@ def fresh(cluster: Cluster) -> Iterator[Cluster]:
     the broker's queue bindings that an emptied Redis would lose."""
     assert cluster.api is not None and cluster.api.alive()
     assert port_open(cluster.redis_port)
+    cluster.end_unfinished_jobs()
     cluster.empty_bucket()
-    already_running = list(cluster.workers)
     yield cluster
-    cluster.stop_workers(keep=already_running)
+    cluster.stop_workers(keep=cluster.shared)

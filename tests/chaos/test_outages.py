@@ -58,11 +58,16 @@ def stop_storage(
         resume()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_worker(cluster: Cluster) -> Iterator[None]:
+@pytest.fixture(autouse=True)
+def one_worker(fresh: Cluster) -> None:
     """One worker serves this module's tests: none of them is about losing a worker."""
-    cluster.start_ready_worker()
+    fresh.shared_worker()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_worker_after(cluster: Cluster) -> Iterator[None]:
     yield
+    cluster.shared.clear()
     cluster.stop_workers()
 
 
@@ -75,7 +80,7 @@ def test_redis_lost_mid_burst_and_restarted_from_its_append_only_file(fresh: Clu
         # connection twice); such a worker exits non-zero for its supervisor to restart it.
         exits: list[int] = []
         records = fresh.wait_terminal(job_ids, 120, exits)
-        assert 0 not in exits
+        assert 0 not in exits, exits
         assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(records), how
         assert all(len(record.images) == 1 for record in records)
         assert any(record.finished_at and record.finished_at > restarted_at for record in records)

@@ -41,7 +41,9 @@ def finished_by(worker: Process) -> set[str]:
 def test_a_worker_killed_mid_burst_loses_no_job_stores_none_twice_and_its_old_messages_drop(
     fresh: Cluster,
 ) -> None:
-    doomed = fresh.start_ready_worker()
+    doomed, _ = fresh.start_worker(), fresh.start_worker()
+    for worker in fresh.workers:
+        fresh.wait_ready(worker)
     doomed_name = fresh.worker_name(doomed)
     prompts = [f"burst {n}" for n in range(50)]
     with ThreadPoolExecutor(1) as pool:
