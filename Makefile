@@ -3,11 +3,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format redis venv clean bench
+.PHONY: run test lint format redis venv clean bench lock
 
-$(INSTALLED): pyproject.toml constraints.txt
+PIP := $(PY) -m pip --quiet --disable-pip-version-check
+
+# Every dependency comes from the lock file, hash-checked; the project itself is installed on top.
+$(INSTALLED): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[api,worker,dev]"
+	$(PIP) install --require-hashes --no-deps -r requirements.lock
+	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
 venv: $(INSTALLED)
@@ -33,6 +37,12 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Re-resolve every dependency after a change to pyproject.toml (torch stays at constraints.txt).
+lock: venv
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --extra api,worker,dev \
+		--build-deps-for editable -c constraints.txt -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache

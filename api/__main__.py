@@ -6,6 +6,7 @@ import tempfile
 
 import uvicorn
 
+from api.http import CappedHeadProtocol
 from shared.logs import configure_logging, logging_config
 from shared.settings import api_settings, log_settings
 
@@ -25,6 +26,7 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             workers=settings.api_processes,
+            http=CappedHeadProtocol,
             log_config=logging_config(logs),
             access_log=logs.access_log,
         )

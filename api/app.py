@@ -16,11 +16,12 @@ from api.limits import BodySizeLimit
 from api.metrics import HttpMetrics, QueueCollector, metrics_router
 from api.ratelimit import RateLimiter
 from api.routes import jobs, system, webhooks
-from api.sweeper import run_sweeper
+from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore
 from shared.info import SERVICE_VERSION
 from shared.jobstore import JobStore
-from shared.queue import make_celery, make_redis
+from shared.queue import make_celery, make_redis, send_render
+from shared.recovery import Reaper
 from shared.settings import api_settings, core_settings, storage_settings, webhook_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
@@ -33,6 +34,9 @@ def create_app() -> FastAPI:
     hooks_config = webhook_settings()
     redis = make_redis(core)
     celery = make_celery(core)
+    store = JobStore(redis, core.retention_s)
+    storage = make_storage(storage_config)
+    hooks = Webhooks(redis, celery, hooks_config, core.retention_s)
     services = Services(
         core=core,
         api=api,
@@ -40,24 +44,37 @@ def create_app() -> FastAPI:
         webhook_settings=hooks_config,
         redis=redis,
         async_redis=AsyncRedis.from_url(
-            core.redis_url, socket_connect_timeout=core.redis_timeout_s
+            core.redis_url,
+            socket_connect_timeout=core.redis_timeout_s,
+            # Above the longest blocking read (a one-second XREAD), so only a dead Redis times out.
+            socket_timeout=core.redis_timeout_s + 1,
         ),
-        store=JobStore(redis, core.retention_s),
+        store=store,
         keys=ApiKeyStore(redis),
         rate_limiter=RateLimiter(redis),
-        webhooks=Webhooks(redis, celery, hooks_config, core.retention_s),
-        storage=make_storage(storage_config),
+        webhooks=hooks,
+        storage=storage,
         celery=celery,
+        reaper=Reaper(
+            redis,
+            store,
+            core,
+            lambda job_id, attempt: send_render(celery, core.queue_name, job_id, attempt),
+            storage,
+            storage_config.key_prefix,
+            hooks,
+        ),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(run_sweeper(services))
+        loops = [asyncio.create_task(loop(services)) for loop in (run_sweeper, run_reaper)]
         logging.getLogger(__name__).info("API ready; storage backend %s", storage_config.storage)
         yield
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        for task in loops:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await services.async_redis.aclose()
 
     # Swagger UI and ReDoc from assets the service serves itself: the docs render offline.

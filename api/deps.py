@@ -1,5 +1,6 @@
 """Request-scoped access to the app's services and the caller, as `Annotated` dependencies."""
 
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -14,10 +15,13 @@ from api.ratelimit import RateLimiter
 from shared.apikeys import ApiKey, ApiKeyStore
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import JobStore
+from shared.recovery import Reaper
 from shared.schema import JobRecord
 from shared.settings import ApiSettings, CoreSettings, StorageSettings, WebhookSettings
 from shared.storage import LocalStorage, S3Storage
 from shared.webhooks import Webhooks
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass
@@ -35,12 +39,16 @@ class Services:
     webhooks: Webhooks
     storage: LocalStorage | S3Storage
     celery: Celery
+    reaper: Reaper
 
     def base_url(self, request: Request) -> str:
         return self.api.public_base_url or str(request.base_url)
 
     def owned_job(self, job_id: str, caller: ApiKey) -> JobRecord:
         """The job, when this caller made it; another key's job is as absent as a missing one."""
+        # Checked before the id goes into a Redis key: no id names another kind of key.
+        if not _JOB_ID.fullmatch(job_id):
+            raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
         record = self.store.get(job_id)
         if record is None or record.owner != caller.id:
             raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")

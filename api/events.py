@@ -2,6 +2,7 @@
 any client, and `Last-Event-ID` resumes where a dropped connection stopped)."""
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -9,12 +10,15 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from redis.exceptions import RedisError
 
 from api.deps import CallerDep, Services, ServicesDep
 from api.jobview import job_out, queue_eta_s
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
 from shared.jobstore import QUEUE_KEY, events_key, job_key
 from shared.schema import TERMINAL_STATES, JobStatus
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -23,6 +27,10 @@ _KEEPALIVE_S = 15.0
 _STREAM_ID = r"^\d{1,20}(-\d{1,20})?$"
 _TERMINAL = {status.value for status in TERMINAL_STATES}
 _GONE = {"type": "not_found", "message": "the job no longer exists"}
+_UNAVAILABLE = {
+    "type": "unavailable",
+    "message": "the job store is unavailable; reconnect with Last-Event-ID to resume",
+}
 
 
 def _valid_stream_id(value: str) -> bool:
@@ -58,6 +66,18 @@ async def wait_until_terminal(services: Services, job_id: str, timeout_s: float)
 
 
 async def _job_events(
+    services: Services, request: Request, job_id: str, after: str
+) -> AsyncIterator[str]:
+    """The job's events from `after` on; a Redis failure ends the stream with an `error`."""
+    try:
+        async for event in _stream(services, request, job_id, after):
+            yield event
+    except RedisError as exc:
+        log.warning("event stream of job %s cut: Redis unavailable: %s", job_id, exc)
+        yield sse(None, "error", _UNAVAILABLE)
+
+
+async def _stream(
     services: Services, request: Request, job_id: str, after: str
 ) -> AsyncIterator[str]:
     base_url = services.base_url(request)

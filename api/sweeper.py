@@ -1,11 +1,13 @@
-"""Periodic housekeeping: expire jobs that waited too long, delete jobs past their retention.
+"""Periodic housekeeping: expire jobs that waited too long, delete jobs past their retention,
+and reap jobs whose worker is gone (shared/recovery.py).
 
-Every API process runs the loop; a Redis lock lets one of them sweep per interval.
+Every API process runs the loops; a Redis lock lets one of them do each round.
 """
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from fastapi.concurrency import run_in_threadpool
 from redis.exceptions import RedisError
@@ -18,7 +20,8 @@ from shared.storage import StorageError, job_prefix
 
 log = logging.getLogger(__name__)
 
-_LOCK_KEY = "t2i:sweeper:lock"
+_SWEEP_LOCK_KEY = "t2i:sweeper:lock"
+_REAP_LOCK_KEY = "t2i:reaper:lock"
 _BATCH = 200
 
 
@@ -53,17 +56,45 @@ def sweep_once(services: Services) -> tuple[int, int]:
     return expired, deleted
 
 
-async def run_sweeper(services: Services) -> None:
-    interval_s = services.api.sweep_interval_s
+async def _every(
+    services: Services,
+    name: str,
+    lock_key: str,
+    interval_s: float,
+    action: Callable[[], object],
+    on_redis_error: Callable[[], None] = lambda: None,
+) -> None:
+    """Run `action` every `interval_s` in whichever API process takes the round's lock."""
     while True:
         try:
             lock_ms = max(1, int(interval_s * 900))
-            if await services.async_redis.set(_LOCK_KEY, "1", nx=True, px=lock_ms):
-                expired, deleted = await run_in_threadpool(sweep_once, services)
-                if expired or deleted:
-                    log.info("sweeper: %d jobs expired, %d deleted", expired, deleted)
+            if await services.async_redis.set(lock_key, "1", nx=True, px=lock_ms):
+                outcome = await run_in_threadpool(action)
+                if outcome:
+                    log.info("%s: %s", name, outcome)
         except RedisError as exc:
-            log.warning("sweeper: Redis unavailable: %s", exc)
+            on_redis_error()
+            log.warning("%s: Redis unavailable: %s", name, exc)
         except Exception:
-            log.exception("sweeper failed; trying again next interval")
+            log.exception("%s failed; trying again next interval", name)
         await asyncio.sleep(interval_s)
+
+
+async def run_sweeper(services: Services) -> None:
+    def sweep() -> str:
+        expired, deleted = sweep_once(services)
+        return f"{expired} jobs expired, {deleted} deleted" if expired or deleted else ""
+
+    await _every(services, "sweeper", _SWEEP_LOCK_KEY, services.api.sweep_interval_s, sweep)
+
+
+async def run_reaper(services: Services) -> None:
+    def reap() -> str:
+        reaped = reaper.reap_once()
+        if not (reaped.requeued or reaped.failed or reaped.resent):
+            return ""
+        return f"{reaped.requeued} requeued, {reaped.failed} failed, {reaped.resent} sent again"
+
+    reaper = services.reaper
+    interval_s = services.api.reap_interval_s
+    await _every(services, "reaper", _REAP_LOCK_KEY, interval_s, reap, reaper.redis_lost)

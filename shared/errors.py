@@ -14,6 +14,7 @@ class ErrorType(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
     RATE_LIMITED = "rate_limited"
     INTERNAL_ERROR = "internal_error"
     UNAVAILABLE = "unavailable"
@@ -28,6 +29,7 @@ HTTP_STATUS: dict[ErrorType, int] = {
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.CONFLICT: 409,
     ErrorType.PAYLOAD_TOO_LARGE: 413,
+    ErrorType.HEADERS_TOO_LARGE: 431,
     ErrorType.RATE_LIMITED: 429,
     ErrorType.INTERNAL_ERROR: 500,
     ErrorType.UNAVAILABLE: 503,

@@ -9,14 +9,29 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum, StrEnum
 from typing import Any
 
 from pydantic_core import to_jsonable_python
 from redis import Redis
 
-from shared.schema import ALLOWED_TRANSITIONS, GenerationRequest, JobRecord, JobStatus
+from shared.schema import (
+    ALLOWED_TRANSITIONS,
+    GenerationRequest,
+    JobError,
+    JobErrorType,
+    JobRecord,
+    JobStatus,
+)
 
 QUEUE_KEY = "t2i:queue"
+# Jobs a worker holds (reserved or rendering), scored by when their lease runs out.
+LEASES_KEY = "t2i:leases"
+# Jobs sent to the broker that no worker has reserved yet, scored by when they were sent.
+DISPATCHED_KEY = "t2i:dispatched"
+# The latest send time among reserved jobs: the broker queue is FIFO, so a job sent well before
+# it and still unreserved was passed over (its message is lost).
+RESERVED_HIGH_KEY = "t2i:dispatched:reserved-high"
 RETENTION_KEY = "t2i:retention"
 SEQUENCE_KEY = "t2i:seq"
 COMPLETIONS_KEY = "t2i:completions"
@@ -37,9 +52,12 @@ local function append_event(stream, event_type, data, ttl)
   redis.call('XADD', stream, 'MAXLEN', '~', ARGV_MAXLEN, '*', 'type', event_type, 'data', data)
   redis.call('EXPIRE', stream, ttl)
 end
+local function is_terminal(status)
+  return status == 'succeeded' or status == 'failed' or status == 'canceled' or status == 'expired'
+end
 """
 
-# KEYS: job, events, queue, owner's index, retention, sequence, idempotency key.
+# KEYS: job, events, queue, owner's index, retention, sequence, idempotency key, dispatched.
 # ARGV: job id, created (epoch s), retention s, idempotency value ('' for none), idempotency TTL,
 # event data, max queue depth, retention member, then field/value pairs.
 # Returns {1, seq}, {0, existing idempotency value}, or {-1, depth} when the queue is full.
@@ -55,23 +73,33 @@ local seq = redis.call('INCR', KEYS[6])
 redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
+redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[8])
 append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
 return {1, seq}
 """
 
-# KEYS: job, events, queue. ARGV: job id, event type, event data, retention s, n, the n states
-# the job may be in, then field/value pairs. A status change takes the job off the queue.
+# KEYS: job, events, queue, leases, dispatched. ARGV: job id, event type, event data,
+# retention s, fence worker and attempt ('' for no fence), n, the n states the job may be in, then
+# field/value pairs. A status change takes the job off the queue; a terminal one ends its lease.
 # Returns {1, previous} when written, {0, previous} when not, {0, false} when the job is missing.
 _COMPARE_AND_SET = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then return {0, false} end
-local n = tonumber(ARGV[5])
-for i = 6, n + 5 do
+if ARGV[5] ~= '' then
+  local holder = redis.call('HMGET', KEYS[1], 'worker', 'attempt')
+  if holder[1] ~= ARGV[5] or tonumber(holder[2]) ~= tonumber(ARGV[6]) then return {0, current} end
+end
+local n = tonumber(ARGV[7])
+for i = 8, n + 7 do
   if ARGV[i] == current then
-    if #ARGV > n + 5 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 6)) end
+    if #ARGV > n + 7 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 8)) end
     if ARGV[2] ~= 'progress' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+    if is_terminal(ARGV[2]) then
+      redis.call('ZREM', KEYS[4], ARGV[1])
+      redis.call('ZREM', KEYS[5], ARGV[1])
+    end
     if ARGV[2] == 'canceled' then redis.call('PUBLISH', 'CANCEL_CHANNEL', ARGV[1]) end
     append_event(KEYS[2], ARGV[2], ARGV[3], ARGV[4])
     return {1, current}
@@ -80,15 +108,84 @@ end
 return {0, current}
 """
 
+# KEYS: job, leases, dispatched, reserved high-water. ARGV: job id, worker (JSON), attempt, lease
+# expiry (epoch s). A worker takes one attempt of a queued job that nobody holds.
+# Returns {1}, {0} not queued or missing, {-1} another attempt, {-2} held by a worker.
+_RESERVE = """
+local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker')
+if fields[1] ~= 'queued' then return {0} end
+if tonumber(fields[2]) ~= tonumber(ARGV[3]) then return {-1} end
+if fields[3] and fields[3] ~= 'null' then return {-2} end
+redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+local sent = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if sent then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if tonumber(sent) > tonumber(redis.call('GET', KEYS[4]) or '0') then
+    redis.call('SET', KEYS[4], sent)
+  end
+end
+return {1}
+"""
 
-# KEYS: job, events. ARGV: the dead worker, the new worker, started_at (JSON), retention s.
-# Moves a running job to a new worker only if the one that claimed it is still on record.
-_RECLAIM = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'started_at', ARGV[3], 'progress', 'null')
-append_event(KEYS[2], 'running', cjson.encode({reclaimed_from = cjson.decode(ARGV[1])}), ARGV[4])
-return 1
+# KEYS: leases, then the n jobs. ARGV: worker (JSON), lease expiry, then n ids and n attempts.
+# Returns the ids whose lease this worker no longer holds.
+_RENEW = """
+local n = #KEYS - 1
+local lost = {}
+for i = 1, n do
+  local fields = redis.call('HMGET', KEYS[i + 1], 'status', 'worker', 'attempt')
+  local live = fields[1] == 'queued' or fields[1] == 'running'
+  if live and fields[2] == ARGV[1] and tonumber(fields[3]) == tonumber(ARGV[i + 2 + n]) then
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i + 2])
+  else
+    table.insert(lost, ARGV[i + 2])
+  end
+end
+return lost
+"""
+
+# KEYS: job, events, queue, leases, dispatched, sequence. ARGV: job id, why ('lapsed': its lease
+# ran out; 'lost': its message never reached a worker, sent before ARGV[5]; 'handed_back' by
+# worker ARGV[5]), now (epoch s), retention s, ARGV[5], most retries, then the failure's fields
+# (error, finished_at, event data) for a job past the cap. Starts the next attempt: queued,
+# nobody's, to be sent again. Returns {1, attempt}, {2, attempt} failed, {0} left alone.
+_REQUEUE = """
+local f = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'retries')
+if f[1] ~= 'queued' and f[1] ~= 'running' then return {0} end
+local why = ARGV[2]
+if why == 'lapsed' then
+  local lease = redis.call('ZSCORE', KEYS[4], ARGV[1])
+  if not lease or tonumber(lease) > tonumber(ARGV[3]) then return {0} end
+elseif why == 'lost' then
+  if f[1] ~= 'queued' or (f[3] and f[3] ~= 'null') then return {0} end
+  local sent = redis.call('ZSCORE', KEYS[5], ARGV[1])
+  if not sent or tonumber(sent) > tonumber(ARGV[5]) then return {0} end
+elseif f[3] ~= ARGV[5] then
+  return {0}
+end
+local attempt = tonumber(f[2])
+local retries = tonumber(f[4] or '0')
+if why == 'lapsed' then retries = retries + 1 end
+redis.call('ZREM', KEYS[4], ARGV[1])
+if why == 'lapsed' and retries > tonumber(ARGV[6]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'retries', retries, 'error', ARGV[7],
+             'finished_at', ARGV[8])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  append_event(KEYS[2], 'failed', ARGV[9], ARGV[4])
+  return {2, attempt}
+end
+attempt = attempt + 1
+-- Its new message joins the back of the broker queue, so its position does too.
+local seq = redis.call('INCR', KEYS[6])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', attempt, 'retries', retries,
+           'worker', 'null', 'started_at', 'null', 'progress', 'null')
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+local data = cjson.encode({status = 'queued', attempt = attempt, reason = why})
+append_event(KEYS[2], 'queued', data, ARGV[4])
+return {1, attempt}
 """
 
 
@@ -141,6 +238,36 @@ class CasResult:
 
 
 @dataclass(frozen=True)
+class Holder:
+    """A worker and the attempt of a job it holds: what every write of that attempt is fenced on."""
+
+    worker: str
+    attempt: int
+
+
+class Reservation(Enum):
+    RESERVED = "reserved"
+    NOT_QUEUED = "not queued"
+    OTHER_ATTEMPT = "for another attempt"
+    HELD = "held by another worker"
+
+
+class RequeueReason(StrEnum):
+    LAPSED = "lapsed"  # its worker stopped renewing the lease
+    LOST = "lost"  # its message never reached a worker
+    HANDED_BACK = "handed_back"  # a stopping worker gave it back
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """What a requeue did: `attempt` is the job's attempt now."""
+
+    requeued: bool
+    failed: bool
+    attempt: int | None
+
+
+@dataclass(frozen=True)
 class Created:
     """A new job, or (`created` false) the job an earlier POST with the same key made."""
 
@@ -169,7 +296,9 @@ class JobStore:
         self.retention_s = retention_s
         self._create = redis.register_script(_script(_CREATE))
         self._cas = redis.register_script(_script(_COMPARE_AND_SET))
-        self._reclaim = redis.register_script(_script(_RECLAIM))
+        self._reserve = redis.register_script(_RESERVE)
+        self._renew = redis.register_script(_RENEW)
+        self._requeue = redis.register_script(_script(_REQUEUE))
 
     def create(
         self,
@@ -193,6 +322,7 @@ class JobStore:
                 RETENTION_KEY,
                 SEQUENCE_KEY,
                 _idempotency_key(record.owner, idempotency_key or ""),
+                DISPATCHED_KEY,
             ],
             args=[
                 record.id,
@@ -230,16 +360,18 @@ class JobStore:
         new_status: JobStatus,
         *,
         expected: JobStatus | None = None,
+        holder: Holder | None = None,
         **fields: Any,
     ) -> CasResult:
-        """Move a job to `new_status`, writing `fields`, only from a state that allows it."""
+        """Move a job to `new_status`, writing `fields`, only from a state that allows it (and,
+        with a holder, only while that worker still holds that attempt)."""
         sources = [s for s, targets in ALLOWED_TRANSITIONS.items() if new_status in targets]
         if expected is not None:
             sources = [s for s in sources if s == expected]
         if not sources:
             raise ValueError(f"no state may move to {new_status}")
         return self._compare_and_set(
-            job_id, sources, new_status.value, {"status": new_status.value, **fields}
+            job_id, sources, new_status.value, {"status": new_status.value, **fields}, holder
         )
 
     def expire(self, job_id: str) -> bool:
@@ -248,38 +380,122 @@ class JobStore:
             job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
         ).applied
 
-    def reclaim(
-        self, job_id: str, dead_worker: str | None, worker: str, started_at: datetime
-    ) -> bool:
-        """Take over a running job whose worker died; False if anyone else changed it first."""
-        reclaimed = self._reclaim(
-            keys=[job_key(job_id), events_key(job_id)],
+    def reserve(self, job_id: str, attempt: int, worker: str, lease_until: float) -> Reservation:
+        """Hold one attempt of a queued job for `worker` until `lease_until` (renewed while it
+        is held)."""
+        outcome = self._reserve(
+            keys=[job_key(job_id), LEASES_KEY, DISPATCHED_KEY, RESERVED_HIGH_KEY],
+            args=[job_id, json.dumps(worker), attempt, lease_until],
+        )
+        return {
+            1: Reservation.RESERVED,
+            0: Reservation.NOT_QUEUED,
+            -1: Reservation.OTHER_ATTEMPT,
+            -2: Reservation.HELD,
+        }[outcome[0]]
+
+    def admit(self, job_id: str, holder: Holder, started_at: datetime) -> CasResult:
+        """The reserved job joins a GPU batch: `running` from now on."""
+        return self.transition(
+            job_id,
+            JobStatus.RUNNING,
+            expected=JobStatus.QUEUED,
+            holder=holder,
+            started_at=started_at,
+        )
+
+    def renew(self, worker: str, lease_until: float, attempts: dict[str, int]) -> set[str]:
+        """Extend the leases of the jobs `worker` holds; the ids it no longer holds."""
+        if not attempts:
+            return set()
+        ids = list(attempts)
+        lost = self._renew(
+            keys=[LEASES_KEY, *(job_key(job_id) for job_id in ids)],
+            args=[json.dumps(worker), lease_until, *ids, *(attempts[job_id] for job_id in ids)],
+        )
+        return {job_id.decode() for job_id in lost}
+
+    def lapsed_leases(self, now: float, count: int) -> list[str]:
+        return [m.decode() for m in self._redis.zrangebyscore(LEASES_KEY, "-inf", now, 0, count)]
+
+    def unreserved_dispatches(self, sent_before: float, count: int) -> list[tuple[str, float]]:
+        """Jobs sent before `sent_before` that no worker has reserved, oldest first."""
+        members = self._redis.zrangebyscore(
+            DISPATCHED_KEY, "-inf", sent_before, 0, count, withscores=True
+        )
+        return [(member.decode(), score) for member, score in members]
+
+    def latest_reserved_dispatch(self) -> float:
+        """When the most recently sent job that a worker reserved was sent."""
+        return float(self._redis.get(RESERVED_HIGH_KEY) or 0)
+
+    def requeue(
+        self,
+        job_id: str,
+        reason: RequeueReason,
+        *,
+        now: float,
+        max_retries: int,
+        worker: str = "",
+        sent_before: float = 0.0,
+    ) -> Requeued:
+        """Start the job's next attempt (queued, to be sent again), if `reason` still holds: a
+        lapsed lease (counted as a retry; past `max_retries` the job fails as `worker_lost`), a
+        message sent before `sent_before` that no worker took, or a hand-back by `worker`."""
+        finished_at = utc_now()
+        error = JobError(
+            type=JobErrorType.WORKER_LOST,
+            message=f"the job's worker was lost {max_retries + 1} times; it was not retried again",
+        )
+        failure = {"status": JobStatus.FAILED.value, "error": error, "finished_at": finished_at}
+        outcome = self._requeue(
+            keys=[
+                job_key(job_id),
+                events_key(job_id),
+                QUEUE_KEY,
+                LEASES_KEY,
+                DISPATCHED_KEY,
+                SEQUENCE_KEY,
+            ],
             args=[
-                json.dumps(dead_worker),
-                json.dumps(worker),
-                json.dumps(started_at.isoformat()),
+                job_id,
+                reason.value,
+                now,
                 self.retention_s,
+                json.dumps(worker) if reason is RequeueReason.HANDED_BACK else sent_before,
+                max_retries,
+                json.dumps(to_jsonable_python(error)),
+                json.dumps(to_jsonable_python(finished_at)),
+                json.dumps(to_jsonable_python(failure)),
             ],
         )
-        return bool(reclaimed)
+        attempt = int(outcome[1]) if len(outcome) > 1 else None
+        return Requeued(requeued=outcome[0] == 1, failed=outcome[0] == 2, attempt=attempt)
 
-    def update_progress(self, job_id: str, **progress: Any) -> CasResult:
-        """Record progress, only while the job runs."""
+    def update_progress(self, job_id: str, holder: Holder, **progress: Any) -> CasResult:
+        """Record progress, only while the job runs under this holder."""
         return self._compare_and_set(
-            job_id, [JobStatus.RUNNING], PROGRESS_EVENT, {"progress": progress}
+            job_id, [JobStatus.RUNNING], PROGRESS_EVENT, {"progress": progress}, holder
         )
 
     def _compare_and_set(
-        self, job_id: str, sources: list[JobStatus], event_type: str, fields: dict[str, Any]
+        self,
+        job_id: str,
+        sources: list[JobStatus],
+        event_type: str,
+        fields: dict[str, Any],
+        holder: Holder | None = None,
     ) -> CasResult:
         event_data = json.dumps(to_jsonable_python(fields))
         applied, previous = self._cas(
-            keys=[job_key(job_id), events_key(job_id), QUEUE_KEY],
+            keys=[job_key(job_id), events_key(job_id), QUEUE_KEY, LEASES_KEY, DISPATCHED_KEY],
             args=[
                 job_id,
                 event_type,
                 event_data,
                 self.retention_s,
+                json.dumps(holder.worker) if holder else "",
+                holder.attempt if holder else "",
                 len(sources),
                 *[s.value for s in sources],
                 *_encode_fields(fields),
@@ -365,6 +581,8 @@ class JobStore:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(job_key(job_id), events_key(job_id))
             pipe.zrem(QUEUE_KEY, job_id)
+            pipe.zrem(LEASES_KEY, job_id)
+            pipe.zrem(DISPATCHED_KEY, job_id)
             pipe.zrem(index_key(owner), job_id)
             pipe.zrem(RETENTION_KEY, _retention_member(owner, job_id))
             pipe.execute()

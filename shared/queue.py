@@ -2,6 +2,7 @@
 
 import logging
 import warnings
+from collections.abc import Callable
 
 from celery import Celery
 from celery.apps.worker import install_worker_term_handler
@@ -17,6 +18,8 @@ WORKERS_KEY = "t2i:workers"
 _WORKER_INFO_PREFIX = "t2i:worker:"
 
 log = logging.getLogger(__name__)
+# kombu's Redis transport polls the queue with a blocking pop of this many seconds.
+_BROKER_POLL_S = 1.0
 
 
 def make_celery(settings: CoreSettings) -> Celery:
@@ -28,17 +31,35 @@ def make_celery(settings: CoreSettings) -> Celery:
         task_ignore_result=True,
         task_default_queue=settings.queue_name,
         task_acks_late=True,
-        task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
+        broker_connection_timeout=settings.redis_timeout_s,
         broker_transport_options={
+            # The last resort only: a lost worker's jobs come back through their lapsed leases.
             "visibility_timeout": settings.visibility_timeout_s,
             "socket_connect_timeout": settings.redis_timeout_s,
+            # Above the transport's 1 s blocking poll, so only a dead connection times out.
+            "socket_timeout": max(settings.redis_timeout_s, 2 * _BROKER_POLL_S),
+            "socket_keepalive": True,
+            "health_check_interval": 10,
         },
     )
     return app
+
+
+# Sends the message for one attempt of a job.
+SendRender = Callable[[str, int], None]
+
+
+def send_render(app: Celery, queue: str, job_id: str, attempt: int) -> None:
+    """Tell the workers about one attempt of a job; raises when the broker cannot take it."""
+    app.send_task(
+        RENDER_TASK,
+        kwargs={"job_id": job_id, "attempt": attempt},
+        queue=queue,
+        retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+    )
 
 
 def make_redis(settings: CoreSettings) -> Redis:
@@ -48,11 +69,6 @@ def make_redis(settings: CoreSettings) -> Redis:
         socket_timeout=settings.redis_timeout_s,
         health_check_interval=30,
     )
-
-
-def worker_alive(redis: Redis, name: str, max_age_s: float, now: float) -> bool:
-    last_seen = redis.zscore(WORKERS_KEY, name)
-    return last_seen is not None and now - last_seen <= max_age_s
 
 
 def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:

@@ -91,7 +91,10 @@ ALLOWED_TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset(
         {JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.EXPIRED, JobStatus.FAILED}
     ),
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED}),
+    # Back to queued (a new attempt) when the worker that ran it was lost.
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
+    ),
 }
 
 
@@ -107,6 +110,8 @@ class JobErrorType(StrEnum):
     # The image came out with NaN or infinite pixels (a numerical overflow in fp16).
     NUMERICAL_ERROR = "numerical_error"
     STORAGE_ERROR = "storage_error"
+    # Every worker that took the job was lost (killed, hung or cut off) before it finished.
+    WORKER_LOST = "worker_lost"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -140,9 +145,11 @@ class Progress(BaseModel):
 
 
 class Timings(BaseModel):
-    queued_s: float | None = None
-    render_s: float | None = None
-    upload_s: float | None = None
+    queued_s: float | None = Field(
+        default=None, description="from submission until a GPU batch admitted the job"
+    )
+    render_s: float | None = Field(default=None, description="the pipeline call the job rode in")
+    upload_s: float | None = Field(default=None, description="encoding and storing the images")
 
 
 class BatchInfo(BaseModel):
@@ -157,8 +164,12 @@ class JobRecord(BaseModel):
 
     id: str
     owner: str | None = None
-    # The worker that claimed the job: while it is alive, a duplicate delivery is skipped.
+    # The worker holding the current attempt (reserved or rendering); every write it makes is
+    # fenced on (worker, attempt), so a worker that lost the job can no longer change it.
     worker: str | None = None
+    attempt: int = 1
+    # Attempts lost with their worker; past the cap the job fails as `worker_lost`.
+    retries: int = 0
     status: JobStatus
     created_at: datetime
     started_at: datetime | None = None
@@ -184,6 +195,9 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     request: GenerationRequest
+    attempt: int = Field(
+        default=1, description="1, more once the job went back to the queue after a lost worker"
+    )
     queue_position: int | None = Field(
         default=None, description="queued jobs ahead of this one (0: it starts next)"
     )

@@ -31,11 +31,19 @@ class CoreSettings(_T2ISettings):
     queue_name: str = "txt2img"
     retention_s: int = Field(default=7 * 24 * 3600, ge=1)
     queue_timeout_s: int = Field(default=3600, ge=1)
-    # Longer than the longest render, or Redis redelivers a job that is still rendering.
-    visibility_timeout_s: int = Field(default=3600, ge=60)
+    # The broker's redelivery of a vanished worker's messages: only a last resort, since lapsed
+    # leases bring those jobs back far sooner (a redelivered message of an old attempt is dropped).
+    visibility_timeout_s: int = Field(default=3600, ge=1)
     redis_timeout_s: float = Field(default=2.0, gt=0)
-    # A worker silent for longer is dead: /ready stops counting it, its running jobs are reclaimed.
+    # A worker silent for longer is dead to /ready.
     worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
+    # A worker renews the lease of each job it holds every third of this; a job whose lease ran
+    # out goes back to the queue as a new attempt.
+    lease_s: float = Field(default=15.0, gt=0)
+    job_max_retries: int = Field(default=3, ge=0)
+    # A job sent this long before a later-sent job was reserved (the queue is FIFO), or while the
+    # queue is empty, and still unreserved, has lost its message: it is sent again.
+    redispatch_after_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _refuse_placeholder_password(self) -> "CoreSettings":
@@ -86,6 +94,8 @@ class ApiSettings(_T2ISettings):
     max_pixels_per_job: int = Field(default=8 * 512 * 512, ge=256 * 256)
     public_base_url: str | None = None
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    reap_interval_s: float = Field(default=5.0, gt=0)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     # Applies to job submissions; the default for keys created without their own limit.
     rate_limit_per_min: int = Field(default=60, ge=1)
     max_queue_depth: int = Field(default=1000, ge=1)
@@ -106,7 +116,7 @@ class WorkerSettings(_T2ISettings):
     model_id: str = DEFAULT_MODEL_ID
     model_cache_dir: Path = Path("data/models")
     device: str = "auto"
-    # Unset: twice the largest batch, so one batch gathers while the previous one renders.
+    # Unset: the largest batch, so a worker holds about one batch and leaves the rest to others.
     concurrency: int | None = Field(default=None, ge=1, le=256)
     max_batch_images: int = Field(default=8, ge=1, le=64)
     # 0: an idle GPU starts a job at once; jobs that arrive while it renders form the next batch.
@@ -125,20 +135,33 @@ class WorkerSettings(_T2ISettings):
     warmup: bool = True
     heartbeat_interval_s: float = Field(default=5.0, gt=0)
     progress_interval_s: float = Field(default=0.25, ge=0)
+    # A busy GPU executor that shows no sign of life for this long is hung: the worker exits.
+    executor_stall_s: float = Field(default=120.0, gt=0)
+    # How long an upload is retried (with backoff) before its job fails with `storage_error`.
+    storage_retry_s: float = Field(default=120.0, ge=0)
+    # After SIGTERM, how long the running batch may take before its jobs are handed back too.
+    shutdown_grace_s: float = Field(default=25.0, ge=0)
     # Development-only fault injection: a job with exactly this prompt fails inside the render.
     debug_fail_prompt: str | None = None
     # /metrics, /health and /ready of this worker; port 0 turns the endpoint off.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9101, ge=0, le=65535)
+    # Development-only: prompts named in worker/faults.py break the worker on purpose.
+    debug_faults: bool = False
 
     @property
     def task_threads(self) -> int:
+        # The batch rendering, and one more reserved behind it: the next batch is ready the
+        # moment the GPU is free, while the last one's jobs encode and upload.
         return self.concurrency or 2 * self.max_batch_images
 
     @model_validator(mode="after")
     def _fault_injection_only_in_development(self) -> "WorkerSettings":
-        if self.env is not Environment.DEVELOPMENT and self.debug_fail_prompt:
-            raise ValueError("T2I_DEBUG_FAIL_PROMPT is only allowed when T2I_ENV=development")
+        if self.env is not Environment.DEVELOPMENT:
+            if self.debug_fail_prompt:
+                raise ValueError("T2I_DEBUG_FAIL_PROMPT is only allowed when T2I_ENV=development")
+            if self.debug_faults:
+                raise ValueError("T2I_DEBUG_FAULTS is only allowed when T2I_ENV=development")
         return self
 
 

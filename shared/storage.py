@@ -2,6 +2,7 @@
 
 import hashlib
 import hmac
+import logging
 import os
 import shutil
 import tempfile
@@ -12,8 +13,11 @@ from urllib.parse import quote, urlencode
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 from shared.settings import StorageSettings
+
+log = logging.getLogger(__name__)
 
 
 def job_prefix(prefix: str, job_id: str) -> str:
@@ -21,13 +25,19 @@ def job_prefix(prefix: str, job_id: str) -> str:
     return f"{prefix}/{job_id}"
 
 
-def image_key(prefix: str, job_id: str, index: int, extension: str) -> str:
+def attempt_prefix(prefix: str, job_id: str, attempt: int) -> str:
+    """One attempt's objects: a worker that lost the job deletes these, never another's."""
+    return f"{job_prefix(prefix, job_id)}/{attempt}"
+
+
+def image_key(prefix: str, job_id: str, attempt: int, index: int, extension: str) -> str:
     """Deterministic, so a retried upload overwrites instead of duplicating."""
-    return f"{job_prefix(prefix, job_id)}/{index}.{extension}"
+    return f"{attempt_prefix(prefix, job_id, attempt)}/{index}.{extension}"
 
 
 class StorageError(Exception):
-    """Storage refused or could not be reached."""
+    """Storage refused or could not be reached. The message names no internal address: it may
+    reach clients (a job's error, /ready); the cause, with the details, goes to the logs."""
 
 
 class ObjectStorage(Protocol):
@@ -60,11 +70,15 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so a reader never sees half a file.
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
-            tmp.write(data)
-        os.replace(tmp.name, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename, so a reader never sees half a file.
+            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+                tmp.write(data)
+            os.replace(tmp.name, path)
+        except OSError as exc:
+            log.warning("writing %s failed: %s", path, exc)
+            raise StorageError(f"upload of {key} failed: local storage is not writable") from exc
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
@@ -97,7 +111,16 @@ class LocalStorage:
             with tempfile.NamedTemporaryFile(dir=self.root):
                 pass
         except OSError as exc:
-            raise StorageError(f"local storage {self.root} is not writable: {exc}") from exc
+            log.warning("local storage %s is not writable: %s", self.root, exc)
+            raise StorageError("local storage is not writable") from exc
+
+
+def _s3_failure(action: str, exc: Exception) -> StorageError:
+    log.warning("S3 %s failed: %s", action, exc)
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "unknown")
+        return StorageError(f"{action} failed: the object store answered {code}")
+    return StorageError(f"{action} failed: the object store is unreachable ({type(exc).__name__})")
 
 
 class S3Storage:
@@ -106,14 +129,22 @@ class S3Storage:
     def __init__(self, settings: StorageSettings) -> None:
         self._bucket = settings.s3_bucket
         self._url_ttl_s = settings.url_ttl_s
-        self._client = self._make_client(settings, settings.s3_endpoint_url)
+        self._client = self._make_client(settings, settings.s3_endpoint_url, connect_s=3, read_s=15)
+        # Readiness must answer within its own deadline, whatever the store does.
+        self._probe_client = self._make_client(
+            settings, settings.s3_endpoint_url, connect_s=1, read_s=1
+        )
         # Signing a URL needs no connection: this client only signs, for where clients reach.
         self._signer = self._client
         if settings.s3_public_endpoint_url:
-            self._signer = self._make_client(settings, settings.s3_public_endpoint_url)
+            self._signer = self._make_client(
+                settings, settings.s3_public_endpoint_url, connect_s=3, read_s=15
+            )
 
     @staticmethod
-    def _make_client(settings: StorageSettings, endpoint_url: str | None) -> Any:
+    def _make_client(
+        settings: StorageSettings, endpoint_url: str | None, connect_s: float, read_s: float
+    ) -> Any:
         return boto3.client(
             "s3",
             endpoint_url=endpoint_url,
@@ -122,9 +153,10 @@ class S3Storage:
             aws_secret_access_key=settings.s3_secret_access_key,
             config=Config(
                 signature_version="s3v4",
-                connect_timeout=5,
-                read_timeout=30,
-                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=connect_s,
+                read_timeout=read_s,
+                # Callers retry with their own backoff and deadline.
+                retries={"max_attempts": 1, "mode": "standard"},
             ),
         )
 
@@ -134,7 +166,7 @@ class S3Storage:
                 Bucket=self._bucket, Key=key, Body=data, ContentType=content_type
             )
         except Exception as exc:
-            raise StorageError(f"upload of {key} failed: {exc}") from exc
+            raise _s3_failure(f"upload of {key}", exc) from exc
 
     def download_url(self, key: str, base_url: str) -> str:
         return self._signer.generate_presigned_url(
@@ -164,14 +196,14 @@ class S3Storage:
                     )
                     deleted += len(objects)
         except Exception as exc:
-            raise StorageError(f"deleting {prefix}/ failed: {exc}") from exc
+            raise _s3_failure(f"deleting {prefix}/", exc) from exc
         return deleted
 
     def check(self) -> None:
         try:
-            self._client.head_bucket(Bucket=self._bucket)
+            self._probe_client.head_bucket(Bucket=self._bucket)
         except Exception as exc:
-            raise StorageError(f"bucket {self._bucket} is not reachable: {exc}") from exc
+            raise _s3_failure(f"reaching bucket {self._bucket}", exc) from exc
 
 
 def make_storage(settings: StorageSettings) -> LocalStorage | S3Storage:

@@ -22,7 +22,7 @@ def public_job(
         for image in record.images
     ]
     return JobOut(
-        **record.model_dump(exclude={"images", "owner", "worker"}),
+        **record.model_dump(exclude={"images", "owner", "worker", "retries"}),
         images=images,
         queue_position=queue_position,
         eta_s=eta_s,

@@ -60,6 +60,8 @@ def _forbidden_reason(address: IpAddress) -> str | None:
         ("multicast", address.is_multicast),
         ("unspecified", address.is_unspecified),
         ("private", address.is_private),
+        # fec0::/10, deprecated but still routed inside some networks; not `is_private`.
+        ("site-local", isinstance(address, ipaddress.IPv6Address) and address.is_site_local),
         ("reserved", address.is_reserved),
     ):
         if forbidden:

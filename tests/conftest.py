@@ -54,19 +54,20 @@ def s3_endpoint(workdir: Path) -> Iterator[str]:
 
 
 def _stack_env(redis_port: int, db: int, workdir: Path, model_cache: Path, **extra: str) -> dict:
-    return service_env(
-        T2I_REDIS_URL=f"redis://127.0.0.1:{redis_port}/{db}",
-        T2I_MODEL_ID="tiny",
-        T2I_MODEL_CACHE_DIR=str(model_cache),
-        T2I_DATA_DIR=str(workdir / "data"),
-        T2I_DEBUG_FAIL_PROMPT=FAIL_PROMPT,
-        T2I_HEARTBEAT_INTERVAL_S="1",
-        T2I_WORKER_HEARTBEAT_MAX_AGE_S="5",
-        # Many stacks run side by side; the operations tests serve metrics on ports of their own.
-        T2I_METRICS_PORT="0",
-        T2I_WEBHOOK_METRICS_PORT="0",
-        **extra,
-    )
+    defaults = {
+        "T2I_REDIS_URL": f"redis://127.0.0.1:{redis_port}/{db}",
+        "T2I_MODEL_ID": "tiny",
+        "T2I_MODEL_CACHE_DIR": str(model_cache),
+        "T2I_DATA_DIR": str(workdir / "data"),
+        "T2I_DEBUG_FAIL_PROMPT": FAIL_PROMPT,
+        "T2I_HEARTBEAT_INTERVAL_S": "1",
+        "T2I_WORKER_HEARTBEAT_MAX_AGE_S": "5",
+        # Lost workers and lost messages are recovered within seconds, not minutes.
+        "T2I_LEASE_S": "4",
+        "T2I_REAP_INTERVAL_S": "0.5",
+        "T2I_REDISPATCH_AFTER_S": "3",
+    }
+    return service_env(**{**defaults, **extra})
 
 
 def _run_stack(

@@ -103,13 +103,20 @@ def service_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without any T2I_* of the developer's, plus overrides."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("T2I_")}
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # Many workers run side by side: no metrics endpoint unless a test asks for its own port.
+    env.update(T2I_METRICS_PORT="0", T2I_WEBHOOK_METRICS_PORT="0")
     env.update(overrides)
     return env
 
 
-def start_redis(workdir: Path) -> tuple[Process, int]:
-    port = free_port()
+def start_redis(
+    workdir: Path, port: int | None = None, append_only: bool = False
+) -> tuple[Process, int]:
+    """A redis-server on loopback; with `append_only`, every write is on disk before it is
+    acknowledged, and a restart on the same directory and port brings it all back."""
+    port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
+    fsync = ["--appendfsync", "always"] if append_only else []
     process = Process(
         "redis",
         [
@@ -123,7 +130,8 @@ def start_redis(workdir: Path) -> tuple[Process, int]:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if append_only else "no",
+            *fsync,
         ],
         service_env(),
         workdir / "redis.log",

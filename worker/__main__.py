@@ -4,13 +4,15 @@ import logging
 import os
 import socket
 import sys
-import time
+import threading
 from dataclasses import asdict
+
+from celery.signals import worker_shutting_down
 
 from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
 from shared.logs import configure_logging
-from shared.queue import consume, make_celery, make_redis, worker_alive
+from shared.queue import consume, make_celery, make_redis, send_render
 from shared.settings import (
     core_settings,
     log_settings,
@@ -22,8 +24,10 @@ from shared.storage import make_storage
 from shared.webhooks import Webhooks
 from worker.cancel import CancelWatcher
 from worker.executor import GpuExecutor
+from worker.faults import Faults
 from worker.heartbeat import Heartbeat
 from worker.jobs import JobRunner
+from worker.leases import LeaseKeeper
 from worker.library_logs import route_library_logs
 from worker.metrics import instrument, watch_gpu_memory
 from worker.metrics_server import MetricsPortInUse, WorkerProbes
@@ -34,9 +38,15 @@ from worker.pipeline import (
     compiled_image_counts,
     resolve_device,
 )
+from worker.reporter import Reporter
+from worker.supervisor import Supervisor
 from worker.tasks import install_runner, register_tasks
+from worker.uploads import StorageGuard
 
 log = logging.getLogger("worker")
+
+# The exit status of a worker whose Celery consumer stopped without a signal asking it to.
+EXIT_CONSUMER_FAILED = 71
 
 
 def main() -> int:
@@ -73,19 +83,14 @@ def main() -> int:
         renderer.warm_up(compiled_counts=compiled_counts, max_images=settings.max_batch_images)
         log.info("warm-up renders done")
 
-    fail_prompt = settings.debug_fail_prompt
-
-    def render(batch, on_step):
-        if fail_prompt is not None and any(item.prompt == fail_prompt for item in batch.items):
-            raise RuntimeError(f"injected failure for prompt {fail_prompt!r}")
-        return renderer.render(batch, on_step)
-
+    faults = Faults(settings.debug_fail_prompt, settings.debug_faults)
     # A compiled UNet serves only the shapes it was warmed for, so it is always warmed.
     executor = GpuExecutor(
-        instrument(render),
+        instrument(faults.wrap(renderer.render)),
         settings.max_batch_images,
         settings.batch_wait_ms / 1000,
         key=renderer.batch_key,
+        stall_s=settings.executor_stall_s,
         warm_up=warm_up if settings.warmup or levers.compile else None,
     )
     try:
@@ -100,23 +105,32 @@ def main() -> int:
     cancels = CancelWatcher(redis, store)
     cancels.start()
     worker_name = f"render@{socket.gethostname()}.{os.getpid()}"
-    install_runner(
-        JobRunner(
-            store=store,
-            storage=make_storage(storage_config),
-            webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
-            executor=executor,
-            cancels=cancels,
-            worker_name=worker_name,
-            worker_alive=lambda name: worker_alive(
-                redis, name, core.worker_heartbeat_max_age_s, time.time()
-            ),
-            model_name=settings.model_id,
-            key_prefix=storage_config.key_prefix,
-            queue_timeout_s=core.queue_timeout_s,
-            progress_interval_s=settings.progress_interval_s,
-        )
+    leases = LeaseKeeper(store, worker_name, core.lease_s)
+    reporter = Reporter()
+    reporter.start()
+    uploads = StorageGuard(
+        make_storage(storage_config),
+        settings.storage_retry_s,
+        on_down=executor.pause,
+        on_up=executor.resume,
     )
+    uploads.start()
+    runner = JobRunner(
+        store=store,
+        uploads=uploads,
+        webhooks=Webhooks(redis, app, webhook_settings(), core.retention_s),
+        executor=executor,
+        cancels=cancels,
+        leases=leases,
+        reporter=reporter,
+        send_render=lambda job_id, attempt: send_render(app, core.queue_name, job_id, attempt),
+        model_name=settings.model_id,
+        key_prefix=storage_config.key_prefix,
+        queue_timeout_s=core.queue_timeout_s,
+        progress_interval_s=settings.progress_interval_s,
+        faults=faults,
+    )
+    install_runner(runner)
     info = WorkerInfo(
         name=worker_name,
         model=settings.model_id,
@@ -125,16 +139,51 @@ def main() -> int:
         levers=asdict(renderer.levers),
         version=SERVICE_VERSION,
     )
-    heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s, info)
+    supervisor = Supervisor(
+        executor,
+        leases,
+        Heartbeat(redis, worker_name, info),
+        interval_s=min(settings.heartbeat_interval_s, core.lease_s / 3),
+    )
 
     def start() -> None:
-        heartbeat.start()
+        supervisor.start()
         log.info("worker ready: %s on %s, taking jobs", info.model, info.device)
 
-    probes.ready_while_consuming(start, heartbeat.stop)
+    def stop() -> None:
+        supervisor.stop()
+        uploads.stop()
+        reporter.stop()
+
+    probes.ready_while_consuming(start, stop)
+
+    def hand_back_and_exit() -> None:
+        log.warning("the running batch outlasted the %s s grace period", settings.shutdown_grace_s)
+        runner.hand_back_held()
+        logging.shutdown()
+        os._exit(1)
+
+    def stop_gracefully() -> None:
+        """SIGTERM: leave the live set, let the running batch finish and hand back the rest;
+        past the grace period, hand back the running jobs too and exit."""
+        supervisor.leave()
+        runner.stopping = True
+        executor.stop_admitting()
+        deadline = threading.Timer(settings.shutdown_grace_s, hand_back_and_exit)
+        deadline.daemon = True
+        deadline.start()
+
+    # The signal arrives inside a signal handler: do the Redis work on another thread.
+    worker_shutting_down.connect(
+        lambda **_: threading.Thread(target=stop_gracefully, daemon=True).start(), weak=False
+    )
 
     register_tasks(app)
     consume(app, core.queue_name, settings.task_threads, worker_name)
+    if not runner.stopping:
+        # Celery gave up on its own (an unrecoverable error): exit so the supervisor restarts us.
+        log.critical("the Celery consumer stopped without being asked to")
+        return EXIT_CONSUMER_FAILED
     return 0
 
 

@@ -28,17 +28,30 @@ class RenderCanceled(Exception):
     """The job was canceled before or while it rendered."""
 
 
+class NotAdmitted(Exception):
+    """The job's admission callback refused it: it is no longer this worker's to render."""
+
+
+class HandedBack(Exception):
+    """The executor stopped taking jobs before this one was admitted to a batch."""
+
+
 class _BatchAbandoned(Exception):
     """Every job of the running batch is gone; raised from the step callback to stop the call."""
 
 
 @dataclass(frozen=True)
 class RenderJob:
-    """One job's images, with how to report its progress and how to tell it was canceled."""
+    """One job's images, with how to report its progress and how to tell it was canceled.
+
+    `on_admit` runs on the executor thread when the job joins a batch, before it renders; it
+    returns False when the job must not render after all.
+    """
 
     batch: RenderBatch
     on_step: StepCallback | None = None
     is_canceled: Callable[[], bool] = lambda: False
+    on_admit: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,11 +61,14 @@ class RenderOutcome:
     images: list[Image]
     batch_id: str
     batch_images: int
+    # The pipeline call alone, without the wait for a batch.
+    render_s: float
 
 
 @dataclass(eq=False)
 class _Work:
     job: RenderJob
+    key: BatchKey
     arrived: float = field(default_factory=time.monotonic)
     future: Future[RenderOutcome] = field(default_factory=Future)
 
@@ -78,16 +94,25 @@ class GpuExecutor:
         max_batch_images: int = 1,
         batch_wait_s: float = 0.0,
         key: Callable[[RenderBatch], BatchKey] = batch_key,
+        stall_s: float = float("inf"),
         warm_up: Callable[[], None] | None = None,
     ) -> None:
         self._render = render
         self._key = key
         self._max_images = max_batch_images
         self._wait_s = batch_wait_s
+        self._stall_s = stall_s
         self._queue: queue.Queue[_Work | None] = queue.Queue()
         # Jobs taken off the queue that did not fit the batch being gathered, oldest first.
         self._held: deque[_Work] = deque()
+        # Jobs admitted in the current round of the loop, failed together if the loop breaks.
+        self._in_hand: list[_Work] = []
         self._stopping = False
+        self._handing_back = False
+        self._admitting = threading.Event()
+        self._admitting.set()
+        # When the loop last showed life while busy; None while it waits for work.
+        self._busy_since_beat: float | None = None
         # Done once `warm_up` has run on the executor's own thread: compiled code and CUDA graphs
         # belong to the thread that made them, so jobs must render on that same thread.
         self._ready: Future[None] = Future()
@@ -101,14 +126,41 @@ class GpuExecutor:
         self._ready.result(timeout)
 
     def submit(self, job: RenderJob) -> Future[RenderOutcome]:
-        """The job's images, or RenderCanceled, or whatever the render raised."""
-        work = _Work(job)
+        """The job's images, or RenderCanceled, NotAdmitted, HandedBack, or whatever the render
+        raised. The batch key is computed here, on the caller's thread, not the GPU's."""
+        work = _Work(job, self._key(job.batch))
+        if self._handing_back:
+            work.future.set_exception(HandedBack())
+            return work.future
         self._queue.put(work)
         return work.future
 
     def shutdown(self) -> None:
         self._queue.put(None)
+        self._admitting.set()
         self._thread.join()
+
+    def pause(self) -> None:
+        """Admit no new batch until `resume`; the batch rendering now goes on."""
+        self._admitting.clear()
+
+    def resume(self) -> None:
+        self._admitting.set()
+
+    def stop_admitting(self) -> None:
+        """Let the running batch finish; every job not yet admitted, and every one submitted
+        from now on, fails with HandedBack."""
+        self._handing_back = True
+        self._admitting.set()
+
+    def healthy(self) -> bool:
+        """The loop is alive and, when busy, showed life within the stall deadline."""
+        beat = self._busy_since_beat
+        stalled = beat is not None and time.monotonic() - beat > self._stall_s
+        return self._thread.is_alive() and not stalled
+
+    def _show_life(self) -> None:
+        self._busy_since_beat = time.monotonic()
 
     def _run(self, warm_up: Callable[[], None] | None) -> None:
         try:
@@ -118,14 +170,26 @@ class GpuExecutor:
             self._ready.set_exception(exc)
             return
         self._ready.set_result(None)
-        while (first := self._next()) is not None:
-            group = self._gather(first)
-            if group:
-                self._render_group(group)
+        while True:
+            self._in_hand = []
+            try:
+                first = self._next()
+                if first is None:
+                    return
+                group = self._gather(first)
+                if group:
+                    self._render_group(group)
+            except Exception as exc:
+                # A bug in a round of the loop fails the jobs of that round, not the worker.
+                log.exception("the GPU executor loop failed; failing the jobs it had admitted")
+                for work in self._in_hand:
+                    if not work.future.done():
+                        work.future.set_exception(exc)
 
     def _next(self) -> _Work | None:
         """The oldest job not yet rendered, waiting for one; None once shut down and drained."""
         while True:
+            self._busy_since_beat = None
             if self._held:
                 work = self._held.popleft()
             elif self._stopping:
@@ -136,27 +200,43 @@ class GpuExecutor:
                     self._stopping = True
                     continue
                 work = item
+            self._admitting.wait()
+            self._show_life()
             if self._admit(work):
                 return work
 
     def _admit(self, work: _Work) -> bool:
-        """Start the job unless it was canceled while it waited."""
+        """Start the job unless it was canceled while it waited, the executor is handing its
+        jobs back, or its admission callback refuses it."""
         if not work.future.set_running_or_notify_cancel():
+            return False
+        if self._handing_back:
+            work.future.set_exception(HandedBack())
             return False
         if work.job.is_canceled():
             work.future.set_exception(RenderCanceled())
             return False
+        if work.job.on_admit is not None:
+            try:
+                admitted = work.job.on_admit()
+            except Exception as exc:
+                work.future.set_exception(exc)
+                return False
+            if not admitted:
+                work.future.set_exception(NotAdmitted())
+                return False
+        self._in_hand.append(work)
         return True
 
     def _gather(self, first: _Work) -> list[_Work]:
         """`first` and the compatible jobs that fit with it: those already waiting, then those
         that arrive within the batch wait counted from `first`'s arrival."""
-        key = self._key(first.job.batch)
+        key = first.key
         group, images = [first], first.size
         skipped: list[_Work] = []
         while self._held and images < self._max_images:
             work = self._held.popleft()
-            if self._key(work.job.batch) == key and images + work.size <= self._max_images:
+            if work.key == key and images + work.size <= self._max_images:
                 if self._admit(work):
                     group.append(work)
                     images += work.size
@@ -165,7 +245,7 @@ class GpuExecutor:
         self._held.extendleft(reversed(skipped))
 
         deadline = first.arrived + self._wait_s
-        while images < self._max_images and not self._stopping:
+        while images < self._max_images and not (self._stopping or self._handing_back):
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -173,7 +253,7 @@ class GpuExecutor:
             if item is None:
                 self._stopping = True
                 break
-            if self._key(item.job.batch) == key and images + item.size <= self._max_images:
+            if item.key == key and images + item.size <= self._max_images:
                 if self._admit(item):
                     group.append(item)
                     images += item.size
@@ -192,6 +272,7 @@ class GpuExecutor:
             work.future.set_exception(exc)
 
         def on_step(step: int, total: int) -> None:
+            self._show_life()
             for work in list(live):
                 try:
                     if work.job.on_step is not None:
@@ -206,22 +287,25 @@ class GpuExecutor:
             if not live:
                 raise _BatchAbandoned()
 
+        out_of_memory = False
         try:
             images = self._render(batch, on_step)
+            render_s = time.monotonic() - started
         except _BatchAbandoned:
             log.info("batch %s stopped: every job in it was canceled", batch_id)
             return
         except torch.OutOfMemoryError as exc:
-            if len(live) == 1:
-                finish(live[0], _without_traceback(exc))
+            if len(live) <= 1:
+                for work in list(live):
+                    finish(work, _without_traceback(exc))
                 return
-            images = None
+            out_of_memory = True
         except BaseException as exc:
             log.exception("batch %s failed", batch_id)
             for work in list(live):
                 finish(work, _without_traceback(exc))
             return
-        if images is None:
+        if out_of_memory:
             # Out of memory: retried here, outside the except block, so the failed call's
             # tensors (held by its traceback) are freed before the smaller batches render.
             self._render_in_halves(batch_id, live)
@@ -232,7 +316,7 @@ class GpuExecutor:
             batch_id,
             len(group),
             len(batch.items),
-            time.monotonic() - started,
+            render_s,
         )
         offset = 0
         for work in group:
@@ -244,7 +328,7 @@ class GpuExecutor:
             if failed is not None:
                 work.future.set_exception(failed)
             else:
-                work.future.set_result(RenderOutcome(mine, batch_id, len(batch.items)))
+                work.future.set_result(RenderOutcome(mine, batch_id, len(batch.items), render_s))
 
     def _render_in_halves(self, batch_id: str, live: list[_Work]) -> None:
         half = len(live) // 2

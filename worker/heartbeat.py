@@ -9,7 +9,6 @@ from redis.exceptions import RedisError
 
 from shared.info import WorkerInfo
 from shared.queue import WORKERS_KEY, worker_info_key
-from worker.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -17,25 +16,13 @@ _FORGET_AFTER_S = 24 * 3600
 
 
 class Heartbeat:
-    def __init__(
-        self, redis: Redis, worker_name: str, interval_s: float, info: WorkerInfo | None = None
-    ) -> None:
+    def __init__(self, redis: Redis, worker_name: str, info: WorkerInfo | None = None) -> None:
         self._redis = redis
         self._name = worker_name
         # What /info reports about this worker, written with each beat.
         self._info = None if info is None else info.model_dump_json()
-        self._beats = Periodic("heartbeat", interval_s, self._beat)
 
-    def start(self) -> None:
-        self._beats.start()
-
-    def stop(self) -> None:
-        self._beats.stop()
-        with contextlib.suppress(RedisError):
-            self._redis.zrem(WORKERS_KEY, self._name)
-            self._redis.delete(worker_info_key(self._name))
-
-    def _beat(self) -> None:
+    def beat(self) -> None:
         now = time.time()
         try:
             with self._redis.pipeline(transaction=False) as pipe:
@@ -46,3 +33,9 @@ class Heartbeat:
                 pipe.execute()
         except RedisError as exc:
             log.warning("heartbeat to Redis failed: %s", exc)
+
+    def leave(self) -> None:
+        """Leave the live set at once: a stopping worker takes no more jobs."""
+        with contextlib.suppress(RedisError):
+            self._redis.zrem(WORKERS_KEY, self._name)
+            self._redis.delete(worker_info_key(self._name))

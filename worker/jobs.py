@@ -1,14 +1,22 @@
-"""What happens to one job on a worker: claim, render, encode, upload, finish."""
+"""What happens to one job on a worker: reserve, admit, render, encode, upload, finish.
+
+A job is reserved (still `queued`) when its message arrives, `running` once the GPU executor
+admits it to a batch, and every write of this attempt is fenced on (worker, attempt): a worker
+that lost the job (its lease lapsed, or it was canceled) cannot change it any more.
+"""
 
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import torch
+from redis.exceptions import RedisError
 
-from shared.jobstore import JobStore, utc_now
+from shared.jobstore import Holder, JobStore, RequeueReason, Reservation, utc_now
 from shared.metrics import count_finished
+from shared.queue import SendRender
 from shared.schema import (
     CONTENT_TYPES,
     BatchInfo,
@@ -16,16 +24,28 @@ from shared.schema import (
     JobErrorType,
     JobRecord,
     JobStatus,
+    Progress,
     StoredImage,
     Timings,
 )
-from shared.storage import ObjectStorage, StorageError, image_key, job_prefix
+from shared.storage import StorageError, attempt_prefix, image_key
 from shared.webhooks import Webhooks
 from worker import metrics
 from worker.cancel import CancelWatcher
 from worker.encoding import encode_image, parameters_text
-from worker.executor import GpuExecutor, RenderCanceled, RenderJob
+from worker.executor import (
+    GpuExecutor,
+    HandedBack,
+    NotAdmitted,
+    RenderCanceled,
+    RenderJob,
+    RenderOutcome,
+)
+from worker.faults import FAIL_ADMISSION, FAIL_PROGRESS_WRITE, Faults
+from worker.leases import LeaseKeeper
 from worker.pipeline import NonFiniteImage, RenderBatch
+from worker.reporter import Reporter
+from worker.uploads import StorageGuard
 
 log = logging.getLogger(__name__)
 
@@ -36,48 +56,76 @@ class RenderError(Exception):
     """The pipeline raised while rendering."""
 
 
-class ProgressReporter:
-    """Writes a running job's progress at most every `interval_s`, and always the last step."""
+class AdmissionError(Exception):
+    """Admitting the job to a batch failed for a reason other than Redis being unreachable."""
+
+
+class WorkerStopping(Exception):
+    """The worker is stopping: the message goes back to the broker untouched."""
+
+
+@dataclass
+class _Attempt:
+    """One attempt of a job on this worker."""
+
+    record: JobRecord
+    holder: Holder
+    started_at: datetime | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.record.id
+
+
+class ProgressWriter:
+    """Called on the GPU thread after each step: posts the job's progress to the reporter at
+    most every `interval_s` (and always the last step). It never touches Redis itself."""
 
     def __init__(
-        self, store: JobStore, webhooks: Webhooks, record: JobRecord, interval_s: float
+        self,
+        reporter: Reporter,
+        key: str,
+        write: Callable[[int, int, float], None],
+        interval_s: float,
     ) -> None:
-        self._store = store
-        self._webhooks = webhooks
-        self._record = record
+        self._reporter = reporter
+        self._key = key
+        self._write = write
         self._interval_s = interval_s
         self._started = time.monotonic()
-        self._last_write = float("-inf")
+        self._last_post = float("-inf")
 
     def __call__(self, step: int, total: int) -> None:
         now = time.monotonic()
-        if step < total and now - self._last_write < self._interval_s:
+        if step < total and now - self._last_post < self._interval_s:
             return
-        self._last_write = now
-        eta_s = (now - self._started) / step * (total - step)
-        written = self._store.update_progress(
-            self._record.id, step=step, total=total, eta_s=round(eta_s, 3)
-        )
-        if written.applied:
-            self._webhooks.enqueue(self._record, "progress")
+        self._last_post = now
+        eta_s = round((now - self._started) / step * (total - step), 3)
+        self._reporter.post(self._key, lambda: self._write(step, total, eta_s))
 
 
 @dataclass
 class JobRunner:
     store: JobStore
-    storage: ObjectStorage
+    uploads: StorageGuard
     webhooks: Webhooks
     executor: GpuExecutor
     cancels: CancelWatcher
-    worker_name: str
-    # Whether a worker (by name) has sent a heartbeat lately.
-    worker_alive: Callable[[str], bool]
+    leases: LeaseKeeper
+    reporter: Reporter
+    send_render: SendRender
     model_name: str
     key_prefix: str
     queue_timeout_s: float
     progress_interval_s: float
+    faults: Faults
+    stopping: bool = False
 
-    def run(self, job_id: str) -> None:
+    def run(self, job_id: str, attempt: int | None) -> None:
+        """Render one attempt of a job, unless the message is stale or a duplicate; raises
+        WorkerStopping for a message that arrives once the worker is stopping."""
+        if self.stopping:
+            raise WorkerStopping()
         record = self.store.get(job_id)
         if record is None:
             log.info("skipping job %s: no such job (deleted after its retention?)", job_id)
@@ -89,71 +137,108 @@ class JobRunner:
                 self.webhooks.job_event(record, JobStatus.EXPIRED)
             log.info("job %s expired in the queue", job_id)
             return
-        started_at = utc_now()
-        if record.status is JobStatus.RUNNING and self._orphaned(record):
-            # Redelivered because the worker that had it died: take it over.
-            if not self.store.reclaim(job_id, record.worker, self.worker_name, started_at):
-                log.info("skipping job %s: another worker reclaimed it first", job_id)
-                return
-            log.warning("reclaimed job %s from dead worker %s", job_id, record.worker)
-        else:
-            claim = self.store.transition(
-                job_id,
-                JobStatus.RUNNING,
-                expected=JobStatus.QUEUED,
-                started_at=started_at,
-                worker=self.worker_name,
+        attempt = record.attempt if attempt is None else attempt
+        reservation = self.store.reserve(
+            job_id, attempt, self.leases.worker_name, self.leases.lease_until()
+        )
+        if reservation is not Reservation.RESERVED:
+            log.info(
+                "dropping the message of job %s attempt %d: %s", job_id, attempt, reservation.value
             )
-            if not claim.applied:
-                state = claim.previous or "missing"
-                log.info("skipping job %s: it is %s, not queued", job_id, state)
-                return
-            metrics.job_started(record.created_at, started_at)
-        self.webhooks.job_event(record, JobStatus.RUNNING)
+            return
+        current = _Attempt(record, self.leases.hold(job_id, attempt))
         self.cancels.watch(job_id)
         try:
-            self._render_and_store(record, started_at.timestamp())
-        except RenderCanceled:
-            log.info("job %s was canceled while it rendered", job_id)
+            self._render_and_store(current)
+        except (RenderCanceled, NotAdmitted):
+            log.info("job %s attempt %d ended here: canceled or no longer ours", job_id, attempt)
+        except HandedBack:
+            self._hand_back(job_id, current.holder)
+        except RedisError as exc:
+            # Its lease lapses and the reaper starts a new attempt.
+            log.warning("lost Redis during job %s attempt %d: %s", job_id, attempt, exc)
         except Exception as exc:
-            self._fail(record, exc)
+            self._fail(current, exc)
             raise
         finally:
             self.cancels.unwatch(job_id)
+            self.leases.release(job_id)
 
-    def _orphaned(self, record: JobRecord) -> bool:
-        return record.worker is None or not self.worker_alive(record.worker)
+    def _admit(self, current: _Attempt) -> bool:
+        """On the executor thread, as the job joins a batch: from now on it is `running`."""
+        record, started_at = current.record, utc_now()
+        try:
+            self.faults.check(record.request.prompt, FAIL_ADMISSION)
+            admitted = self.store.admit(record.id, current.holder, started_at).applied
+        except RedisError as exc:
+            log.warning("could not admit job %s: %s", record.id, exc)
+            return False
+        except Exception as exc:
+            raise AdmissionError(str(exc)) from exc
+        if admitted:
+            current.started_at = started_at
+            metrics.job_started(record.created_at, started_at)
+            self.reporter.post(
+                f"{record.id}:started", lambda: self.webhooks.job_event(record, JobStatus.RUNNING)
+            )
+        return admitted
 
-    def _canceled(self, job_id: str) -> bool:
-        return self.store.status(job_id) is JobStatus.CANCELED
+    def _write_progress(self, current: _Attempt, step: int, total: int, eta_s: float) -> None:
+        record = current.record
+        self.faults.check(record.request.prompt, FAIL_PROGRESS_WRITE)
+        written = self.store.update_progress(
+            record.id, current.holder, step=step, total=total, eta_s=eta_s
+        )
+        if written.applied:
+            self.webhooks.enqueue(record, "progress")
 
-    def _render_and_store(self, record: JobRecord, started: float) -> None:
-        request = record.request
-        render_started = time.monotonic()
+    def _no_longer_ours(self, job_id: str) -> bool:
+        # In memory: checked between denoising steps, without a Redis round trip.
+        return self.cancels.is_canceled(job_id) or self.leases.is_lost(job_id)
+
+    def _render(self, current: _Attempt) -> RenderOutcome:
         job = RenderJob(
-            RenderBatch.from_request(request),
-            on_step=ProgressReporter(self.store, self.webhooks, record, self.progress_interval_s),
-            # Checked between denoising steps: an in-memory lookup, no Redis round trip.
-            is_canceled=lambda: self.cancels.is_canceled(record.id),
+            RenderBatch.from_request(current.record.request),
+            on_step=ProgressWriter(
+                self.reporter,
+                f"{current.job_id}:progress",
+                lambda step, total, eta_s: self._write_progress(current, step, total, eta_s),
+                self.progress_interval_s,
+            ),
+            is_canceled=lambda: self._no_longer_ours(current.job_id),
+            on_admit=lambda: self._admit(current),
         )
         try:
-            outcome = self.executor.submit(job).result()
-        except (RenderCanceled, torch.OutOfMemoryError, NonFiniteImage):
+            return self.executor.submit(job).result()
+        except (
+            RenderCanceled,
+            NotAdmitted,
+            HandedBack,
+            AdmissionError,
+            torch.OutOfMemoryError,
+            NonFiniteImage,
+        ):
             raise
         except Exception as exc:
             raise RenderError(str(exc)) from exc
-        render_s = time.monotonic() - render_started
-        if self._canceled(record.id):
+
+    def _render_and_store(self, current: _Attempt) -> None:
+        record, holder, request = current.record, current.holder, current.record.request
+        outcome = self._render(current)
+        log.info(
+            "rendered job %s attempt %d in batch %s", record.id, holder.attempt, outcome.batch_id
+        )
+        if self._no_longer_ours(record.id) or current.started_at is None:
             raise RenderCanceled()
-        images = outcome.images
 
         upload_started = time.monotonic()
         stored: list[StoredImage] = []
         extension = request.output_format
-        for index, (image, seed) in enumerate(zip(images, request.image_seeds(), strict=True)):
-            key = image_key(self.key_prefix, record.id, index, extension)
+        images = zip(outcome.images, request.image_seeds(), strict=True)
+        for index, (image, seed) in enumerate(images):
+            key = image_key(self.key_prefix, record.id, holder.attempt, index, extension)
             data = encode_image(image, extension, parameters_text(request, seed, self.model_name))
-            self.storage.put(key, data, CONTENT_TYPES[extension])
+            self.uploads.put(key, data, CONTENT_TYPES[extension])
             stored.append(
                 StoredImage(
                     key=key,
@@ -165,47 +250,98 @@ class JobRunner:
             )
         upload_s = time.monotonic() - upload_started
         timings = Timings(
-            queued_s=round(started - record.created_at.timestamp(), 4),
-            render_s=round(render_s, 4),
+            queued_s=round((current.started_at - record.created_at).total_seconds(), 4),
+            render_s=round(outcome.render_s, 4),
             upload_s=round(upload_s, 4),
         )
+        steps = request.num_inference_steps
         finished = self.store.transition(
             record.id,
             JobStatus.SUCCEEDED,
             expected=JobStatus.RUNNING,
+            holder=holder,
             images=stored,
             timings=timings,
             batch=BatchInfo(id=outcome.batch_id, images=outcome.batch_images),
+            # Progress writes are best effort; the finished job always shows the last step.
+            progress=Progress(step=steps, total=steps, eta_s=0.0),
             finished_at=utc_now(),
         )
         if not finished.applied:
-            # Canceled during the upload: the job ends with no objects.
-            self.storage.delete_prefix(job_prefix(self.key_prefix, record.id))
+            # Canceled during the upload, or no longer this worker's: leave no objects behind.
+            self._delete_attempt(current)
             raise RenderCanceled()
-        self.store.record_completion(render_s + upload_s, time.time())
         metrics.job_succeeded(timings)
         log.info(
-            "job %s succeeded: %d images, render %.3f s, upload %.3f s, batch %s",
+            "job %s attempt %d succeeded: %d images, render %.3f s, upload %.3f s, batch %s",
             record.id,
+            holder.attempt,
             len(stored),
-            render_s,
+            outcome.render_s,
             upload_s,
             outcome.batch_id,
         )
-        self.webhooks.job_event(record, JobStatus.SUCCEEDED)
+        self._after_finish(record, JobStatus.SUCCEEDED, outcome.render_s + upload_s)
 
-    def _fail(self, record: JobRecord, exc: Exception) -> None:
+    def _after_finish(self, record: JobRecord, status: JobStatus, job_s: float | None) -> None:
+        """Throughput figures and the webhook: the job has ended whether or not these work."""
+        try:
+            if job_s is not None:
+                self.store.record_completion(job_s, time.time())
+            self.webhooks.job_event(record, status)
+        except Exception as exc:
+            log.warning("bookkeeping after job %s ended failed: %s", record.id, exc)
+
+    def _delete_attempt(self, current: _Attempt) -> None:
+        attempt = current.holder.attempt
+        try:
+            self.uploads.storage.delete_prefix(
+                attempt_prefix(self.key_prefix, current.job_id, attempt)
+            )
+        except StorageError as exc:
+            log.warning("could not delete attempt %d of job %s: %s", attempt, current.job_id, exc)
+
+    def hand_back_held(self) -> None:
+        """Give back every job this worker holds, rendering or not (a stop past its grace)."""
+        for job_id, holder in self.leases.held().items():
+            self._hand_back(job_id, holder)
+
+    def _hand_back(self, job_id: str, holder: Holder) -> None:
+        """A stopping worker gives a job back to the queue as a new attempt."""
+        try:
+            requeued = self.store.requeue(
+                job_id,
+                RequeueReason.HANDED_BACK,
+                now=time.time(),
+                max_retries=0,
+                worker=holder.worker,
+            )
+            if not requeued.requeued or requeued.attempt is None:
+                return
+            log.info("handed back job %s as attempt %d", job_id, requeued.attempt)
+            self.send_render(job_id, requeued.attempt)
+        except Exception as exc:
+            # Its lease lapses, or the reaper sends the unreserved job again.
+            log.warning("could not hand back job %s: %s", job_id, exc)
+
+    def _fail(self, current: _Attempt, exc: Exception) -> None:
+        record = current.record
         error = JobError(type=_error_type(exc), message=str(exc)[:_MAX_ERROR_MESSAGE] or repr(exc))
-        failed = self.store.transition(
-            record.id,
-            JobStatus.FAILED,
-            expected=JobStatus.RUNNING,
-            error=error,
-            finished_at=utc_now(),
-        )
+        try:
+            failed = self.store.transition(
+                record.id,
+                JobStatus.FAILED,
+                holder=current.holder,
+                error=error,
+                finished_at=utc_now(),
+            )
+        except RedisError as redis_error:
+            log.warning("could not record that job %s failed: %s", record.id, redis_error)
+            return
         if failed.applied:
             count_finished(JobStatus.FAILED)
-            self.webhooks.job_event(record, JobStatus.FAILED)
+            self._after_finish(record, JobStatus.FAILED, None)
+        self._delete_attempt(current)
         log.error("job %s failed: %s: %s", record.id, error.type, error.message)
 
 

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from datetime import datetime
 
 import torch
-from PIL.Image import Image
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -14,7 +13,7 @@ from prometheus_client.registry import Collector
 from shared.metrics import count_finished
 from shared.schema import JobStatus, Timings
 from worker.executor import RenderFunction
-from worker.pipeline import RenderBatch, StepCallback
+from worker.pipeline import RenderBatch, RenderedImages, StepCallback
 
 # Seconds: from a blink to an hour in the queue; a fraction of a second to minutes of render.
 _QUEUED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -29,7 +28,7 @@ JOB_QUEUED_SECONDS = Histogram(
 )
 JOB_RENDER_SECONDS = Histogram(
     "txt2img_job_render_seconds",
-    "Time a succeeded job spent rendering, waiting for its batch included",
+    "Time of the pipeline call that rendered a succeeded job (its wait for a batch apart)",
     buckets=_RENDER_BUCKETS,
 )
 JOB_UPLOAD_SECONDS = Histogram(
@@ -59,7 +58,7 @@ def job_succeeded(timings: Timings) -> None:
 def instrument(render: RenderFunction) -> RenderFunction:
     """`render`, counting each call, its images and its duration (failed calls included)."""
 
-    def counted(batch: RenderBatch, on_step: StepCallback | None) -> list[Image]:
+    def counted(batch: RenderBatch, on_step: StepCallback | None) -> RenderedImages:
         PIPELINE_CALLS.inc()
         PIPELINE_CALL_IMAGES.observe(len(batch.items))
         started = time.monotonic()

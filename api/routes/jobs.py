@@ -20,12 +20,10 @@ from shared.apikeys import ApiKey
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
 from shared.jobstore import QueueFull, new_job_id, request_fingerprint, utc_now
 from shared.metrics import count_finished
-from shared.queue import RENDER_TASK
+from shared.queue import send_render
 from shared.schema import (
     MAX_SEED,
     GenerationRequest,
-    JobError,
-    JobErrorType,
     JobList,
     JobOut,
     JobRecord,
@@ -127,27 +125,10 @@ def _enqueue(
             return _enqueue(services, caller, generation, idempotency_key)
         return earlier, False
     try:
-        services.celery.send_task(
-            RENDER_TASK,
-            kwargs={"job_id": record.id},
-            queue=services.core.queue_name,
-            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
-        )
+        send_render(services.celery, services.core.queue_name, record.id, record.attempt)
     except Exception as exc:
-        log.warning("could not enqueue job %s: %s", record.id, exc, extra={"job_id": record.id})
-        failed = services.store.transition(
-            record.id,
-            JobStatus.FAILED,
-            error=JobError(type=JobErrorType.INTERNAL_ERROR, message="the job was not enqueued"),
-            finished_at=utc_now(),
-        )
-        if failed.applied:
-            count_finished(JobStatus.FAILED)
-        if idempotency_key is not None:
-            services.store.forget_idempotency_key(caller.id, idempotency_key)
-        raise ServiceError(
-            ErrorType.UNAVAILABLE, "the queue is unavailable; retry shortly"
-        ) from exc
+        # The job is stored: the reaper sends an unreserved job whose message never came.
+        log.warning("could not send job %s yet: %s", record.id, exc, extra={"job_id": record.id})
     JOBS_SUBMITTED.inc()
     log.info("job %s queued", record.id, extra={"job_id": record.id})
     return record, True

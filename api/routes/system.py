@@ -2,19 +2,26 @@
 
 import mimetypes
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 from fastapi.responses import FileResponse, JSONResponse
 from redis.exceptions import RedisError
 
-from api.deps import ServicesDep
+from api.deps import Services, ServicesDep
 from shared.errors import ErrorEnvelope, ErrorType, ServiceError
 from shared.info import SCHEDULERS, SERVICE_VERSION, ServiceInfo, request_limits
 from shared.queue import live_worker_count, live_workers
 from shared.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["system"])
+
+# /ready answers within this long whatever Redis or storage do; a check still running then is
+# reported as not answering (and finishes, or times out, on its own thread).
+READY_DEADLINE_S = 1.0
+_checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ready-check")
 
 
 @router.get("/health", summary="The API process is alive")
@@ -37,26 +44,41 @@ def ready(
         ),
     ] = True,
 ) -> JSONResponse:
+    deadline = time.monotonic() + READY_DEADLINE_S
+    redis_check = _checks.submit(_check_redis, services)
+    storage_check = _checks.submit(_check_storage, services)
     checks: dict[str, str] = {}
     try:
-        services.redis.ping()
-        checks["redis"] = "ok"
-        workers = live_worker_count(
-            services.redis, services.core.worker_heartbeat_max_age_s, time.time()
-        )
-        checks["workers"] = f"{workers} alive" if workers else "none alive"
-    except RedisError as exc:
-        checks["redis"] = f"unreachable: {exc}"
-        checks["workers"] = "unknown"
+        checks.update(redis_check.result(timeout=max(0.0, deadline - time.monotonic())))
+    except FutureTimeout:
+        checks.update(redis=f"no answer within {READY_DEADLINE_S} s", workers="unknown")
     try:
-        services.storage.check()
-        checks["storage"] = "ok"
-    except StorageError as exc:
-        checks["storage"] = str(exc)
+        checks["storage"] = storage_check.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        checks["storage"] = f"no answer within {READY_DEADLINE_S} s"
     worker_ok = checks["workers"] != "none alive" or not require_worker
     if checks["redis"] == "ok" and checks["storage"] == "ok" and worker_ok:
         return JSONResponse({"status": "ready", "checks": checks})
     raise ServiceError(ErrorType.UNAVAILABLE, "not ready", checks)
+
+
+def _check_redis(services: Services) -> dict[str, str]:
+    try:
+        services.redis.ping()
+        workers = live_worker_count(
+            services.redis, services.core.worker_heartbeat_max_age_s, time.time()
+        )
+    except RedisError as exc:
+        return {"redis": f"unreachable ({type(exc).__name__})", "workers": "unknown"}
+    return {"redis": "ok", "workers": f"{workers} alive" if workers else "none alive"}
+
+
+def _check_storage(services: Services) -> str:
+    try:
+        services.storage.check()
+    except StorageError as exc:
+        return str(exc)
+    return "ok"
 
 
 @router.get(

@@ -4,14 +4,22 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 
 from tests.integration.test_jobs_http import download, pixels, render, submit
-from tests.support import Stack, wait_for_job
-from worker.executor import GpuExecutor, RenderCanceled, RenderJob, RenderOutcome
+from tests.support import Stack, wait_for_job, wait_until
+from worker.executor import (
+    GpuExecutor,
+    HandedBack,
+    NotAdmitted,
+    RenderCanceled,
+    RenderJob,
+    RenderOutcome,
+)
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, StepCallback
 
 STEPS = 4
@@ -272,3 +280,115 @@ def test_incompatible_jobs_over_http_are_never_batched_together(batching_stack: 
         calls.setdefault(finished["batch"]["id"], set()).add(shared)
     assert all(len(keys) == 1 for keys in calls.values())
     assert len(calls) >= 5
+
+
+def test_a_round_of_the_loop_that_breaks_fails_its_jobs_and_the_executor_goes_on(
+    renderer: DiffusionRenderer,
+) -> None:
+    def render_with_a_bug(batch: RenderBatch, on_step: StepCallback | None) -> Any:
+        if batch.items[0].prompt == "broken":
+            return None  # not a list of images: the loop cannot hand out results
+        return renderer.render(batch, on_step)
+
+    executor = GpuExecutor(render_with_a_bug)
+    try:
+        broken = executor.submit(RenderJob(job(item(1, "broken"))))
+        with pytest.raises(TypeError):
+            broken.result(timeout=60)
+        [after] = outcomes([executor.submit(RenderJob(job(item(2))))])
+        assert len(after.images) == 1 and executor.healthy()
+    finally:
+        executor.shutdown()
+
+
+def test_admission_runs_on_the_executor_thread_and_a_refused_job_never_renders(
+    executor: GpuExecutor, recorder: Recorder
+) -> None:
+    threads: list[str] = []
+
+    def admit() -> bool:
+        threads.append(threading.current_thread().name)
+        return True
+
+    def refuse() -> bool:
+        return False
+
+    def explode() -> bool:
+        raise RuntimeError("admission failed")
+
+    release = hold_gpu(executor)
+    refused = executor.submit(RenderJob(job(item(1, "refused")), on_admit=refuse))
+    failed = executor.submit(RenderJob(job(item(2, "exploded")), on_admit=explode))
+    admitted = executor.submit(RenderJob(job(item(3)), on_admit=admit))
+    release.set()
+    with pytest.raises(NotAdmitted):
+        refused.result(timeout=60)
+    with pytest.raises(RuntimeError, match="admission failed"):
+        failed.result(timeout=60)
+    assert outcomes([admitted])[0].render_s > 0
+    assert threads == ["gpu-executor"]
+    rendered = {i.prompt for call in recorder.calls for i in call.items}
+    assert not rendered & {"refused", "exploded"}
+
+
+def test_batch_keys_are_computed_on_the_submitting_thread(renderer: DiffusionRenderer) -> None:
+    threads: list[str] = []
+
+    def key(batch: RenderBatch) -> tuple:
+        threads.append(threading.current_thread().name)
+        return renderer.batch_key(batch)
+
+    executor = GpuExecutor(renderer.render, max_batch_images=4, key=key)
+    try:
+        release = hold_gpu(executor)
+        futures = [executor.submit(RenderJob(job(item(seed)))) for seed in (1, 2)]
+        release.set()
+        outcomes(futures)
+    finally:
+        executor.shutdown()
+    assert set(threads) == {threading.current_thread().name}
+
+
+def test_a_stopping_executor_finishes_its_batch_and_hands_back_the_rest(
+    executor: GpuExecutor, recorder: Recorder
+) -> None:
+    release = hold_gpu(executor)
+    running = recorder.calls[-1]
+    waiting = [executor.submit(RenderJob(job(item(seed, "never")))) for seed in (1, 2)]
+    executor.stop_admitting()
+    late = executor.submit(RenderJob(job(item(3, "never"))))
+    release.set()
+    for future in (*waiting, late):
+        with pytest.raises(HandedBack):
+            future.result(timeout=60)
+    assert recorder.calls == [running]
+
+
+def test_a_paused_executor_admits_nothing_until_resumed(executor: GpuExecutor) -> None:
+    admitted = threading.Event()
+    executor.pause()
+    future = executor.submit(RenderJob(job(item(1)), on_admit=lambda: admitted.set() or True))
+    assert not admitted.wait(0.5) and not future.done()
+    assert executor.healthy()
+    executor.resume()
+    assert outcomes([future])[0].batch_images == 1 and admitted.is_set()
+
+
+def test_a_render_that_hangs_makes_the_executor_unhealthy(renderer: DiffusionRenderer) -> None:
+    unblock = threading.Event()
+
+    def hanging_render(batch: RenderBatch, on_step: StepCallback | None) -> list:
+        unblock.wait(30)
+        return renderer.render(batch, on_step)
+
+    executor = GpuExecutor(hanging_render, stall_s=0.3)
+    try:
+        assert executor.healthy()
+        future = executor.submit(RenderJob(job(item(1))))
+        wait_until(lambda: not executor.healthy(), 10, "the stall to be noticed")
+        unblock.set()
+        outcomes([future])
+        assert executor.healthy()
+    finally:
+        unblock.set()
+        executor.shutdown()

@@ -1,11 +1,20 @@
 """The job store's compare-and-set against a real redis-server."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from redis import Redis
 
-from shared.jobstore import JobStore, new_job_id, utc_now
-from shared.schema import GenerationRequest, JobRecord, JobStatus
+from shared.jobstore import (
+    LEASES_KEY,
+    Holder,
+    JobStore,
+    RequeueReason,
+    Reservation,
+    new_job_id,
+    utc_now,
+)
+from shared.schema import GenerationRequest, JobErrorType, JobRecord, JobStatus
 from tests.support import wait_until
 from worker.cancel import CancelWatcher
 
@@ -29,28 +38,33 @@ def test_create_and_read_back(redis_client: Redis) -> None:
     assert store.get(new_job_id()) is None
 
 
-def test_only_one_of_many_concurrent_claims_wins(redis_client: Redis) -> None:
+def test_only_one_of_many_concurrent_reservations_wins(redis_client: Redis) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
     with ThreadPoolExecutor(16) as pool:
         results = list(
             pool.map(
-                lambda _: store.transition(record.id, JobStatus.RUNNING, expected=JobStatus.QUEUED),
+                lambda n: store.reserve(record.id, 1, f"render@w.{n}", time.time() + 60),
                 range(32),
             )
         )
-    assert sum(result.applied for result in results) == 1
-    assert store.get(record.id).status is JobStatus.RUNNING
+    assert results.count(Reservation.RESERVED) == 1
+    assert set(results) == {Reservation.RESERVED, Reservation.HELD}
+    job = store.get(record.id)
+    assert job.status is JobStatus.QUEUED and job.worker is not None
 
 
 def test_a_terminal_job_never_changes(redis_client: Redis) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
+    holder = Holder("render@a.1", 1)
+    store.reserve(record.id, 1, holder.worker, time.time() + 60)
     assert store.transition(record.id, JobStatus.CANCELED).applied
-    late = store.transition(record.id, JobStatus.RUNNING, expected=JobStatus.QUEUED)
+    late = store.admit(record.id, holder, utc_now())
     assert (late.applied, late.previous) == (False, JobStatus.CANCELED)
     assert not store.transition(record.id, JobStatus.SUCCEEDED, images=[]).applied
-    assert not store.update_progress(record.id, step=1, total=2).applied
+    assert not store.update_progress(record.id, holder, step=1, total=2).applied
+    assert redis_client.zscore(LEASES_KEY, record.id) is None
     final = store.get(record.id)
     assert final.status is JobStatus.CANCELED and final.progress is None
 
@@ -58,9 +72,10 @@ def test_a_terminal_job_never_changes(redis_client: Redis) -> None:
 def test_fields_are_written_with_the_transition(redis_client: Redis) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
-    started = utc_now()
-    assert store.transition(record.id, JobStatus.RUNNING, started_at=started).applied
-    assert store.update_progress(record.id, step=2, total=4).applied
+    started, holder = utc_now(), Holder("render@a.1", 1)
+    store.reserve(record.id, 1, holder.worker, time.time() + 60)
+    assert store.admit(record.id, holder, started).applied
+    assert store.update_progress(record.id, holder, step=2, total=4).applied
     job = store.get(record.id)
     assert job.started_at == started and (job.progress.step, job.progress.total) == (2, 4)
 
@@ -92,15 +107,115 @@ def test_the_cancel_watcher_learns_of_cancels_without_asking_per_step(redis_clie
         watcher.stop()
 
 
-def test_only_a_running_job_of_the_named_worker_is_reclaimed(redis_client: Redis) -> None:
+def test_every_write_of_an_attempt_is_fenced_on_its_worker_and_attempt(
+    redis_client: Redis,
+) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
-    assert not store.reclaim(record.id, None, "render@b.2", utc_now())
-    store.transition(record.id, JobStatus.RUNNING, worker="render@a.1")
-    assert not store.reclaim(record.id, "render@other.9", "render@b.2", utc_now())
-    assert store.reclaim(record.id, "render@a.1", "render@b.2", utc_now())
-    assert not store.reclaim(record.id, "render@a.1", "render@c.3", utc_now())
+    owner, intruder, stale = (
+        Holder("render@a.1", 1),
+        Holder("render@b.2", 1),
+        Holder("render@a.1", 2),
+    )
+    assert store.reserve(record.id, 2, owner.worker, time.time() + 60) is Reservation.OTHER_ATTEMPT
+    assert store.reserve(record.id, 1, owner.worker, time.time() + 60) is Reservation.RESERVED
+    assert store.reserve(record.id, 1, intruder.worker, time.time() + 60) is Reservation.HELD
+    assert store.get(record.id).status is JobStatus.QUEUED
+    assert not store.admit(record.id, intruder, utc_now()).applied
+    assert store.admit(record.id, owner, utc_now()).applied
+    assert not store.update_progress(record.id, intruder, step=1, total=2).applied
+    assert store.update_progress(record.id, owner, step=1, total=2).applied
+    for holder in (intruder, stale):
+        assert not store.transition(record.id, JobStatus.SUCCEEDED, holder=holder).applied
+    assert store.transition(record.id, JobStatus.SUCCEEDED, holder=owner).applied
+    assert redis_client.zscore(LEASES_KEY, record.id) is None
+
+
+def test_a_lapsed_lease_starts_a_new_attempt_until_the_retry_cap(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    record = _queued(store)
+    now = time.time()
+    first = Holder("render@killed.1", 1)
+    store.reserve(record.id, 1, first.worker, now + 60)
+    store.admit(record.id, first, utc_now())
+    assert store.lapsed_leases(now, 10) == []
+    assert not store.requeue(record.id, RequeueReason.LAPSED, now=now, max_retries=1).requeued
+
+    later = now + 61
+    assert store.lapsed_leases(later, 10) == [record.id]
+    again = store.requeue(record.id, RequeueReason.LAPSED, now=later, max_retries=1)
+    assert (again.requeued, again.attempt) == (True, 2)
     job = store.get(record.id)
-    assert job.status is JobStatus.RUNNING and job.worker == "render@b.2"
-    store.transition(record.id, JobStatus.FAILED)
-    assert not store.reclaim(record.id, "render@b.2", "render@c.3", utc_now())
+    assert (job.status, job.attempt, job.retries, job.worker) == (JobStatus.QUEUED, 2, 1, None)
+    assert store.queue_position(record.id) == 0
+    # The lost worker can no longer write, and its old message no longer reserves.
+    assert not store.transition(record.id, JobStatus.SUCCEEDED, holder=first).applied
+    assert store.reserve(record.id, 1, "render@b.2", later) is Reservation.OTHER_ATTEMPT
+
+    second = Holder("render@b.2", 2)
+    assert store.reserve(record.id, 2, second.worker, later + 1) is Reservation.RESERVED
+    failed = store.requeue(record.id, RequeueReason.LAPSED, now=later + 2, max_retries=1)
+    assert (failed.failed, failed.attempt) == (True, 2)
+    job = store.get(record.id)
+    assert job.status is JobStatus.FAILED and job.error.type is JobErrorType.WORKER_LOST
+    assert store.queue_position(record.id) is None and store.lapsed_leases(later + 9, 10) == []
+
+
+def test_renewing_extends_held_leases_and_names_the_jobs_no_longer_held(
+    redis_client: Redis,
+) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    kept, canceled = _queued(store), _queued(store)
+    worker, now = "render@a.1", time.time()
+    for record in (kept, canceled):
+        store.reserve(record.id, 1, worker, now + 5)
+    store.transition(canceled.id, JobStatus.CANCELED)
+    lost = store.renew(worker, now + 50, {kept.id: 1, canceled.id: 1})
+    assert lost == {canceled.id}
+    assert redis_client.zscore(LEASES_KEY, kept.id) == now + 50
+    assert store.renew("render@other.2", now + 90, {kept.id: 1}) == {kept.id}
+    assert store.renew(worker, now + 90, {kept.id: 2}) == {kept.id}
+
+
+def test_a_job_whose_message_never_came_is_found_and_sent_again(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    passed_over, taken = _queued(store), _queued(store)
+    [(first_id, sent_at), (second_id, _)] = store.unreserved_dispatches(time.time() + 1, 10)
+    assert (first_id, second_id) == (passed_over.id, taken.id)
+    store.reserve(taken.id, 1, "render@a.1", time.time() + 60)
+    assert store.latest_reserved_dispatch() >= sent_at
+    assert store.unreserved_dispatches(time.time() + 1, 10) == [(passed_over.id, sent_at)]
+    too_early = store.requeue(
+        passed_over.id, RequeueReason.LOST, now=time.time(), max_retries=0, sent_before=sent_at - 1
+    )
+    assert not too_early.requeued
+    resent = store.requeue(
+        passed_over.id, RequeueReason.LOST, now=time.time(), max_retries=0, sent_before=sent_at
+    )
+    assert (resent.requeued, resent.attempt) == (True, 2)
+    assert store.get(passed_over.id).retries == 0
+    # A reserved job is never taken for lost.
+    assert not store.requeue(
+        taken.id, RequeueReason.LOST, now=time.time(), max_retries=0, sent_before=time.time()
+    ).requeued
+
+
+def test_a_handed_back_job_is_queued_again_without_counting_a_retry(redis_client: Redis) -> None:
+    store = JobStore(redis_client, retention_s=600)
+    record = _queued(store)
+    store.reserve(record.id, 1, "render@stopping.1", time.time() + 60)
+    other = store.requeue(
+        record.id, RequeueReason.HANDED_BACK, now=time.time(), max_retries=0, worker="render@b.2"
+    )
+    assert not other.requeued
+    back = store.requeue(
+        record.id,
+        RequeueReason.HANDED_BACK,
+        now=time.time(),
+        max_retries=0,
+        worker="render@stopping.1",
+    )
+    assert (back.requeued, back.attempt) == (True, 2)
+    job = store.get(record.id)
+    assert (job.status, job.worker, job.retries) == (JobStatus.QUEUED, None, 0)
+    assert [entry for entry, _ in store.unreserved_dispatches(time.time() + 1, 10)] == [record.id]

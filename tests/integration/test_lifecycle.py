@@ -9,8 +9,8 @@ import httpx
 import pytest
 from redis import Redis
 
-from shared.jobstore import JobStore, new_job_id, utc_now
-from shared.queue import RENDER_TASK, WORKERS_KEY, make_celery
+from shared.jobstore import Holder, JobStore, Reservation, new_job_id, utc_now
+from shared.queue import make_celery, send_render
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from shared.settings import CoreSettings
 from tests.conftest import FAIL_PROMPT
@@ -276,33 +276,96 @@ def test_prefer_without_a_usable_wait_answers_at_once(local_stack: Stack, prefer
     assert "preference-applied" not in response.headers
 
 
-def test_a_redelivered_job_of_a_dead_worker_is_finished_and_a_live_ones_is_left(
+def test_a_lapsed_lease_is_requeued_and_finished_a_live_one_left_and_a_stale_message_dropped(
     serial_stack: Stack,
 ) -> None:
     redis = Redis.from_url(serial_stack.env["T2I_REDIS_URL"])
     store = JobStore(redis, retention_s=600)
     owner = serial_stack.api_key.split("_")[1]
-    live_worker, dead_worker = "render@elsewhere.1", "render@killed.9"
-    redis.zadd(WORKERS_KEY, {live_worker: time.time() + 600})
+    leases = {"render@killed.9": time.time() - 1, "render@elsewhere.1": time.time() + 600}
     jobs = {}
-    for name in (live_worker, dead_worker):
+    for worker, lease_until in leases.items():
         record = JobRecord(
             id=new_job_id(),
             owner=owner,
             status=JobStatus.QUEUED,
             created_at=utc_now(),
-            request=GenerationRequest(prompt=f"claimed by {name}", seed=3, **QUICK),
+            request=GenerationRequest(prompt=f"held by {worker}", seed=3, **QUICK),
         )
         store.create(record)
-        store.transition(record.id, JobStatus.RUNNING, started_at=utc_now(), worker=name)
-        jobs[name] = record.id
+        assert store.reserve(record.id, 1, worker, lease_until) is Reservation.RESERVED
+        assert store.admit(record.id, Holder(worker, 1), utc_now()).applied
+        jobs[worker] = record.id
+    dead, live = jobs["render@killed.9"], jobs["render@elsewhere.1"]
+    # The dead worker's message, as the broker would restore it: for attempt 1, now stale.
     celery = make_celery(CoreSettings(redis_url=serial_stack.env["T2I_REDIS_URL"]))
-    for name in (live_worker, dead_worker):  # as Redis redelivers unacknowledged messages
-        celery.send_task(RENDER_TASK, kwargs={"job_id": jobs[name]}, queue="txt2img")
+    send_render(celery, "txt2img", dead, 1)
 
     with serial_stack.client() as client:
-        rescued = wait_for_job(client, jobs[dead_worker])
-        untouched = client.get(f"/v1/jobs/{jobs[live_worker]}").json()
-    redis.zrem(WORKERS_KEY, live_worker)
-    assert rescued["status"] == "succeeded" and len(rescued["images"]) == 1
-    assert untouched["status"] == "running" and untouched["images"] == []
+        rescued = wait_for_job(client, dead)
+        untouched = client.get(f"/v1/jobs/{live}").json()
+        client.post(f"/v1/jobs/{live}/cancel").raise_for_status()
+    assert rescued["status"] == "succeeded" and rescued["attempt"] == 2
+    [image] = rescued["images"]
+    assert f"/{dead}/2/0.png" in image["url"]
+    assert (untouched["status"], untouched["attempt"], untouched["images"]) == ("running", 1, [])
+    assert serial_stack.worker is not None
+    wait_until(
+        lambda: (
+            f"dropping the message of job {dead} attempt 1" in serial_stack.worker.log_tail(400)
+        ),
+        10,
+        "the stale message to be dropped",
+    )
+
+
+def test_of_three_slow_jobs_one_runs_and_the_others_wait_queued_with_their_positions(
+    local_stack: Stack,
+) -> None:
+    with local_stack.client() as client:
+        # One step apart, so no two of them share a pipeline call.
+        jobs = [
+            submit(client, f"slow {n}", **{**LONG, "num_inference_steps": 150 - n})
+            for n in range(3)
+        ]
+        ids = [job["id"] for job in jobs]
+
+        def one_running_with_progress() -> bool:
+            views = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+            return sum(running_with_progress(view) for view in views) == 1
+
+        wait_until(one_running_with_progress, 60, "one of the jobs to render")
+        views = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+        running = next(view for view in views if view["status"] == "running")
+        waiting = [view for view in views if view is not running]
+        for job_id in ids:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+
+    assert running["progress"]["step"] >= 1 and running["started_at"]
+    # Held by the worker or not, a job the GPU has not admitted is queued, in order.
+    assert [view["status"] for view in waiting] == ["queued", "queued"]
+    assert [view["queue_position"] for view in waiting] == [0, 1]
+    assert all(view["started_at"] is None and view["progress"] is None for view in waiting)
+
+
+def test_render_time_is_the_pipeline_call_and_the_wait_is_reported_as_queued(
+    local_stack: Stack,
+) -> None:
+    with local_stack.client() as client:
+        # Not batchable together: the worker holds the second while the first renders.
+        first = submit(client, "renders first", num_inference_steps=40)
+        second = submit(client, "waits for it", num_inference_steps=39)
+        first, second = (wait_for_job(client, job["id"]) for job in (first, second))
+    assert first["status"] == second["status"] == "succeeded"
+    for job in (first, second):
+        started, finished = parse_time(job["started_at"]), parse_time(job["finished_at"])
+        timings = job["timings"]
+        assert timings["queued_s"] == pytest.approx(
+            started - parse_time(job["created_at"]), abs=0.01
+        )
+        assert timings["render_s"] + timings["upload_s"] <= finished - started + 0.01
+    if parse_time(second["started_at"]) < parse_time(first["started_at"]):
+        first, second = second, first  # the worker took them the other way round
+    # The second was not running while the first rendered: its wait counts as queued.
+    first_render_ended = parse_time(first["started_at"]) + first["timings"]["render_s"]
+    assert parse_time(second["started_at"]) >= first_render_ended - 0.01

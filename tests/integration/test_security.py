@@ -146,7 +146,9 @@ def test_an_internal_error_is_a_500_envelope_with_an_id_in_the_logs(local_stack:
     wait_until(lambda: error_id in local_stack.api.log_tail(200), 5, "the error id in the log")
 
 
-def test_redis_unreachable_gets_503_at_once(workdir: Path, model_cache: Path) -> None:
+def test_redis_unreachable_gets_503_at_once_and_cuts_streams_with_an_error_event(
+    workdir: Path, model_cache: Path
+) -> None:
     redis_process, port = start_redis(workdir / "doomed-redis")
     stack_dir = workdir / "doomed-stack"
     stack_dir.mkdir()
@@ -157,8 +159,13 @@ def test_redis_unreachable_gets_503_at_once(workdir: Path, model_cache: Path) ->
     )
     stack = Stack(env, stack_dir, with_worker=False).start()
     try:
-        redis_process.stop()
         with stack.client() as client:
+            job = client.post("/v1/jobs", json={"prompt": "waits forever", **QUICK}).json()
+            with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=30) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("id: ")
+                redis_process.stop()
+                rest = list(lines)
             started = time.monotonic()
             submit = client.post("/v1/jobs", json={"prompt": "no redis", **QUICK})
             read = client.get("/v1/jobs/0123456789abcdef0123456789abcdef")
@@ -171,6 +178,29 @@ def test_redis_unreachable_gets_503_at_once(workdir: Path, model_cache: Path) ->
     assert submit.json()["error"]["type"] == "unavailable"
     assert elapsed < 8
     assert health.status_code == 200 and ready.status_code == 503
+    # The stream says why it ends instead of just stopping.
+    events = [line for line in rest if line.startswith("event: ")]
+    assert events[-1] == "event: error", rest
+    assert '"type":"unavailable"' in rest[rest.index("event: error") + 1]
+
+
+def test_a_huge_request_header_gets_431_without_the_api_holding_it(local_stack: Stack) -> None:
+    assert local_stack.api is not None and local_stack.api.popen is not None
+    pid = local_stack.api.popen.pid
+    before = _rss_kib(pid)
+    with socket.create_connection(("127.0.0.1", local_stack.api_port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nX-Padding: ")
+        # The server may close before taking it all: that is the point.
+        with contextlib.suppress(OSError):
+            for _ in range(50):
+                sock.sendall(b"x" * (1024 * 1024))
+        reply = sock.recv(65536).decode(errors="replace")
+    with local_stack.client() as client:
+        under_the_cap = client.get("/health", headers={"X-Padding": "x" * 8000})
+    assert reply.startswith("HTTP/1.1 431"), reply[:200]
+    assert '"headers_too_large"' in reply
+    assert under_the_cap.status_code == 200
+    assert _rss_kib(pid) - before < 5 * 1024
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:

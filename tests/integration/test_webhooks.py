@@ -126,6 +126,7 @@ def test_signatures_older_than_five_minutes_fail_verification(webhook_stack: Sta
         "169.254.169.254",
         "[fe80::1]",
         "[fc00::5]",
+        "[fec0::1]",
         "224.0.0.251",
         "[ff02::1]",
         "0.0.0.0",

@@ -55,7 +55,7 @@ def test_speed_levers_default_on_with_cuda_only() -> None:
     assert not SpeedLevers.for_device(torch.device("cuda"), compile=False).compile
 
 
-def test_task_threads_default_to_twice_the_largest_batch(monkeypatch) -> None:
+def test_a_worker_reserves_the_batch_it_renders_and_one_more(monkeypatch) -> None:
     monkeypatch.setenv("T2I_MAX_BATCH_IMAGES", "4")
     assert WorkerSettings().task_threads == 8
     monkeypatch.setenv("T2I_CONCURRENCY", "3")

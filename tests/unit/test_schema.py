@@ -67,6 +67,7 @@ def test_the_state_machine() -> None:
     assert can_transition(JobStatus.QUEUED, JobStatus.RUNNING)
     assert can_transition(JobStatus.QUEUED, JobStatus.CANCELED)
     assert can_transition(JobStatus.RUNNING, JobStatus.SUCCEEDED)
-    assert not can_transition(JobStatus.RUNNING, JobStatus.QUEUED)
+    # A job whose worker was lost goes back to the queue as a new attempt.
+    assert can_transition(JobStatus.RUNNING, JobStatus.QUEUED)
     assert not can_transition(JobStatus.QUEUED, JobStatus.SUCCEEDED)
     assert not can_transition(JobStatus.RUNNING, JobStatus.EXPIRED)

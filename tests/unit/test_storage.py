@@ -1,3 +1,4 @@
+import socket
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -5,11 +6,22 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from shared.settings import StorageSettings
-from shared.storage import LocalStorage, S3Storage, StorageError, image_key
+from shared.storage import (
+    LocalStorage,
+    S3Storage,
+    StorageError,
+    attempt_prefix,
+    image_key,
+    job_prefix,
+)
 
 
-def test_image_keys_are_deterministic() -> None:
-    assert image_key("images", "abc", 2, "webp") == "images/abc/2.webp"
+def test_image_keys_are_deterministic_and_lie_under_their_attempt_and_job() -> None:
+    key = image_key("images", "abc", 3, 2, "webp")
+    assert key == "images/abc/3/2.webp"
+    assert key.startswith(attempt_prefix("images", "abc", 3) + "/")
+    assert key.startswith(job_prefix("images", "abc") + "/")
+    assert not key.startswith(attempt_prefix("images", "abc", 1) + "/")
 
 
 def test_local_put_and_signed_url_round_trip(tmp_path: Path) -> None:
@@ -56,3 +68,26 @@ def test_s3_urls_are_signed_for_the_public_endpoint_when_there_is_one() -> None:
     assert inside.startswith("http://minio:9000/txt2img/images/j/0.png?")
     assert public.startswith("http://localhost:9000/txt2img/images/j/0.png?")
     assert "X-Amz-Signature=" in public
+
+
+def test_storage_errors_name_no_internal_address(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    settings = StorageSettings(
+        storage="s3",
+        s3_endpoint_url=f"http://127.0.0.1:{closed_port}",
+        s3_access_key_id="test",
+        s3_secret_access_key="test",
+        data_dir=tmp_path,
+    )
+    storage = S3Storage(settings)
+    for attempt in (
+        lambda: storage.put("images/job/1/0.png", b"png", "image/png"),
+        storage.check,
+        lambda: storage.delete_prefix("images/job"),
+    ):
+        with pytest.raises(StorageError) as failure:
+            attempt()
+        assert "127.0.0.1" not in str(failure.value) and str(closed_port) not in str(failure.value)
+        assert "unreachable" in str(failure.value)

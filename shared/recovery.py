@@ -1,0 +1,142 @@
+"""The reaper: gives a job whose worker is gone to another worker.
+
+Two ways a job is stranded: its worker stopped renewing the lease (killed, hung, cut off from
+Redis), or its message never reached a worker (the API died between creating the job and
+sending it, or Redis lost the message). Either way the job starts a new attempt and is sent
+again; a stale message of an old attempt that shows up later is dropped by the worker.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+from shared.jobstore import JobStore, RequeueReason
+from shared.queue import SendRender
+from shared.schema import JobStatus
+from shared.settings import CoreSettings
+from shared.storage import ObjectStorage, StorageError, attempt_prefix
+from shared.webhooks import Webhooks
+
+log = logging.getLogger(__name__)
+
+_BATCH = 200
+
+
+@dataclass(frozen=True)
+class Reaped:
+    requeued: int = 0
+    failed: int = 0
+    resent: int = 0
+
+
+class Reaper:
+    def __init__(
+        self,
+        redis: Redis,
+        store: JobStore,
+        settings: CoreSettings,
+        send_render: SendRender,
+        storage: ObjectStorage,
+        key_prefix: str,
+        webhooks: Webhooks,
+    ) -> None:
+        self._redis = redis
+        self._store = store
+        self._settings = settings
+        self._send = send_render
+        self._storage = storage
+        self._key_prefix = key_prefix
+        self._webhooks = webhooks
+        # Until this reaper has seen Redis for a lease period, a lapsed lease may only mean that
+        # workers could not renew while Redis was away (or this process was not watching).
+        self._redis_was_lost = True
+        self._leases_trusted_from = 0.0
+
+    def redis_lost(self) -> None:
+        """Redis could not be reached: workers could not renew their leases meanwhile."""
+        self._redis_was_lost = True
+
+    def reap_once(self, now: float | None = None) -> Reaped:
+        """One round; raises RedisError when Redis cannot be reached."""
+        now = time.time() if now is None else now
+        if self._redis_was_lost:
+            self._leases_trusted_from = now + self._settings.lease_s
+            self._redis_was_lost = False
+        try:
+            requeued, failed = self._lapsed_leases(now)
+            return Reaped(requeued=requeued, failed=failed, resent=self._lost_messages(now))
+        except RedisError:
+            self.redis_lost()
+            raise
+
+    def _lapsed_leases(self, now: float) -> tuple[int, int]:
+        requeued = failed = 0
+        if now < self._leases_trusted_from:
+            return requeued, failed
+        for job_id in self._store.lapsed_leases(now, _BATCH):
+            outcome = self._store.requeue(
+                job_id,
+                RequeueReason.LAPSED,
+                now=now,
+                max_retries=self._settings.job_max_retries,
+            )
+            if outcome.attempt is None:
+                continue
+            # The lost attempt may have stored some images before its worker went.
+            lost_attempt = outcome.attempt - 1 if outcome.requeued else outcome.attempt
+            self._delete_attempt(job_id, lost_attempt)
+            if outcome.failed:
+                log.warning("job %s failed: its worker was lost too many times", job_id)
+                record = self._store.get(job_id)
+                if record is not None:
+                    self._webhooks.job_event(record, JobStatus.FAILED)
+                failed += 1
+            elif outcome.requeued:
+                log.warning("job %s: its lease lapsed; sending attempt %d", job_id, outcome.attempt)
+                self._send_quietly(job_id, outcome.attempt)
+                requeued += 1
+        return requeued, failed
+
+    def _lost_messages(self, now: float) -> int:
+        """Unreserved jobs sent long enough ago that their message must be gone: a job sent
+        later was already reserved (the broker queue is first in, first out), or the queue
+        is empty."""
+        grace = self._settings.redispatch_after_s
+        candidates = self._store.unreserved_dispatches(now - grace, _BATCH)
+        if not candidates:
+            return 0
+        latest_reserved = self._store.latest_reserved_dispatch()
+        queue_empty = self._redis.llen(self._settings.queue_name) == 0
+        resent = 0
+        for job_id, sent_at in candidates:
+            if not queue_empty and latest_reserved <= sent_at + grace:
+                # Oldest first: the rest were sent later still.
+                break
+            outcome = self._store.requeue(
+                job_id,
+                RequeueReason.LOST,
+                now=now,
+                max_retries=self._settings.job_max_retries,
+                sent_before=sent_at,
+            )
+            if outcome.requeued and outcome.attempt is not None:
+                log.warning("job %s lost its message; sending attempt %d", job_id, outcome.attempt)
+                self._send_quietly(job_id, outcome.attempt)
+                resent += 1
+        return resent
+
+    def _send_quietly(self, job_id: str, attempt: int) -> None:
+        try:
+            self._send(job_id, attempt)
+        except Exception as exc:
+            # Unreserved and unsent: the next round finds it again.
+            log.warning("could not send job %s: %s", job_id, exc)
+
+    def _delete_attempt(self, job_id: str, attempt: int) -> None:
+        try:
+            self._storage.delete_prefix(attempt_prefix(self._key_prefix, job_id, attempt))
+        except StorageError as exc:
+            log.warning("could not delete attempt %d of job %s: %s", attempt, job_id, exc)
