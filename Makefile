@@ -5,9 +5,10 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: run test lint format redis venv clean bench
 
-$(INSTALLED): pyproject.toml constraints.txt
+# The service and, beside it, the thin client distribution (client/) with its `txt2img` command.
+$(INSTALLED): pyproject.toml client/pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[api,worker,dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[api,worker,dev]" -e ./client
 	touch $@
 
 venv: $(INSTALLED)

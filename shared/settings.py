@@ -157,13 +157,6 @@ class WebhookSettings(_T2ISettings):
         return self
 
 
-class ClientSettings(_T2ISettings):
-    """The Python client and the `txt2img` CLI."""
-
-    api_url: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
-
-
 @lru_cache
 def core_settings() -> CoreSettings:
     return CoreSettings()
