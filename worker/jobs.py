@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.infotext import parameters_text
 from shared.jobstore import JobStore, utc_now
 from shared.schema import (
     CONTENT_TYPES,
@@ -21,7 +22,7 @@ from shared.schema import (
 from shared.storage import ObjectStorage, StorageError, image_key, job_prefix
 from shared.webhooks import Webhooks
 from worker.cancel import CancelWatcher
-from worker.encoding import encode_image, parameters_text
+from worker.encoding import encode_image
 from worker.executor import GpuExecutor, RenderCanceled, RenderJob
 from worker.pipeline import NonFiniteImage, RenderBatch
 
