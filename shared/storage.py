@@ -33,6 +33,9 @@ class StorageError(Exception):
 class ObjectStorage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
+    def get(self, key: str) -> bytes:
+        """The object's bytes; StorageError when it is missing or unreachable."""
+
     def download_url(self, key: str, base_url: str) -> str: ...
 
     def exists(self, key: str) -> bool: ...
@@ -65,6 +68,12 @@ class LocalStorage:
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
             tmp.write(data)
         os.replace(tmp.name, path)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.path_for(key).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"reading {key} failed: {exc.strerror}") from exc
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
@@ -127,6 +136,12 @@ class S3Storage:
             )
         except Exception as exc:
             raise StorageError(f"upload of {key} failed: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise StorageError(f"reading {key} failed: {exc}") from exc
 
     def download_url(self, key: str, base_url: str) -> str:
         return self._client.generate_presigned_url(
