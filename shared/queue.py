@@ -1,5 +1,7 @@
 """The Celery app both sides share: broker settings and the task names the API sends by."""
 
+import json
+
 from celery import Celery
 from redis import Redis
 
@@ -7,6 +9,7 @@ from shared.settings import CoreSettings
 
 RENDER_TASK = "txt2img.render"
 WORKERS_KEY = "t2i:workers"
+_WORKER_INFO_PREFIX = "t2i:worker:"
 
 
 def make_celery(settings: CoreSettings) -> Celery:
@@ -48,6 +51,20 @@ def worker_alive(redis: Redis, name: str, max_age_s: float, now: float) -> bool:
 def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:
     """Workers whose heartbeat is younger than `max_age_s`."""
     return int(redis.zcount(WORKERS_KEY, now - max_age_s, "+inf"))
+
+
+def worker_info_key(name: str) -> str:
+    """Where a worker describes itself (a JSON object with at least its `model`)."""
+    return _WORKER_INFO_PREFIX + name
+
+
+def live_models(redis: Redis, max_age_s: float, now: float) -> list[str]:
+    """The models that workers with a heartbeat younger than `max_age_s` serve, sorted."""
+    names = redis.zrangebyscore(WORKERS_KEY, now - max_age_s, "+inf")
+    if not names:
+        return []
+    described = redis.mget([worker_info_key(name.decode()) for name in names])
+    return sorted({json.loads(raw)["model"] for raw in described if raw is not None})
 
 
 def consume(app: Celery, queue: str, concurrency: int, hostname: str) -> None:

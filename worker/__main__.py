@@ -101,7 +101,7 @@ def main() -> int:
             progress_interval_s=settings.progress_interval_s,
         )
     )
-    heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s)
+    heartbeat = Heartbeat(redis, worker_name, settings.heartbeat_interval_s, settings.model_id)
     worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
     worker_shutdown.connect(lambda **_: heartbeat.stop(), weak=False)
 
