@@ -10,7 +10,7 @@ from shared.schema import (
 )
 
 
-def test_defaults_are_the_seed_notebooks_except_the_scheduler() -> None:
+def test_defaults_are_sd15s_usual_ones_with_dpm_solver_in_25_steps() -> None:
     request = GenerationRequest(prompt="a cat")
     assert (request.width, request.height) == (512, 512)
     assert request.num_inference_steps == 25
