@@ -12,8 +12,9 @@ from api import events
 from api.deps import Services
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
+from api.openapi import install_openapi, operation_id
 from api.ratelimit import RateLimiter
-from api.routes import jobs, system, webhooks
+from api.routes import a1111, jobs, openai, system, webhooks
 from api.sweeper import run_sweeper
 from shared.apikeys import ApiKeyStore
 from shared.jobstore import JobStore
@@ -60,8 +61,12 @@ def create_app() -> FastAPI:
     app = FastAPI(
         title="txt2img-service",
         version=VERSION,
-        description="Asynchronous text-to-image jobs with Stable Diffusion 1.5.",
+        description=(
+            "Asynchronous text-to-image jobs with Stable Diffusion 1.5, and the OpenAI Images and "
+            "AUTOMATIC1111 APIs over the same jobs."
+        ),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
     )
     app.state.services = services
     install_error_handlers(app)
@@ -69,5 +74,8 @@ def create_app() -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(system.router)
+    app.include_router(openai.router)
+    app.include_router(a1111.router)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=api.max_body_bytes)
     return app

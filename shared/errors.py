@@ -18,6 +18,8 @@ class ErrorType(StrEnum):
     INTERNAL_ERROR = "internal_error"
     UNAVAILABLE = "unavailable"
     OVERLOADED = "overloaded"
+    # A route that answers with the finished job waited longer than it may.
+    TIMEOUT = "timeout"
 
 
 HTTP_STATUS: dict[ErrorType, int] = {
@@ -33,6 +35,7 @@ HTTP_STATUS: dict[ErrorType, int] = {
     ErrorType.UNAVAILABLE: 503,
     # The queue is full: like a rate limit, the client should come back after Retry-After.
     ErrorType.OVERLOADED: 429,
+    ErrorType.TIMEOUT: 504,
 }
 
 

@@ -58,6 +58,12 @@ def worker_info_key(name: str) -> str:
     return _WORKER_INFO_PREFIX + name
 
 
+def worker_model(redis: Redis, name: str) -> str | None:
+    """The model a worker announced, while its description lasts."""
+    raw = redis.get(worker_info_key(name))
+    return None if raw is None else json.loads(raw)["model"]
+
+
 def live_models(redis: Redis, max_age_s: float, now: float) -> list[str]:
     """The models that workers with a heartbeat younger than `max_age_s` serve, sorted."""
     names = redis.zrangebyscore(WORKERS_KEY, now - max_age_s, "+inf")

@@ -75,6 +75,8 @@ class ApiSettings(_T2ISettings):
     rate_limit_per_min: int = Field(default=60, ge=1)
     max_queue_depth: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    # The OpenAI and AUTOMATIC1111 routes answer with the finished job; past this they cancel it.
+    sync_wait_s: float = Field(default=300.0, gt=0, le=3600)
 
     @property
     def own_base_url(self) -> str:

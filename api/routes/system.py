@@ -2,20 +2,23 @@
 
 import mimetypes
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Header
 from fastapi.responses import FileResponse, JSONResponse
 from redis.exceptions import RedisError
 
 from api.deps import ServicesDep
-from shared.errors import ErrorEnvelope, ErrorType, ServiceError
+from api.openapi import error_responses
+from api.routes.jobs import IMAGE_CONTENT, image_media_type
+from shared.errors import ErrorType, ServiceError
 from shared.queue import live_worker_count
 from shared.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health", summary="The API process is alive")
+@router.get("/health", summary="The API process is alive", responses=error_responses())
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -23,7 +26,7 @@ def health() -> dict[str, str]:
 @router.get(
     "/ready",
     summary="Redis and storage reachable and a worker alive",
-    responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": ErrorEnvelope}},
+    responses=error_responses(503),
 )
 def ready(services: ServicesDep) -> JSONResponse:
     checks: dict[str, str] = {}
@@ -51,12 +54,18 @@ def ready(services: ServicesDep) -> JSONResponse:
     "/v1/files/{key:path}",
     summary="Download an image from local storage through a signed URL",
     responses={
-        status.HTTP_403_FORBIDDEN: {"model": ErrorEnvelope},
-        status.HTTP_404_NOT_FOUND: {"model": ErrorEnvelope},
+        200: {"content": IMAGE_CONTENT, "description": "the image"},
+        **error_responses(403, 404, 422),
     },
     response_class=FileResponse,
 )
-def download_file(key: str, expires: int, signature: str, services: ServicesDep) -> FileResponse:
+def download_file(
+    key: str,
+    expires: int,
+    signature: str,
+    services: ServicesDep,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> FileResponse:
     storage = services.storage
     if not isinstance(storage, LocalStorage):
         raise ServiceError(ErrorType.NOT_FOUND, "files are served by the object store")
@@ -69,4 +78,4 @@ def download_file(key: str, expires: int, signature: str, services: ServicesDep)
     if not path.is_file():
         raise ServiceError(ErrorType.NOT_FOUND, "no such file")
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type)
+    return FileResponse(path, media_type=image_media_type(media_type, accept))
