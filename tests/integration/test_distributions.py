@@ -88,8 +88,18 @@ def test_the_installed_service_leaves_an_integrators_packages_alone(
     service_wheel: Path, tmp_path: Path, redis_port: int
 ) -> None:
     site = tmp_path / "site"
-    run(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site,
-        service_wheel, cwd=tmp_path)  # fmt: skip
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--target",
+        site,
+        service_wheel,
+        cwd=tmp_path,
+    )
     integrator = tmp_path / "integrator"
     for package in SERVICE_PACKAGES:
         (integrator / package).mkdir(parents=True)
