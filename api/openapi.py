@@ -19,7 +19,8 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
     403: "the link is invalid or has expired",
     404: "no such resource, or not this key's",
     409: "the resource is not in a state that allows this",
-    413: "the request body is over T2I_MAX_BODY_BYTES",
+    413: "the request body is over T2I_MAX_BODY_BYTES (answered before any route, always in the "
+    "service's own envelope)",
     422: "the request is not valid; `details` lists the fields",
     429: "over this key's rate limit, or the queue is full; retry after `Retry-After`",
     500: "an internal error; quote its `error_id`, which is also in the logs",
@@ -51,7 +52,9 @@ def error_responses(*codes: int, model: type[BaseModel] = ErrorEnvelope) -> Resp
     """Declarations of these error answers, each with `model` and its headers; 500 always."""
     responses: Responses = {}
     for code in sorted({*codes, 500}):
-        entry: dict[str, Any] = {"model": model, "description": ERROR_DESCRIPTIONS[code]}
+        # The body cap refuses a body before any route could answer in its own shape.
+        shape = ErrorEnvelope if code == 413 else model
+        entry: dict[str, Any] = {"model": shape, "description": ERROR_DESCRIPTIONS[code]}
         if code in _ERROR_HEADERS:
             entry["headers"] = _ERROR_HEADERS[code]
         responses[code] = entry

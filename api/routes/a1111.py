@@ -6,7 +6,7 @@ import json
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -218,27 +218,6 @@ class A1111Route(DialectRoute):
 
 router = APIRouter(prefix="/sdapi/v1", route_class=A1111Route, tags=["automatic1111"])
 
-_EXAMPLES = {
-    "a1111": {
-        "summary": "as A1111's clients send it",
-        "value": {
-            "prompt": "a lighthouse at dusk, oil painting",
-            "negative_prompt": "blurry",
-            "seed": -1,
-            "sampler_name": "DPM++ 2M",
-            "scheduler": "Karras",
-            "batch_size": 2,
-            "n_iter": 1,
-            "steps": 25,
-            "cfg_scale": 7,
-            "width": 512,
-            "height": 512,
-            "restore_faces": False,
-            "enable_hr": False,
-        },
-    }
-}
-
 
 def _info(finished: Finished, body: Txt2ImgRequest, model: str, version: str) -> dict[str, Any]:
     """What A1111 reports about a render, as the JSON text of its `info`."""
@@ -296,7 +275,7 @@ def _info(finished: Finished, body: Txt2ImgRequest, model: str, version: str) ->
     ),
 )
 async def txt2img(
-    body: Annotated[Txt2ImgRequest, Body(openapi_examples=_EXAMPLES)],
+    body: Txt2ImgRequest,
     services: ServicesDep,
     caller: BearerOrBasicCallerDep,
     request: Request,

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Header, Path, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -60,27 +60,6 @@ JOB_LINKS = {
 _SUBMITTED_HEADERS = {
     "Location": header("the job's URL, `/v1/jobs/{id}`", required=True),
     **RATE_LIMIT_HEADERS,
-}
-_CREATE_EXAMPLES = {
-    "minimal": {
-        "summary": "only the prompt; the server picks the seed",
-        "value": {"prompt": "a lighthouse at dusk, oil painting"},
-    },
-    "everything": {
-        "summary": "every field",
-        "value": {
-            "prompt": "a red kite over the sea",
-            "negative_prompt": "blurry",
-            "width": 768,
-            "height": 512,
-            "num_inference_steps": 30,
-            "guidance_scale": 6.5,
-            "scheduler": "euler_a",
-            "seed": 42,
-            "num_images": 2,
-            "output_format": "webp",
-        },
-    },
 }
 
 
@@ -255,7 +234,7 @@ def _enqueue(
     summary="Submit a generation job",
 )
 async def create_job(
-    generation: Annotated[GenerationRequest, Body(openapi_examples=_CREATE_EXAMPLES)],
+    generation: GenerationRequest,
     services: ServicesDep,
     caller: CallerDep,
     request: Request,

@@ -4,7 +4,7 @@ once it has finished, in OpenAI's shapes (errors included), so the `openai` SDKs
 import base64
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -185,26 +185,6 @@ class OpenAIRoute(DialectRoute):
 
 router = APIRouter(route_class=OpenAIRoute, tags=["openai"])
 
-_EXAMPLES = {
-    "openai": {
-        "summary": "as the openai SDKs send it",
-        "value": {"prompt": "a lighthouse at dusk", "n": 1, "size": "512x512"},
-    },
-    "stable_diffusion": {
-        "summary": "with Stable Diffusion's settings as extra body fields",
-        "value": {
-            "prompt": "a lighthouse at dusk, oil painting",
-            "size": "768x512",
-            "response_format": "b64_json",
-            "negative_prompt": "blurry",
-            "num_inference_steps": 30,
-            "guidance_scale": 6.5,
-            "scheduler": "euler_a",
-            "seed": 42,
-        },
-    },
-}
-
 
 @router.post(
     "/v1/images/generations",
@@ -223,7 +203,7 @@ _EXAMPLES = {
     ),
 )
 async def create_image(
-    body: Annotated[ImageGenerationRequest, Body(openapi_examples=_EXAMPLES)],
+    body: ImageGenerationRequest,
     services: ServicesDep,
     caller: CallerDep,
     request: Request,

@@ -46,7 +46,9 @@ def test_every_error_answer_has_the_shape_its_route_sends(document: dict[str, An
         errors = {code: answer for code, answer in operation["responses"].items() if code >= "4"}
         assert "500" in errors, (method, path)
         for code, answer in errors.items():
-            assert schema_ref(answer) == f"#/components/schemas/{model}", (method, path, code)
+            # The body cap answers before any route, in the service's envelope.
+            shape = "ErrorEnvelope" if code == "413" else model
+            assert schema_ref(answer) == f"#/components/schemas/{shape}", (method, path, code)
         validates = operation.get("parameters") or operation.get("requestBody")
         if validates:
             assert ("400" if tag == "openai" else "422") in errors, (method, path)
@@ -95,7 +97,7 @@ def test_every_request_body_has_examples(document: dict[str, Any]) -> None:
     assert len(bodies) == 3
     for path, media in bodies:
         model = media["schema"]["$ref"].rsplit("/", 1)[-1]
-        assert media.get("examples") and schemas[model].get("examples"), path
+        assert len(schemas[model].get("examples", [])) >= 2, path
 
 
 def test_each_operation_is_listed_once_and_no_parameter_takes_null(
