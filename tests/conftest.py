@@ -104,8 +104,17 @@ def s3_stack(
 
 @pytest.fixture(scope="session")
 def serial_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
-    """A worker that takes one job at a time, so the queue behind it is predictable."""
-    yield from _run_stack("serial-stack", 2, redis_port, workdir, model_cache, T2I_CONCURRENCY="1")
+    """A worker that takes one job at a time, so the queue behind it is predictable; the OpenAI
+    and A1111 routes wait two seconds for their job."""
+    yield from _run_stack(
+        "serial-stack",
+        2,
+        redis_port,
+        workdir,
+        model_cache,
+        T2I_CONCURRENCY="1",
+        T2I_SYNC_WAIT_S="2",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -138,3 +138,25 @@ def test_a_job_no_worker_starts_ends_in_a_server_error(workerless_api: Stack) ->
     with workerless_api.client() as http:
         [job] = http.get("/v1/jobs", params={"limit": 1}).json()["data"]
     assert (job["request"]["prompt"], job["status"]) == ("nobody renders this", "expired")
+
+
+def test_a_job_not_done_in_time_is_canceled_and_answered_504(serial_stack: Stack) -> None:
+    with serial_stack.client() as http:
+        # The one worker thread is busy with this for far longer than the route waits.
+        long_render = {"width": 768, "height": 768, "num_inference_steps": 150}
+        blocker = http.post("/v1/jobs", json={"prompt": "a long render", **long_render}).json()
+        try:
+            with (
+                openai.OpenAI(
+                    base_url=f"{serial_stack.base_url}/v1",
+                    api_key=serial_stack.api_key,
+                    max_retries=0,
+                ) as client,
+                pytest.raises(openai.InternalServerError) as raised,
+            ):
+                client.images.generate(prompt="behind a long render", size="256x256")
+            [job] = http.get("/v1/jobs", params={"limit": 1}).json()["data"]
+        finally:
+            http.post(f"/v1/jobs/{blocker['id']}/cancel")
+    assert raised.value.status_code == 504 and raised.value.code == "timeout"
+    assert (job["request"]["prompt"], job["status"]) == ("behind a long render", "canceled")
