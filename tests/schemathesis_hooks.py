@@ -16,7 +16,7 @@ from shared.settings import ApiSettings
 
 MAX_PIXELS = ApiSettings.model_fields["max_pixels_per_job"].default
 SMALL_SIDE = 256
-FEW_STEPS = 2
+FEW_STEPS = 1
 
 
 def _valid_int(body: dict[str, Any], field: str, low: int, high: int, default: int) -> int | None:
