@@ -14,8 +14,9 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import HttpMetrics, QueueCollector, metrics_router
+from api.openapi import install_openapi, operation_id
 from api.ratelimit import RateLimiter
-from api.routes import jobs, system, webhooks
+from api.routes import a1111, jobs, openai, system, webhooks
 from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore
 from shared.info import SERVICE_VERSION
@@ -81,8 +82,12 @@ def create_app() -> FastAPI:
     app = FastAPIOffline(
         title="txt2img-service",
         version=SERVICE_VERSION,
-        description="Asynchronous text-to-image jobs with Stable Diffusion 1.5.",
+        description=(
+            "Asynchronous text-to-image jobs with Stable Diffusion 1.5, and the OpenAI Images and "
+            "AUTOMATIC1111 APIs over the same jobs."
+        ),
         lifespan=lifespan,
+        generate_unique_id_function=operation_id,
         static_url="/docs/assets",
         # Swagger UI's default validator badge is fetched from an outside service.
         swagger_ui_parameters={"validatorUrl": None},
@@ -94,6 +99,9 @@ def create_app() -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(system.router)
     app.include_router(metrics_router(QueueCollector(redis, core.worker_heartbeat_max_age_s)))
+    app.include_router(openai.router)
+    app.include_router(a1111.router)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=api.max_body_bytes)
     # Outermost, so requests the body cap refuses are counted too.
     app.add_middleware(HttpMetrics)

@@ -7,7 +7,12 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
@@ -62,20 +67,42 @@ def _services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(_services)]
 
 _bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer t2i_...`")
+_basic = HTTPBasic(
+    auto_error=False, description="the API key as the password (or as the user name alone)"
+)
+
+
+async def authenticate(services: Services, presented: str | None, scheme: str, how: str) -> ApiKey:
+    """The key `presented`, if it is valid; a 401 challenges with `scheme` and says `how`."""
+    challenge = {"WWW-Authenticate": scheme}
+    if not presented:
+        raise ServiceError(ErrorType.UNAUTHORIZED, f"send an API key: {how}", headers=challenge)
+    key = await run_in_threadpool(services.keys.authenticate, presented)
+    if key is None:
+        raise ServiceError(ErrorType.UNAUTHORIZED, "the API key is not valid", headers=challenge)
+    return key
 
 
 async def _caller(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ApiKey:
-    challenge = {"WWW-Authenticate": "Bearer"}
-    if credentials is None:
-        message = "send an API key: Authorization: Bearer <key>"
-        raise ServiceError(ErrorType.UNAUTHORIZED, message, headers=challenge)
-    key = await run_in_threadpool(services.keys.authenticate, credentials.credentials)
-    if key is None:
-        raise ServiceError(ErrorType.UNAUTHORIZED, "the API key is not valid", headers=challenge)
-    return key
+    presented = credentials.credentials if credentials else None
+    return await authenticate(services, presented, "Bearer", "Authorization: Bearer <key>")
+
+
+async def _bearer_or_basic_caller(
+    services: ServicesDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
+) -> ApiKey:
+    presented = bearer.credentials if bearer else None
+    if basic is not None:
+        presented = basic.password or basic.username
+    how = "Authorization: Basic with the key as the password, or Bearer <key>"
+    return await authenticate(services, presented, "Basic", how)
 
 
 CallerDep = Annotated[ApiKey, Depends(_caller)]
+# AUTOMATIC1111 clients send their credentials as HTTP Basic.
+BearerOrBasicCallerDep = Annotated[ApiKey, Depends(_bearer_or_basic_caller)]

@@ -6,10 +6,13 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from shared.errors import HTTP_STATUS, ErrorType, ServiceError
+from shared.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -31,41 +34,70 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, object]]:
     ]
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ServiceError)
-    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc)
+def _first_problem(details: list[dict[str, object]]) -> str:
+    """`the request is not valid: FIELD: WHY`, naming the first field at fault."""
+    if not details:
+        return "the request is not valid"
+    first = details[0]
+    location = first["loc"] if isinstance(first["loc"], list) else []
+    field = ".".join(str(part) for part in location[1:]) or "the body"
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return f"the request is not valid: {field}: {first['msg']}{more}"
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(
-            ServiceError(
-                ErrorType.VALIDATION_ERROR, "the request is not valid", _validation_details(exc)
-            )
-        )
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # A 400 from the framework is a body it could not even parse: a validation error to us.
-        fallback = ErrorType.VALIDATION_ERROR if exc.status_code < 500 else ErrorType.INTERNAL_ERROR
-        error_type = _TYPE_BY_STATUS.get(exc.status_code, fallback)
-        return error_response(ServiceError(error_type, str(exc.detail), headers=exc.headers))
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: the router's own 405 names only one route's."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        if route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
-    @app.exception_handler(RedisError)
-    async def _redis_error(request: Request, exc: RedisError) -> JSONResponse:
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> ServiceError:
+    # A 400 from the framework is a body it could not even parse: a validation error to us.
+    fallback = ErrorType.VALIDATION_ERROR if exc.status_code < 500 else ErrorType.INTERNAL_ERROR
+    error_type = _TYPE_BY_STATUS.get(exc.status_code, fallback)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return ServiceError(error_type, str(exc.detail), headers=headers)
+
+
+def as_service_error(request: Request, exc: Exception) -> ServiceError:
+    """Any exception as the error the client hears; an unexpected one is logged with an id."""
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        details = _validation_details(exc)
+        return ServiceError(ErrorType.VALIDATION_ERROR, _first_problem(details), details)
+    if isinstance(exc, StarletteHTTPException):
+        return _http_error(request, exc)
+    if isinstance(exc, RedisError):
         log.warning("Redis unavailable during %s %s: %s", request.method, request.url.path, exc)
-        return error_response(
-            ServiceError(ErrorType.UNAVAILABLE, "the job store is unavailable; retry shortly")
-        )
+        return ServiceError(ErrorType.UNAVAILABLE, "the job store is unavailable; retry shortly")
+    if isinstance(exc, StorageError):
+        log.warning("storage failed during %s %s: %s", request.method, request.url.path, exc)
+        return ServiceError(ErrorType.UNAVAILABLE, "the image store is unavailable; retry shortly")
+    error_id = uuid.uuid4().hex
+    log.error(
+        "internal error %s during %s %s",
+        error_id,
+        request.method,
+        request.url.path,
+        exc_info=exc,
+    )
+    return ServiceError(
+        ErrorType.INTERNAL_ERROR,
+        f"internal error; quote error id {error_id} when reporting it",
+        {"error_id": error_id},
+    )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        error_id = uuid.uuid4().hex
-        log.exception("internal error %s during %s %s", error_id, request.method, request.url.path)
-        return error_response(
-            ServiceError(
-                ErrorType.INTERNAL_ERROR,
-                f"internal error; quote error id {error_id} when reporting it",
-                {"error_id": error_id},
-            )
-        )
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def _answer(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(as_service_error(request, exc))
+
+    handled = (ServiceError, RequestValidationError, StarletteHTTPException, RedisError, Exception)
+    for kind in handled:
+        app.add_exception_handler(kind, _answer)

@@ -4,7 +4,7 @@ any client, and `Last-Event-ID` resumes where a dropped connection stopped)."""
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -14,7 +14,8 @@ from redis.exceptions import RedisError
 
 from api.deps import CallerDep, Services, ServicesDep
 from api.jobview import job_out, queue_eta_s
-from shared.errors import ErrorEnvelope, ErrorType, ServiceError
+from api.openapi import error_responses
+from shared.errors import ErrorType, ServiceError
 from shared.jobstore import QUEUE_KEY, events_key, job_key
 from shared.schema import TERMINAL_STATES, JobStatus
 
@@ -30,6 +31,21 @@ _GONE = {"type": "not_found", "message": "the job no longer exists"}
 _UNAVAILABLE = {
     "type": "unavailable",
     "message": "the job store is unavailable; reconnect with Last-Event-ID to resume",
+}
+EVENT_NAMES = ["queued", "position", "running", "progress", *sorted(_TERMINAL), "error"]
+# One Server-Sent Event, as clients (and the fuzz tests) decode the stream.
+EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "id": {"type": "string", "description": "send as Last-Event-ID to resume after it"},
+        "event": {"type": "string", "enum": EVENT_NAMES},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "description": "JSON: the change, or for a terminal event the whole job",
+        },
+    },
 }
 
 
@@ -52,11 +68,18 @@ async def _read(services: Services, job_id: str, after: str, block_ms: int) -> l
     ]
 
 
-async def wait_until_terminal(services: Services, job_id: str, timeout_s: float) -> bool:
-    """Whether the job reached a terminal state within `timeout_s`."""
+async def wait_until_terminal(
+    services: Services,
+    job_id: str,
+    timeout_s: float,
+    give_up: Callable[[], Awaitable[bool]] | None = None,
+) -> bool:
+    """Whether the job reached a terminal state within `timeout_s` (and before `give_up`)."""
     deadline = time.monotonic() + timeout_s
     after = "0"
     while (remaining := deadline - time.monotonic()) > 0:
+        if give_up is not None and await give_up():
+            return False
         events = await _read(services, job_id, after, max(1, int(min(remaining, 1) * 1000)))
         for event_id, event_type, _ in events:
             after = event_id
@@ -133,10 +156,11 @@ async def _terminal_event(services: Services, job_id: str, event_id: str, base_u
     ),
     response_class=StreamingResponse,
     responses={
-        200: {"content": {"text/event-stream": {}}},
-        401: {"model": ErrorEnvelope},
-        404: {"model": ErrorEnvelope},
-        422: {"model": ErrorEnvelope},
+        200: {
+            "content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
+            "description": "the events, until the job ends",
+        },
+        **error_responses(401, 404, 422, 503),
     },
 )
 async def job_events(

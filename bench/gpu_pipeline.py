@@ -77,7 +77,7 @@ def build_sd15(target: Path, cache_dir: Path) -> Path:
         num_hidden_layers=12,
         hidden_act="quick_gelu",
     )
-    # The seed notebook's scheduler: SD 1.5's own PNDM configuration.
+    # SD 1.5's default scheduler: its own PNDM configuration.
     scheduler = PNDMScheduler.from_config(
         tiny.scheduler.config, skip_prk_steps=True, set_alpha_to_one=False
     )
@@ -118,7 +118,7 @@ def median_seconds(run: Callable[[], Any], repeats: int) -> float:
 
 
 def plain_diffusers(model_dir: Path, device: torch.device, args: argparse.Namespace) -> dict:
-    """(a) the seed notebook's path and (b) plain diffusers with DPM-Solver++, batch 1."""
+    """(a) plain diffusers with SD 1.5's default scheduler and (b) with DPM-Solver++, batch 1."""
     from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -62,7 +62,7 @@ if ! redis_answers; then
 fi
 
 if [[ ${T2I_ENV:-development} == development ]]; then
-    .venv/bin/txt2img keys dev --file "$T2I_DATA_DIR/dev-api-key"
+    "$PY" -m shared.keyadmin dev --file "$T2I_DATA_DIR/dev-api-key"
     echo "  export T2I_API_KEY=\$(cat $T2I_DATA_DIR/dev-api-key)"
 fi
 

@@ -19,6 +19,8 @@ class ErrorType(StrEnum):
     INTERNAL_ERROR = "internal_error"
     UNAVAILABLE = "unavailable"
     OVERLOADED = "overloaded"
+    # A route that answers with the finished job waited longer than it may.
+    TIMEOUT = "timeout"
 
 
 HTTP_STATUS: dict[ErrorType, int] = {
@@ -35,6 +37,7 @@ HTTP_STATUS: dict[ErrorType, int] = {
     ErrorType.UNAVAILABLE: 503,
     # The queue is full: like a rate limit, the client should come back after Retry-After.
     ErrorType.OVERLOADED: 429,
+    ErrorType.TIMEOUT: 504,
 }
 
 

@@ -77,6 +77,7 @@ def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:
 
 
 def worker_info_key(name: str) -> str:
+    """Where a worker describes itself (its WorkerInfo as JSON)."""
     return _WORKER_INFO_PREFIX + name
 
 
@@ -94,6 +95,17 @@ def live_workers(redis: Redis, max_age_s: float, now: float) -> list[WorkerInfo]
         # A worker that has just stopped may leave its score a moment longer than its description.
         if raw is not None
     ]
+
+
+def worker_model(redis: Redis, name: str) -> str | None:
+    """The model a worker announced, while its description lasts."""
+    raw = redis.get(worker_info_key(name))
+    return None if raw is None else WorkerInfo.model_validate_json(raw).model
+
+
+def live_models(redis: Redis, max_age_s: float, now: float) -> list[str]:
+    """The models that workers with a heartbeat younger than `max_age_s` serve, sorted."""
+    return sorted({worker.model for worker in live_workers(redis, max_age_s, now)})
 
 
 def _quiet_shutdown_handlers(sender: object, **_: object) -> None:

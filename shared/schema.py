@@ -4,7 +4,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_SEED = 2**32 - 1
 
@@ -12,7 +12,26 @@ Scheduler = Literal[
     "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"
 ]
 OutputFormat = Literal["png", "jpeg", "webp"]
-Dimension = Annotated[int, Field(ge=256, le=1024, multiple_of=8)]
+
+
+def _integral(value: object) -> object:
+    """JSON's 800.0 is the integer 800, as JSON Schema counts it; 800.5 is left to be refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Last in an integer's Annotated (after its Field, or its bounds leave the JSON schema): the
+# field takes 800.0 for 800, but never "800".
+WHOLE_FLOATS_AS_INT = BeforeValidator(_integral)
+# The request's bounds, named so that the compatibility routes declare the same ones.
+Prompt = Annotated[str, Field(min_length=1, max_length=2000, pattern=r"\S")]
+NegativePrompt = Annotated[str, Field(max_length=2000)]
+Dimension = Annotated[int, Field(ge=256, le=1024, multiple_of=8), WHOLE_FLOATS_AS_INT]
+Steps = Annotated[int, Field(ge=1, le=150), WHOLE_FLOATS_AS_INT]
+GuidanceScale = Annotated[float, Field(ge=0, le=20)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE_FLOATS_AS_INT]
+ImageCount = Annotated[int, Field(ge=1, le=8), WHOLE_FLOATS_AS_INT]
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -24,8 +43,15 @@ class WebhookSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    url: str = Field(min_length=1, max_length=2048)
-    events: list[WebhookEvent] = Field(default=["completed"], min_length=1, max_length=3)
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        pattern=r"^[Hh][Tt][Tt][Pp][Ss]?://",
+        description="http(s); its host must resolve to a public address unless allow-listed",
+    )
+    events: list[WebhookEvent] = Field(
+        default=["completed"], min_length=1, max_length=3, json_schema_extra={"uniqueItems": True}
+    )
 
     @field_validator("events")
     @classmethod
@@ -36,19 +62,41 @@ class WebhookSpec(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """What a client asks for; defaults are the seed notebook's, except the scheduler."""
+    """What a client asks for. The defaults are SD 1.5's usual ones (512x512, guidance 7.5), with
+    DPM-Solver++ in 25 steps instead of PNDM in 50. `width x height x num_images` may not exceed
+    the service's pixel budget (`T2I_MAX_PIXELS_PER_JOB`)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dusk, oil painting", "seed": 42},
+                {
+                    "prompt": "a red kite over the sea",
+                    "negative_prompt": "blurry",
+                    "width": 768,
+                    "height": 512,
+                    "num_inference_steps": 30,
+                    "guidance_scale": 6.5,
+                    "scheduler": "euler_a",
+                    "num_images": 2,
+                    "output_format": "webp",
+                },
+            ]
+        },
+    )
 
-    prompt: str = Field(min_length=1, max_length=2000)
-    negative_prompt: str = Field(default="", max_length=2000)
+    prompt: Prompt
+    negative_prompt: NegativePrompt = ""
     width: Dimension = 512
     height: Dimension = 512
-    num_inference_steps: int = Field(default=25, ge=1, le=150)
-    guidance_scale: float = Field(default=7.5, ge=0, le=20)
+    num_inference_steps: Steps = 25
+    guidance_scale: GuidanceScale = 7.5
     scheduler: Scheduler = "dpmpp_2m"
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_images: int = Field(default=1, ge=1, le=8)
+    seed: Seed | None = Field(default=None, description="absent: the server picks one")
+    num_images: ImageCount = Field(default=1, description="image i gets seed + i")
     output_format: OutputFormat = "png"
     webhook: WebhookSpec | None = None
 

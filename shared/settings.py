@@ -102,6 +102,8 @@ class ApiSettings(_T2ISettings):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # uvicorn processes; their metrics are summed (prometheus-client's multiprocess mode).
     api_processes: int = Field(default=1, ge=1, le=64)
+    # The OpenAI and AUTOMATIC1111 routes answer with the finished job; past this they cancel it.
+    sync_wait_s: float = Field(default=300.0, gt=0, le=3600)
 
     @property
     def own_base_url(self) -> str:
@@ -210,13 +212,6 @@ class LogSettings(_T2ISettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # One line per HTTP request; off by default, since clients poll.
     access_log: bool = False
-
-
-class ClientSettings(_T2ISettings):
-    """The Python client and the `txt2img` CLI."""
-
-    api_url: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
 
 
 @lru_cache

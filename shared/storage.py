@@ -43,6 +43,9 @@ class StorageError(Exception):
 class ObjectStorage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
+    def get(self, key: str) -> bytes:
+        """The object's bytes; StorageError when it is missing or unreachable."""
+
     def download_url(self, key: str, base_url: str) -> str: ...
 
     def exists(self, key: str) -> bool: ...
@@ -79,6 +82,12 @@ class LocalStorage:
         except OSError as exc:
             log.warning("writing %s failed: %s", path, exc)
             raise StorageError(f"upload of {key} failed: local storage is not writable") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self.path_for(key).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"reading {key} failed: {exc.strerror}") from exc
 
     def exists(self, key: str) -> bool:
         return self.path_for(key).is_file()
@@ -167,6 +176,12 @@ class S3Storage:
             )
         except Exception as exc:
             raise _s3_failure(f"upload of {key}", exc) from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise StorageError(f"reading {key} failed: {exc}") from exc
 
     def download_url(self, key: str, base_url: str) -> str:
         return self._signer.generate_presigned_url(

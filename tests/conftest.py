@@ -108,8 +108,17 @@ def s3_stack(
 
 @pytest.fixture(scope="session")
 def serial_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
-    """A worker that takes one job at a time, so the queue behind it is predictable."""
-    yield from _run_stack("serial-stack", 2, redis_port, workdir, model_cache, T2I_CONCURRENCY="1")
+    """A worker that takes one job at a time, so the queue behind it is predictable; the OpenAI
+    and A1111 routes wait two seconds for their job."""
+    yield from _run_stack(
+        "serial-stack",
+        2,
+        redis_port,
+        workdir,
+        model_cache,
+        T2I_CONCURRENCY="1",
+        T2I_SYNC_WAIT_S="2",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -130,14 +139,15 @@ def workerless_api(redis_port: int, workdir: Path, model_cache: Path) -> Iterato
 
 @pytest.fixture(scope="session")
 def short_retention_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
-    """Jobs and their images live three seconds."""
+    """Jobs and their images live ten seconds: long enough for a fresh worker's first render on a
+    loaded machine (seconds), short enough to watch them go."""
     yield from _run_stack(
         "short-retention",
         4,
         redis_port,
         workdir,
         model_cache,
-        T2I_RETENTION_S="3",
+        T2I_RETENTION_S="10",
         T2I_SWEEP_INTERVAL_S="0.3",
     )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 from redis import Redis
+from txt2img.settings import ClientSettings
 
 from shared.apikeys import ApiKeyStore
 from shared.settings import _T2ISettings
@@ -23,10 +24,10 @@ REQUEST_TIMEOUT_S = 10
 
 
 def setting_names() -> set[str]:
-    """Every T2I_* environment variable a settings class reads."""
+    """Every T2I_* environment variable a settings class reads, the client's included."""
     return {
         f"T2I_{name.upper()}"
-        for settings in _T2ISettings.__subclasses__()
+        for settings in [*_T2ISettings.__subclasses__(), ClientSettings]
         for name in settings.model_fields
     }
 

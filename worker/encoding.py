@@ -6,37 +6,10 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 from PIL.PngImagePlugin import PngInfo
 
-from shared.schema import GenerationRequest, OutputFormat
+from shared.schema import OutputFormat
 
-_SAMPLER_NAMES = {
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "ddim": "DDIM",
-    "pndm": "PNDM",
-    "lms": "LMS",
-    "unipc": "UniPC",
-}
 _EXIF_IFD = 0x8769
 _EXIF_USER_COMMENT = 0x9286
-
-
-def parameters_text(request: GenerationRequest, seed: int, model_name: str) -> str:
-    """The `parameters` text in the format popular SD UIs read and write."""
-    lines = [request.prompt]
-    if request.negative_prompt:
-        lines.append(f"Negative prompt: {request.negative_prompt}")
-    settings = {
-        "Steps": request.num_inference_steps,
-        "Sampler": _SAMPLER_NAMES[request.scheduler],
-        "CFG scale": request.guidance_scale,
-        "Seed": seed,
-        "Size": f"{request.width}x{request.height}",
-        "Model": model_name,
-    }
-    lines.append(", ".join(f"{name}: {value}" for name, value in settings.items()))
-    return "\n".join(lines)
 
 
 def encode_image(image: Image, output_format: OutputFormat, parameters: str) -> bytes:

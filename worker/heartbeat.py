@@ -29,6 +29,7 @@ class Heartbeat:
                 if self._info is not None:
                     pipe.set(worker_info_key(self._name), self._info, ex=_FORGET_AFTER_S)
                 pipe.zadd(WORKERS_KEY, {self._name: now})
+                pipe.set(worker_info_key(self._name), self._info, ex=_FORGET_AFTER_S)
                 pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - _FORGET_AFTER_S)
                 pipe.execute()
         except RedisError as exc:

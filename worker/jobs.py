@@ -14,6 +14,7 @@ from datetime import datetime
 import torch
 from redis.exceptions import RedisError
 
+from shared.infotext import parameters_text
 from shared.jobstore import Holder, JobStore, RequeueReason, Reservation, utc_now
 from shared.metrics import count_finished
 from shared.queue import SendRender
@@ -32,7 +33,7 @@ from shared.storage import StorageError, attempt_prefix, image_key
 from shared.webhooks import Webhooks
 from worker import metrics
 from worker.cancel import CancelWatcher
-from worker.encoding import encode_image, parameters_text
+from worker.encoding import encode_image
 from worker.executor import (
     GpuExecutor,
     HandedBack,

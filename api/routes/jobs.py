@@ -5,9 +5,10 @@ import math
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
@@ -15,13 +16,15 @@ from api.deps import CallerDep, Services, ServicesDep
 from api.events import wait_until_terminal
 from api.jobview import job_out
 from api.metrics import JOBS_SUBMITTED
+from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
 from api.ratelimit import Decision
 from shared.apikeys import ApiKey
-from shared.errors import ErrorEnvelope, ErrorType, ServiceError
-from shared.jobstore import QueueFull, new_job_id, request_fingerprint, utc_now
+from shared.errors import ErrorType, ServiceError
+from shared.jobstore import CasResult, QueueFull, new_job_id, request_fingerprint, utc_now
 from shared.metrics import count_finished
 from shared.queue import send_render
 from shared.schema import (
+    CONTENT_TYPES,
     MAX_SEED,
     GenerationRequest,
     JobList,
@@ -36,12 +39,28 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 MAX_WAIT_S = 60
+OCTET_STREAM = "application/octet-stream"
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+)", re.IGNORECASE)
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-def _errors(*codes: int) -> dict[int | str, dict]:
-    return {code: {"model": ErrorEnvelope} for code in codes}
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+# The image's own type; `application/octet-stream` when the client's Accept asks for only that.
+IMAGE_CONTENT = {
+    content_type: {"schema": {"type": "string", "format": "binary"}}
+    for content_type in [*CONTENT_TYPES.values(), OCTET_STREAM]
+}
+_JOB_ID = {"job_id": "$response.body#/id"}
+# Where a client goes from a submitted job (and what generated clients and fuzzers follow).
+JOB_LINKS = {
+    "GetJob": {"operationId": "get_job", "parameters": _JOB_ID},
+    "CancelJob": {"operationId": "cancel_job", "parameters": _JOB_ID},
+    "JobEvents": {"operationId": "job_events", "parameters": _JOB_ID},
+    "JobWebhooks": {"operationId": "list_deliveries", "parameters": _JOB_ID},
+    "RedeliverWebhook": {"operationId": "redeliver", "parameters": _JOB_ID},
+    "FirstImage": {"operationId": "download_image", "parameters": {**_JOB_ID, "index": 0}},
+}
+_SUBMITTED_HEADERS = {
+    "Location": header("the job's URL, `/v1/jobs/{id}`", required=True),
+    **RATE_LIMIT_HEADERS,
+}
 
 
 def _check_pixel_budget(generation: GenerationRequest, limit: int) -> None:
@@ -86,9 +105,58 @@ def _queue_full(services: Services, depth: int, decision: Decision) -> ServiceEr
     )
 
 
+def image_media_type(content_type: str, accept: str | None) -> str:
+    """The image's type, unless the client accepts bytes and not that type."""
+    accepted = accept or ""
+    return (
+        OCTET_STREAM if OCTET_STREAM in accepted and content_type not in accepted else content_type
+    )
+
+
 def _requested_wait_s(prefer: str | None) -> int:
     match = _PREFER_WAIT.search(prefer or "")
     return min(int(match.group(1)), MAX_WAIT_S) if match else 0
+
+
+@dataclass(frozen=True)
+class Submission:
+    record: JobRecord
+    # False when an earlier POST with the same Idempotency-Key made the job.
+    created: bool
+    rate_limit: Decision
+
+
+async def submit(
+    services: Services,
+    caller: ApiKey,
+    generation: GenerationRequest,
+    idempotency_key: str | None = None,
+) -> Submission:
+    """The one way a job comes to be, whichever API asked: limits, the job record, the queue."""
+    _check_pixel_budget(generation, services.api.max_pixels_per_job)
+    await run_in_threadpool(_check_webhook, generation, services)
+    decision = await run_in_threadpool(
+        services.rate_limiter.take, caller.id, caller.rate_limit_per_min
+    )
+    if not decision.allowed:
+        raise _rate_limited(decision)
+    try:
+        record, created = await run_in_threadpool(
+            _enqueue, services, caller, generation, idempotency_key
+        )
+    except QueueFull as full:
+        raise _queue_full(services, full.depth, decision) from full
+    return Submission(record, created, decision)
+
+
+def cancel(services: Services, record: JobRecord) -> CasResult:
+    """Cancel a queued or running job; `applied` false when it had already ended."""
+    result = services.store.transition(record.id, JobStatus.CANCELED, finished_at=utc_now())
+    if result.applied:
+        count_finished(JobStatus.CANCELED)
+        log.info("job %s canceled", record.id, extra={"job_id": record.id})
+        services.webhooks.job_event(record, JobStatus.CANCELED)
+    return result
 
 
 def _enqueue(
@@ -139,8 +207,18 @@ def _enqueue(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     responses={
-        200: {"model": JobOut, "description": "finished within `Prefer: wait`, or a replay"},
-        **_errors(401, 409, 413, 422, 429, 503),
+        202: {"headers": _SUBMITTED_HEADERS, "links": JOB_LINKS},
+        200: {
+            "model": JobOut,
+            "description": "finished within `Prefer: wait`, or a replay of an idempotent POST",
+            "headers": {
+                **_SUBMITTED_HEADERS,
+                "Idempotent-Replayed": header("`true` when an earlier POST made this job"),
+                "Preference-Applied": header("`wait=N` when the answer waited"),
+            },
+            "links": JOB_LINKS,
+        },
+        **error_responses(401, 409, 413, 422, 429, 503),
     },
     summary="Submit a generation job",
 )
@@ -151,30 +229,19 @@ async def create_job(
     request: Request,
     idempotency_key: Annotated[
         str | None,
-        Header(description="retrying with the same key and body returns the same job (24 h)"),
+        Header(
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="1-255 visible ASCII characters; retrying with the same key and body "
+            "returns the same job (24 h)",
+        ),
     ] = None,
     prefer: Annotated[
         str | None, Header(description="`wait=N` holds the answer up to N s (at most 60)")
     ] = None,
 ) -> JSONResponse:
-    _check_pixel_budget(generation, services.api.max_pixels_per_job)
-    if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-        raise ServiceError(
-            ErrorType.VALIDATION_ERROR, "Idempotency-Key must be 1-255 visible ASCII characters"
-        )
-    await run_in_threadpool(_check_webhook, generation, services)
-    decision = await run_in_threadpool(
-        services.rate_limiter.take, caller.id, caller.rate_limit_per_min
-    )
-    if not decision.allowed:
-        raise _rate_limited(decision)
-    try:
-        record, created = await run_in_threadpool(
-            _enqueue, services, caller, generation, idempotency_key
-        )
-    except QueueFull as full:
-        raise _queue_full(services, full.depth, decision) from full
-    headers = {"Location": f"/v1/jobs/{record.id}", **decision.headers()}
+    submission = await submit(services, caller, generation, idempotency_key)
+    record, created = submission.record, submission.created
+    headers = {"Location": f"/v1/jobs/{record.id}", **submission.rate_limit.headers()}
     wait_s = _requested_wait_s(prefer)
     if wait_s:
         headers["Preference-Applied"] = f"wait={wait_s}"
@@ -189,7 +256,10 @@ async def create_job(
 
 
 @router.get(
-    "", response_model=JobList, responses=_errors(401, 422), summary="List your jobs, newest first"
+    "",
+    response_model=JobList,
+    responses=error_responses(401, 422, 503),
+    summary="List your jobs, newest first",
 )
 def list_jobs(
     services: ServicesDep,
@@ -207,7 +277,12 @@ def list_jobs(
     )
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=_errors(401, 404), summary="Read a job")
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    responses=error_responses(401, 404, 422, 503),
+    summary="Read a job",
+)
 def get_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> JobOut:
     return job_out(services.owned_job(job_id, caller), services, services.base_url(request))
 
@@ -215,12 +290,11 @@ def get_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Requ
 @router.post(
     "/{job_id}/cancel",
     response_model=JobOut,
-    responses=_errors(401, 404, 409),
+    responses=error_responses(401, 404, 409, 422, 503),
     summary="Cancel a queued or running job",
 )
 def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> JobOut:
-    record = services.owned_job(job_id, caller)
-    result = services.store.transition(job_id, JobStatus.CANCELED, finished_at=utc_now())
+    result = cancel(services, services.owned_job(job_id, caller))
     if not result.applied:
         if result.previous is None:
             raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
@@ -228,7 +302,32 @@ def cancel_job(job_id: str, services: ServicesDep, caller: CallerDep, request: R
             ErrorType.CONFLICT,
             f"the job is already {result.previous}; only queued or running jobs can be canceled",
         )
-    count_finished(JobStatus.CANCELED)
-    log.info("job %s canceled", job_id, extra={"job_id": job_id})
-    services.webhooks.job_event(record, JobStatus.CANCELED)
     return job_out(services.owned_job(job_id, caller), services, services.base_url(request))
+
+
+@router.get(
+    "/{job_id}/images/{index}",
+    response_class=Response,
+    responses={
+        200: {"content": IMAGE_CONTENT, "description": "the image, in the job's output format"},
+        **error_responses(401, 404, 409, 422, 503),
+    },
+    summary="Download one of a succeeded job's images",
+)
+def download_image(
+    job_id: str,
+    index: Annotated[int, Path(ge=0, le=7, description="0 for the first image")],
+    services: ServicesDep,
+    caller: CallerDep,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> Response:
+    record = services.owned_job(job_id, caller)
+    if record.status is not JobStatus.SUCCEEDED:
+        raise ServiceError(
+            ErrorType.CONFLICT, f"the job is {record.status}; it has images once it has succeeded"
+        )
+    if index >= len(record.images):
+        raise ServiceError(ErrorType.NOT_FOUND, f"the job has {len(record.images)} image(s)")
+    image = record.images[index]
+    media_type = image_media_type(image.content_type, accept)
+    return Response(services.storage.get(image.key), media_type=media_type)

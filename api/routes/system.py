@@ -6,12 +6,14 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, JSONResponse
 from redis.exceptions import RedisError
 
 from api.deps import Services, ServicesDep
-from shared.errors import ErrorEnvelope, ErrorType, ServiceError
+from api.openapi import error_responses
+from api.routes.jobs import IMAGE_CONTENT, image_media_type
+from shared.errors import ErrorType, ServiceError
 from shared.info import SCHEDULERS, SERVICE_VERSION, ServiceInfo, request_limits
 from shared.queue import live_worker_count, live_workers
 from shared.storage import LocalStorage, StorageError
@@ -24,7 +26,7 @@ READY_DEADLINE_S = 1.0
 _checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ready-check")
 
 
-@router.get("/health", summary="The API process is alive")
+@router.get("/health", summary="The API process is alive", responses=error_responses())
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -32,7 +34,7 @@ def health() -> dict[str, str]:
 @router.get(
     "/ready",
     summary="Redis and storage reachable and a worker alive",
-    responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": ErrorEnvelope}},
+    responses=error_responses(503),
 )
 def ready(
     services: ServicesDep,
@@ -85,7 +87,7 @@ def _check_storage(services: Services) -> str:
     "/info",
     response_model=ServiceInfo,
     summary="Version, request limits, and the live workers with their models and levers",
-    responses={status.HTTP_503_SERVICE_UNAVAILABLE: {"model": ErrorEnvelope}},
+    responses=error_responses(503),
 )
 def info(services: ServicesDep) -> ServiceInfo:
     workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
@@ -102,12 +104,18 @@ def info(services: ServicesDep) -> ServiceInfo:
     "/v1/files/{key:path}",
     summary="Download an image from local storage through a signed URL",
     responses={
-        status.HTTP_403_FORBIDDEN: {"model": ErrorEnvelope},
-        status.HTTP_404_NOT_FOUND: {"model": ErrorEnvelope},
+        200: {"content": IMAGE_CONTENT, "description": "the image"},
+        **error_responses(403, 404, 422),
     },
     response_class=FileResponse,
 )
-def download_file(key: str, expires: int, signature: str, services: ServicesDep) -> FileResponse:
+def download_file(
+    key: str,
+    expires: int,
+    signature: str,
+    services: ServicesDep,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> FileResponse:
     storage = services.storage
     if not isinstance(storage, LocalStorage):
         raise ServiceError(ErrorType.NOT_FOUND, "files are served by the object store")
@@ -120,4 +128,4 @@ def download_file(key: str, expires: int, signature: str, services: ServicesDep)
     if not path.is_file():
         raise ServiceError(ErrorType.NOT_FOUND, "no such file")
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type)
+    return FileResponse(path, media_type=image_media_type(media_type, accept))

@@ -6,15 +6,11 @@ from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
 from api.deps import CallerDep, ServicesDep
-from shared.errors import ErrorEnvelope, ErrorType, ServiceError
+from api.openapi import error_responses
+from shared.errors import ErrorType, ServiceError
 
-router = APIRouter(tags=["webhooks"])
-
-_ERRORS: dict[int | str, dict] = {
-    401: {"model": ErrorEnvelope},
-    404: {"model": ErrorEnvelope},
-    409: {"model": ErrorEnvelope},
-}
+# Each route names its one tag, so the docs list it once.
+router = APIRouter()
 
 
 class WebhookSecret(BaseModel):
@@ -51,7 +47,13 @@ class Redelivery(BaseModel):
     webhook_id: str
 
 
-@router.get("/v1/webhooks/secret", response_model=WebhookSecret, responses=_ERRORS)
+@router.get(
+    "/v1/webhooks/secret",
+    response_model=WebhookSecret,
+    responses=error_responses(401, 404, 503),
+    tags=["webhooks"],
+    summary="Your key's webhook secret",
+)
 def get_secret(services: ServicesDep, caller: CallerDep) -> WebhookSecret:
     secrets = services.keys.webhook_secrets(caller.id)
     if secrets is None:
@@ -62,7 +64,8 @@ def get_secret(services: ServicesDep, caller: CallerDep) -> WebhookSecret:
 @router.post(
     "/v1/webhooks/secret/rotate",
     response_model=SecretRotation,
-    responses=_ERRORS,
+    responses=error_responses(401, 404, 503),
+    tags=["webhooks"],
     summary="A new webhook secret; the old one keeps signing during the overlap window",
 )
 def rotate_secret(services: ServicesDep, caller: CallerDep) -> SecretRotation:
@@ -76,7 +79,7 @@ def rotate_secret(services: ServicesDep, caller: CallerDep) -> SecretRotation:
 @router.get(
     "/v1/jobs/{job_id}/webhooks",
     response_model=DeliveryList,
-    responses=_ERRORS,
+    responses=error_responses(401, 404, 422, 503),
     tags=["jobs"],
     summary="Every webhook delivery of a job, with each attempt",
 )
@@ -89,7 +92,7 @@ def list_deliveries(job_id: str, services: ServicesDep, caller: CallerDep) -> De
     "/v1/jobs/{job_id}/webhooks/redeliver",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Redelivery,
-    responses=_ERRORS,
+    responses=error_responses(401, 404, 409, 422, 503),
     tags=["jobs"],
     summary="Send the job's latest webhook again, with the same webhook-id",
 )

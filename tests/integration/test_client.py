@@ -4,6 +4,8 @@ import asyncio
 import contextlib
 import io
 import json
+import os
+import pty
 import socket
 import subprocess
 import sys
@@ -15,21 +17,22 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from shared.schema import JobStatus, Progress
-from tests.conftest import FAIL_PROMPT
-from tests.support import REPO_ROOT, Stack, free_port, service_env
 from txt2img import (
     APIConnectionError,
     AsyncClient,
     Client,
     Conflict,
     JobFailed,
+    JobStatus,
     NotFound,
+    Progress,
     Unauthorized,
     ValidationError,
     WaitTimeout,
 )
+
+from tests.conftest import FAIL_PROMPT
+from tests.support import REPO_ROOT, Stack, free_port, service_env
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 4}
 # Long enough that the job is still queued or running when the test acts on it.
@@ -298,7 +301,41 @@ def assert_one_line_error(result: subprocess.CompletedProcess, error_type: str) 
     assert error_type in result.stderr
 
 
-def test_cli_generate_writes_an_image_with_a_progress_bar(
+def run_cli_on_a_terminal(stack: Stack, *args: str) -> tuple[int, str, str]:
+    """The CLI with its stderr on a pseudo-terminal: exit status, stdout, what the terminal got."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*CLI, *args],
+        env=service_env(T2I_API_URL=stack.base_url, T2I_API_KEY=stack.api_key),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the CLI has exited and closed the terminal
+        while chunk := os.read(controller, 4096):
+            shown += chunk
+    os.close(controller)
+    stdout, _ = process.communicate(timeout=120)
+    return process.returncode, stdout.decode(), shown.decode()
+
+
+def test_cli_generate_draws_a_progress_bar_on_a_terminal(
+    local_stack: Stack, tmp_path: Path
+) -> None:
+    output = tmp_path / "cat.png"
+    status, stdout, terminal = run_cli_on_a_terminal(
+        local_stack, "generate", "a cat", "-o", str(output), "-W", "256", "-H", "256", "-s", "4"
+    )
+    assert status == 0, terminal
+    assert image_size(output) == ("PNG", (256, 256))
+    job_line, saved_line = stdout.splitlines()
+    assert job_line.startswith("job ") and saved_line == f"saved {output}"
+    assert "\r[" in terminal and "4/4" in terminal and "Traceback" not in terminal
+
+
+def test_cli_generate_into_a_log_file_writes_no_progress_bar(
     local_stack: Stack, tmp_path: Path
 ) -> None:
     output = tmp_path / "cat.png"
@@ -319,9 +356,8 @@ def test_cli_generate_writes_an_image_with_a_progress_bar(
     )
     assert result.returncode == 0, result.stderr
     assert image_size(output) == ("PNG", (256, 256))
-    job_line, saved_line = result.stdout.splitlines()
-    assert job_line.startswith("job ") and saved_line == f"saved {output}"
-    assert "4/4" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout.splitlines()[1] == f"saved {output}"
+    assert result.stderr == ""
 
 
 def test_cli_generate_several_images_takes_the_format_from_the_suffix(

@@ -205,7 +205,7 @@ def test_a_huge_request_header_gets_431_without_the_api_holding_it(local_stack: 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "txt2img.cli", *args],
+        [sys.executable, "-m", "shared.keyadmin", *args],
         env=service_env(T2I_REDIS_URL=stack.env["T2I_REDIS_URL"]),
         capture_output=True,
         text=True,
@@ -214,13 +214,13 @@ def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_keys_cli_creates_lists_and_revokes(local_stack: Stack) -> None:
-    created = _cli(local_stack, "keys", "create", "--name", "cli-made", "--rate-limit", "7")
+    created = _cli(local_stack, "create", "--name", "cli-made", "--rate-limit", "7")
     assert created.returncode == 0, created.stderr
     new_key = created.stdout.strip().splitlines()[-1]
     key_id = new_key.split("_")[1]
     with local_stack.client(new_key) as client:
         assert client.get("/v1/jobs").status_code == 200
-    listed = _cli(local_stack, "keys", "list")
+    listed = _cli(local_stack, "list")
     assert any(
         key_id in line and "cli-made" in line and "7" in line for line in listed.stdout.splitlines()
     )
@@ -228,18 +228,18 @@ def test_keys_cli_creates_lists_and_revokes(local_stack: Stack) -> None:
     redis = Redis.from_url(local_stack.env["T2I_REDIS_URL"])
     stored = redis.hgetall(f"t2i:apikey:{key_id}")
     assert new_key.encode() not in b"".join(stored.values())
-    revoked = _cli(local_stack, "keys", "revoke", key_id)
-    again = _cli(local_stack, "keys", "revoke", key_id)
+    revoked = _cli(local_stack, "revoke", key_id)
+    again = _cli(local_stack, "revoke", key_id)
     with local_stack.client(new_key) as client:
         assert client.get("/v1/jobs").status_code == 401
     assert revoked.returncode == 0 and again.returncode == 1
-    assert again.stderr.startswith("txt2img: error:") and "Traceback" not in again.stderr
+    assert again.stderr.startswith("txt2img-keys: error:") and "Traceback" not in again.stderr
 
 
 def test_development_key_file_is_private_and_reused(local_stack: Stack, tmp_path: Path) -> None:
     path = tmp_path / "dev-api-key"
-    first = _cli(local_stack, "keys", "dev", "--file", str(path))
-    second = _cli(local_stack, "keys", "dev", "--file", str(path))
+    first = _cli(local_stack, "dev", "--file", str(path))
+    second = _cli(local_stack, "dev", "--file", str(path))
     key = path.read_text().strip()
     assert first.returncode == second.returncode == 0
     assert path.stat().st_mode & 0o777 == 0o600

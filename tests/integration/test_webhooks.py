@@ -8,11 +8,11 @@ import pytest
 from kombu import Connection, Exchange, Producer
 from redis import Redis
 from standardwebhooks import Webhook
+from txt2img.webhooks import WebhookVerificationError, verify
 
 from shared.queue import RENDER_TASK
 from shared.webhooks import DELIVER_TASK
 from tests.support import Stack, WebhookReceiver, wait_for_job, wait_until
-from txt2img.webhooks import WebhookVerificationError, verify
 
 QUICK = {"width": 256, "height": 256, "num_inference_steps": 2}
 

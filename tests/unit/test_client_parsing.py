@@ -1,14 +1,17 @@
-"""The client's pure parts: SSE decoding, error envelopes, file naming, CLI arguments."""
+"""The client's pure parts: SSE decoding, answers, error envelopes, file naming, CLI arguments."""
 
+import argparse
 import io
+import json
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import pytest
-
-from shared.schema import GenerationRequest, Progress
+import txt2img
+import txt2img.models
 from txt2img import (
     Conflict,
     NotFound,
@@ -21,6 +24,10 @@ from txt2img import (
 from txt2img._core import GenerationFields, Requests, SSEDecoder, image_paths
 from txt2img.cli import ProgressBar, _generation_fields, build_parser
 from txt2img.errors import error_from_response
+from txt2img.models import SCHEDULERS, JobOut, Progress
+
+from shared import schema
+from shared.schema import GenerationRequest
 
 
 def decode(text: str) -> list:
@@ -99,13 +106,106 @@ def test_several_images_get_index_suffixes() -> None:
     assert image_paths("out/cat.png", 2) == [Path("out/cat_0.png"), Path("out/cat_1.png")]
 
 
-def test_cli_sends_only_the_fields_given_and_takes_the_format_from_the_suffix() -> None:
+def test_cli_defaults_are_the_servers_and_the_format_follows_the_suffix() -> None:
     parser = build_parser()
+    server_defaults = GenerationRequest(prompt="a cat").model_dump(exclude={"prompt", "webhook"})
+    defaults = _generation_fields(parser.parse_args(["generate", "a cat"]))
+    assert {**defaults, "seed": None, "output_format": "png"} == server_defaults
+    assert "seed" not in defaults and "output_format" not in defaults
     args = parser.parse_args(["generate", "a cat", "-o", "cat.JPG", "-W", "256", "--seed", "0"])
-    assert _generation_fields(args) == {"width": 256, "seed": 0, "output_format": "jpeg"}
+    fields = _generation_fields(args)
+    assert (fields["width"], fields["seed"], fields["output_format"]) == (256, 0, "jpeg")
     explicit = parser.parse_args(["generate", "a cat", "-o", "cat.jpg", "-f", "webp"])
-    assert _generation_fields(explicit) == {"output_format": "webp"}
-    assert _generation_fields(parser.parse_args(["generate", "a cat"])) == {}
+    assert _generation_fields(explicit)["output_format"] == "webp"
+
+
+def _options(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
+    """Every option of the parser and of its subcommands, with the command it belongs to."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, subparser in action.choices.items():
+                found += [(f"{name} {option}", item) for option, item in _options(subparser)]
+        elif action.option_strings and action.dest != "help":
+            found.append((action.option_strings[-1], action))
+    return found
+
+
+def test_every_cli_option_has_help_that_shows_its_default() -> None:
+    parser = build_parser()
+    options = _options(parser)
+    assert len(options) >= 15
+    for name, action in options:
+        if action.dest == "version":
+            continue
+        shown = parser.formatter_class("txt2img")._get_help_string(action)
+        assert action.help and "default" in shown, name
+
+
+def test_cli_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"txt2img {txt2img.__version__}"
+
+
+def test_answers_with_fields_the_client_does_not_know_still_parse() -> None:
+    job = {
+        "id": "j1",
+        "status": "succeeded",
+        "created_at": "2026-11-26T10:00:00Z",
+        "request": {
+            "prompt": "a cat",
+            "width": 512,
+            "height": 512,
+            "num_inference_steps": 25,
+            "guidance_scale": 7.5,
+            "scheduler": "a_future_sampler",
+            "seed": 3,
+            "num_images": 1,
+            "output_format": "png",
+            "model": "sd-2",
+        },
+        "images": [
+            {
+                "url": "http://x/0.png",
+                "width": 512,
+                "height": 512,
+                "seed": 3,
+                "content_type": "image/png",
+                "nsfw": False,
+            }
+        ],
+        "timings": {"render_s": 1.0, "gpu_s": 0.9},
+        "a_new_top_level_field": {"anything": [1, 2]},
+    }
+    parsed = JobOut.model_validate_json(json.dumps(job))
+    assert parsed.images[0].seed == 3 and parsed.request.scheduler == "a_future_sampler"
+    assert parsed.error is None and parsed.progress is None
+
+
+@pytest.mark.parametrize(
+    ("client_model", "server_model"),
+    [
+        (JobOut, schema.JobOut),
+        (txt2img.JobList, schema.JobList),
+        (txt2img.ImageOut, schema.ImageOut),
+        (Progress, schema.Progress),
+        (txt2img.JobError, schema.JobError),
+        (txt2img.models.JobRequest, schema.GenerationRequest),
+        (txt2img.models.Timings, schema.Timings),
+        (txt2img.models.BatchInfo, schema.BatchInfo),
+    ],
+)
+def test_the_client_reads_every_field_the_server_sends(
+    client_model: type, server_model: type
+) -> None:
+    assert set(client_model.model_fields) == set(server_model.model_fields)
+
+
+def test_the_clients_choices_are_the_servers() -> None:
+    assert get_args(schema.Scheduler) == SCHEDULERS
+    assert [status.value for status in txt2img.JobStatus] == [s.value for s in schema.JobStatus]
 
 
 def test_progress_bar_redraws_one_line_and_ends_it() -> None:

@@ -1,8 +1,9 @@
 import pytest
 from PIL import Image
 
+from shared.infotext import parameters_text
 from shared.schema import GenerationRequest
-from worker.encoding import encode_image, parameters_text, read_parameters
+from worker.encoding import encode_image, read_parameters
 
 
 def test_parameters_text_in_the_popular_ui_format() -> None:

@@ -10,7 +10,7 @@ from shared.schema import (
 )
 
 
-def test_defaults_are_the_seed_notebooks_except_the_scheduler() -> None:
+def test_defaults_are_sd15s_usual_ones_with_dpm_solver_in_25_steps() -> None:
     request = GenerationRequest(prompt="a cat")
     assert (request.width, request.height) == (512, 512)
     assert request.num_inference_steps == 25
@@ -35,13 +35,21 @@ def test_defaults_are_the_seed_notebooks_except_the_scheduler() -> None:
         {"prompt": "a", "seed": MAX_SEED + 1},
         {"prompt": "a", "num_images": 0},
         {"prompt": "a", "output_format": "gif"},
-        {"prompt": "a", "width": 512.0},
+        {"prompt": "a", "width": 512.5},
+        {"prompt": "a", "width": "512"},
+        {"prompt": "a", "seed": True},
         {"prompt": "a", "steps": 20},
     ],
 )
 def test_out_of_bounds_and_unknown_fields_are_refused(fields: dict) -> None:
     with pytest.raises(ValidationError):
         GenerationRequest.model_validate(fields)
+
+
+def test_a_whole_float_is_the_integer_json_schema_says_it_is() -> None:
+    request = GenerationRequest.model_validate({"prompt": "a", "width": 768.0, "seed": 5.0})
+    assert (request.width, request.seed) == (768, 5)
+    assert type(request.width) is int and type(request.seed) is int
 
 
 def test_integer_guidance_is_accepted_as_a_number() -> None:

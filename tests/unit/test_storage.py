@@ -29,6 +29,9 @@ def test_local_put_and_signed_url_round_trip(tmp_path: Path) -> None:
     storage.put("images/job/0.png", b"png-bytes", "image/png")
     assert (tmp_path / "images/job/0.png").read_bytes() == b"png-bytes"
     assert storage.exists("images/job/0.png")
+    assert storage.get("images/job/0.png") == b"png-bytes"
+    with pytest.raises(StorageError):
+        storage.get("images/job/1.png")
 
     url = urlparse(storage.download_url("images/job/0.png", "http://api:8000/"))
     assert url.path == "/v1/files/images/job/0.png"

@@ -3,15 +3,17 @@
 import argparse
 import contextlib
 import sys
+from argparse import ArgumentParser
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TextIO, cast, get_args
+from typing import TextIO, cast
 
-from shared.schema import JobOut, JobStatus, OutputFormat, Progress, Scheduler
 from txt2img._core import GenerationFields
 from txt2img.client import Client
 from txt2img.errors import Conflict, JobFailed, Txt2ImgError
-from txt2img.keys import add_keys_command
+from txt2img.models import OUTPUT_FORMATS, SCHEDULERS, JobOut, JobStatus, Progress
+from txt2img.settings import DEFAULT_API_URL
+from txt2img.version import __version__
 
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 FORMAT_BY_SUFFIX: dict[str, str] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
@@ -78,9 +80,11 @@ def run_generate(client: Client, args: argparse.Namespace) -> int:
     print(f"job {job.id}", flush=True)
     if args.no_wait:
         return 0
+    # Only a terminal redraws a line in place; in a log file the bar would be noise.
     bar = ProgressBar(sys.stderr)
+    show_bar = not args.quiet and sys.stderr.isatty()
     try:
-        job = client.wait(job.id, args.timeout, None if args.quiet else bar)
+        job = client.wait(job.id, args.timeout, bar if show_bar else None)
     except KeyboardInterrupt:
         bar.finish()
         with contextlib.suppress(Conflict):
@@ -117,48 +121,89 @@ def run_list(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says what happens without it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _subparser(commands: argparse._SubParsersAction, name: str, text: str) -> ArgumentParser:
+    return commands.add_parser(name, help=text, description=text, formatter_class=HelpFormatter)
+
+
 def _add_generate(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("generate", help="render a prompt and save the image(s)")
-    parser.add_argument("prompt")
+    parser = _subparser(commands, "generate", "render a prompt and save the image(s)")
+    parser.add_argument("prompt", help="what the image shows")
     parser.add_argument(
         "-o",
         "--output",
-        help="file to write (several images: NAME_0.EXT, NAME_1.EXT...); default JOB_ID.EXT; "
-        "its suffix sets the format unless --format is given",
+        help="file to write (several images: NAME_0.EXT, NAME_1.EXT...); its suffix sets the "
+        "format unless --format is given (default: JOB_ID.EXT in the current directory)",
     )
-    parser.add_argument("-n", "--negative-prompt")
-    parser.add_argument("-W", "--width", type=int)
-    parser.add_argument("-H", "--height", type=int)
-    parser.add_argument("-s", "--steps", type=int, help="denoising steps")
-    parser.add_argument("-g", "--guidance", type=float, help="guidance scale")
-    parser.add_argument("--scheduler", choices=get_args(Scheduler))
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("-N", "--num-images", type=int)
-    parser.add_argument("-f", "--format", choices=get_args(OutputFormat))
-    parser.add_argument("--idempotency-key", help="retrying with the same key returns the same job")
-    parser.add_argument("--timeout", type=float, help="give up waiting after this many seconds")
+    parser.add_argument(
+        "-n", "--negative-prompt", default="", help="what to keep out of the image (default: none)"
+    )
+    parser.add_argument("-W", "--width", type=int, default=512, help="pixels, a multiple of 8")
+    parser.add_argument("-H", "--height", type=int, default=512, help="pixels, a multiple of 8")
+    parser.add_argument("-s", "--steps", type=int, default=25, help="denoising steps")
+    parser.add_argument("-g", "--guidance", type=float, default=7.5, help="guidance scale")
+    parser.add_argument("--scheduler", default="dpmpp_2m", help=f"one of {', '.join(SCHEDULERS)}")
+    parser.add_argument(
+        "--seed", type=int, help="image i gets SEED + i (default: random, picked by the server)"
+    )
+    parser.add_argument("-N", "--num-images", type=int, default=1, help="images to render")
+    parser.add_argument(
+        "-f",
+        "--format",
+        choices=OUTPUT_FORMATS,
+        help="image format (default: from the --output suffix, else png)",
+    )
+    parser.add_argument(
+        "--idempotency-key",
+        help="retrying with the same key returns the same job (default: none)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help="give up waiting after this many seconds (default: wait until the job ends)",
+    )
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar (default: a bar on stderr when it is a terminal)",
+    )
     parser.set_defaults(command=run_generate)
 
 
 def _add_status(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("status", help="print a job as JSON")
-    parser.add_argument("job_id")
+    parser = _subparser(commands, "status", "print a job as JSON")
+    parser.add_argument("job_id", help="the id `generate` printed")
     parser.set_defaults(command=run_status)
 
 
 def _add_cancel(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("cancel", help="cancel a queued or running job")
-    parser.add_argument("job_id")
+    parser = _subparser(commands, "cancel", "cancel a queued or running job")
+    parser.add_argument("job_id", help="the id `generate` printed")
     parser.set_defaults(command=run_cancel)
 
 
 def _add_list(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("list", help="list jobs, newest first")
-    parser.add_argument("--status", choices=[status.value for status in JobStatus])
-    parser.add_argument("--limit", type=int, default=20)
-    parser.add_argument("--cursor")
+    parser = _subparser(commands, "list", "list jobs, newest first")
+    parser.add_argument(
+        "--status",
+        choices=[status.value for status in JobStatus],
+        help="only jobs in this state (default: any)",
+    )
+    parser.add_argument("--limit", type=int, default=20, help="jobs per page")
+    parser.add_argument(
+        "--cursor", help="the page after the one that printed it (default: the first page)"
+    )
     parser.set_defaults(command=run_list)
 
 
@@ -166,14 +211,17 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_generate,
     _add_status,
     _add_cancel,
-    add_keys_command,
     _add_list,
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="txt2img", description=__doc__)
-    parser.add_argument("--api-url", help="the API's base URL (default: $T2I_API_URL)")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="txt2img", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--api-url",
+        help=f"the API's base URL (default: $T2I_API_URL, else {DEFAULT_API_URL})",
+    )
     parser.add_argument("--api-key", help="the API key to send (default: $T2I_API_KEY)")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
@@ -184,8 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; the exit status is 0 on success, 1 on any error, 130 when interrupted."""
     args = build_parser().parse_args(argv)
-    if hasattr(args, "offline_command"):
-        return args.offline_command(args)
     command: Command = args.command
     try:
         with Client(args.api_url, args.api_key) as client:

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from shared.schema import JobOut
+from txt2img.models import JobOut
 
 
 class Txt2ImgError(Exception):
@@ -95,7 +95,7 @@ class JobFailed(Txt2ImgError):
         reason = f": {job.error.message}" if job.error else ""
         super().__init__(
             f"job {job.id} {job.status.value}{reason}",
-            type=job.error.type.value if job.error else f"job_{job.status.value}",
+            type=job.error.type if job.error else f"job_{job.status.value}",
         )
         self.job = job
 

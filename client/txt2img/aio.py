@@ -1,16 +1,15 @@
-"""The synchronous client."""
+"""The asynchronous client: the same methods as `Client`, awaited."""
 
+import asyncio
 import logging
-import time
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
 from types import TracebackType
 from typing import Unpack
 
 import httpx
 
-from shared.schema import ImageOut, JobList, JobOut, JobStatus
 from txt2img._core import (
     BaseClient,
     Deadline,
@@ -21,8 +20,8 @@ from txt2img._core import (
     Requests,
     RequestSpec,
     Waiter,
+    achecked,
     atomic_file,
-    checked,
     connection_error,
     image_paths,
     parse_job,
@@ -30,33 +29,34 @@ from txt2img._core import (
     succeeded,
 )
 from txt2img.errors import Txt2ImgError, WaitTimeout
+from txt2img.models import ImageOut, JobList, JobOut, JobStatus
 
 log = logging.getLogger("txt2img")
 
 
-class Client(BaseClient[httpx.Client]):
-    """A synchronous client of the txt2img API."""
+class AsyncClient(BaseClient[httpx.AsyncClient]):
+    """An asyncio client of the txt2img API."""
 
-    http_class = httpx.Client
+    http_class = httpx.AsyncClient
 
-    def close(self) -> None:
-        self._http.close()
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
-    def __enter__(self) -> "Client":
+    async def __aenter__(self) -> "AsyncClient":
         return self
 
-    def __exit__(
+    async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        await self.aclose()
 
-    def _send(self, spec: RequestSpec, stream: bool = False) -> httpx.Response:
+    async def _send(self, spec: RequestSpec, stream: bool = False) -> httpx.Response:
         try:
-            return self._http.send(spec.build(self._http), stream=stream)
+            return await self._http.send(spec.build(self._http), stream=stream)
         except httpx.TransportError as exc:
             raise connection_error(exc, self.base_url) from exc
 
-    def submit(
+    async def submit(
         self,
         prompt: str,
         *,
@@ -65,38 +65,40 @@ class Client(BaseClient[httpx.Client]):
         **fields: Unpack[GenerationFields],
     ) -> JobOut:
         """Submit a job; with `wait_s`, the server holds the answer until it ends (up to 60 s)."""
-        return parse_job(self._send(self._requests.submit(prompt, fields, idempotency_key, wait_s)))
+        return parse_job(
+            await self._send(self._requests.submit(prompt, fields, idempotency_key, wait_s))
+        )
 
-    def get(self, job_id: str) -> JobOut:
-        return parse_job(self._send(self._requests.get(job_id)))
+    async def get(self, job_id: str) -> JobOut:
+        return parse_job(await self._send(self._requests.get(job_id)))
 
-    def cancel(self, job_id: str) -> JobOut:
+    async def cancel(self, job_id: str) -> JobOut:
         """Cancel a queued or running job; `Conflict` if it has already ended."""
-        return parse_job(self._send(self._requests.cancel(job_id)))
+        return parse_job(await self._send(self._requests.cancel(job_id)))
 
-    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[Event]:
+    def events(self, job_id: str, last_event_id: str | None = None) -> AsyncIterator[Event]:
         """The job's events until its terminal one, reconnecting with Last-Event-ID on a drop."""
         return self._follow(
             EventStream(self._requests, job_id, last_event_id, Deadline(job_id, None))
         )
 
-    def _follow(self, stream: EventStream) -> Iterator[Event]:
+    async def _follow(self, stream: EventStream) -> AsyncIterator[Event]:
         while True:
             dropped = None
             try:
                 request = stream.request().build(self._http)
-                with closing(self._http.send(request, stream=True)) as r:
-                    stream.opened(checked(r))
-                    for line in r.iter_lines():
+                async with aclosing(await self._http.send(request, stream=True)) as r:
+                    stream.opened(await achecked(r))
+                    async for line in r.aiter_lines():
                         if (event := stream.feed(line)) is not None:
                             yield event
                             if stream.done:
                                 return
             except httpx.TransportError as exc:
                 dropped = exc
-            time.sleep(stream.retry_delay(dropped))
+            await asyncio.sleep(stream.retry_delay(dropped))
 
-    def wait(
+    async def wait(
         self,
         job_id: str,
         timeout_s: float | None = None,
@@ -109,19 +111,19 @@ class Client(BaseClient[httpx.Client]):
         if use_sse:
             stream = EventStream(self._requests, job_id, None, waiter.deadline)
             try:
-                with closing(self._follow(stream)) as events:
-                    for event in events:
+                async with aclosing(self._follow(stream)) as events:
+                    async for event in events:
                         if (job := waiter.on_event(event)) is not None:
                             return job
             except WaitTimeout:
                 raise
             except Txt2ImgError as exc:
                 log.info("event stream of job %s unusable (%s); polling instead", job_id, exc)
-        while not waiter.on_job(job := self.get(job_id)):
-            time.sleep(waiter.poll_delay())
+        while not waiter.on_job(job := await self.get(job_id)):
+            await asyncio.sleep(waiter.poll_delay())
         return job
 
-    def generate(
+    async def generate(
         self,
         prompt: str,
         *,
@@ -132,29 +134,29 @@ class Client(BaseClient[httpx.Client]):
         **fields: Unpack[GenerationFields],
     ) -> JobOut:
         """Submit and wait; `JobFailed` if the job ends other than succeeded."""
-        job = self.submit(prompt, idempotency_key=idempotency_key, **fields)
+        job = await self.submit(prompt, idempotency_key=idempotency_key, **fields)
         if not job.status.is_terminal:
-            job = self.wait(job.id, timeout_s, on_progress, use_sse=use_sse)
+            job = await self.wait(job.id, timeout_s, on_progress, use_sse=use_sse)
         return succeeded(job)
 
-    def download(self, image: str | ImageOut, path: str | Path) -> Path:
+    async def download(self, image: str | ImageOut, path: str | Path) -> Path:
         """Save an image (or any signed URL) to `path`."""
         target = Path(path)
-        with closing(self._send(Requests.download(image), stream=True)) as response:
-            checked(response)
+        async with aclosing(await self._send(Requests.download(image), stream=True)) as response:
+            await achecked(response)
             with atomic_file(target) as file:
-                for chunk in response.iter_bytes():
+                async for chunk in response.aiter_bytes():
                     file.write(chunk)
         return target
 
-    def download_all(self, job: JobOut, path: str | Path) -> list[Path]:
+    async def download_all(self, job: JobOut, path: str | Path) -> list[Path]:
         """Save every image of a job: `path` for one, `stem_0.ext`, `stem_1.ext`... for several."""
         paths = image_paths(path, len(job.images))
-        return [self.download(image, to) for image, to in zip(job.images, paths, strict=True)]
+        return [await self.download(image, to) for image, to in zip(job.images, paths, strict=True)]
 
     # Last, so that `list` in the annotations above is still the builtin.
-    def list(
+    async def list(
         self, status: JobStatus | str | None = None, limit: int = 20, cursor: str | None = None
     ) -> JobList:
         """One page of jobs, newest first; pass `next_cursor` back as `cursor` for the next."""
-        return parse_list(self._send(self._requests.list(status, limit, cursor)))
+        return parse_list(await self._send(self._requests.list(status, limit, cursor)))

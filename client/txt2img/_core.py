@@ -10,7 +10,15 @@ from typing import Any, BinaryIO, Generic, TypedDict, TypeVar
 
 import httpx
 
-from shared.schema import (
+from txt2img.errors import (
+    APIConnectionError,
+    JobFailed,
+    NotFound,
+    StreamUnavailable,
+    WaitTimeout,
+    error_from_response,
+)
+from txt2img.models import (
     TERMINAL_STATES,
     ImageOut,
     JobList,
@@ -20,17 +28,10 @@ from shared.schema import (
     Progress,
     Scheduler,
 )
-from shared.settings import ClientSettings
-from txt2img.errors import (
-    APIConnectionError,
-    JobFailed,
-    NotFound,
-    StreamUnavailable,
-    WaitTimeout,
-    error_from_response,
-)
+from txt2img.settings import ClientSettings
+from txt2img.version import __version__
 
-USER_AGENT = "txt2img-client/0.1"
+USER_AGENT = f"txt2img-client/{__version__}"
 EVENTS_PATH = "/v1/jobs/{job_id}/events"
 DEFAULT_TIMEOUT_S = 30.0
 # The API sends a keep-alive comment every 15 s; a quieter stream is a dead one.

@@ -1,6 +1,5 @@
 """Python client and CLI for the txt2img service."""
 
-from shared.schema import ImageOut, JobList, JobOut, JobStatus, Progress
 from txt2img._core import Event, GenerationFields
 from txt2img.aio import AsyncClient
 from txt2img.client import Client
@@ -20,6 +19,8 @@ from txt2img.errors import (
     ValidationError,
     WaitTimeout,
 )
+from txt2img.models import ImageOut, JobError, JobList, JobOut, JobStatus, Progress
+from txt2img.version import __version__
 
 __all__ = [
     "APIConnectionError",
@@ -30,6 +31,7 @@ __all__ = [
     "Forbidden",
     "GenerationFields",
     "ImageOut",
+    "JobError",
     "JobFailed",
     "JobList",
     "JobOut",
@@ -45,4 +47,5 @@ __all__ = [
     "Unavailable",
     "ValidationError",
     "WaitTimeout",
+    "__version__",
 ]

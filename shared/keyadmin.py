@@ -1,8 +1,10 @@
-"""`txt2img keys ...`: manage API keys directly in the service's Redis (an operator's tool)."""
+"""Manage API keys directly in the service's Redis, an operator's tool:
+`python -m shared.keyadmin create|list|revoke|dev` (installed as `txt2img-keys`)."""
 
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from redis import Redis
@@ -11,6 +13,8 @@ from redis.exceptions import RedisError
 from shared.apikeys import ApiKeyStore
 from shared.queue import make_redis
 from shared.settings import Environment, api_settings, core_settings
+
+PROG = "txt2img-keys"
 
 
 class KeyAdminError(Exception):
@@ -69,36 +73,50 @@ def ensure_development_key(path: Path) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        if args.keys_command == "create":
+        if args.action == "create":
             create(args.name, args.rate_limit)
-        elif args.keys_command == "list":
+        elif args.action == "list":
             list_keys()
-        elif args.keys_command == "revoke":
+        elif args.action == "revoke":
             revoke(args.key_id)
         else:
             ensure_development_key(Path(args.file))
     except KeyAdminError as exc:
-        print(f"txt2img: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except RedisError as exc:
-        print(f"txt2img: error: Redis at T2I_REDIS_URL is unavailable: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: Redis at T2I_REDIS_URL is unavailable: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def add_keys_command(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "keys", help="create, list and revoke API keys (talks to Redis at $T2I_REDIS_URL)"
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Create, list and revoke API keys (talks to Redis at $T2I_REDIS_URL).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    actions = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     create_parser = actions.add_parser("create", help="create a key; prints it on the last line")
-    create_parser.add_argument("--name", required=True)
+    create_parser.add_argument("--name", required=True, help="who the key is for")
     create_parser.add_argument(
         "--rate-limit", type=int, help="jobs per minute (default: $T2I_RATE_LIMIT_PER_MIN)"
     )
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke_parser = actions.add_parser("revoke", help="revoke a key by its id")
-    revoke_parser.add_argument("key_id")
-    dev_parser = actions.add_parser("dev", help="development: the key in FILE, made if needed")
-    dev_parser.add_argument("--file", default="data/dev-api-key")
-    parser.set_defaults(offline_command=_run)
+    revoke_parser.add_argument("key_id", help="the id `list` shows")
+    dev_parser = actions.add_parser(
+        "dev",
+        help="development: the key in FILE, made if needed",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    dev_parser.add_argument("--file", default="data/dev-api-key", help="where the key is kept")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The API's answers as the client reads them. Fields the client does not know are ignored, so a
+server that adds some never breaks a client already deployed."""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Scheduler = Literal[
+    "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"
+]
+OutputFormat = Literal["png", "jpeg", "webp"]
+SCHEDULERS: tuple[str, ...] = get_args(Scheduler)
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+
+
+class Answer(BaseModel):
+    """A part of an API answer: unknown fields are dropped, not refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED}
+)
+
+
+class Progress(Answer):
+    step: int
+    total: int
+    eta_s: float | None = None
+
+
+class ImageOut(Answer):
+    url: str
+    width: int
+    height: int
+    seed: int
+    content_type: str
+
+
+class JobError(Answer):
+    type: str
+    message: str
+
+
+class Timings(Answer):
+    queued_s: float | None = None
+    render_s: float | None = None
+    upload_s: float | None = None
+
+
+class BatchInfo(Answer):
+    id: str
+    images: int
+
+
+class JobRequest(Answer):
+    """The request as the server normalized it, with the seed it resolved."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str
+    seed: int | None = None
+    num_images: int = 1
+    output_format: str = "png"
+    webhook: dict[str, Any] | None = None
+
+
+class JobOut(Answer):
+    id: str
+    status: JobStatus
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    request: JobRequest
+    queue_position: int | None = None
+    eta_s: float | None = None
+    progress: Progress | None = None
+    images: list[ImageOut] = Field(default_factory=list)
+    error: JobError | None = None
+    timings: Timings = Field(default_factory=Timings)
+    batch: BatchInfo | None = None
+
+
+class JobList(Answer):
+    data: list[JobOut]
+    next_cursor: str | None = None

@@ -1,0 +1,33 @@
+"""The generation-parameters text ("infotext") in the format popular SD UIs read and write: what
+an image file carries in its `parameters` chunk, and what the AUTOMATIC1111 route reports."""
+
+from shared.schema import GenerationRequest, Scheduler
+
+# Each scheduler under the name popular SD UIs give it.
+SAMPLER_NAMES: dict[Scheduler, str] = {
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "ddim": "DDIM",
+    "pndm": "PNDM",
+    "lms": "LMS",
+    "unipc": "UniPC",
+}
+
+
+def parameters_text(request: GenerationRequest, seed: int, model_name: str) -> str:
+    """The `parameters` text of one image of `request`, rendered with `seed` by `model_name`."""
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    settings = {
+        "Steps": request.num_inference_steps,
+        "Sampler": SAMPLER_NAMES[request.scheduler],
+        "CFG scale": request.guidance_scale,
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model": model_name,
+    }
+    lines.append(", ".join(f"{name}: {value}" for name, value in settings.items()))
+    return "\n".join(lines)

@@ -1,0 +1,162 @@
+"""OpenAI's Images API as the official `openai` package calls it, against a real API and worker."""
+
+import base64
+import io
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.support import Stack, wait_for_job
+
+SD_SETTINGS = {"num_inference_steps": 3, "guidance_scale": 6.0, "scheduler": "euler_a"}
+
+
+def decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture
+def client(local_stack: Stack) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(
+        base_url=f"{local_stack.base_url}/v1", api_key=local_stack.api_key, max_retries=0
+    ) as client:
+        yield client
+
+
+def test_b64_json_images_are_the_ones_the_job_api_renders(
+    client: openai.OpenAI, local_stack: Stack
+) -> None:
+    result = client.images.generate(
+        prompt="a lighthouse at dusk",
+        n=2,
+        size="256x320",
+        response_format="b64_json",
+        user="end-user-42",
+        model="dall-e-2",
+        extra_body={**SD_SETTINGS, "seed": 7, "negative_prompt": "fog"},
+    )
+    assert (result.size, result.output_format, len(result.data or [])) == ("256x320", "png", 2)
+    images = [decoded(base64.b64decode(image.b64_json or "")) for image in result.data or []]
+    assert all((image.format, image.size) == ("PNG", (256, 320)) for image in images)
+    texts = [image.info["parameters"] for image in images]
+    assert texts[0].startswith("a lighthouse at dusk\nNegative prompt: fog\n")
+    assert ["Seed: 7" in texts[0], "Seed: 8" in texts[1]] == [True, True]
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 6.0" in texts[0]
+
+    # The same job path: the job is this key's, and /v1/jobs renders the same images (within
+    # the rounding that batching may change, as in the batching tests).
+    with local_stack.client() as http:
+        [listed] = http.get("/v1/jobs", params={"limit": 1}).json()["data"]
+        assert listed["request"]["prompt"] == "a lighthouse at dusk"
+        assert listed["status"] == "succeeded" and len(listed["images"]) == 2
+        body = {"prompt": "a lighthouse at dusk", "negative_prompt": "fog", "seed": 7}
+        size = {"width": 256, "height": 320, "num_images": 2}
+        job = http.post("/v1/jobs", json={**body, **SD_SETTINGS, **size})
+        again = wait_for_job(http, job.json()["id"])
+    for image, rendered in zip(images, again["images"], strict=True):
+        direct = decoded(httpx.get(rendered["url"], timeout=10).content)
+        assert np.abs(pixels(direct) - pixels(image)).max() <= 2
+
+
+def test_url_answers_link_to_the_images(client: openai.OpenAI) -> None:
+    result = client.images.generate(
+        prompt="a red kite",
+        size="256x256",
+        output_format="webp",
+        extra_body={"num_inference_steps": 2},
+    )
+    [image] = result.data or []
+    assert image.b64_json is None and image.url
+    downloaded = httpx.get(image.url, timeout=10)
+    assert downloaded.headers["content-type"] == "image/webp"
+    assert (decoded(downloaded.content).format, result.output_format) == ("WEBP", "webp")
+
+
+def test_a_bad_request_raises_bad_request_error_naming_the_field(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as unsupported_size:
+        client.images.generate(prompt="a cat", size="1792x1024")
+    error = unsupported_size.value
+    assert error.status_code == 400
+    assert (error.type, error.param, error.code) == (
+        "invalid_request_error",
+        "size",
+        "validation_error",
+    )
+    assert "size" in error.message
+
+    with pytest.raises(openai.BadRequestError) as unknown_field:
+        client.images.generate(prompt="a cat", extra_body={"num_inference_stepz": 3})
+    assert unknown_field.value.param == "num_inference_stepz"
+    with pytest.raises(openai.BadRequestError) as too_many:
+        client.images.generate(prompt="a cat", n=9)
+    assert too_many.value.param == "n"
+
+
+def test_a_bad_key_raises_authentication_error(local_stack: Stack) -> None:
+    with (
+        openai.OpenAI(
+            base_url=f"{local_stack.base_url}/v1", api_key="t2i_wrong.key", max_retries=0
+        ) as stranger,
+        pytest.raises(openai.AuthenticationError) as raised,
+    ):
+        stranger.images.generate(prompt="a cat")
+    assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+
+
+def test_the_keys_rate_limit_applies(local_stack: Stack) -> None:
+    key = local_stack.create_key("one a minute", rate_limit_per_min=1)
+    with openai.OpenAI(
+        base_url=f"{local_stack.base_url}/v1", api_key=key, max_retries=0
+    ) as limited:
+        first = limited.images.generate(
+            prompt="a cat", size="256x256", extra_body={"num_inference_steps": 1}
+        )
+        assert first.data
+        with pytest.raises(openai.RateLimitError) as raised:
+            limited.images.generate(prompt="a cat", size="256x256")
+    assert raised.value.code == "rate_limit_exceeded"
+    assert int(raised.value.response.headers["retry-after"]) >= 1
+
+
+def test_a_job_no_worker_starts_ends_in_a_server_error(workerless_api: Stack) -> None:
+    with (
+        openai.OpenAI(
+            base_url=f"{workerless_api.base_url}/v1", api_key=workerless_api.api_key, max_retries=0
+        ) as client,
+        pytest.raises(openai.InternalServerError) as raised,
+    ):
+        client.images.generate(prompt="nobody renders this", size="256x256")
+    assert raised.value.status_code == 503 and raised.value.code == "unavailable"
+    with workerless_api.client() as http:
+        [job] = http.get("/v1/jobs", params={"limit": 1}).json()["data"]
+    assert (job["request"]["prompt"], job["status"]) == ("nobody renders this", "expired")
+
+
+def test_a_job_not_done_in_time_is_canceled_and_answered_504(serial_stack: Stack) -> None:
+    with serial_stack.client() as http:
+        # The one worker thread is busy with this for far longer than the route waits.
+        long_render = {"width": 768, "height": 768, "num_inference_steps": 150}
+        blocker = http.post("/v1/jobs", json={"prompt": "a long render", **long_render}).json()
+        try:
+            with (
+                openai.OpenAI(
+                    base_url=f"{serial_stack.base_url}/v1",
+                    api_key=serial_stack.api_key,
+                    max_retries=0,
+                ) as client,
+                pytest.raises(openai.InternalServerError) as raised,
+            ):
+                client.images.generate(prompt="behind a long render", size="256x256")
+            [job] = http.get("/v1/jobs", params={"limit": 1}).json()["data"]
+        finally:
+            http.post(f"/v1/jobs/{blocker['id']}/cancel")
+    assert raised.value.status_code == 504 and raised.value.code == "timeout"
+    assert (job["request"]["prompt"], job["status"]) == ("behind a long render", "canceled")

@@ -1,0 +1,87 @@
+"""schemathesis hooks (`SCHEMATHESIS_HOOKS=tests.schemathesis_hooks`): generated bodies keep to the
+limits that a JSON schema cannot state, products of fields that the schema's descriptions name
+(the pixel budget, A1111's batch_size x n_iter), and the routes that render before they answer
+get small renders, so a CPU gets through them. Only values that are valid are changed, and only to
+other valid values: a request the schema calls invalid stays invalid."""
+
+import re
+from typing import Any
+
+import schemathesis
+from pydantic import BaseModel, ValidationError
+
+from api.routes.openai import SIZE_PATTERN
+from shared.schema import WebhookSpec
+from shared.settings import ApiSettings
+
+MAX_PIXELS = ApiSettings.model_fields["max_pixels_per_job"].default
+SMALL_SIDE = 256
+FEW_STEPS = 1
+
+
+def _valid_int(body: dict[str, Any], field: str, low: int, high: int, default: int) -> int | None:
+    """The field's value when it is a valid integer, 800.0 included (or absent: its default)."""
+    value = body.get(field, default)
+    whole = type(value) is int or (type(value) is float and value.is_integer())
+    return int(value) if whole and low <= value <= high else None
+
+
+def _shrink(body: dict[str, Any], field: str, low: int, high: int, default: int, to: int) -> None:
+    value = _valid_int(body, field, low, high, default)
+    if value is not None:
+        body[field] = min(value, to)
+
+
+def _valid(model: type[BaseModel], value: object) -> bool:
+    try:
+        model.model_validate(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _submittable(body: dict[str, Any]) -> None:
+    """A job within the pixel budget, with no webhook: a webhook's host must resolve to a public
+    address, and no host resolves where these tests run."""
+    if body.get("webhook") is not None and _valid(WebhookSpec, body["webhook"]):
+        del body["webhook"]
+    width = _valid_int(body, "width", 256, 1024, 512)
+    height = _valid_int(body, "height", 256, 1024, 512)
+    images = _valid_int(body, "num_images", 1, 8, 1)
+    if width and height and images and width * height * images > MAX_PIXELS:
+        body["num_images"] = MAX_PIXELS // (width * height)
+
+
+def _small_openai_render(body: dict[str, Any]) -> None:
+    size = body.get("size")
+    if size is None or (isinstance(size, str) and re.fullmatch(SIZE_PATTERN, size)):
+        body["size"] = f"{SMALL_SIDE}x{SMALL_SIDE}"
+    _shrink(body, "n", 1, 8, 1, 1)
+    _shrink(body, "num_inference_steps", 1, 150, 25, FEW_STEPS)
+
+
+def _small_a1111_render(body: dict[str, Any]) -> None:
+    for side in ("width", "height"):
+        if _valid_int(body, side, 256, 1024, 512) is not None:
+            body[side] = SMALL_SIDE
+    _shrink(body, "batch_size", 1, 8, 1, 1)
+    _shrink(body, "n_iter", 1, 8, 1, 1)
+    _shrink(body, "steps", 1, 150, 50, FEW_STEPS)
+
+
+_BY_PATH = {
+    "/v1/jobs": _submittable,
+    "/v1/images/generations": _small_openai_render,
+    "/sdapi/v1/txt2img": _small_a1111_render,
+}
+
+
+@schemathesis.hook
+def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    adjust = _BY_PATH.get(case.operation.path)
+    if (
+        adjust is not None
+        and case.operation.method.upper() == "POST"
+        and isinstance(case.body, dict)
+    ):
+        adjust(case.body)
