@@ -92,6 +92,7 @@ class JobOut(Answer):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     request: JobRequest
+    attempt: int = 1
     queue_position: int | None = None
     eta_s: float | None = None
     progress: Progress | None = None

@@ -8,7 +8,7 @@ from typing import Any
 from shared.jobstore import events_key
 from shared.queue import WORKERS_KEY
 from shared.schema import JobErrorType, JobRecord, JobStatus
-from tests.chaos.conftest import Cluster
+from tests.chaos.conftest import TERMINAL, Cluster
 from tests.support import Process, wait_until
 from worker.faults import FAIL_ADMISSION, FAIL_PROGRESS_WRITE, HANG_RENDER
 from worker.supervisor import EXIT_EXECUTOR_FAILED
@@ -63,8 +63,16 @@ def test_a_worker_killed_mid_burst_loses_no_job_stores_none_twice_and_its_old_me
         fresh.start_worker()
         job_ids = submitted.result()
 
-    records = fresh.wait_terminal(job_ids, 60 - (time.monotonic() - killed_at))
-    print(f"\n{len(job_ids)} jobs all ended {time.monotonic() - killed_at:.1f} s after the kill")
+    def lost_jobs_taken_up_again() -> bool:
+        records = fresh.records(sorted(lost))
+        return all(record.attempt > 1 or record.status in TERMINAL for record in records)
+
+    # The promise: what a dead worker held is back in line within a minute. How soon the whole
+    # burst is rendered after that depends on how loaded this machine is, so it gets longer.
+    wait_until(lost_jobs_taken_up_again, 60 - (time.monotonic() - killed_at), "a new attempt")
+    print(f"\nthe lost jobs had new attempts {time.monotonic() - killed_at:.1f} s after the kill")
+    records = fresh.wait_terminal(job_ids, 300)
+    print(f"{len(job_ids)} jobs all ended {time.monotonic() - killed_at:.1f} s after the kill")
     assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(job_ids)
     retried = {record.id for record in records if record.attempt > 1}
     # What the killed worker held went to another attempt (unless it finished as it was killed).
