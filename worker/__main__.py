@@ -5,6 +5,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 
 from celery.signals import worker_shutting_down
@@ -79,9 +80,12 @@ def main() -> int:
         settings.max_batch_images
     )
 
-    def warm_up() -> None:
-        renderer.warm_up(compiled_counts=compiled_counts, max_images=settings.max_batch_images)
-        log.info("warm-up renders done")
+    def warm_up() -> list[Callable[[], object]]:
+        left_for_idle_time = renderer.warm_up(
+            compiled_counts=compiled_counts, max_images=settings.max_batch_images
+        )
+        log.info("warm-up renders done; %d more run while no job waits", len(left_for_idle_time))
+        return left_for_idle_time
 
     faults = Faults(settings.debug_fail_prompt, settings.debug_faults)
     # A compiled UNet serves only the shapes it was warmed for, so it is always warmed.

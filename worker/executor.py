@@ -10,7 +10,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
@@ -22,6 +22,8 @@ from worker.pipeline import BatchKey, RenderBatch, RenderedImages, StepCallback,
 log = logging.getLogger(__name__)
 
 RenderFunction = Callable[[RenderBatch, StepCallback | None], RenderedImages]
+# Runs before the first job; may return work to do later, whenever no job is waiting.
+WarmUp = Callable[[], Iterable[Callable[[], object]] | None]
 
 
 class RenderCanceled(Exception):
@@ -95,7 +97,7 @@ class GpuExecutor:
         batch_wait_s: float = 0.0,
         key: Callable[[RenderBatch], BatchKey] = batch_key,
         stall_s: float = float("inf"),
-        warm_up: Callable[[], None] | None = None,
+        warm_up: WarmUp | None = None,
     ) -> None:
         self._render = render
         self._key = key
@@ -116,6 +118,9 @@ class GpuExecutor:
         # Done once `warm_up` has run on the executor's own thread: compiled code and CUDA graphs
         # belong to the thread that made them, so jobs must render on that same thread.
         self._ready: Future[None] = Future()
+        # What the warm-up left for idle time, and whether it is all done.
+        self._idle_work: deque[Callable[[], object]] = deque()
+        self._fully_warm = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(warm_up,), name="gpu-executor", daemon=True
         )
@@ -124,6 +129,10 @@ class GpuExecutor:
     def wait_ready(self, timeout: float | None = None) -> None:
         """Return once the warm-up is done; raise what it raised."""
         self._ready.result(timeout)
+
+    def wait_fully_warm(self, timeout: float | None = None) -> bool:
+        """Whether the warm-up work left for idle time was done within `timeout`."""
+        return self._fully_warm.wait(timeout)
 
     def submit(self, job: RenderJob) -> Future[RenderOutcome]:
         """The job's images, or RenderCanceled, NotAdmitted, HandedBack, or whatever the render
@@ -162,10 +171,10 @@ class GpuExecutor:
     def _show_life(self) -> None:
         self._busy_since_beat = time.monotonic()
 
-    def _run(self, warm_up: Callable[[], None] | None) -> None:
+    def _run(self, warm_up: WarmUp | None) -> None:
         try:
             if warm_up is not None:
-                warm_up()
+                self._idle_work.extend(warm_up() or ())
         except BaseException as exc:
             self._ready.set_exception(exc)
             return
@@ -195,7 +204,7 @@ class GpuExecutor:
             elif self._stopping:
                 return None
             else:
-                item = self._queue.get()
+                item = self._take_queued()
                 if item is None:
                     self._stopping = True
                     continue
@@ -204,6 +213,24 @@ class GpuExecutor:
             self._show_life()
             if self._admit(work):
                 return work
+
+    def _take_queued(self) -> _Work | None:
+        """The next item on the queue, waiting for one; meanwhile, while none is there, the work
+        the warm-up left for idle time runs, one piece at a time."""
+        while self._idle_work:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._show_life()
+            piece = self._idle_work.popleft()
+            try:
+                piece()
+            except Exception:
+                log.exception("a warm-up render in idle time failed; its shape warms on first use")
+            self._busy_since_beat = None
+        self._fully_warm.set()
+        return self._queue.get()
 
     def _admit(self, work: _Work) -> bool:
         """Start the job unless it was canceled while it waited, the executor is handing its

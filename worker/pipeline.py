@@ -1,5 +1,7 @@
 """The diffusers pipeline: load once, render batches. Knows nothing of Celery, Redis or S3."""
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -7,10 +9,12 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
+import diffusers
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -295,6 +299,8 @@ BatchKey = tuple[Any, ...]
 CHUNK_TOKENS = 75
 # Denoising steps of each warm-up render: CUDA graph trees warm up, record, then replay.
 WARM_UP_STEPS = 3
+# Beside the compiled kernels in the compile cache directory.
+RENDER_COSTS_FILE = "render-costs.json"
 
 
 def batch_key(batch: RenderBatch) -> BatchKey:
@@ -335,6 +341,7 @@ class DiffusionRenderer:
         self.render_costs: dict[tuple[int, int], dict[int, float]] = {}
         # Where the start-up time went: compiling each image count, timing every count.
         self.warm_up_seconds: dict[str, float] = {}
+        self._render_cost_cache: RenderCostCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -372,6 +379,7 @@ class DiffusionRenderer:
         if levers.compile and not self._unet.compiled:
             if compile_cache_dir is not None:
                 _use_persistent_compile_cache(compile_cache_dir)
+                self._render_cost_cache = RenderCostCache(compile_cache_dir / RENDER_COSTS_FILE)
             self._unet.compile(levers.cuda_graphs)
         self.levers = replace(levers, cuda_graphs=levers.compile and levers.cuda_graphs)
         log.info("speed levers: %s", self.levers)
@@ -502,14 +510,18 @@ class DiffusionRenderer:
         height: int = 512,
         compiled_counts: Iterable[int] = (1,),
         max_images: int = 1,
-    ) -> None:
+    ) -> list[Callable[[], object]]:
         """Renders so the first job pays no start-up cost. With a compiled UNet: compile (and
         record CUDA graphs) for each of `compiled_counts`, then time a render of every image
         count up to `max_images`, so a batch is padded only where that is faster. CUDA graphs
-        belong to the thread that records them: call this on the thread that will render."""
+        belong to the thread that records them: call this on the thread that will render.
+
+        Returns the renders left for idle time: when the timings are cached from an earlier start
+        on the same card, software and settings, the counts that are not compiled are warmed
+        (their first render selects kernels) only while no job waits."""
         if not self._unet.compiled:
             self.render(_warm_up_batch(1, width, height))
-            return
+            return []
         if self.levers.cuda_graphs:
             _cuda_graph_trees_on_this_thread()
         compiled = sorted(set(compiled_counts))
@@ -522,17 +534,51 @@ class DiffusionRenderer:
         finally:
             self._unet.warming = False
         self._compiled_counts[(width, height)] = set(compiled)
+        counts = range(1, max(max_images, *compiled) + 1)
+        fingerprint = self._warm_up_fingerprint(width, height, compiled, max_images)
+        cache = self._render_cost_cache
+        cached = cache.get(fingerprint) if cache is not None else None
+        if cached is not None and set(cached) == set(counts):
+            self.render_costs[(width, height)] = cached
+            log.info("warm-up render seconds by image count from %s: %s", cache, cached)
+            return [
+                partial(self.render, _warm_up_batch(count, width, height))
+                for count in counts
+                if count not in compiled
+            ]
         started = time.perf_counter()
         costs: dict[int, float] = {}
-        for count in sorted({*range(1, max(max_images, *compiled) + 1)}):
+        for count in counts:
             batch = _warm_up_batch(count, width, height)
             if count not in compiled:
                 self.render(batch)  # the first render of a shape pays for kernel selection
             costs[count] = self._timed_render(batch)
         self.render_costs[(width, height)] = costs
+        if cache is not None:
+            cache.put(fingerprint, costs)
         self.warm_up_seconds["time every count"] = time.perf_counter() - started
         log.info("warm-up render seconds by image count at %dx%d: %s", width, height, costs)
         log.info("warm-up phases in seconds: %s", self.warm_up_seconds)
+        return []
+
+    def _warm_up_fingerprint(
+        self, width: int, height: int, compiled: list[int], max_images: int
+    ) -> str:
+        """What the warm-up timings depend on: the card, the software, the model and levers."""
+        device = self.device
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        facts = {
+            "card": card,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "model": self.model_name,
+            "dtype": str(self.dtype),
+            "levers": asdict(self.levers),
+            "size": [width, height],
+            "compiled": compiled,
+            "max_images": max_images,
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
     def _timed_render(self, batch: RenderBatch) -> float:
         _synchronize(self.device)
@@ -540,6 +586,42 @@ class DiffusionRenderer:
         self.render(batch)
         _synchronize(self.device)
         return time.perf_counter() - started
+
+
+class RenderCostCache:
+    """Warm-up render timings kept beside the compile cache, by fingerprint, so a restart on the
+    same card skips timing every image count before it takes jobs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def _read(self) -> dict[str, dict[str, float]]:
+        try:
+            entries = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return entries if isinstance(entries, dict) else {}
+
+    def get(self, fingerprint: str) -> dict[int, float] | None:
+        entry = self._read().get(fingerprint)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return {int(count): float(seconds) for count, seconds in entry.items()}
+        except (TypeError, ValueError):
+            return None
+
+    def put(self, fingerprint: str, costs: dict[int, float]) -> None:
+        entries = self._read()
+        entries[fingerprint] = {str(count): seconds for count, seconds in costs.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole and renamed, so a worker starting beside this one never reads half a file.
+        partial_path = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        partial_path.write_text(json.dumps(entries, indent=1))
+        partial_path.replace(self.path)
 
 
 def _cuda_graph_trees_on_this_thread() -> None:

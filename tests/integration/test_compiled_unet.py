@@ -11,16 +11,24 @@ from torch._dynamo.utils import counters
 
 from tests.integration.test_batching import item, job
 from worker.executor import GpuExecutor, RenderJob
-from worker.pipeline import DiffusionRenderer, SpeedLevers
+from worker.pipeline import RENDER_COSTS_FILE, DiffusionRenderer, RenderCostCache, SpeedLevers
 
 SCHEDULERS = ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def compiled(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuExecutor]:
+def compiled_renderer(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> DiffusionRenderer:
     renderer = DiffusionRenderer.load("tiny", model_cache, "cpu")
     renderer.apply(SpeedLevers(compile=True), tmp_path_factory.mktemp("compiled") / "inductor")
+    return renderer
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_renderer: DiffusionRenderer) -> Iterator[GpuExecutor]:
+    renderer = compiled_renderer
     graphs_before = counters["stats"]["unique_graphs"]
     executor = GpuExecutor(
         renderer.render,
@@ -69,3 +77,35 @@ def test_shapes_not_warmed_render_eager_instead_of_compiling(compiled: GpuExecut
     for batch in [job(item(1), item(2), size=SIZE), job(item(3), size=SIZE + 8)]:
         images = compiled.submit(RenderJob(batch)).result(timeout=300).images
         assert len(images) == len(batch.items)
+
+
+def test_a_restart_with_cached_timings_leaves_the_counts_not_compiled_for_idle_time(
+    compiled: GpuExecutor, compiled_renderer: DiffusionRenderer
+) -> None:
+    renderer = compiled_renderer
+    timed = dict(renderer.render_costs[(SIZE, SIZE)])
+    assert set(timed) == {1, 2}
+    renderer.warm_up_seconds.clear()
+    # Another start on the same card, software and settings (here, the same process again).
+    left_for_idle_time = renderer.warm_up(SIZE, SIZE, compiled_counts=(1,), max_images=2)
+    assert "time every count" not in renderer.warm_up_seconds
+    assert renderer.render_costs[(SIZE, SIZE)] == timed
+    assert len(left_for_idle_time) == 1  # the first render of two images, not compiled
+    left_for_idle_time[0]()
+    # Another setting is another fingerprint: timed anew, nothing left for later.
+    assert renderer.warm_up(SIZE, SIZE, compiled_counts=(1,), max_images=3) == []
+    assert "time every count" in renderer.warm_up_seconds
+    assert set(renderer.render_costs[(SIZE, SIZE)]) == {1, 2, 3}
+
+
+def test_unreadable_cached_timings_are_timed_again(tmp_path: Path) -> None:
+    cache = RenderCostCache(tmp_path / RENDER_COSTS_FILE)
+    assert cache.get("card") is None
+    cache.put("card", {1: 0.5, 8: 1.5})
+    cache.put("other card", {1: 0.25})
+    assert cache.get("card") == {1: 0.5, 8: 1.5}
+    assert cache.get("other card") == {1: 0.25}
+    cache.path.write_text("{ half a file")
+    assert cache.get("card") is None
+    cache.path.write_text('{"card": {"1": "fast"}}')
+    assert cache.get("card") is None

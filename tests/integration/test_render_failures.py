@@ -4,7 +4,7 @@ memory, and a warm-up that must happen on the thread that renders. Real tiny pip
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -146,6 +146,41 @@ def test_the_warm_up_runs_on_the_thread_that_renders_before_any_job(
     assert [kind for kind, _ in threads] == ["warm-up", "render"]
     assert len({ident for _, ident in threads}) == 1
     assert threads[0][1] != threading.get_ident()
+
+
+def test_warm_up_work_left_for_idle_time_runs_only_while_no_job_waits(
+    renderer: DiffusionRenderer,
+) -> None:
+    order: list[str] = []
+    executor: GpuExecutor
+    constructed = threading.Event()
+
+    def render(batch: RenderBatch, on_step: StepCallback | None) -> RenderedImages:
+        order.append("job")
+        return renderer.render(batch, on_step)
+
+    def job_arrives() -> None:
+        order.append("idle 1")
+        executor.submit(RenderJob(job(item(1))))
+
+    def fails() -> None:
+        order.append("idle 2")
+        raise RuntimeError("a warm-up render failed")
+
+    def warm_up() -> list[Callable[[], object]]:
+        constructed.wait()  # the executor's thread starts its warm-up in the constructor
+        return [job_arrives, fails, lambda: order.append("idle 3")]
+
+    executor = GpuExecutor(render, warm_up=warm_up)
+    constructed.set()
+    try:
+        executor.wait_ready(timeout=60)
+        assert executor.wait_fully_warm(timeout=60)
+        # A failed piece of idle work leaves the executor taking jobs.
+        outcomes([executor.submit(RenderJob(job(item(2))))])
+    finally:
+        executor.shutdown()
+    assert order == ["idle 1", "job", "idle 2", "idle 3", "job"]
 
 
 def test_a_failed_warm_up_is_raised_to_whoever_waits_for_the_executor() -> None:
