@@ -67,11 +67,10 @@ def test_a_worker_killed_mid_burst_loses_no_job_stores_none_twice_and_its_old_me
         records = fresh.records(sorted(lost))
         return all(record.attempt > 1 or record.status in TERMINAL for record in records)
 
-    # The promise: what a dead worker held is back in line within a minute. How soon the whole
-    # burst is rendered after that depends on how loaded this machine is, so it gets longer.
+    # The promise: what a dead worker held is back in line at once, and the burst done in a minute.
     wait_until(lost_jobs_taken_up_again, 60 - (time.monotonic() - killed_at), "a new attempt")
     print(f"\nthe lost jobs had new attempts {time.monotonic() - killed_at:.1f} s after the kill")
-    records = fresh.wait_terminal(job_ids, 300)
+    records = fresh.wait_terminal(job_ids, 60 - (time.monotonic() - killed_at))
     print(f"{len(job_ids)} jobs all ended {time.monotonic() - killed_at:.1f} s after the kill")
     assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(job_ids)
     retried = {record.id for record in records if record.attempt > 1}
