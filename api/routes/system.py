@@ -34,7 +34,7 @@ def health() -> dict[str, str]:
 @router.get(
     "/ready",
     summary="Redis and storage reachable and a worker alive",
-    responses=error_responses(503),
+    responses=error_responses(422, 503),
 )
 def ready(
     services: ServicesDep,
