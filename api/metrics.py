@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.openapi import error_responses
 from shared.jobstore import QUEUE_KEY
 from shared.queue import live_workers
 
@@ -123,7 +124,12 @@ def _exposition(queue: QueueCollector) -> bytes:
 def metrics_router(queue: QueueCollector) -> APIRouter:
     router = APIRouter(tags=["system"])
 
-    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses=error_responses(),
+    )
     async def metrics(request: Request) -> Response:
         body = await run_in_threadpool(_exposition, queue)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
