@@ -70,7 +70,7 @@ async def generate(
             f"the job did not finish within {services.api.sync_wait_s:g} s; it was canceled",
             {"job_id": record.id},
         )
-    final = await run_in_threadpool(services.store.get, record.id)
+    final = await services.jobs.get(record.id)
     if final is None or final.status is not JobStatus.SUCCEEDED:
         raise _unfinished(record.id, final)
     return Finished(final, submission.rate_limit)

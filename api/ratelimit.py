@@ -3,7 +3,7 @@
 import math
 from dataclasses import dataclass
 
-from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 # KEYS: the bucket. ARGV: capacity, tokens per second. Returns {allowed, tokens left as a string}.
 _TAKE = """
@@ -45,13 +45,13 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: AsyncRedis) -> None:
         self._take = redis.register_script(_TAKE)
 
-    def take(self, key_id: str, per_minute: int) -> Decision:
+    async def take(self, key_id: str, per_minute: int) -> Decision:
         """Spend one token of the key's bucket: `per_minute` deep, refilled over a minute."""
         rate = per_minute / 60
-        allowed, left = self._take(keys=[f"t2i:ratelimit:{key_id}"], args=[per_minute, rate])
+        allowed, left = await self._take(keys=[f"t2i:ratelimit:{key_id}"], args=[per_minute, rate])
         tokens = float(left)
         return Decision(
             allowed=bool(allowed),
