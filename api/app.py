@@ -15,7 +15,6 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import HttpMetrics, QueueCollector, metrics_router
 from api.openapi import install_openapi, operation_id
-from api.ratelimit import RateLimiter
 from api.routes import a1111, jobs, openai, system, webhooks
 from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore, CachedKeys
@@ -55,7 +54,6 @@ def create_app() -> FastAPI:
         jobs=AsyncJobStore(async_redis, core.retention_s, core.worker_heartbeat_max_age_s),
         keys=ApiKeyStore(redis),
         cached_keys=CachedKeys(async_redis, api.auth_cache_s),
-        rate_limiter=RateLimiter(async_redis),
         webhooks=hooks,
         storage=storage,
         celery=celery,

@@ -12,11 +12,11 @@ from fastapi.routing import APIRoute
 from api.deps import Services
 from api.errors import as_service_error
 from api.events import wait_until_terminal
-from api.ratelimit import Decision
 from api.routes.jobs import cancel, submit
 from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
 from shared.queue import worker_model
+from shared.ratelimit import Decision
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 
 

@@ -15,7 +15,6 @@ from fastapi.security import (
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from api.ratelimit import RateLimiter
 from shared.apikeys import ApiKey, ApiKeyStore, CachedKeys
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import AsyncJobStore, JobStore, JobView
@@ -42,7 +41,6 @@ class Services:
     jobs: AsyncJobStore
     keys: ApiKeyStore
     cached_keys: CachedKeys
-    rate_limiter: RateLimiter
     webhooks: Webhooks
     storage: LocalStorage | S3Storage
     celery: Celery

@@ -16,8 +16,10 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import NoScriptError
 
 from shared.queue import WORKERS_KEY
+from shared.ratelimit import TAKE_TOKEN_LUA, bucket_key
 from shared.schema import (
     ALLOWED_TRANSITIONS,
     GenerationRequest,
@@ -79,20 +81,28 @@ end
 """
 
 # KEYS: job, events, queue, owner's index, retention, sequence, idempotency key, dispatched,
-# owner's queued index, broker queue. ARGV: job id, created (epoch s), retention s, idempotency
-# value ('' for none), idempotency TTL, event data, max queue depth, retention member, the
-# job's broker message ('' to send it separately), then field/value pairs.
-# Returns {1, seq}, {0, existing idempotency value}, or {-1, depth} when the queue is full.
+# owner's queued index, broker queue, the owner's rate-limit bucket. ARGV: job id, created
+# (epoch s), retention s, idempotency value ('' for none), idempotency TTL, event data, max queue
+# depth, retention member, the job's broker message ('' to send it separately), the bucket's
+# capacity (0: no limit) and tokens per second, then field/value pairs.
+# Returns {1, seq, tokens}, {0, existing idempotency value, tokens}, {-1, depth, tokens} when the
+# queue is full, or {-2, 0, tokens} when the bucket is empty (tokens: left in the bucket).
 _CREATE = """
+local tokens = ''
+if tonumber(ARGV[10]) > 0 then
+  local allowed, left = take_token(KEYS[11], tonumber(ARGV[10]), tonumber(ARGV[11]))
+  tokens = tostring(left)
+  if allowed == 0 then return {-2, 0, tokens} end
+end
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[7])
-  if existing then return {0, existing} end
+  if existing then return {0, existing, tokens} end
 end
 local depth = redis.call('ZCARD', KEYS[3])
-if depth >= tonumber(ARGV[7]) then return {-1, depth} end
+if depth >= tonumber(ARGV[7]) then return {-1, depth, tokens} end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
 local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], unpack(ARGV, 10))
+redis.call('HSET', KEYS[1], unpack(ARGV, 12))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
@@ -102,7 +112,7 @@ redis.call('ZADD', KEYS[5], ARGV[2], ARGV[8])
 append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
 -- The broker's Redis transport takes a message as a push onto the queue's list.
 if ARGV[9] ~= '' then redis.call('LPUSH', KEYS[10], ARGV[9]) end
-return {1, seq}
+return {1, seq, tokens}
 """
 
 # KEYS: job, events, queue, leases, dispatched. ARGV: job id, event type, event data,
@@ -310,12 +320,29 @@ class Created:
     created: bool
     job_id: str
     fingerprint: str
+    # Left in the caller's bucket, when a rate limit was spent.
+    tokens_left: float | None = None
 
 
 class QueueFull(Exception):
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, tokens_left: float | None = None) -> None:
         super().__init__(f"{depth} jobs are queued")
         self.depth = depth
+        self.tokens_left = tokens_left
+
+
+class RateLimited(Exception):
+    def __init__(self, tokens_left: float) -> None:
+        super().__init__(f"{tokens_left} tokens left")
+        self.tokens_left = tokens_left
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The caller's token bucket, spent by the script that creates its job."""
+
+    key_id: str
+    per_minute: int
 
 
 @dataclass(frozen=True)
@@ -386,6 +413,7 @@ class _CreateCall:
         retention_s: int,
         broker_queue: str = "",
         message: str = "",
+        rate_limit: RateLimit | None = None,
     ) -> "_CreateCall":
         fingerprint = fingerprint or request_fingerprint(record.request)
         claim = json.dumps({"job_id": record.id, "fingerprint": fingerprint})
@@ -400,6 +428,7 @@ class _CreateCall:
             DISPATCHED_KEY,
             status_index_key(record.owner, JobStatus.QUEUED),
             broker_queue or QUEUE_KEY,
+            bucket_key(rate_limit.key_id if rate_limit else "-"),
         ]
         args = [
             record.id,
@@ -411,18 +440,23 @@ class _CreateCall:
             max_queue_depth,
             _retention_member(record.owner, record.id),
             message,
+            rate_limit.per_minute if rate_limit else 0,
+            rate_limit.per_minute / 60 if rate_limit else 0,
             *_encode_fields(record.model_dump(mode="json")),
         ]
         return cls(keys, args, record.id, fingerprint)
 
     def outcome(self, reply: list[Any]) -> Created:
-        outcome, value = reply
+        outcome, value, left = reply
+        tokens = float(left) if left else None
+        if outcome == -2:
+            raise RateLimited(float(left))
         if outcome == -1:
-            raise QueueFull(int(value))
+            raise QueueFull(int(value), tokens)
         if outcome == 1:
-            return Created(True, self.job_id, self.fingerprint)
+            return Created(True, self.job_id, self.fingerprint, tokens)
         earlier = json.loads(value)
-        return Created(False, earlier["job_id"], earlier["fingerprint"])
+        return Created(False, earlier["job_id"], earlier["fingerprint"], tokens)
 
 
 class JobStore:
@@ -431,7 +465,7 @@ class JobStore:
     def __init__(self, redis: Redis, retention_s: int) -> None:
         self._redis = redis
         self.retention_s = retention_s
-        self._create = redis.register_script(_script(_CREATE))
+        self._create = redis.register_script(_script(TAKE_TOKEN_LUA + _CREATE))
         self._cas = redis.register_script(_script(_COMPARE_AND_SET))
         self._reserve = redis.register_script(_RESERVE)
         self._renew = redis.register_script(_RENEW)
@@ -616,6 +650,9 @@ class JobStore:
         """How many queued jobs are ahead of this one; None once it has left the queue."""
         return self._redis.zrank(QUEUE_KEY, job_id)
 
+    def queue_depth(self) -> int:
+        return self._redis.zcard(QUEUE_KEY)
+
     def oldest_queued(self, count: int) -> list[str]:
         return [member.decode() for member in self._redis.zrange(QUEUE_KEY, 0, count - 1)]
 
@@ -668,13 +705,15 @@ class JobView:
 
 class AsyncJobStore:
     """The gateway's request path: creates and reads jobs without leaving the event loop, each in
-    one or two round trips."""
+    one round trip."""
 
     def __init__(self, redis: AsyncRedis, retention_s: int, worker_max_age_s: float) -> None:
         self._redis = redis
         self.retention_s = retention_s
         self._worker_max_age_s = worker_max_age_s
-        self._create = redis.register_script(_script(_CREATE))
+        self._create_script = _script(TAKE_TOKEN_LUA + _CREATE)
+        # Loaded once, not checked before every call as redis-py's pipelined scripts are.
+        self._create_sha: str | None = None
 
     async def create(
         self,
@@ -684,9 +723,11 @@ class AsyncJobStore:
         max_queue_depth: int,
         broker_queue: str,
         message: str,
+        rate_limit: RateLimit,
     ) -> tuple[Created, JobView | None]:
-        """Store a new queued job and push its broker `message` in one script; in the same round
-        trip, what its answer shows (None unless it was created). Raises QueueFull."""
+        """Spend a token of the caller's bucket, store a new queued job and push its broker
+        `message`, all in one script; in the same round trip, what its answer shows (None unless
+        it was created). Raises RateLimited or QueueFull."""
         call = _CreateCall.of(
             record,
             idempotency_key,
@@ -695,18 +736,31 @@ class AsyncJobStore:
             self.retention_s,
             broker_queue,
             message,
+            rate_limit,
         )
-        async with self._redis.pipeline(transaction=False) as pipe:
-            await self._create(keys=call.keys, args=call.args, client=pipe)
-            pipe.zrank(QUEUE_KEY, record.id)
-            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
-            replies = await pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
+        replies = await self._create_and_read(call)
+        if replies is None:
+            # Redis lost its scripts (a restart, a failover): load it again, once.
+            self._create_sha = None
+            replies = await self._create_and_read(call)
+        if replies is None or isinstance(replies[0], Exception):
+            raise replies[0] if replies else NoScriptError("the create script is not loaded")
         created = call.outcome(replies[0])
         if not created.created:
             return created, None
         return created, JobView(record, replies[1], QueueRates.decode(replies))
+
+    async def _create_and_read(self, call: "_CreateCall") -> list[Any] | None:
+        """The create script's reply, the job's queue position and the queue's rates; None when
+        Redis does not know the script."""
+        if self._create_sha is None:
+            self._create_sha = await self._redis.script_load(self._create_script)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._create_sha, len(call.keys), *call.keys, *call.args)
+            pipe.zrank(QUEUE_KEY, call.job_id)
+            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            replies = await pipe.execute(raise_on_error=False)
+        return None if isinstance(replies[0], NoScriptError) else replies
 
     async def read(self, job_id: str) -> JobView | None:
         """The job, its queue position and the queue's rates, in one round trip."""
@@ -780,8 +834,9 @@ def _retention_member(owner: str | None, job_id: str) -> str:
 
 
 def _decode(raw: dict[bytes, bytes]) -> JobRecord:
-    decoded = {
-        name.decode(): value.decode() if name == b"status" else json.loads(value)
+    # Each field but the status is stored as JSON: the record is one JSON document, parsed once.
+    fields = b",".join(
+        b'"%s":"%s"' % (name, value) if name == b"status" else b'"%s":%s' % (name, value)
         for name, value in raw.items()
-    }
-    return JobRecord.model_validate(decoded)
+    )
+    return JobRecord.model_validate_json(b"{" + fields + b"}")

@@ -76,7 +76,15 @@ def render_message(app: Celery, queue: str, job_id: str, attempt: int) -> str:
     task_id = str(uuid.uuid4())
     kwargs = {"job_id": job_id, "attempt": attempt}
     task = app.amqp.as_task_v2(
-        task_id, RENDER_TASK, args=(), kwargs=kwargs, origin=_ORIGIN, ignore_result=None
+        task_id,
+        RENDER_TASK,
+        args=(),
+        kwargs=kwargs,
+        origin=_ORIGIN,
+        ignore_result=None,
+        # Given, so Celery does not build them with its (slow) safe repr.
+        argsrepr="()",
+        kwargsrepr=repr(kwargs),
     )
     body = json.dumps(task.body).encode()
     return json.dumps(

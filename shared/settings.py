@@ -133,6 +133,9 @@ class WorkerSettings(_T2ISettings):
     device: str = "auto"
     # Unset: the largest batch, so a worker holds about one batch and leaves the rest to others.
     concurrency: int | None = Field(default=None, ge=1, le=256)
+    # CPU threads torch uses for one render; unset: torch's default (every core). Several
+    # workers on one machine's CPUs each take their share.
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
     max_batch_images: int = Field(default=8, ge=1, le=64)
     # 0: an idle GPU starts a job at once; jobs that arrive while it renders form the next batch.
     batch_wait_ms: float = Field(default=0.0, ge=0, le=5000)

@@ -16,19 +16,21 @@ from api.events import wait_until_terminal
 from api.jobview import job_out, view_out
 from api.metrics import JOBS_SUBMITTED
 from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
-from api.ratelimit import Decision
 from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import (
     CasResult,
     JobView,
     QueueFull,
+    RateLimit,
+    RateLimited,
     new_job_id,
     request_fingerprint,
     utc_now,
 )
 from shared.metrics import count_finished
 from shared.queue import render_message
+from shared.ratelimit import Decision
 from shared.schema import (
     CONTENT_TYPES,
     MAX_SEED,
@@ -148,14 +150,15 @@ async def submit(
     if generation.webhook is not None:
         # It may resolve the host name: off the event loop.
         await run_in_threadpool(_check_webhook, generation, services)
-    decision = await services.rate_limiter.take(caller.id, caller.rate_limit_per_min)
-    if not decision.allowed:
-        raise _rate_limited(decision)
+    per_minute = caller.rate_limit_per_min
     try:
-        view, created = await _enqueue(services, caller, generation, idempotency_key)
+        view, created, tokens_left = await _enqueue(services, caller, generation, idempotency_key)
+    except RateLimited as limited:
+        raise _rate_limited(Decision.of(False, limited.tokens_left, per_minute)) from limited
     except QueueFull as full:
+        decision = Decision.of(True, full.tokens_left or 0.0, per_minute)
         raise await _queue_full(services, full.depth, decision) from full
-    return Submission(view, created, decision)
+    return Submission(view, created, Decision.of(True, tokens_left, per_minute))
 
 
 def cancel(services: Services, record: JobRecord) -> CasResult:
@@ -170,8 +173,9 @@ def cancel(services: Services, record: JobRecord) -> CasResult:
 
 async def _enqueue(
     services: Services, caller: ApiKey, generation: GenerationRequest, idempotency_key: str | None
-) -> tuple[JobView, bool]:
-    """Create the job with its broker message (or find the one this idempotency key made)."""
+) -> tuple[JobView, bool, float]:
+    """Spend a token, create the job with its broker message (or find the one this idempotency
+    key made): the job, whether it is new, and the tokens left in the caller's bucket."""
     resolved = generation
     if generation.seed is None:
         resolved = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
@@ -192,7 +196,9 @@ async def _enqueue(
         services.api.max_queue_depth,
         queue,
         render_message(services.celery, queue, record.id, record.attempt),
+        RateLimit(caller.id, caller.rate_limit_per_min),
     )
+    tokens_left = created.tokens_left or 0.0
     if view is None:
         if created.fingerprint != fingerprint:
             raise ServiceError(
@@ -206,10 +212,10 @@ async def _enqueue(
             assert idempotency_key is not None
             await services.jobs.forget_idempotency_key(caller.id, idempotency_key)
             return await _enqueue(services, caller, generation, idempotency_key)
-        return earlier, False
+        return earlier, False, tokens_left
     JOBS_SUBMITTED.inc()
     log.info("job %s queued", record.id, extra={"job_id": record.id})
-    return view, True
+    return view, True, tokens_left
 
 
 @router.post(
@@ -279,16 +285,15 @@ async def list_jobs(
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,19}$")] = None,
-) -> JobList:
+) -> Response:
     page = await services.jobs.page(caller.id, limit, cursor, status_filter)
     base_url = services.base_url(request)
-    return JobList(
-        data=[
-            view_out(view, services, base_url)
-            for view in await services.jobs.queue_views(page.jobs)
-        ],
-        next_cursor=page.next_cursor,
+    views = await services.jobs.queue_views(page.jobs)
+    listing = JobList(
+        data=[view_out(view, services, base_url) for view in views], next_cursor=page.next_cursor
     )
+    # Serialized once, here: the response model would validate every job again.
+    return Response(listing.model_dump_json(), media_type="application/json")
 
 
 @router.get(

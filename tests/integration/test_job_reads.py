@@ -15,6 +15,7 @@ from shared.jobstore import (
     AsyncJobStore,
     JobPage,
     JobStore,
+    RateLimit,
     events_key,
     job_key,
     new_job_id,
@@ -160,7 +161,8 @@ def test_the_created_jobs_message_is_the_one_celery_would_publish(redis_client: 
     async def create() -> None:
         store = _async_store(redis_client)
         fingerprint = request_fingerprint(record.request)
-        await store.create(record, None, fingerprint, 100, "renders", message)
+        limit = RateLimit(OWNER, per_minute=60)
+        await store.create(record, None, fingerprint, 100, "renders", message, limit)
 
     asyncio.run(create())
     ours = _pushed(redis_client, "renders")

@@ -232,7 +232,8 @@ def test_keys_cli_creates_lists_and_revokes(local_stack: Stack) -> None:
     revoked = _cli(local_stack, "revoke", key_id)
     again = _cli(local_stack, "revoke", key_id)
     with local_stack.client(new_key) as client:
-        assert client.get("/v1/jobs").status_code == 401
+        # Within T2I_AUTH_CACHE_S (5 s), plus a loaded machine's slack.
+        wait_until(lambda: client.get("/v1/jobs").status_code == 401, 30, "the key to be refused")
     assert revoked.returncode == 0 and again.returncode == 1
     assert again.stderr.startswith("txt2img-keys: error:") and "Traceback" not in again.stderr
 
