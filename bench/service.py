@@ -161,7 +161,8 @@ async def _load(
                 raise RuntimeError(f"{response.status_code}: {response.text}")
 
     async with _client(cluster, concurrency) as client:
-        await request(client)  # connections and the key's cache warm
+        # Connections (client to API, API to Redis) and the key's cache warm at this concurrency.
+        await asyncio.gather(*(request(client) for _ in range(concurrency)))
         gateway_before = _tree_cpu_s(cluster.api.popen.pid)  # type: ignore[union-attr]
         own_before = time.process_time()
         started = time.perf_counter()
@@ -193,9 +194,9 @@ async def gateway(cluster: Cluster, requests: int) -> dict[str, Any]:
         submit = await _load(
             cluster, concurrency, total, lambda c: c.post("/v1/jobs", json=QUICK_JOB)
         )
-        # The warm-up request and this INFO call are counted too: at most two per level.
+        # Counted inside scripts too; the warm-up requests are among them.
         submit["redis_commands_per_request"] = round(
-            (_redis_commands(cluster.redis()) - before) / (total + 1), 2
+            (_redis_commands(cluster.redis()) - before) / (total + concurrency), 2
         )
         figures[f"c{concurrency}"] = {
             "health": health,
@@ -352,12 +353,17 @@ async def worker_scaling(cluster: Cluster, jobs: int, counts: list[int]) -> dict
     for count in counts:
         cluster.add_workers(count - len(cluster.workers))
         own_before = time.process_time()
+        workers_before = sum(_tree_cpu_s(w.popen.pid) for w in cluster.workers)  # type: ignore[union-attr]
         async with _client(cluster, 8) as client:
             submitted = await asyncio.gather(
                 *(client.post("/v1/jobs", json=SCALING_JOB) for _ in range(jobs))
             )
             finished = await _wait_all(client, [answer.json()["id"] for answer in submitted])
         own_cpu = time.process_time() - own_before
+        workers_cpu = (
+            sum(_tree_cpu_s(w.popen.pid) for w in cluster.workers)  # type: ignore[union-attr]
+            - workers_before
+        )
         if any(job["status"] != "succeeded" for job in finished):
             raise RuntimeError("a scaling job did not succeed")
         first = min(datetime.fromisoformat(job["started_at"]) for job in finished)
@@ -368,6 +374,11 @@ async def worker_scaling(cluster: Cluster, jobs: int, counts: list[int]) -> dict
             "images_per_s": round(jobs / span, 3),
             "span_s": round(span, 3),
             "load_generator_cpu_s": round(own_cpu, 3),
+            # What the workers spent per image, and how much of a core each one got: on a
+            # machine shared with other work, the cores two workers need may not be free.
+            "worker_cpu_s_per_image": round(workers_cpu / jobs, 3),
+            "cores_used_per_worker": round(workers_cpu / span / count, 2),
+            "load_average_1m": round(psutil.getloadavg()[0], 2),
         }
     base = figures[f"workers_{counts[0]}"]["images_per_s"]
     for count in counts[1:]:

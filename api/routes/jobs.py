@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
 from api.deps import CallerDep, Services, ServicesDep
 from api.events import wait_until_terminal
@@ -254,7 +253,7 @@ async def create_job(
     prefer: Annotated[
         str | None, Header(description="`wait=N` holds the answer up to N s (at most 60)")
     ] = None,
-) -> JSONResponse:
+) -> Response:
     submission = await submit(services, caller, generation, idempotency_key)
     view, created = submission.view, submission.created
     record = view.record
@@ -269,7 +268,7 @@ async def create_job(
     body = view_out(view, services, services.base_url(request))
     finished = view.record.status.is_terminal
     code = status.HTTP_200_OK if finished or not created else status.HTTP_202_ACCEPTED
-    return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
+    return Response(body.model_dump_json(), code, headers, media_type="application/json")
 
 
 @router.get(
