@@ -21,7 +21,17 @@ import psutil
 from redis import Redis
 
 from shared.apikeys import ApiKeyStore
-from shared.jobstore import JobStore, events_key, new_job_id, utc_now
+from shared.jobstore import (
+    FINISHED_EVENTS_TTL_S,
+    RETENTION_KEY,
+    JobStore,
+    events_key,
+    index_key,
+    job_key,
+    new_job_id,
+    status_index_key,
+    utc_now,
+)
 from shared.queue import WORKERS_KEY
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from tests.support import REPO_ROOT, Process, free_port, service_env, start_redis, wait_until
@@ -201,6 +211,7 @@ async def gateway(cluster: Cluster, requests: int) -> dict[str, Any]:
         figures[f"c{concurrency}"] = {
             "health": health,
             "submit": submit,
+            "load_average_1m": round(psutil.getloadavg()[0], 2),
             "submit_vs_health_cpu": round(
                 submit["gateway_cpu_ms_per_request"] / health["gateway_cpu_ms_per_request"], 2
             ),
@@ -223,16 +234,19 @@ def _fill_queue(cluster: Cluster, store: JobStore, target: int) -> None:
         store.create(record)
 
 
-async def _timed(client: httpx.AsyncClient, path: str, times: int) -> dict[str, float]:
-    latencies = []
-    for _ in range(times):
-        started = time.perf_counter()
-        (await client.get(path)).raise_for_status()
-        latencies.append(time.perf_counter() - started)
-    return {
-        "p50_ms": _ms(statistics.median(latencies)),
-        "p95_ms": _ms(_percentile(latencies, 0.95)),
-    }
+def _latency(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": _ms(statistics.median(samples)), "p95_ms": _ms(_percentile(samples, 0.95))}
+
+
+async def _interleaved(client: httpx.AsyncClient, paths: list[str], rounds: int) -> list[dict]:
+    """Each path once per round, in turn, so a busy moment of the machine weighs on all alike."""
+    samples: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for path, latencies in zip(paths, samples, strict=True):
+            started = time.perf_counter()
+            (await client.get(path)).raise_for_status()
+            latencies.append(time.perf_counter() - started)
+    return [_latency(latencies) for latencies in samples]
 
 
 async def _walk(client: httpx.AsyncClient, params: dict[str, Any]) -> dict[str, int]:
@@ -280,9 +294,11 @@ async def reads(cluster: Cluster) -> dict[str, Any]:
         for depth in (0, 1000, 10000):
             _fill_queue(cluster, store, depth)
             newest = (await client.get("/v1/jobs", params={"limit": 1})).json()["data"][0]["id"]
-            one = await _timed(client, f"/v1/jobs/{newest}", 200)
-            queued = await _timed(client, "/v1/jobs?status=queued&limit=100", 40)
-            listing = await _timed(client, "/v1/jobs?limit=100", 40)
+            one, queued, listing = await _interleaved(
+                client,
+                [f"/v1/jobs/{newest}", "/v1/jobs?status=queued&limit=100", "/v1/jobs?limit=100"],
+                rounds=100,
+            )
             figures[f"queued_{depth}"] = {
                 "get_one_job": one,
                 "list_100_queued": queued,
@@ -312,9 +328,12 @@ def _overheads(jobs: list[tuple[float, dict[str, Any]]]) -> list[float]:
     return [elapsed - job["timings"]["render_s"] for elapsed, job in jobs]
 
 
-async def _submit_and_wait(client: httpx.AsyncClient) -> tuple[float, dict[str, Any]]:
+async def _submit_and_wait(
+    client: httpx.AsyncClient, output_format: str = "png"
+) -> tuple[float, dict[str, Any]]:
     started = time.perf_counter()
-    response = await client.post("/v1/jobs", json=QUICK_JOB, headers={"Prefer": "wait=60"})
+    job = {**QUICK_JOB, "output_format": output_format}
+    response = await client.post("/v1/jobs", json=job, headers={"Prefer": "wait=60"})
     elapsed = time.perf_counter() - started
     job = response.json()
     if job["status"] != "succeeded":
@@ -327,16 +346,26 @@ async def end_to_end(cluster: Cluster, sequential: int, burst: int) -> dict[str,
     async with _client(cluster, burst) as client:
         await _submit_and_wait(client)
         one_by_one = [await _submit_and_wait(client) for _ in range(sequential)]
+        as_jpeg = [await _submit_and_wait(client, "jpeg") for _ in range(sequential)]
         started = time.perf_counter()
         together = await asyncio.gather(*(_submit_and_wait(client) for _ in range(burst)))
         wall = time.perf_counter() - started
     sequential_overheads = _overheads(one_by_one)
+    queued = [job["timings"]["queued_s"] for _, job in one_by_one]
+    stored = [job["timings"]["upload_s"] for _, job in one_by_one]
     calls = {job["batch"]["id"]: job["timings"]["render_s"] for _, job in together}
     return {
         "c1_jobs": sequential,
         "c1_overhead_p50_ms": _ms(statistics.median(sequential_overheads)),
         "c1_overhead_p95_ms": _ms(_percentile(sequential_overheads, 0.95)),
         "c1_render_p50_ms": _ms(statistics.median(j["timings"]["render_s"] for _, j in one_by_one)),
+        # Where the overhead goes: from the POST until the device took the job, and encoding
+        # (PNG) and storing its image; the rest is the API's and the worker's own handling.
+        "c1_until_admitted_p50_ms": _ms(statistics.median(queued)),
+        "c1_encode_and_store_p50_ms": _ms(statistics.median(stored)),
+        # The same with JPEG, which encodes a (noise) image far faster than PNG.
+        "c1_jpeg_overhead_p50_ms": _ms(statistics.median(_overheads(as_jpeg))),
+        "load_average_1m": round(psutil.getloadavg()[0], 2),
         "burst_jobs": burst,
         "burst_wall_s": round(wall, 3),
         "burst_pipeline_calls": len(calls),
@@ -388,26 +417,38 @@ async def worker_scaling(cluster: Cluster, jobs: int, counts: list[int]) -> dict
     return figures
 
 
+def _key_bytes(redis: Redis, keys: list[str]) -> int:
+    return sum(redis.memory_usage(key, samples=0) or 0 for key in keys)
+
+
 async def redis_bytes(cluster: Cluster, jobs: int) -> dict[str, Any]:
-    """Redis memory per finished job: while its events are kept for late resumes, and after."""
+    """Redis memory per finished job, key by key (MEMORY USAGE): its record, its share of the
+    indexes, and its events while they are kept for late resumes."""
     redis = cluster.redis()
-    before = redis.info("memory")["used_memory"]
+    owner = cluster.owner()
+    shared = [
+        index_key(owner),
+        *(status_index_key(owner, status) for status in JobStatus),
+        RETENTION_KEY,
+    ]
+    shared_before = _key_bytes(redis, shared)
     async with _client(cluster, 8) as client:
         submitted = await asyncio.gather(
             *(client.post("/v1/jobs", json=QUICK_JOB) for _ in range(jobs))
         )
         ids = [answer.json()["id"] for answer in submitted]
         await _wait_all(client, ids)
-    with_events = redis.info("memory")["used_memory"]
-    stream_bytes = sum(redis.memory_usage(events_key(job_id), samples=0) or 0 for job_id in ids)
-    # What the events' expiry does, without waiting for it.
-    redis.delete(*(events_key(job_id) for job_id in ids))
-    after = redis.info("memory")["used_memory"]
+    records = _key_bytes(redis, [job_key(job_id) for job_id in ids])
+    indexes = _key_bytes(redis, shared) - shared_before
+    streams = _key_bytes(redis, [events_key(job_id) for job_id in ids])
     return {
         "jobs": jobs,
-        "bytes_per_job_while_events_kept": round((with_events - before) / jobs),
-        "event_stream_bytes_per_job": round(stream_bytes / jobs),
-        "bytes_per_finished_job": round((after - before) / jobs),
+        "record_bytes_per_job": round(records / jobs),
+        "index_bytes_per_job": round(indexes / jobs),
+        "event_stream_bytes_per_job": round(streams / jobs),
+        "bytes_per_job_while_events_kept": round((records + indexes + streams) / jobs),
+        "bytes_per_finished_job": round((records + indexes) / jobs),
+        "event_stream_ttl_after_finish_s": FINISHED_EVENTS_TTL_S,
     }
 
 
