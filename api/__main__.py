@@ -25,7 +25,7 @@ def main() -> None:
             factory=True,
             host=settings.host,
             port=settings.port,
-            workers=settings.api_processes,
+            workers=settings.processes,
             http=CappedHeadProtocol,
             log_config=logging_config(logs),
             access_log=logs.access_log,

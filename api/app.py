@@ -15,12 +15,11 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import HttpMetrics, QueueCollector, metrics_router
 from api.openapi import install_openapi, operation_id
-from api.ratelimit import RateLimiter
 from api.routes import a1111, jobs, openai, system, webhooks
 from api.sweeper import run_reaper, run_sweeper
-from shared.apikeys import ApiKeyStore
+from shared.apikeys import ApiKeyStore, CachedKeys
 from shared.info import SERVICE_VERSION
-from shared.jobstore import JobStore
+from shared.jobstore import AsyncJobStore, JobStore
 from shared.queue import make_celery, make_redis, send_render
 from shared.recovery import Reaper
 from shared.settings import api_settings, core_settings, storage_settings, webhook_settings
@@ -38,21 +37,23 @@ def create_app() -> FastAPI:
     store = JobStore(redis, core.retention_s)
     storage = make_storage(storage_config)
     hooks = Webhooks(redis, celery, hooks_config, core.retention_s)
+    async_redis = AsyncRedis.from_url(
+        core.redis_url,
+        socket_connect_timeout=core.redis_timeout_s,
+        # Above the longest blocking read (a one-second XREAD), so only a dead Redis times out.
+        socket_timeout=core.redis_timeout_s + 1,
+    )
     services = Services(
         core=core,
         api=api,
         storage_settings=storage_config,
         webhook_settings=hooks_config,
         redis=redis,
-        async_redis=AsyncRedis.from_url(
-            core.redis_url,
-            socket_connect_timeout=core.redis_timeout_s,
-            # Above the longest blocking read (a one-second XREAD), so only a dead Redis times out.
-            socket_timeout=core.redis_timeout_s + 1,
-        ),
+        async_redis=async_redis,
         store=store,
+        jobs=AsyncJobStore(async_redis, core.retention_s, core.worker_heartbeat_max_age_s),
         keys=ApiKeyStore(redis),
-        rate_limiter=RateLimiter(redis),
+        cached_keys=CachedKeys(async_redis, api.auth_cache_s),
         webhooks=hooks,
         storage=storage,
         celery=celery,

@@ -12,11 +12,11 @@ from fastapi.routing import APIRoute
 from api.deps import Services
 from api.errors import as_service_error
 from api.events import wait_until_terminal
-from api.ratelimit import Decision
 from api.routes.jobs import cancel, submit
 from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
 from shared.queue import worker_model
+from shared.ratelimit import Decision
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 
 
@@ -70,7 +70,7 @@ async def generate(
             f"the job did not finish within {services.api.sync_wait_s:g} s; it was canceled",
             {"job_id": record.id},
         )
-    final = await run_in_threadpool(services.store.get, record.id)
+    final = await services.jobs.get(record.id)
     if final is None or final.status is not JobStatus.SUCCEEDED:
         raise _unfinished(record.id, final)
     return Finished(final, submission.rate_limit)

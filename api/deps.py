@@ -6,7 +6,6 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.security import (
     HTTPAuthorizationCredentials,
     HTTPBasic,
@@ -16,10 +15,9 @@ from fastapi.security import (
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from api.ratelimit import RateLimiter
-from shared.apikeys import ApiKey, ApiKeyStore
+from shared.apikeys import ApiKey, ApiKeyStore, CachedKeys
 from shared.errors import ErrorType, ServiceError
-from shared.jobstore import JobStore
+from shared.jobstore import AsyncJobStore, JobStore, JobView
 from shared.recovery import Reaper
 from shared.schema import JobRecord
 from shared.settings import ApiSettings, CoreSettings, StorageSettings, WebhookSettings
@@ -39,8 +37,10 @@ class Services:
     # For waits that must not hold a thread: SSE streams and `Prefer: wait`.
     async_redis: AsyncRedis
     store: JobStore
+    # The request path's reads and writes, without a thread-pool hop.
+    jobs: AsyncJobStore
     keys: ApiKeyStore
-    rate_limiter: RateLimiter
+    cached_keys: CachedKeys
     webhooks: Webhooks
     storage: LocalStorage | S3Storage
     celery: Celery
@@ -51,16 +51,32 @@ class Services:
 
     def owned_job(self, job_id: str, caller: ApiKey) -> JobRecord:
         """The job, when this caller made it; another key's job is as absent as a missing one."""
-        # Checked before the id goes into a Redis key: no id names another kind of key.
-        if not _JOB_ID.fullmatch(job_id):
-            raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
-        record = self.store.get(job_id)
-        if record is None or record.owner != caller.id:
-            raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
-        return record
+        _check_job_id(job_id)
+        return _owned(job_id, self.store.get(job_id), caller)
+
+    async def owned_view(self, job_id: str, caller: ApiKey) -> JobView:
+        """`owned_job`, with its queue position and the queue's rates, in one round trip."""
+        _check_job_id(job_id)
+        view = await self.jobs.read(job_id)
+        _owned(job_id, view.record if view else None, caller)
+        assert view is not None
+        return view
 
 
-def _services(request: Request) -> Services:
+def _check_job_id(job_id: str) -> None:
+    # Checked before the id goes into a Redis key: no id names another kind of key.
+    if not _JOB_ID.fullmatch(job_id):
+        raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
+
+
+def _owned(job_id: str, record: JobRecord | None, caller: ApiKey) -> JobRecord:
+    if record is None or record.owner != caller.id:
+        raise ServiceError(ErrorType.NOT_FOUND, f"no job with id {job_id!r}")
+    return record
+
+
+async def _services(request: Request) -> Services:
+    # Async, as every dependency here: a sync one would cost a thread-pool hop per request.
     return request.app.state.services
 
 
@@ -77,7 +93,7 @@ async def authenticate(services: Services, presented: str | None, scheme: str, h
     challenge = {"WWW-Authenticate": scheme}
     if not presented:
         raise ServiceError(ErrorType.UNAUTHORIZED, f"send an API key: {how}", headers=challenge)
-    key = await run_in_threadpool(services.keys.authenticate, presented)
+    key = await services.cached_keys.authenticate(presented)
     if key is None:
         raise ServiceError(ErrorType.UNAUTHORIZED, "the API key is not valid", headers=challenge)
     return key

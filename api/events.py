@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
 
 from api.deps import CallerDep, Services, ServicesDep
-from api.jobview import job_out, queue_eta_s
+from api.jobview import view_out
 from api.openapi import error_responses
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import QUEUE_KEY, events_key, job_key
@@ -85,6 +84,11 @@ async def wait_until_terminal(
             after = event_id
             if event_type in _TERMINAL:
                 return True
+        if not events:
+            # A job that finished a while ago has no events left to read.
+            current = await services.async_redis.hget(job_key(job_id), "status")
+            if current is None or current.decode() in _TERMINAL:
+                return current is not None
     return False
 
 
@@ -129,7 +133,7 @@ async def _stream(
             position = await services.async_redis.zrank(QUEUE_KEY, job_id)
             if position is not None and position != last_position:
                 last_position = position
-                eta_s = await run_in_threadpool(queue_eta_s, services, position)
+                eta_s = (await services.jobs.rates()).eta_s(position)
                 yield sse(after, "position", {"queue_position": position, "eta_s": eta_s})
                 last_sent = time.monotonic()
         if time.monotonic() - last_sent > _KEEPALIVE_S:
@@ -138,11 +142,11 @@ async def _stream(
 
 
 async def _terminal_event(services: Services, job_id: str, event_id: str, base_url: str) -> str:
-    record = await run_in_threadpool(services.store.get, job_id)
-    if record is None:
+    view = await services.jobs.read(job_id)
+    if view is None:
         return sse(None, "error", _GONE)
-    job = await run_in_threadpool(job_out, record, services, base_url)
-    return sse(event_id, record.status.value, job.model_dump(mode="json"))
+    job = view_out(view, services, base_url)
+    return sse(event_id, view.record.status.value, job.model_dump(mode="json"))
 
 
 @router.get(
@@ -170,7 +174,7 @@ async def job_events(
     request: Request,
     last_event_id: Annotated[str | None, Header(pattern=_STREAM_ID)] = None,
 ) -> StreamingResponse:
-    await run_in_threadpool(services.owned_job, job_id, caller)
+    await services.owned_view(job_id, caller)
     if last_event_id is not None and not _valid_stream_id(last_event_id):
         raise ServiceError(ErrorType.VALIDATION_ERROR, "Last-Event-ID is not an event id")
     return StreamingResponse(

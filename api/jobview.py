@@ -3,29 +3,28 @@
 import time
 
 from api.deps import Services
-from shared.queue import live_worker_count
+from shared.jobstore import JobView, QueueRates
 from shared.schema import JobOut, JobRecord, JobStatus
 from shared.views import public_job
 
 
-def queue_eta_s(services: Services, position: int) -> float | None:
-    """Seconds until a job with `position` jobs ahead finishes, from measured throughput."""
-    now = time.time()
-    rate, job_s = services.store.throughput(now)
-    if rate:
-        return round((position + 1) / rate, 2)
-    if job_s is None:
-        return None
-    workers = live_worker_count(services.redis, services.core.worker_heartbeat_max_age_s, now)
-    return round((position + 1) * job_s / max(workers, 1), 2)
-
-
-def job_out(record: JobRecord, services: Services, base_url: str) -> JobOut:
+def view_out(view: JobView, services: Services, base_url: str) -> JobOut:
+    """The job as read with its position and the queue's rates: no further reads."""
+    record = view.record
     position = eta_s = None
-    if record.status is JobStatus.QUEUED:
-        position = services.store.queue_position(record.id)
-        if position is not None:
-            eta_s = queue_eta_s(services, position)
+    if record.status is JobStatus.QUEUED and view.position is not None:
+        position = view.position
+        eta_s = view.rates.eta_s(position)
     elif record.status is JobStatus.RUNNING and record.progress is not None:
         eta_s = record.progress.eta_s
     return public_job(record, services.storage, base_url, position, eta_s)
+
+
+def job_out(record: JobRecord, services: Services, base_url: str) -> JobOut:
+    """The job, reading its position and the queue's rates when it is queued (blocking)."""
+    position = None
+    rates = QueueRates(None, None, 0)
+    if record.status is JobStatus.QUEUED:
+        position = services.store.queue_position(record.id)
+        rates = services.store.queue_rates(time.time(), services.core.worker_heartbeat_max_age_s)
+    return view_out(JobView(record, position, rates), services, base_url)

@@ -4,10 +4,12 @@ import base64
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 
 KEY_PREFIX = "t2i_"
 _RECORD_PREFIX = "t2i:apikey:"
@@ -82,11 +84,7 @@ class ApiKeyStore:
         if parts is None:
             return None
         key_id, key = parts
-        record = self._redis.hgetall(_RECORD_PREFIX + key_id)
-        stored = record.get(b"hash", b"").decode()
-        # Compare even when the id is unknown, so timing does not tell ids apart.
-        matches = hmac.compare_digest(stored or "0" * 64, _hash(key))
-        return _decode(key_id, record) if record and matches else None
+        return _verified(key_id, key, self._redis.hgetall(_RECORD_PREFIX + key_id))
 
     def get(self, key_id: str) -> ApiKey | None:
         record = self._redis.hgetall(_RECORD_PREFIX + key_id)
@@ -131,6 +129,43 @@ class ApiKeyStore:
             },
         )
         return fresh
+
+
+class CachedKeys:
+    """Authenticates from the event loop, remembering valid keys for `ttl_s`: a revoked key
+    stops working within that long, in each API process."""
+
+    def __init__(self, redis: AsyncRedis, ttl_s: float, max_entries: int = 10_000) -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        # Keyed by the presented key's hash, so no plain key is kept in memory.
+        self._valid: dict[str, tuple[float, ApiKey]] = {}
+
+    async def authenticate(self, presented: str) -> ApiKey | None:
+        parts = _split(presented)
+        if parts is None:
+            return None
+        key_id, key = parts
+        digest = _hash(key)
+        now = time.monotonic()
+        cached = self._valid.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = _verified(key_id, key, await self._redis.hgetall(_RECORD_PREFIX + key_id))
+        self._valid.pop(digest, None)
+        if found is not None and self._ttl_s > 0:
+            if len(self._valid) >= self._max_entries:
+                self._valid.clear()
+            self._valid[digest] = (now + self._ttl_s, found)
+        return found
+
+
+def _verified(key_id: str, key: str, record: dict[bytes, bytes]) -> ApiKey | None:
+    stored = record.get(b"hash", b"").decode()
+    # Compare even when the id is unknown, so timing does not tell ids apart.
+    matches = hmac.compare_digest(stored or "0" * 64, _hash(key))
+    return _decode(key_id, record) if record and matches else None
 
 
 def _decode(key_id: str, record: dict[bytes, bytes]) -> ApiKey:

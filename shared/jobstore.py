@@ -6,6 +6,7 @@ stream and the record never disagree.
 
 import hashlib
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +15,11 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import NoScriptError
 
+from shared.queue import WORKERS_KEY
+from shared.ratelimit import TAKE_TOKEN_LUA, bucket_key
 from shared.schema import (
     ALLOWED_TRANSITIONS,
     GenerationRequest,
@@ -39,45 +44,75 @@ CANCEL_CHANNEL = "t2i:cancel"
 STATS_KEY = "t2i:stats"
 IDEMPOTENCY_TTL_S = 24 * 3600
 EVENTS_MAXLEN = 1000
+# A finished job's events stay this long, for a client that resumes its stream late; the job's
+# record stays for the whole retention (most of a job's memory was its events).
+FINISHED_EVENTS_TTL_S = 600
 PROGRESS_EVENT = "progress"
 _JOB_PREFIX = "t2i:job:"
+_INDEX_PREFIX = "t2i:jobs:"
 _IDEMPOTENCY_PREFIX = "t2i:idem:"
 _THROUGHPUT_WINDOW_S = 120.0
 _EWMA_WEIGHT = 0.2
-# A filtered listing reads at most this many windows of the index per page.
-_MAX_LIST_WINDOWS = 20
 
 _EVENT = """
-local function append_event(stream, event_type, data, ttl)
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV_MAXLEN, '*', 'type', event_type, 'data', data)
-  redis.call('EXPIRE', stream, ttl)
-end
 local function is_terminal(status)
   return status == 'succeeded' or status == 'failed' or status == 'canceled' or status == 'expired'
 end
+local function append_event(stream, event_type, data, ttl)
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV_MAXLEN, '*', 'type', event_type, 'data', data)
+  if is_terminal(event_type) then ttl = math.min(tonumber(ttl), FINISHED_EVENTS_TTL) end
+  redis.call('EXPIRE', stream, ttl)
+end
+-- The owner's index per status follows the job; its score is the job's place in the owner's
+-- index. The key is derived from the record's owner, which the caller does not know (a
+-- single-node or Sentinel Redis, never Cluster, so undeclared keys are fine).
+local function move_status(job, job_id, from, to)
+  if from == to then return end
+  local owner = redis.call('HGET', job, 'owner')
+  if not owner then return end
+  owner = cjson.decode(owner)
+  if owner == cjson.null then owner = '-' end
+  local index = 'INDEX_PREFIX' .. owner
+  local score = redis.call('ZSCORE', index, job_id)
+  if not score then return end
+  redis.call('ZREM', index .. ':' .. from, job_id)
+  redis.call('ZADD', index .. ':' .. to, score, job_id)
+end
 """
 
-# KEYS: job, events, queue, owner's index, retention, sequence, idempotency key, dispatched.
-# ARGV: job id, created (epoch s), retention s, idempotency value ('' for none), idempotency TTL,
-# event data, max queue depth, retention member, then field/value pairs.
-# Returns {1, seq}, {0, existing idempotency value}, or {-1, depth} when the queue is full.
+# KEYS: job, events, queue, owner's index, retention, sequence, idempotency key, dispatched,
+# owner's queued index, broker queue, the owner's rate-limit bucket. ARGV: job id, created
+# (epoch s), retention s, idempotency value ('' for none), idempotency TTL, event data, max queue
+# depth, retention member, the job's broker message ('' to send it separately), the bucket's
+# capacity (0: no limit) and tokens per second, then field/value pairs.
+# Returns {1, seq, tokens}, {0, existing idempotency value, tokens}, {-1, depth, tokens} when the
+# queue is full, or {-2, 0, tokens} when the bucket is empty (tokens: left in the bucket).
 _CREATE = """
+local tokens = ''
+if tonumber(ARGV[10]) > 0 then
+  local allowed, left = take_token(KEYS[11], tonumber(ARGV[10]), tonumber(ARGV[11]))
+  tokens = tostring(left)
+  if allowed == 0 then return {-2, 0, tokens} end
+end
 if ARGV[4] ~= '' then
   local existing = redis.call('GET', KEYS[7])
-  if existing then return {0, existing} end
+  if existing then return {0, existing, tokens} end
 end
 local depth = redis.call('ZCARD', KEYS[3])
-if depth >= tonumber(ARGV[7]) then return {-1, depth} end
+if depth >= tonumber(ARGV[7]) then return {-1, depth, tokens} end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
 local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], unpack(ARGV, 12))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('ZADD', KEYS[9], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[8])
 append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
-return {1, seq}
+-- The broker's Redis transport takes a message as a push onto the queue's list.
+if ARGV[9] ~= '' then redis.call('LPUSH', KEYS[10], ARGV[9]) end
+return {1, seq, tokens}
 """
 
 # KEYS: job, events, queue, leases, dispatched. ARGV: job id, event type, event data,
@@ -95,7 +130,10 @@ local n = tonumber(ARGV[7])
 for i = 8, n + 7 do
   if ARGV[i] == current then
     if #ARGV > n + 7 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 8)) end
-    if ARGV[2] ~= 'progress' then redis.call('ZREM', KEYS[3], ARGV[1]) end
+    if ARGV[2] ~= 'progress' then
+      redis.call('ZREM', KEYS[3], ARGV[1])
+      move_status(KEYS[1], ARGV[1], current, ARGV[2])
+    end
     if is_terminal(ARGV[2]) then
       redis.call('ZREM', KEYS[4], ARGV[1])
       redis.call('ZREM', KEYS[5], ARGV[1])
@@ -173,6 +211,7 @@ if why == 'lapsed' and retries > tonumber(ARGV[6]) then
              'finished_at', ARGV[8])
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[5], ARGV[1])
+  move_status(KEYS[1], ARGV[1], f[1], 'failed')
   append_event(KEYS[2], 'failed', ARGV[9], ARGV[4])
   return {2, attempt}
 end
@@ -183,6 +222,7 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', attempt, 'retries', r
            'worker', 'null', 'started_at', 'null', 'progress', 'null')
 redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
+move_status(KEYS[1], ARGV[1], f[1], 'queued')
 local data = cjson.encode({status = 'queued', attempt = attempt, reason = why})
 append_event(KEYS[2], 'queued', data, ARGV[4])
 return {1, attempt}
@@ -191,7 +231,8 @@ return {1, attempt}
 
 def _script(body: str) -> str:
     script = _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
-    return script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL)
+    script = script.replace("FINISHED_EVENTS_TTL", str(FINISHED_EVENTS_TTL_S))
+    return script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL).replace("INDEX_PREFIX", _INDEX_PREFIX)
 
 
 def new_job_id() -> str:
@@ -211,7 +252,12 @@ def events_key(job_id: str) -> str:
 
 
 def index_key(owner: str | None) -> str:
-    return f"t2i:jobs:{owner or '-'}"
+    return f"{_INDEX_PREFIX}{owner or '-'}"
+
+
+def status_index_key(owner: str | None, status: JobStatus) -> str:
+    """The owner's jobs in one state, scored as in `index_key`."""
+    return f"{index_key(owner)}:{status.value}"
 
 
 def _idempotency_key(owner: str | None, key: str) -> str:
@@ -274,12 +320,29 @@ class Created:
     created: bool
     job_id: str
     fingerprint: str
+    # Left in the caller's bucket, when a rate limit was spent.
+    tokens_left: float | None = None
 
 
 class QueueFull(Exception):
-    def __init__(self, depth: int) -> None:
+    def __init__(self, depth: int, tokens_left: float | None = None) -> None:
         super().__init__(f"{depth} jobs are queued")
         self.depth = depth
+        self.tokens_left = tokens_left
+
+
+class RateLimited(Exception):
+    def __init__(self, tokens_left: float) -> None:
+        super().__init__(f"{tokens_left} tokens left")
+        self.tokens_left = tokens_left
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The caller's token bucket, spent by the script that creates its job."""
+
+    key_id: str
+    per_minute: int
 
 
 @dataclass(frozen=True)
@@ -288,13 +351,121 @@ class JobPage:
     next_cursor: str | None
 
 
+@dataclass(frozen=True)
+class QueueRates:
+    """What queue ETAs come from, read once per request in O(1) Redis reads."""
+
+    # Jobs finished per second lately, and the average seconds per job; None when unknown.
+    rate: float | None
+    job_s: float | None
+    live_workers: int
+
+    def eta_s(self, position: int) -> float | None:
+        """Seconds until a job with `position` jobs ahead finishes."""
+        if self.rate:
+            return round((position + 1) / self.rate, 2)
+        if self.job_s is None:
+            return None
+        return round((position + 1) * self.job_s / max(self.live_workers, 1), 2)
+
+    @classmethod
+    def decode(cls, replies: list[Any]) -> "QueueRates":
+        """From the replies to the commands `queue_rate_reads` queued, in order."""
+        count, first, last, job_s, workers = replies[-_RATE_READS:]
+        rate = None
+        if count >= 2 and first and last:
+            span = last[0][1] - first[0][1]
+            if span > 0:
+                rate = (count - 1) / span
+        return cls(rate, float(job_s) if job_s is not None else None, int(workers))
+
+
+_RATE_READS = 5
+
+
+def queue_rate_reads(pipe: Any, now: float, worker_max_age_s: float) -> None:
+    """Queue on `pipe` (sync or async) the reads `QueueRates.decode` takes: the number of recent
+    completions and the first and last of them, never the whole window."""
+    since = now - _THROUGHPUT_WINDOW_S
+    pipe.zcount(COMPLETIONS_KEY, since, "+inf")
+    pipe.zrangebyscore(COMPLETIONS_KEY, since, "+inf", start=0, num=1, withscores=True)
+    pipe.zrevrangebyscore(COMPLETIONS_KEY, "+inf", since, start=0, num=1, withscores=True)
+    pipe.hget(STATS_KEY, "job_s")
+    pipe.zcount(WORKERS_KEY, now - worker_max_age_s, "+inf")
+
+
+@dataclass(frozen=True)
+class _CreateCall:
+    """The create script's keys and arguments for one job, and how to read its answer."""
+
+    keys: list[str]
+    args: list[Any]
+    job_id: str
+    fingerprint: str
+
+    @classmethod
+    def of(
+        cls,
+        record: JobRecord,
+        idempotency_key: str | None,
+        fingerprint: str | None,
+        max_queue_depth: int,
+        retention_s: int,
+        broker_queue: str = "",
+        message: str = "",
+        rate_limit: RateLimit | None = None,
+    ) -> "_CreateCall":
+        fingerprint = fingerprint or request_fingerprint(record.request)
+        claim = json.dumps({"job_id": record.id, "fingerprint": fingerprint})
+        keys = [
+            job_key(record.id),
+            events_key(record.id),
+            QUEUE_KEY,
+            index_key(record.owner),
+            RETENTION_KEY,
+            SEQUENCE_KEY,
+            _idempotency_key(record.owner, idempotency_key or ""),
+            DISPATCHED_KEY,
+            status_index_key(record.owner, JobStatus.QUEUED),
+            broker_queue or QUEUE_KEY,
+            bucket_key(rate_limit.key_id if rate_limit else "-"),
+        ]
+        args = [
+            record.id,
+            record.created_at.timestamp(),
+            retention_s,
+            claim if idempotency_key else "",
+            IDEMPOTENCY_TTL_S,
+            json.dumps({"status": JobStatus.QUEUED.value}),
+            max_queue_depth,
+            _retention_member(record.owner, record.id),
+            message,
+            rate_limit.per_minute if rate_limit else 0,
+            rate_limit.per_minute / 60 if rate_limit else 0,
+            *_encode_fields(record.model_dump(mode="json")),
+        ]
+        return cls(keys, args, record.id, fingerprint)
+
+    def outcome(self, reply: list[Any]) -> Created:
+        outcome, value, left = reply
+        tokens = float(left) if left else None
+        if outcome == -2:
+            raise RateLimited(float(left))
+        if outcome == -1:
+            raise QueueFull(int(value), tokens)
+        if outcome == 1:
+            return Created(True, self.job_id, self.fingerprint, tokens)
+        earlier = json.loads(value)
+        return Created(False, earlier["job_id"], earlier["fingerprint"], tokens)
+
+
 class JobStore:
     """Creates, reads, lists and moves jobs; a terminal job never changes again."""
 
     def __init__(self, redis: Redis, retention_s: int) -> None:
         self._redis = redis
         self.retention_s = retention_s
-        self._create = redis.register_script(_script(_CREATE))
+        self._create = redis.register_script(_script(TAKE_TOKEN_LUA + _CREATE))
         self._cas = redis.register_script(_script(_COMPARE_AND_SET))
         self._reserve = redis.register_script(_RESERVE)
         self._renew = redis.register_script(_RENEW)
@@ -311,40 +482,10 @@ class JobStore:
 
         Raises QueueFull when `max_queue_depth` jobs are already queued.
         """
-        fingerprint = fingerprint or request_fingerprint(record.request)
-        claim = json.dumps({"job_id": record.id, "fingerprint": fingerprint})
-        outcome, value = self._create(
-            keys=[
-                job_key(record.id),
-                events_key(record.id),
-                QUEUE_KEY,
-                index_key(record.owner),
-                RETENTION_KEY,
-                SEQUENCE_KEY,
-                _idempotency_key(record.owner, idempotency_key or ""),
-                DISPATCHED_KEY,
-            ],
-            args=[
-                record.id,
-                record.created_at.timestamp(),
-                self.retention_s,
-                claim if idempotency_key else "",
-                IDEMPOTENCY_TTL_S,
-                json.dumps({"status": JobStatus.QUEUED.value}),
-                max_queue_depth,
-                _retention_member(record.owner, record.id),
-                *_encode_fields(record.model_dump(mode="json")),
-            ],
+        call = _CreateCall.of(
+            record, idempotency_key, fingerprint, max_queue_depth, self.retention_s
         )
-        if outcome == -1:
-            raise QueueFull(int(value))
-        if outcome == 1:
-            return Created(True, record.id, fingerprint)
-        earlier = json.loads(value)
-        return Created(False, earlier["job_id"], earlier["fingerprint"])
-
-    def forget_idempotency_key(self, owner: str | None, idempotency_key: str) -> None:
-        self._redis.delete(_idempotency_key(owner, idempotency_key))
+        return call.outcome(self._create(keys=call.keys, args=call.args))
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self._redis.hgetall(job_key(job_id))
@@ -509,40 +650,11 @@ class JobStore:
         """How many queued jobs are ahead of this one; None once it has left the queue."""
         return self._redis.zrank(QUEUE_KEY, job_id)
 
+    def queue_depth(self) -> int:
+        return self._redis.zcard(QUEUE_KEY)
+
     def oldest_queued(self, count: int) -> list[str]:
         return [member.decode() for member in self._redis.zrange(QUEUE_KEY, 0, count - 1)]
-
-    def page(
-        self, owner: str | None, limit: int, cursor: str | None, status: JobStatus | None
-    ) -> JobPage:
-        """The owner's jobs, newest first; `cursor` is the `next_cursor` of the page before."""
-        index = index_key(owner)
-        upper = f"({int(cursor)}" if cursor else "+inf"
-        jobs: list[JobRecord] = []
-        scanned_to: float | None = None
-        for _ in range(_MAX_LIST_WINDOWS):
-            if len(jobs) == limit:
-                break
-            window = self._redis.zrevrangebyscore(
-                index, upper, "-inf", start=0, num=max(limit, 50), withscores=True
-            )
-            if not window:
-                return JobPage(jobs, None)
-            with self._redis.pipeline(transaction=False) as pipe:
-                for job_id, _ in window:
-                    pipe.hgetall(job_key(job_id.decode()))
-                records = pipe.execute()
-            for (_, score), raw in zip(window, records, strict=True):
-                scanned_to = score
-                if raw:
-                    record = _decode(raw)
-                    if status is None or record.status is status:
-                        jobs.append(record)
-                        if len(jobs) == limit:
-                            break
-            upper = f"({int(scanned_to)}"
-        more = self._redis.zcount(index, "-inf", upper) > 0
-        return JobPage(jobs, str(int(scanned_to)) if more and scanned_to is not None else None)
 
     def record_completion(self, job_s: float, now: float) -> None:
         """Feed the throughput figures that queue ETAs come from."""
@@ -558,18 +670,10 @@ class JobStore:
         )
         self._redis.hset(STATS_KEY, "job_s", average)
 
-    def throughput(self, now: float) -> tuple[float | None, float | None]:
-        """(jobs finished per second lately, average seconds per job), each None if unknown."""
+    def queue_rates(self, now: float, worker_max_age_s: float) -> "QueueRates":
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(COMPLETIONS_KEY, now - _THROUGHPUT_WINDOW_S, "+inf", withscores=True)
-            pipe.hget(STATS_KEY, "job_s")
-            recent, job_s = pipe.execute()
-        rate = None
-        if len(recent) >= 2:
-            span = recent[-1][1] - recent[0][1]
-            if span > 0:
-                rate = (len(recent) - 1) / span
-        return rate, float(job_s) if job_s is not None else None
+            queue_rate_reads(pipe, now, worker_max_age_s)
+            return QueueRates.decode(pipe.execute())
 
     def expired_for_retention(self, before: float, count: int) -> list[tuple[str | None, str]]:
         """(owner, job id) of jobs created before `before`."""
@@ -584,8 +688,145 @@ class JobStore:
             pipe.zrem(LEASES_KEY, job_id)
             pipe.zrem(DISPATCHED_KEY, job_id)
             pipe.zrem(index_key(owner), job_id)
+            for status in JobStatus:
+                pipe.zrem(status_index_key(owner, status), job_id)
             pipe.zrem(RETENTION_KEY, _retention_member(owner, job_id))
             pipe.execute()
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job with what its answer shows while it waits: its queue position and the rates."""
+
+    record: JobRecord
+    position: int | None
+    rates: QueueRates
+
+
+class AsyncJobStore:
+    """The gateway's request path: creates and reads jobs without leaving the event loop, each in
+    one round trip."""
+
+    def __init__(self, redis: AsyncRedis, retention_s: int, worker_max_age_s: float) -> None:
+        self._redis = redis
+        self.retention_s = retention_s
+        self._worker_max_age_s = worker_max_age_s
+        self._create_script = _script(TAKE_TOKEN_LUA + _CREATE)
+        # Loaded once, not checked before every call as redis-py's pipelined scripts are.
+        self._create_sha: str | None = None
+
+    async def create(
+        self,
+        record: JobRecord,
+        idempotency_key: str | None,
+        fingerprint: str,
+        max_queue_depth: int,
+        broker_queue: str,
+        message: str,
+        rate_limit: RateLimit,
+    ) -> tuple[Created, JobView | None]:
+        """Spend a token of the caller's bucket, store a new queued job and push its broker
+        `message`, all in one script; in the same round trip, what its answer shows (None unless
+        it was created). Raises RateLimited or QueueFull."""
+        call = _CreateCall.of(
+            record,
+            idempotency_key,
+            fingerprint,
+            max_queue_depth,
+            self.retention_s,
+            broker_queue,
+            message,
+            rate_limit,
+        )
+        replies = await self._create_and_read(call)
+        if replies is None:
+            # Redis lost its scripts (a restart, a failover): load it again, once.
+            self._create_sha = None
+            replies = await self._create_and_read(call)
+        if replies is None or isinstance(replies[0], Exception):
+            raise replies[0] if replies else NoScriptError("the create script is not loaded")
+        created = call.outcome(replies[0])
+        if not created.created:
+            return created, None
+        return created, JobView(record, replies[1], QueueRates.decode(replies))
+
+    async def _create_and_read(self, call: "_CreateCall") -> list[Any] | None:
+        """The create script's reply, the job's queue position and the queue's rates; None when
+        Redis does not know the script."""
+        if self._create_sha is None:
+            self._create_sha = await self._redis.script_load(self._create_script)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._create_sha, len(call.keys), *call.keys, *call.args)
+            pipe.zrank(QUEUE_KEY, call.job_id)
+            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            replies = await pipe.execute(raise_on_error=False)
+        return None if isinstance(replies[0], NoScriptError) else replies
+
+    async def read(self, job_id: str) -> JobView | None:
+        """The job, its queue position and the queue's rates, in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(job_key(job_id))
+            pipe.zrank(QUEUE_KEY, job_id)
+            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            replies = await pipe.execute()
+        raw, position = replies[0], replies[1]
+        if not raw:
+            return None
+        return JobView(_decode(raw), position, QueueRates.decode(replies))
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        raw = await self._redis.hgetall(job_key(job_id))
+        return _decode(raw) if raw else None
+
+    async def forget_idempotency_key(self, owner: str | None, idempotency_key: str) -> None:
+        await self._redis.delete(_idempotency_key(owner, idempotency_key))
+
+    async def page(
+        self, owner: str | None, limit: int, cursor: str | None, status: JobStatus | None
+    ) -> JobPage:
+        """The owner's jobs, newest first, from the index of `status` (or of all its jobs): a page
+        reads about `limit` records whatever the depth, and is never empty while jobs remain.
+        `cursor` is the `next_cursor` of the page before."""
+        index = status_index_key(owner, status) if status else index_key(owner)
+        upper = f"({int(cursor)}" if cursor else "+inf"
+        jobs: list[JobRecord] = []
+        while len(jobs) < limit:
+            window = await self._redis.zrevrangebyscore(
+                index, upper, "-inf", start=0, num=limit - len(jobs), withscores=True
+            )
+            if not window:
+                return JobPage(jobs, None)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for job_id, _ in window:
+                    pipe.hgetall(job_key(job_id.decode()))
+                records = await pipe.execute()
+            # A record may be gone (past its retention) or have changed state since the index
+            # was read; it is left out, and the next window fills its place.
+            for raw in records:
+                if raw:
+                    record = _decode(raw)
+                    if status is None or record.status is status:
+                        jobs.append(record)
+            upper = f"({int(window[-1][1])}"
+        more = await self._redis.zcount(index, "-inf", upper) > 0
+        return JobPage(jobs, upper[1:] if more else None)
+
+    async def queue_views(self, records: list[JobRecord]) -> list[JobView]:
+        """Each record with its queue position (while queued), and the rates read once for all."""
+        queued = [record.id for record in records if record.status is JobStatus.QUEUED]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in queued:
+                pipe.zrank(QUEUE_KEY, job_id)
+            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            replies = await pipe.execute()
+        rates = QueueRates.decode(replies)
+        positions = dict(zip(queued, replies, strict=False))
+        return [JobView(record, positions.get(record.id), rates) for record in records]
+
+    async def rates(self) -> QueueRates:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            return QueueRates.decode(await pipe.execute())
 
 
 def _retention_member(owner: str | None, job_id: str) -> str:
@@ -593,8 +834,9 @@ def _retention_member(owner: str | None, job_id: str) -> str:
 
 
 def _decode(raw: dict[bytes, bytes]) -> JobRecord:
-    decoded = {
-        name.decode(): value.decode() if name == b"status" else json.loads(value)
+    # Each field but the status is stored as JSON: the record is one JSON document, parsed once.
+    fields = b",".join(
+        b'"%s":"%s"' % (name, value) if name == b"status" else b'"%s":%s' % (name, value)
         for name, value in raw.items()
-    }
-    return JobRecord.model_validate(decoded)
+    )
+    return JobRecord.model_validate_json(b"{" + fields + b"}")

@@ -1,6 +1,11 @@
 """The Celery app both sides share: broker settings and the task names the API sends by."""
 
+import base64
+import json
 import logging
+import os
+import socket
+import uuid
 import warnings
 from collections.abc import Callable
 
@@ -16,6 +21,8 @@ from shared.settings import CoreSettings
 RENDER_TASK = "txt2img.render"
 WORKERS_KEY = "t2i:workers"
 _WORKER_INFO_PREFIX = "t2i:worker:"
+# Who sent a message, as Celery's own publisher names itself.
+_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 
 log = logging.getLogger(__name__)
 # kombu's Redis transport polls the queue with a blocking pop of this many seconds.
@@ -59,6 +66,42 @@ def send_render(app: Celery, queue: str, job_id: str, attempt: int) -> None:
         kwargs={"job_id": job_id, "attempt": attempt},
         queue=queue,
         retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
+    )
+
+
+def render_message(app: Celery, queue: str, job_id: str, attempt: int) -> str:
+    """The message `send_render` would publish, as the broker's Redis transport stores it: a
+    normal Celery task message that the job store pushes onto the queue's list in the same
+    script that creates the job (one round trip, and no job without its message)."""
+    task_id = str(uuid.uuid4())
+    kwargs = {"job_id": job_id, "attempt": attempt}
+    task = app.amqp.as_task_v2(
+        task_id,
+        RENDER_TASK,
+        args=(),
+        kwargs=kwargs,
+        origin=_ORIGIN,
+        ignore_result=None,
+        # Given, so Celery does not build them with its (slow) safe repr.
+        argsrepr="()",
+        kwargsrepr=repr(kwargs),
+    )
+    body = json.dumps(task.body).encode()
+    return json.dumps(
+        {
+            "body": base64.b64encode(body).decode(),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": task.headers,
+            "properties": {
+                **task.properties,
+                "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
     )
 
 

@@ -1,5 +1,6 @@
 """Typed settings, one class per concern, all read from `T2I_*` environment variables."""
 
+import os
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -88,6 +89,7 @@ class StorageSettings(_T2ISettings):
 class ApiSettings(_T2ISettings):
     """The HTTP gateway."""
 
+    env: Environment = Environment.DEVELOPMENT
     host: str = "127.0.0.1"
     port: int = 8000
     # Caps width x height x num_images so one job cannot monopolise a GPU.
@@ -101,9 +103,20 @@ class ApiSettings(_T2ISettings):
     max_queue_depth: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # uvicorn processes; their metrics are summed (prometheus-client's multiprocess mode).
-    api_processes: int = Field(default=1, ge=1, le=64)
+    # Unset: one per core in production, one in development.
+    api_processes: int | None = Field(default=None, ge=1, le=64)
+    # A valid API key is remembered this long per process, so most requests skip its lookup.
+    auth_cache_s: float = Field(default=5.0, ge=0, le=300)
     # The OpenAI and AUTOMATIC1111 routes answer with the finished job; past this they cancel it.
     sync_wait_s: float = Field(default=300.0, gt=0, le=3600)
+
+    @property
+    def processes(self) -> int:
+        if self.api_processes is not None:
+            return self.api_processes
+        if self.env is Environment.PRODUCTION:
+            return len(os.sched_getaffinity(0))
+        return 1
 
     @property
     def own_base_url(self) -> str:
@@ -120,6 +133,9 @@ class WorkerSettings(_T2ISettings):
     device: str = "auto"
     # Unset: the largest batch, so a worker holds about one batch and leaves the rest to others.
     concurrency: int | None = Field(default=None, ge=1, le=256)
+    # CPU threads torch uses for one render; unset: torch's default (every core). Several
+    # workers on one machine's CPUs each take their share.
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
     max_batch_images: int = Field(default=8, ge=1, le=64)
     # 0: an idle GPU starts a job at once; jobs that arrive while it renders form the next batch.
     batch_wait_ms: float = Field(default=0.0, ge=0, le=5000)

@@ -37,6 +37,7 @@ from worker.pipeline import (
     ModelLoadError,
     SpeedLevers,
     compiled_image_counts,
+    limit_torch_threads,
     resolve_device,
 )
 from worker.reporter import Reporter
@@ -60,6 +61,8 @@ def main() -> int:
     except MetricsPortInUse as exc:
         log.error("%s", exc)
         return 2
+    if settings.torch_threads is not None:
+        limit_torch_threads(settings.torch_threads)
     levers = SpeedLevers.for_device(
         resolve_device(settings.device),
         compile=settings.compile,

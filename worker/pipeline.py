@@ -320,6 +320,13 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def limit_torch_threads(threads: int) -> None:
+    """Hold this process's CPU rendering to `threads` threads (intra-op, and inter-op before any
+    parallel work has started)."""
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(threads)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

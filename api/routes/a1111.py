@@ -351,12 +351,12 @@ def options(services: ServicesDep, caller: BearerOrBasicCallerDep) -> Options:
     responses=error_responses(401, 422, 503, model=A1111Error),
     summary="Progress of this key's rendering job (AUTOMATIC1111)",
 )
-def progress(
+async def progress(
     services: ServicesDep,
     caller: BearerOrBasicCallerDep,
     skip_current_image: Annotated[bool, Query(description="accepted and ignored")] = False,
 ) -> ProgressAnswer:
-    newest = services.store.page(caller.id, _PROGRESS_WINDOW, None, None).jobs
+    newest = (await services.jobs.page(caller.id, _PROGRESS_WINDOW, None, None)).jobs
     waiting = [job for job in newest if not job.status.is_terminal]
     running = next((job for job in waiting if job.status is JobStatus.RUNNING), None)
     step = total = 0

@@ -4,25 +4,32 @@ import logging
 import math
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
 
 from api.deps import CallerDep, Services, ServicesDep
 from api.events import wait_until_terminal
-from api.jobview import job_out
+from api.jobview import job_out, view_out
 from api.metrics import JOBS_SUBMITTED
 from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
-from api.ratelimit import Decision
 from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
-from shared.jobstore import CasResult, QueueFull, new_job_id, request_fingerprint, utc_now
+from shared.jobstore import (
+    CasResult,
+    JobView,
+    QueueFull,
+    RateLimit,
+    RateLimited,
+    new_job_id,
+    request_fingerprint,
+    utc_now,
+)
 from shared.metrics import count_finished
-from shared.queue import send_render
+from shared.queue import render_message
+from shared.ratelimit import Decision
 from shared.schema import (
     CONTENT_TYPES,
     MAX_SEED,
@@ -93,9 +100,9 @@ def _rate_limited(decision: Decision) -> ServiceError:
     )
 
 
-def _queue_full(services: Services, depth: int, decision: Decision) -> ServiceError:
+async def _queue_full(services: Services, depth: int, decision: Decision) -> ServiceError:
     retry_after = 5
-    rate, _ = services.store.throughput(time.time())
+    rate = (await services.jobs.rates()).rate
     if rate:
         retry_after = max(1, math.ceil(1 / rate))
     return ServiceError(
@@ -120,10 +127,15 @@ def _requested_wait_s(prefer: str | None) -> int:
 
 @dataclass(frozen=True)
 class Submission:
-    record: JobRecord
+    # The job as stored, with its queue position and the queue's rates.
+    view: JobView
     # False when an earlier POST with the same Idempotency-Key made the job.
     created: bool
     rate_limit: Decision
+
+    @property
+    def record(self) -> JobRecord:
+        return self.view.record
 
 
 async def submit(
@@ -134,19 +146,18 @@ async def submit(
 ) -> Submission:
     """The one way a job comes to be, whichever API asked: limits, the job record, the queue."""
     _check_pixel_budget(generation, services.api.max_pixels_per_job)
-    await run_in_threadpool(_check_webhook, generation, services)
-    decision = await run_in_threadpool(
-        services.rate_limiter.take, caller.id, caller.rate_limit_per_min
-    )
-    if not decision.allowed:
-        raise _rate_limited(decision)
+    if generation.webhook is not None:
+        # It may resolve the host name: off the event loop.
+        await run_in_threadpool(_check_webhook, generation, services)
+    per_minute = caller.rate_limit_per_min
     try:
-        record, created = await run_in_threadpool(
-            _enqueue, services, caller, generation, idempotency_key
-        )
+        view, created, tokens_left = await _enqueue(services, caller, generation, idempotency_key)
+    except RateLimited as limited:
+        raise _rate_limited(Decision.of(False, limited.tokens_left, per_minute)) from limited
     except QueueFull as full:
-        raise _queue_full(services, full.depth, decision) from full
-    return Submission(record, created, decision)
+        decision = Decision.of(True, full.tokens_left or 0.0, per_minute)
+        raise await _queue_full(services, full.depth, decision) from full
+    return Submission(view, created, Decision.of(True, tokens_left, per_minute))
 
 
 def cancel(services: Services, record: JobRecord) -> CasResult:
@@ -159,10 +170,11 @@ def cancel(services: Services, record: JobRecord) -> CasResult:
     return result
 
 
-def _enqueue(
+async def _enqueue(
     services: Services, caller: ApiKey, generation: GenerationRequest, idempotency_key: str | None
-) -> tuple[JobRecord, bool]:
-    """Create the job (or find the one this idempotency key made) and send it to the workers."""
+) -> tuple[JobView, bool, float]:
+    """Spend a token, create the job with its broker message (or find the one this idempotency
+    key made): the job, whether it is new, and the tokens left in the caller's bucket."""
     resolved = generation
     if generation.seed is None:
         resolved = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
@@ -175,31 +187,34 @@ def _enqueue(
     )
     # The fingerprint is of the body as sent, so a retry without a seed matches its original.
     fingerprint = request_fingerprint(generation)
-    created = services.store.create(
-        record, idempotency_key, fingerprint, services.api.max_queue_depth
+    queue = services.core.queue_name
+    created, view = await services.jobs.create(
+        record,
+        idempotency_key,
+        fingerprint,
+        services.api.max_queue_depth,
+        queue,
+        render_message(services.celery, queue, record.id, record.attempt),
+        RateLimit(caller.id, caller.rate_limit_per_min),
     )
-    if not created.created:
+    tokens_left = created.tokens_left or 0.0
+    if view is None:
         if created.fingerprint != fingerprint:
             raise ServiceError(
                 ErrorType.CONFLICT,
                 "this Idempotency-Key was used with a different request body",
                 {"job_id": created.job_id},
             )
-        earlier = services.store.get(created.job_id)
+        earlier = await services.jobs.read(created.job_id)
         if earlier is None:
             # The earlier job is past its retention; the key no longer protects anything.
             assert idempotency_key is not None
-            services.store.forget_idempotency_key(caller.id, idempotency_key)
-            return _enqueue(services, caller, generation, idempotency_key)
-        return earlier, False
-    try:
-        send_render(services.celery, services.core.queue_name, record.id, record.attempt)
-    except Exception as exc:
-        # The job is stored: the reaper sends an unreserved job whose message never came.
-        log.warning("could not send job %s yet: %s", record.id, exc, extra={"job_id": record.id})
+            await services.jobs.forget_idempotency_key(caller.id, idempotency_key)
+            return await _enqueue(services, caller, generation, idempotency_key)
+        return earlier, False, tokens_left
     JOBS_SUBMITTED.inc()
     log.info("job %s queued", record.id, extra={"job_id": record.id})
-    return record, True
+    return view, True, tokens_left
 
 
 @router.post(
@@ -238,21 +253,22 @@ async def create_job(
     prefer: Annotated[
         str | None, Header(description="`wait=N` holds the answer up to N s (at most 60)")
     ] = None,
-) -> JSONResponse:
+) -> Response:
     submission = await submit(services, caller, generation, idempotency_key)
-    record, created = submission.record, submission.created
+    view, created = submission.view, submission.created
+    record = view.record
     headers = {"Location": f"/v1/jobs/{record.id}", **submission.rate_limit.headers()}
     wait_s = _requested_wait_s(prefer)
     if wait_s:
         headers["Preference-Applied"] = f"wait={wait_s}"
         await wait_until_terminal(services, record.id, wait_s)
+        view = await services.jobs.read(record.id) or view
     if not created:
         headers["Idempotent-Replayed"] = "true"
-    latest = await run_in_threadpool(services.store.get, record.id) or record
-    body = await run_in_threadpool(job_out, latest, services, services.base_url(request))
-    finished = latest.status.is_terminal
+    body = view_out(view, services, services.base_url(request))
+    finished = view.record.status.is_terminal
     code = status.HTTP_200_OK if finished or not created else status.HTTP_202_ACCEPTED
-    return JSONResponse(body.model_dump(mode="json"), status_code=code, headers=headers)
+    return Response(body.model_dump_json(), code, headers, media_type="application/json")
 
 
 @router.get(
@@ -261,20 +277,22 @@ async def create_job(
     responses=error_responses(401, 422, 503),
     summary="List your jobs, newest first",
 )
-def list_jobs(
+async def list_jobs(
     services: ServicesDep,
     caller: CallerDep,
     request: Request,
     status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(pattern=r"^\d{1,19}$")] = None,
-) -> JobList:
-    page = services.store.page(caller.id, limit, cursor, status_filter)
+) -> Response:
+    page = await services.jobs.page(caller.id, limit, cursor, status_filter)
     base_url = services.base_url(request)
-    return JobList(
-        data=[job_out(record, services, base_url) for record in page.jobs],
-        next_cursor=page.next_cursor,
+    views = await services.jobs.queue_views(page.jobs)
+    listing = JobList(
+        data=[view_out(view, services, base_url) for view in views], next_cursor=page.next_cursor
     )
+    # Serialized once, here: the response model would validate every job again.
+    return Response(listing.model_dump_json(), media_type="application/json")
 
 
 @router.get(
@@ -283,8 +301,11 @@ def list_jobs(
     responses=error_responses(401, 404, 422, 503),
     summary="Read a job",
 )
-def get_job(job_id: str, services: ServicesDep, caller: CallerDep, request: Request) -> JobOut:
-    return job_out(services.owned_job(job_id, caller), services, services.base_url(request))
+async def get_job(
+    job_id: str, services: ServicesDep, caller: CallerDep, request: Request
+) -> JobOut:
+    view = await services.owned_view(job_id, caller)
+    return view_out(view, services, services.base_url(request))
 
 
 @router.post(

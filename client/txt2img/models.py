@@ -92,6 +92,7 @@ class JobOut(Answer):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     request: JobRequest
+    # 1, more once the job went back to the queue after a lost worker.
     attempt: int = 1
     queue_position: int | None = None
     eta_s: float | None = None

@@ -41,14 +41,15 @@ def test_missing_or_bad_keys_get_401(local_stack: Stack, headers: dict) -> None:
         assert response.headers["www-authenticate"] == "Bearer"
 
 
-def test_a_revoked_key_stops_working(local_stack: Stack) -> None:
+def test_a_revoked_key_stops_working_within_the_auth_cache_time(local_stack: Stack) -> None:
     key = local_stack.create_key("short-lived", 100)
     redis = Redis.from_url(local_stack.env["T2I_REDIS_URL"])
     with local_stack.client(key) as client:
         assert client.get("/v1/jobs").status_code == 200
         key_id = key.split("_")[1]
         assert redis.delete(f"t2i:apikey:{key_id}") == 1
-        assert client.get("/v1/jobs").status_code == 401
+        # The default T2I_AUTH_CACHE_S is 5 s; the rest is a loaded machine's slack.
+        wait_until(lambda: client.get("/v1/jobs").status_code == 401, 30, "the key to be refused")
 
 
 def test_another_key_cannot_see_touch_or_list_a_job(local_stack: Stack) -> None:
@@ -231,7 +232,8 @@ def test_keys_cli_creates_lists_and_revokes(local_stack: Stack) -> None:
     revoked = _cli(local_stack, "revoke", key_id)
     again = _cli(local_stack, "revoke", key_id)
     with local_stack.client(new_key) as client:
-        assert client.get("/v1/jobs").status_code == 401
+        # Within T2I_AUTH_CACHE_S (5 s), plus a loaded machine's slack.
+        wait_until(lambda: client.get("/v1/jobs").status_code == 401, 30, "the key to be refused")
     assert revoked.returncode == 0 and again.returncode == 1
     assert again.stderr.startswith("txt2img-keys: error:") and "Traceback" not in again.stderr
 
