@@ -83,6 +83,7 @@ class JobRequest(Answer):
     num_images: int = 1
     output_format: str = "png"
     webhook: dict[str, Any] | None = None
+    priority: str = "batch"
 
 
 class JobOut(Answer):
