@@ -34,7 +34,7 @@ def create_app() -> FastAPI:
     hooks_config = webhook_settings()
     redis = make_redis(core)
     celery = make_celery(core)
-    store = JobStore(redis, core.retention_s)
+    store = JobStore(redis, core.retention_s, core.worker_heartbeat_max_age_s)
     storage = make_storage(storage_config)
     hooks = Webhooks(redis, celery, hooks_config, core.retention_s)
     async_redis = AsyncRedis.from_url(
@@ -99,7 +99,11 @@ def create_app() -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(system.router)
-    app.include_router(metrics_router(QueueCollector(redis, core.worker_heartbeat_max_age_s)))
+    app.include_router(
+        metrics_router(
+            QueueCollector(redis, core.worker_heartbeat_max_age_s, api.metrics_key_labels)
+        )
+    )
     app.include_router(openai.router)
     app.include_router(a1111.router)
     install_openapi(app)

@@ -15,7 +15,7 @@ from api.deps import CallerDep, Services, ServicesDep
 from api.jobview import view_out
 from api.openapi import error_responses
 from shared.errors import ErrorType, ServiceError
-from shared.jobstore import QUEUE_KEY, events_key, job_key
+from shared.jobstore import events_key, job_key
 from shared.schema import TERMINAL_STATES, JobStatus
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ async def _stream(
             yield await _terminal_event(services, job_id, after, base_url)
             return
         if current.decode() == JobStatus.QUEUED:
-            position = await services.async_redis.zrank(QUEUE_KEY, job_id)
+            (position,) = await services.jobs.positions([job_id])
             if position is not None and position != last_position:
                 last_position = position
                 eta_s = (await services.jobs.rates()).eta_s(position)

@@ -25,8 +25,10 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.openapi import error_responses
-from shared.jobstore import QUEUE_KEY
+from shared.apikeys import KEY_INDEX
+from shared.jobstore import QUEUE_KEY, status_index_key
 from shared.queue import live_workers
+from shared.schema import JobStatus
 
 HTTP_REQUESTS = Counter(
     "txt2img_http_requests_total",
@@ -90,23 +92,65 @@ class QueueCollector(Collector):
     """Queue depth and live workers, read from Redis at scrape time (once, whichever process
     answers), so every API process reports the same numbers."""
 
-    def __init__(self, redis: Redis, worker_max_age_s: float) -> None:
+    def __init__(self, redis: Redis, worker_max_age_s: float, key_labels: bool = False) -> None:
         self._redis = redis
         self._max_age_s = worker_max_age_s
+        # Key ids as label values only when the operator asks: one series per key.
+        self._key_labels = key_labels
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             depth = self._redis.zcard(QUEUE_KEY)
             workers = live_workers(self._redis, self._max_age_s, time.time())
+            per_key = self._jobs_per_key()
         except RedisError:
             return
         yield GaugeMetricFamily("txt2img_queue_depth", "Jobs waiting for a worker", value=depth)
+        yield from self._key_metrics(per_key)
         alive = GaugeMetricFamily(
             "txt2img_workers_alive", "Render workers with a recent heartbeat", labels=["model"]
         )
         for model in sorted({worker.model for worker in workers}):
             alive.add_metric([model], sum(worker.model == model for worker in workers))
         yield alive
+
+    def _jobs_per_key(self) -> dict[str, tuple[int, int]]:
+        """(queued, running) of every key with either."""
+        key_ids = sorted(key_id.decode() for key_id in self._redis.smembers(KEY_INDEX))
+        with self._redis.pipeline(transaction=False) as pipe:
+            for key_id in key_ids:
+                pipe.zcard(status_index_key(key_id, JobStatus.QUEUED))
+                pipe.zcard(status_index_key(key_id, JobStatus.RUNNING))
+            counts = pipe.execute()
+        pairs = zip(counts[::2], counts[1::2], strict=True)
+        return {
+            key_id: (queued, running)
+            for key_id, (queued, running) in zip(key_ids, pairs, strict=True)
+            if queued or running
+        }
+
+    def _key_metrics(self, per_key: dict[str, tuple[int, int]]) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "txt2img_keys_with_queued_jobs",
+            "API keys with jobs waiting: how many share the pool",
+            value=sum(queued > 0 for queued, _ in per_key.values()),
+        )
+        most = GaugeMetricFamily(
+            "txt2img_key_jobs_max",
+            "The most jobs any one API key has, by status",
+            labels=["status"],
+        )
+        most.add_metric(["queued"], max((queued for queued, _ in per_key.values()), default=0))
+        most.add_metric(["running"], max((running for _, running in per_key.values()), default=0))
+        yield most
+        if self._key_labels:
+            jobs = GaugeMetricFamily(
+                "txt2img_key_jobs", "Jobs of each API key, by status", labels=["key", "status"]
+            )
+            for key_id, (queued, running) in per_key.items():
+                jobs.add_metric([key_id, "queued"], queued)
+                jobs.add_metric([key_id, "running"], running)
+            yield jobs
 
 
 def _exposition(queue: QueueCollector) -> bytes:

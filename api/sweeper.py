@@ -91,9 +91,12 @@ async def run_sweeper(services: Services) -> None:
 async def run_reaper(services: Services) -> None:
     def reap() -> str:
         reaped = reaper.reap_once()
-        if not (reaped.requeued or reaped.failed or reaped.resent):
+        if not (reaped.requeued or reaped.failed or reaped.resent or reaped.pumped):
             return ""
-        return f"{reaped.requeued} requeued, {reaped.failed} failed, {reaped.resent} sent again"
+        return (
+            f"{reaped.requeued} requeued, {reaped.failed} failed, {reaped.resent} sent again, "
+            f"{reaped.pumped} sent from the fair queues"
+        )
 
     reaper = services.reaper
     interval_s = services.api.reap_interval_s

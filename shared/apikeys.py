@@ -1,4 +1,5 @@
-"""API keys: stored only as SHA-256 hashes, each with a name, a rate limit and a webhook secret."""
+"""API keys: stored only as SHA-256 hashes, each with a name, a rate limit, its share of the
+worker pool (weight, cap on running jobs, allowed priorities) and a webhook secret."""
 
 import base64
 import hashlib
@@ -11,9 +12,30 @@ from datetime import UTC, datetime
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from shared.schema import PRIORITIES, Priority
+
 KEY_PREFIX = "t2i_"
-_RECORD_PREFIX = "t2i:apikey:"
-_INDEX = "t2i:apikeys"
+# The fair scheduler's scripts read a key's weight and cap from here too.
+RECORD_PREFIX = "t2i:apikey:"
+KEY_INDEX = "t2i:apikeys"
+
+
+@dataclass(frozen=True)
+class PoolShare:
+    """A key's share of the worker pool."""
+
+    # Relative to other keys with queued jobs: a key of weight 3 starts three jobs for one's one.
+    weight: int = 1
+    # Jobs sent to workers or running at once; 0: no cap.
+    max_running: int = 0
+    priorities: tuple[Priority, ...] = PRIORITIES
+
+    def fields(self) -> dict[str, str | int]:
+        return {
+            "weight": self.weight,
+            "max_running": self.max_running,
+            "priorities": ",".join(self.priorities),
+        }
 
 
 @dataclass(frozen=True)
@@ -22,6 +44,7 @@ class ApiKey:
     name: str
     rate_limit_per_min: int
     created_at: datetime
+    share: PoolShare = PoolShare()
 
 
 @dataclass(frozen=True)
@@ -59,51 +82,69 @@ class ApiKeyStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
 
-    def create(self, name: str, rate_limit_per_min: int) -> tuple[ApiKey, str]:
+    def create(
+        self, name: str, rate_limit_per_min: int, share: PoolShare | None = None
+    ) -> tuple[ApiKey, str]:
         """A new key; the plain key is returned once and never stored."""
+        share = share or PoolShare()
         key_id = secrets.token_hex(6)
         plain = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         created_at = datetime.now(UTC)
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(
-                _RECORD_PREFIX + key_id,
+                RECORD_PREFIX + key_id,
                 mapping={
                     "hash": _hash(plain),
                     "name": name,
                     "rate_limit_per_min": rate_limit_per_min,
                     "created_at": created_at.isoformat(),
                     "webhook_secret": new_webhook_secret(),
+                    **share.fields(),
                 },
             )
-            pipe.sadd(_INDEX, key_id)
+            pipe.sadd(KEY_INDEX, key_id)
             pipe.execute()
-        return ApiKey(key_id, name, rate_limit_per_min, created_at), plain
+        return ApiKey(key_id, name, rate_limit_per_min, created_at, share), plain
+
+    def update(
+        self, key_id: str, rate_limit_per_min: int | None = None, share: PoolShare | None = None
+    ) -> ApiKey | None:
+        """Change a key's limits; None when there is no such key. API processes see the change
+        within their auth cache's lifetime, the scheduler at once."""
+        if self.get(key_id) is None:
+            return None
+        fields: dict[str, str | int] = dict(share.fields()) if share else {}
+        if rate_limit_per_min is not None:
+            fields["rate_limit_per_min"] = rate_limit_per_min
+        if fields:
+            self._redis.hset(RECORD_PREFIX + key_id, mapping=fields)
+        return self.get(key_id)
 
     def authenticate(self, presented: str) -> ApiKey | None:
         parts = _split(presented)
         if parts is None:
             return None
         key_id, key = parts
-        return _verified(key_id, key, self._redis.hgetall(_RECORD_PREFIX + key_id))
+        return _verified(key_id, key, self._redis.hgetall(RECORD_PREFIX + key_id))
 
     def get(self, key_id: str) -> ApiKey | None:
-        record = self._redis.hgetall(_RECORD_PREFIX + key_id)
+        record = self._redis.hgetall(RECORD_PREFIX + key_id)
         return _decode(key_id, record) if record else None
 
     def all(self) -> list[ApiKey]:
-        keys = (self.get(key_id.decode()) for key_id in self._redis.smembers(_INDEX))
+        keys = (self.get(key_id.decode()) for key_id in self._redis.smembers(KEY_INDEX))
         return sorted((key for key in keys if key), key=lambda key: key.created_at)
 
     def revoke(self, key_id: str) -> bool:
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(_RECORD_PREFIX + key_id)
-            pipe.srem(_INDEX, key_id)
+            pipe.delete(RECORD_PREFIX + key_id)
+            pipe.srem(KEY_INDEX, key_id)
             deleted, _ = pipe.execute()
         return bool(deleted)
 
     def webhook_secrets(self, key_id: str) -> WebhookSecrets | None:
         current, previous, valid_until = self._redis.hmget(
-            _RECORD_PREFIX + key_id,
+            RECORD_PREFIX + key_id,
             ["webhook_secret", "previous_webhook_secret", "previous_valid_until"],
         )
         if current is None:
@@ -121,7 +162,7 @@ class ApiKeyStore:
             return None
         fresh = new_webhook_secret()
         self._redis.hset(
-            _RECORD_PREFIX + key_id,
+            RECORD_PREFIX + key_id,
             mapping={
                 "webhook_secret": fresh,
                 "previous_webhook_secret": secrets_now.current,
@@ -152,7 +193,7 @@ class CachedKeys:
         cached = self._valid.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
-        found = _verified(key_id, key, await self._redis.hgetall(_RECORD_PREFIX + key_id))
+        found = _verified(key_id, key, await self._redis.hgetall(RECORD_PREFIX + key_id))
         self._valid.pop(digest, None)
         if found is not None and self._ttl_s > 0:
             if len(self._valid) >= self._max_entries:
@@ -169,9 +210,21 @@ def _verified(key_id: str, key: str, record: dict[bytes, bytes]) -> ApiKey | Non
 
 
 def _decode(key_id: str, record: dict[bytes, bytes]) -> ApiKey:
+    # Keys made before pool shares existed have the defaults.
+    priorities = record.get(b"priorities")
+    share = PoolShare(
+        weight=int(record.get(b"weight", 1)),
+        max_running=int(record.get(b"max_running", 0)),
+        priorities=tuple(
+            priority for priority in PRIORITIES if priority in priorities.decode().split(",")
+        )
+        if priorities
+        else PRIORITIES,
+    )
     return ApiKey(
         id=key_id,
         name=record[b"name"].decode(),
         rate_limit_per_min=int(record[b"rate_limit_per_min"]),
         created_at=datetime.fromisoformat(record[b"created_at"].decode()),
+        share=share,
     )

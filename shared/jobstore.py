@@ -18,6 +18,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import NoScriptError
 
+from shared.fairshare import BAND_SIZE, LANES_KEY, POSITIONS_LUA, PRIORITY_BANDS, fair_lua
 from shared.queue import WORKERS_KEY
 from shared.ratelimit import TAKE_TOKEN_LUA, bucket_key
 from shared.schema import (
@@ -52,6 +53,8 @@ _JOB_PREFIX = "t2i:job:"
 _INDEX_PREFIX = "t2i:jobs:"
 _IDEMPOTENCY_PREFIX = "t2i:idem:"
 _THROUGHPUT_WINDOW_S = 120.0
+# How long a silent worker still counts toward the dispatch window (the API's default for /ready).
+DEFAULT_WORKER_MAX_AGE_S = 30.0
 _EWMA_WEIGHT = 0.2
 
 _EVENT = """
@@ -81,10 +84,11 @@ end
 """
 
 # KEYS: job, events, queue, owner's index, retention, sequence, idempotency key, dispatched,
-# owner's queued index, broker queue, the owner's rate-limit bucket. ARGV: job id, created
-# (epoch s), retention s, idempotency value ('' for none), idempotency TTL, event data, max queue
-# depth, retention member, the job's broker message ('' to send it separately), the bucket's
-# capacity (0: no limit) and tokens per second, then field/value pairs.
+# owner's queued index, broker queue (its lane), the owner's rate-limit bucket. ARGV: job id,
+# created (epoch s), retention s, idempotency value ('' for none), idempotency TTL, event data,
+# max queue depth, retention member, the lane ('' to send its message separately), the bucket's
+# capacity (0: no limit) and tokens per second, the job's priority band, then field/value pairs.
+# A job with a lane waits in its key's fair queue; the broker gets it when its turn comes.
 # Returns {1, seq, tokens}, {0, existing idempotency value, tokens}, {-1, depth, tokens} when the
 # queue is full, or {-2, 0, tokens} when the bucket is empty (tokens: left in the bucket).
 _CREATE = """
@@ -102,16 +106,22 @@ local depth = redis.call('ZCARD', KEYS[3])
 if depth >= tonumber(ARGV[7]) then return {-1, depth, tokens} end
 if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
 local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], unpack(ARGV, 12))
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
-redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[9], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[8])
 append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
--- The broker's Redis transport takes a message as a push onto the queue's list.
-if ARGV[9] ~= '' then redis.call('LPUSH', KEYS[10], ARGV[9]) end
+if ARGV[9] == '' then
+  -- Sent by the caller: from now on the reaper watches for its message.
+  redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
+else
+  local rank = string.format('%.0f', tonumber(ARGV[12]) * BAND_SIZE + seq)
+  redis.call('HSET', KEYS[1], 'lane', cjson.encode(ARGV[9]), 'rank', rank)
+  redis.call('SADD', 'LANES_KEY', ARGV[9])
+  pump(fair_enqueue(KEYS[1], ARGV[1]))
+end
 return {1, seq, tokens}
 """
 
@@ -133,6 +143,7 @@ for i = 8, n + 7 do
     if ARGV[2] ~= 'progress' then
       redis.call('ZREM', KEYS[3], ARGV[1])
       move_status(KEYS[1], ARGV[1], current, ARGV[2])
+      pump(fair_moved(KEYS[1], ARGV[1], current, ARGV[2]))
     end
     if is_terminal(ARGV[2]) then
       redis.call('ZREM', KEYS[4], ARGV[1])
@@ -187,7 +198,8 @@ return lost
 # ran out; 'lost': its message never reached a worker, sent before ARGV[5]; 'handed_back' by
 # worker ARGV[5]), now (epoch s), retention s, ARGV[5], most retries, then the failure's fields
 # (error, finished_at, event data) for a job past the cap. Starts the next attempt: queued,
-# nobody's, to be sent again. Returns {1, attempt}, {2, attempt} failed, {0} left alone.
+# nobody's, to be sent again. Returns {1, attempt, sent} (sent: 1 when its fair queue sends it,
+# 0 when the caller must), {2, attempt} failed, {0} left alone.
 _REQUEUE = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'retries')
 if f[1] ~= 'queued' and f[1] ~= 'running' then return {0} end
@@ -213,26 +225,52 @@ if why == 'lapsed' and retries > tonumber(ARGV[6]) then
   redis.call('ZREM', KEYS[5], ARGV[1])
   move_status(KEYS[1], ARGV[1], f[1], 'failed')
   append_event(KEYS[2], 'failed', ARGV[9], ARGV[4])
+  pump(fair_moved(KEYS[1], ARGV[1], f[1], 'failed'))
   return {2, attempt}
 end
 attempt = attempt + 1
--- Its new message joins the back of the broker queue, so its position does too.
 local seq = redis.call('INCR', KEYS[6])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', attempt, 'retries', retries,
            'worker', 'null', 'started_at', 'null', 'progress', 'null')
-redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 move_status(KEYS[1], ARGV[1], f[1], 'queued')
 local data = cjson.encode({status = 'queued', attempt = attempt, reason = why})
 append_event(KEYS[2], 'queued', data, ARGV[4])
-return {1, attempt}
+local lane = fair_moved(KEYS[1], ARGV[1], f[1], 'requeued')
+if lane then
+  -- Back in its key's queue at its old place; sent when its turn comes.
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  fair_enqueue(KEYS[1], ARGV[1])
+  pump(lane)
+  return {1, attempt, 1}
+end
+-- Its new message joins the back of the broker queue, so its position does too.
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+return {1, attempt, 0}
 """
 
 
-def _script(body: str) -> str:
+# Fills every lane's window; returns how many jobs it sent.
+_PUMP = """
+local sent = 0
+for _, lane in ipairs(redis.call('SMEMBERS', 'LANES_KEY')) do
+  local before = redis.call('ZCARD', fair_key(lane, 'ahead'))
+  pump(lane)
+  sent = sent + redis.call('ZCARD', fair_key(lane, 'ahead')) - before
+end
+return sent
+"""
+
+
+def _script(body: str, worker_max_age_s: float = DEFAULT_WORKER_MAX_AGE_S) -> str:
     script = _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
     script = script.replace("FINISHED_EVENTS_TTL", str(FINISHED_EVENTS_TTL_S))
-    return script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL).replace("INDEX_PREFIX", _INDEX_PREFIX)
+    script = script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL).replace("INDEX_PREFIX", _INDEX_PREFIX)
+    script = script.replace("DISPATCHED_KEY", DISPATCHED_KEY).replace("QUEUE_KEY", QUEUE_KEY)
+    script = script.replace("LANES_KEY", LANES_KEY).replace("BAND_SIZE", str(BAND_SIZE))
+    script = script.replace("JOB_PREFIX", _JOB_PREFIX)
+    # Put in front untouched: the message template it brings must not be rewritten.
+    return fair_lua(worker_max_age_s, DISPATCHED_KEY) + script
 
 
 def new_job_id() -> str:
@@ -311,6 +349,8 @@ class Requeued:
     requeued: bool
     failed: bool
     attempt: int | None
+    # True when its fair queue sends the new attempt; otherwise the caller sends it.
+    sent: bool = False
 
 
 @dataclass(frozen=True)
@@ -411,8 +451,7 @@ class _CreateCall:
         fingerprint: str | None,
         max_queue_depth: int,
         retention_s: int,
-        broker_queue: str = "",
-        message: str = "",
+        lane: str = "",
         rate_limit: RateLimit | None = None,
     ) -> "_CreateCall":
         fingerprint = fingerprint or request_fingerprint(record.request)
@@ -427,7 +466,7 @@ class _CreateCall:
             _idempotency_key(record.owner, idempotency_key or ""),
             DISPATCHED_KEY,
             status_index_key(record.owner, JobStatus.QUEUED),
-            broker_queue or QUEUE_KEY,
+            lane or QUEUE_KEY,
             bucket_key(rate_limit.key_id if rate_limit else "-"),
         ]
         args = [
@@ -439,9 +478,10 @@ class _CreateCall:
             json.dumps({"status": JobStatus.QUEUED.value}),
             max_queue_depth,
             _retention_member(record.owner, record.id),
-            message,
+            lane,
             rate_limit.per_minute if rate_limit else 0,
             rate_limit.per_minute / 60 if rate_limit else 0,
+            PRIORITY_BANDS[record.request.priority],
             *_encode_fields(record.model_dump(mode="json")),
         ]
         return cls(keys, args, record.id, fingerprint)
@@ -462,14 +502,21 @@ class _CreateCall:
 class JobStore:
     """Creates, reads, lists and moves jobs; a terminal job never changes again."""
 
-    def __init__(self, redis: Redis, retention_s: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        retention_s: int,
+        worker_max_age_s: float = DEFAULT_WORKER_MAX_AGE_S,
+    ) -> None:
         self._redis = redis
         self.retention_s = retention_s
-        self._create = redis.register_script(_script(TAKE_TOKEN_LUA + _CREATE))
-        self._cas = redis.register_script(_script(_COMPARE_AND_SET))
+        self._create = redis.register_script(_script(TAKE_TOKEN_LUA + _CREATE, worker_max_age_s))
+        self._cas = redis.register_script(_script(_COMPARE_AND_SET, worker_max_age_s))
         self._reserve = redis.register_script(_RESERVE)
         self._renew = redis.register_script(_RENEW)
-        self._requeue = redis.register_script(_script(_REQUEUE))
+        self._requeue = redis.register_script(_script(_REQUEUE, worker_max_age_s))
+        self._positions = redis.register_script(_script(POSITIONS_LUA, worker_max_age_s))
+        self._pump = redis.register_script(_script(_PUMP, worker_max_age_s))
 
     def create(
         self,
@@ -477,13 +524,15 @@ class JobStore:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         max_queue_depth: int = 2**31,
+        lane: str = "",
     ) -> Created:
-        """Store a new queued job; with an idempotency key, only if the key is new.
+        """Store a new queued job; with an idempotency key, only if the key is new. With a
+        `lane` (a broker queue), the job waits for its fair turn to be sent there.
 
         Raises QueueFull when `max_queue_depth` jobs are already queued.
         """
         call = _CreateCall.of(
-            record, idempotency_key, fingerprint, max_queue_depth, self.retention_s
+            record, idempotency_key, fingerprint, max_queue_depth, self.retention_s, lane
         )
         return call.outcome(self._create(keys=call.keys, args=call.args))
 
@@ -611,7 +660,10 @@ class JobStore:
             ],
         )
         attempt = int(outcome[1]) if len(outcome) > 1 else None
-        return Requeued(requeued=outcome[0] == 1, failed=outcome[0] == 2, attempt=attempt)
+        sent = len(outcome) > 2 and outcome[2] == 1
+        return Requeued(
+            requeued=outcome[0] == 1, failed=outcome[0] == 2, attempt=attempt, sent=sent
+        )
 
     def update_progress(self, job_id: str, holder: Holder, **progress: Any) -> CasResult:
         """Record progress, only while the job runs under this holder."""
@@ -647,8 +699,13 @@ class JobStore:
         )
 
     def queue_position(self, job_id: str) -> int | None:
-        """How many queued jobs are ahead of this one; None once it has left the queue."""
-        return self._redis.zrank(QUEUE_KEY, job_id)
+        """How many queued jobs will start before this one; None once it has left the queue."""
+        return _position(self._positions(args=[job_id])[0])
+
+    def pump(self) -> int:
+        """Fill every lane's dispatch window (a worker that joins, a missed trigger); the number
+        of jobs sent."""
+        return int(self._pump())
 
     def queue_depth(self) -> int:
         return self._redis.zcard(QUEUE_KEY)
@@ -711,9 +768,11 @@ class AsyncJobStore:
         self._redis = redis
         self.retention_s = retention_s
         self._worker_max_age_s = worker_max_age_s
-        self._create_script = _script(TAKE_TOKEN_LUA + _CREATE)
+        self._create_script = _script(TAKE_TOKEN_LUA + _CREATE, worker_max_age_s)
+        self._positions_script = _script(POSITIONS_LUA, worker_max_age_s)
         # Loaded once, not checked before every call as redis-py's pipelined scripts are.
         self._create_sha: str | None = None
+        self._positions_sha: str | None = None
 
     async def create(
         self,
@@ -721,27 +780,26 @@ class AsyncJobStore:
         idempotency_key: str | None,
         fingerprint: str,
         max_queue_depth: int,
-        broker_queue: str,
-        message: str,
+        lane: str,
         rate_limit: RateLimit,
     ) -> tuple[Created, JobView | None]:
-        """Spend a token of the caller's bucket, store a new queued job and push its broker
-        `message`, all in one script; in the same round trip, what its answer shows (None unless
-        it was created). Raises RateLimited or QueueFull."""
+        """Spend a token of the caller's bucket, store a new queued job in its key's fair queue
+        of `lane` (sent to that broker queue at once if its turn has come), all in one script;
+        in the same round trip, what its answer shows (None unless it was created). Raises
+        RateLimited or QueueFull."""
         call = _CreateCall.of(
             record,
             idempotency_key,
             fingerprint,
             max_queue_depth,
             self.retention_s,
-            broker_queue,
-            message,
+            lane,
             rate_limit,
         )
         replies = await self._create_and_read(call)
         if replies is None:
-            # Redis lost its scripts (a restart, a failover): load it again, once.
-            self._create_sha = None
+            # Redis lost its scripts (a restart, a failover): load them again, once.
+            self._create_sha = self._positions_sha = None
             replies = await self._create_and_read(call)
         if replies is None or isinstance(replies[0], Exception):
             raise replies[0] if replies else NoScriptError("the create script is not loaded")
@@ -755,21 +813,49 @@ class AsyncJobStore:
         Redis does not know the script."""
         if self._create_sha is None:
             self._create_sha = await self._redis.script_load(self._create_script)
+        positions_sha = await self._positions_sha_loaded()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.evalsha(self._create_sha, len(call.keys), *call.keys, *call.args)
-            pipe.zrank(QUEUE_KEY, call.job_id)
+            pipe.evalsha(positions_sha, 0, call.job_id)
             queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
             replies = await pipe.execute(raise_on_error=False)
-        return None if isinstance(replies[0], NoScriptError) else replies
+        if any(isinstance(reply, NoScriptError) for reply in replies[:2]):
+            return None
+        if not isinstance(replies[1], Exception):
+            replies[1] = _position(replies[1][0])
+        return replies
+
+    async def _positions_sha_loaded(self) -> str:
+        if self._positions_sha is None:
+            self._positions_sha = await self._redis.script_load(self._positions_script)
+        return self._positions_sha
+
+    async def positions(self, job_ids: list[str]) -> list[int | None]:
+        """Each queued job's place under the fair order (None once it left the queue)."""
+        if not job_ids:
+            return []
+        try:
+            replies = await self._redis.evalsha(await self._positions_sha_loaded(), 0, *job_ids)
+        except NoScriptError:
+            self._positions_sha = None
+            replies = await self._redis.evalsha(await self._positions_sha_loaded(), 0, *job_ids)
+        return [_position(reply) for reply in replies]
 
     async def read(self, job_id: str) -> JobView | None:
         """The job, its queue position and the queue's rates, in one round trip."""
+        positions_sha = await self._positions_sha_loaded()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(job_key(job_id))
-            pipe.zrank(QUEUE_KEY, job_id)
+            pipe.evalsha(positions_sha, 0, job_id)
             queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
-            replies = await pipe.execute()
-        raw, position = replies[0], replies[1]
+            replies = await pipe.execute(raise_on_error=False)
+        if isinstance(replies[1], NoScriptError):
+            self._positions_sha = None
+            return await self.read(job_id)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        raw, position = replies[0], _position(replies[1][0])
         if not raw:
             return None
         return JobView(_decode(raw), position, QueueRates.decode(replies))
@@ -811,22 +897,29 @@ class AsyncJobStore:
         more = await self._redis.zcount(index, "-inf", upper) > 0
         return JobPage(jobs, upper[1:] if more else None)
 
+    async def key_counts(self, owner: str | None) -> tuple[int, int]:
+        """(queued, running) jobs of one key, from its status indexes."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(status_index_key(owner, JobStatus.QUEUED))
+            pipe.zcard(status_index_key(owner, JobStatus.RUNNING))
+            queued, running = await pipe.execute()
+        return int(queued), int(running)
+
     async def queue_views(self, records: list[JobRecord]) -> list[JobView]:
         """Each record with its queue position (while queued), and the rates read once for all."""
         queued = [record.id for record in records if record.status is JobStatus.QUEUED]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for job_id in queued:
-                pipe.zrank(QUEUE_KEY, job_id)
-            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
-            replies = await pipe.execute()
-        rates = QueueRates.decode(replies)
-        positions = dict(zip(queued, replies, strict=False))
+        positions = dict(zip(queued, await self.positions(queued), strict=True))
+        rates = await self.rates()
         return [JobView(record, positions.get(record.id), rates) for record in records]
 
     async def rates(self) -> QueueRates:
         async with self._redis.pipeline(transaction=False) as pipe:
             queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
             return QueueRates.decode(await pipe.execute())
+
+
+def _position(reply: int) -> int | None:
+    return None if reply < 0 else int(reply)
 
 
 def _retention_member(owner: str | None, job_id: str) -> str:

@@ -1,5 +1,5 @@
 """Manage API keys directly in the service's Redis, an operator's tool:
-`python -m shared.keyadmin create|list|revoke|dev` (installed as `txt2img-keys`)."""
+`python -m shared.keyadmin create|update|list|revoke|dev` (installed as `txt2img-keys`)."""
 
 import argparse
 import os
@@ -10,8 +10,9 @@ from pathlib import Path
 from redis import Redis
 from redis.exceptions import RedisError
 
-from shared.apikeys import ApiKeyStore
+from shared.apikeys import ApiKey, ApiKeyStore, PoolShare
 from shared.queue import make_redis
+from shared.schema import PRIORITIES, Priority
 from shared.settings import Environment, api_settings, core_settings
 
 PROG = "txt2img-keys"
@@ -26,15 +27,62 @@ def _store() -> tuple[ApiKeyStore, Redis]:
     return ApiKeyStore(redis), redis
 
 
-def create(name: str, rate_limit_per_min: int | None) -> str:
+def _describe(key: ApiKey) -> str:
+    share = key.share
+    cap = share.max_running or "no cap"
+    return (
+        f"{key.rate_limit_per_min} jobs/min, weight {share.weight}, max running {cap}, "
+        f"priorities {','.join(share.priorities)}"
+    )
+
+
+def _priorities(value: str) -> tuple[Priority, ...]:
+    named = {part.strip() for part in value.split(",") if part.strip()}
+    unknown = named - set(PRIORITIES)
+    if unknown or not named:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(PRIORITIES)}, comma-separated")
+    return tuple(priority for priority in PRIORITIES if priority in named)
+
+
+def create(
+    name: str,
+    rate_limit_per_min: int | None,
+    weight: int = 1,
+    max_running: int | None = None,
+    priorities: tuple[Priority, ...] = PRIORITIES,
+) -> str:
     """Create a key and print it alone on the last line; it is never shown again."""
     store, _ = _store()
-    limit = rate_limit_per_min or api_settings().rate_limit_per_min
-    key, plain = store.create(name, limit)
-    print(f"created key {key.id} ({key.name!r}, {key.rate_limit_per_min} jobs/min)")
+    settings = api_settings()
+    limit = rate_limit_per_min or settings.rate_limit_per_min
+    cap = settings.max_running_per_key if max_running is None else max_running
+    key, plain = store.create(name, limit, PoolShare(weight, cap, priorities))
+    print(f"created key {key.id} ({key.name!r}, {_describe(key)})")
     print("keep it now: it is stored only as a hash and cannot be shown again")
     print(plain)
     return plain
+
+
+def update(
+    key_id: str,
+    rate_limit_per_min: int | None,
+    weight: int | None,
+    max_running: int | None,
+    priorities: tuple[Priority, ...] | None,
+) -> None:
+    """Change what is given of a key's limits; the rest stays."""
+    store, _ = _store()
+    key = store.get(key_id)
+    if key is None:
+        raise KeyAdminError(f"no API key with id {key_id!r}")
+    share = PoolShare(
+        weight=key.share.weight if weight is None else weight,
+        max_running=key.share.max_running if max_running is None else max_running,
+        priorities=key.share.priorities if priorities is None else priorities,
+    )
+    updated = store.update(key_id, rate_limit_per_min, share)
+    assert updated is not None
+    print(f"updated key {key_id}: {_describe(updated)}")
 
 
 def list_keys() -> None:
@@ -44,7 +92,7 @@ def list_keys() -> None:
         print("no API keys")
     for key in keys:
         created = f"{key.created_at:%Y-%m-%d %H:%M:%S}"
-        print(f"{key.id}  {created}  {key.rate_limit_per_min:>6} jobs/min  {key.name}")
+        print(f"{key.id}  {created}  {key.name}: {_describe(key)}")
 
 
 def revoke(key_id: str) -> None:
@@ -74,7 +122,15 @@ def ensure_development_key(path: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
-            create(args.name, args.rate_limit)
+            create(
+                args.name,
+                args.rate_limit,
+                args.weight or 1,
+                args.max_running,
+                args.priorities or PRIORITIES,
+            )
+        elif args.action == "update":
+            update(args.key_id, args.rate_limit, args.weight, args.max_running, args.priorities)
         elif args.action == "list":
             list_keys()
         elif args.action == "revoke":
@@ -102,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     create_parser.add_argument(
         "--rate-limit", type=int, help="jobs per minute (default: $T2I_RATE_LIMIT_PER_MIN)"
     )
+    _share_arguments(create_parser, creating=True)
+    update_parser = actions.add_parser("update", help="change a key's limits")
+    update_parser.add_argument("key_id", help="the id `list` shows")
+    update_parser.add_argument("--rate-limit", type=int, help="jobs per minute")
+    _share_arguments(update_parser, creating=False)
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke_parser = actions.add_parser("revoke", help="revoke a key by its id")
     revoke_parser.add_argument("key_id", help="the id `list` shows")
@@ -112,6 +173,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev_parser.add_argument("--file", default="data/dev-api-key", help="where the key is kept")
     return parser
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return number
+
+
+def _share_arguments(parser: argparse.ArgumentParser, creating: bool) -> None:
+    parser.add_argument(
+        "--weight",
+        type=_positive,
+        help="share of the worker pool against other busy keys" + (" (default: 1)" * creating),
+    )
+    parser.add_argument(
+        "--max-running",
+        type=_non_negative,
+        help="most jobs sent to workers or running at once, 0 for no cap"
+        + (" (default: $T2I_MAX_RUNNING_PER_KEY)" * creating),
+    )
+    parser.add_argument(
+        "--priorities",
+        type=_priorities,
+        help="the priorities its jobs may ask for: interactive,batch"
+        + (" (default: both)" * creating),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

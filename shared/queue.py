@@ -69,18 +69,25 @@ def send_render(app: Celery, queue: str, job_id: str, attempt: int) -> None:
     )
 
 
-def render_message(app: Celery, queue: str, job_id: str, attempt: int) -> str:
+def render_message(
+    app: Celery,
+    queue: str,
+    job_id: str,
+    attempt: int,
+    task_id: str | None = None,
+    delivery_tag: str | None = None,
+    origin: str = _ORIGIN,
+) -> str:
     """The message `send_render` would publish, as the broker's Redis transport stores it: a
-    normal Celery task message that the job store pushes onto the queue's list in the same
-    script that creates the job (one round trip, and no job without its message)."""
-    task_id = str(uuid.uuid4())
+    normal Celery task message (the fair scheduler's scripts fill in a template of it)."""
+    task_id = task_id or str(uuid.uuid4())
     kwargs = {"job_id": job_id, "attempt": attempt}
     task = app.amqp.as_task_v2(
         task_id,
         RENDER_TASK,
         args=(),
         kwargs=kwargs,
-        origin=_ORIGIN,
+        origin=origin,
         ignore_result=None,
         # Given, so Celery does not build them with its (slow) safe repr.
         argsrepr="()",
@@ -99,7 +106,7 @@ def render_message(app: Celery, queue: str, job_id: str, attempt: int) -> str:
                 "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": 0,
                 "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
+                "delivery_tag": delivery_tag or str(uuid.uuid4()),
             },
         }
     )

@@ -30,6 +30,8 @@ class Reaped:
     requeued: int = 0
     failed: int = 0
     resent: int = 0
+    # Jobs the round's pump of the fair queues sent (normally the scripts send them at once).
+    pumped: int = 0
 
 
 class Reaper:
@@ -67,7 +69,8 @@ class Reaper:
             self._redis_was_lost = False
         try:
             requeued, failed = self._lapsed_leases(now)
-            return Reaped(requeued=requeued, failed=failed, resent=self._lost_messages(now))
+            resent = self._lost_messages(now)
+            return Reaped(requeued, failed, resent, pumped=self._store.pump())
         except RedisError:
             self.redis_lost()
             raise
@@ -96,7 +99,8 @@ class Reaper:
                 failed += 1
             elif outcome.requeued:
                 log.warning("job %s: its lease lapsed; sending attempt %d", job_id, outcome.attempt)
-                self._send_quietly(job_id, outcome.attempt)
+                if not outcome.sent:
+                    self._send_quietly(job_id, outcome.attempt)
                 requeued += 1
         return requeued, failed
 
@@ -124,7 +128,8 @@ class Reaper:
             )
             if outcome.requeued and outcome.attempt is not None:
                 log.warning("job %s lost its message; sending attempt %d", job_id, outcome.attempt)
-                self._send_quietly(job_id, outcome.attempt)
+                if not outcome.sent:
+                    self._send_quietly(job_id, outcome.attempt)
                 resent += 1
         return resent
 

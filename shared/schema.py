@@ -12,6 +12,9 @@ Scheduler = Literal[
     "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"
 ]
 OutputFormat = Literal["png", "jpeg", "webp"]
+# Within one API key's jobs, interactive ones start before batch ones.
+Priority = Literal["interactive", "batch"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "batch")
 
 
 def _integral(value: object) -> object:
@@ -99,6 +102,11 @@ class GenerationRequest(BaseModel):
     num_images: ImageCount = Field(default=1, description="image i gets seed + i")
     output_format: OutputFormat = "png"
     webhook: WebhookSpec | None = None
+    priority: Priority = Field(
+        default="batch",
+        description="`interactive` jobs of a key start before its `batch` jobs; a key may be "
+        "limited to some priorities",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -259,8 +267,19 @@ class JobOut(BaseModel):
     batch: BatchInfo | None = None
 
 
+class KeyUsage(BaseModel):
+    """The calling key's jobs now, and its share of the worker pool."""
+
+    queued: int = Field(description="its jobs waiting for a worker")
+    running: int = Field(description="its jobs rendering")
+    weight: int = Field(description="its share of the pool against other keys with queued jobs")
+    max_running: int | None = Field(description="the most jobs it may have running; null: no cap")
+    priorities: list[Priority] = Field(description="the priorities its jobs may ask for")
+
+
 class JobList(BaseModel):
     data: list[JobOut]
     next_cursor: str | None = Field(
         description="pass as `cursor` for the next page; null at the end"
     )
+    key: KeyUsage

@@ -100,6 +100,12 @@ class ApiSettings(_T2ISettings):
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     # Applies to job submissions; the default for keys created without their own limit.
     rate_limit_per_min: int = Field(default=60, ge=1)
+    # The cap on a key's jobs sent to workers or running at once, for keys created without their
+    # own (`txt2img-keys create --max-running`); 0: no cap, the key's weight alone shares the pool.
+    max_running_per_key: int = Field(default=0, ge=0)
+    # /metrics shows each key's queued and running jobs with its id as a label (one series per
+    # key); off, only how many keys wait and the largest counts.
+    metrics_key_labels: bool = False
     max_queue_depth: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)
     # uvicorn processes; their metrics are summed (prometheus-client's multiprocess mode).

@@ -108,7 +108,7 @@ def main() -> int:
 
     redis = make_redis(core)
     app = make_celery(core)
-    store = JobStore(redis, core.retention_s)
+    store = JobStore(redis, core.retention_s, core.worker_heartbeat_max_age_s)
     cancels = CancelWatcher(redis, store)
     cancels.start()
     worker_name = f"render@{socket.gethostname()}.{os.getpid()}"
@@ -149,7 +149,7 @@ def main() -> int:
     supervisor = Supervisor(
         executor,
         leases,
-        Heartbeat(redis, worker_name, info),
+        Heartbeat(redis, worker_name, info, after_beat=store.pump),
         interval_s=min(settings.heartbeat_interval_s, core.lease_s / 3),
     )
 

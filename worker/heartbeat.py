@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -16,9 +17,17 @@ _FORGET_AFTER_S = 24 * 3600
 
 
 class Heartbeat:
-    def __init__(self, redis: Redis, worker_name: str, info: WorkerInfo | None = None) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        worker_name: str,
+        info: WorkerInfo | None = None,
+        after_beat: Callable[[], object] | None = None,
+    ) -> None:
         self._redis = redis
         self._name = worker_name
+        # Run once the worker counts as live: it fills the dispatch window its arrival widened.
+        self._after_beat = after_beat
         # What /info reports about this worker, written with each beat.
         self._info = None if info is None else info.model_dump_json()
 
@@ -32,6 +41,8 @@ class Heartbeat:
                 pipe.set(worker_info_key(self._name), self._info, ex=_FORGET_AFTER_S)
                 pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - _FORGET_AFTER_S)
                 pipe.execute()
+            if self._after_beat is not None:
+                self._after_beat()
         except RedisError as exc:
             log.warning("heartbeat to Redis failed: %s", exc)
 

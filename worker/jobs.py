@@ -320,7 +320,8 @@ class JobRunner:
             if not requeued.requeued or requeued.attempt is None:
                 return
             log.info("handed back job %s as attempt %d", job_id, requeued.attempt)
-            self.send_render(job_id, requeued.attempt)
+            if not requeued.sent:
+                self.send_render(job_id, requeued.attempt)
         except Exception as exc:
             # Its lease lapses, or the reaper sends the unreserved job again.
             log.warning("could not hand back job %s: %s", job_id, exc)

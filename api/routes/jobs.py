@@ -28,7 +28,6 @@ from shared.jobstore import (
     utc_now,
 )
 from shared.metrics import count_finished
-from shared.queue import render_message
 from shared.ratelimit import Decision
 from shared.schema import (
     CONTENT_TYPES,
@@ -38,6 +37,7 @@ from shared.schema import (
     JobOut,
     JobRecord,
     JobStatus,
+    KeyUsage,
 )
 from shared.webhooks import WebhookRefused, check_webhook_url
 
@@ -90,6 +90,16 @@ def _check_webhook(generation: GenerationRequest, services: Services) -> None:
             f"the webhook URL is refused: {exc}",
             [{"loc": ["body", "webhook", "url"], "msg": str(exc), "type": "webhook_refused"}],
         ) from exc
+
+
+def _check_priority(generation: GenerationRequest, caller: ApiKey) -> None:
+    allowed = caller.share.priorities
+    if generation.priority not in allowed:
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR,
+            f"this API key may submit only {' and '.join(allowed)} jobs",
+            [{"loc": ["body", "priority"], "msg": "priority not allowed", "type": "priority"}],
+        )
 
 
 def _rate_limited(decision: Decision) -> ServiceError:
@@ -146,6 +156,7 @@ async def submit(
 ) -> Submission:
     """The one way a job comes to be, whichever API asked: limits, the job record, the queue."""
     _check_pixel_budget(generation, services.api.max_pixels_per_job)
+    _check_priority(generation, caller)
     if generation.webhook is not None:
         # It may resolve the host name: off the event loop.
         await run_in_threadpool(_check_webhook, generation, services)
@@ -187,14 +198,12 @@ async def _enqueue(
     )
     # The fingerprint is of the body as sent, so a retry without a seed matches its original.
     fingerprint = request_fingerprint(generation)
-    queue = services.core.queue_name
     created, view = await services.jobs.create(
         record,
         idempotency_key,
         fingerprint,
         services.api.max_queue_depth,
-        queue,
-        render_message(services.celery, queue, record.id, record.attempt),
+        services.core.queue_name,
         RateLimit(caller.id, caller.rate_limit_per_min),
     )
     tokens_left = created.tokens_left or 0.0
@@ -288,8 +297,18 @@ async def list_jobs(
     page = await services.jobs.page(caller.id, limit, cursor, status_filter)
     base_url = services.base_url(request)
     views = await services.jobs.queue_views(page.jobs)
+    queued, running = await services.jobs.key_counts(caller.id)
+    share = caller.share
     listing = JobList(
-        data=[view_out(view, services, base_url) for view in views], next_cursor=page.next_cursor
+        data=[view_out(view, services, base_url) for view in views],
+        next_cursor=page.next_cursor,
+        key=KeyUsage(
+            queued=queued,
+            running=running,
+            weight=share.weight,
+            max_running=share.max_running or None,
+            priorities=list(share.priorities),
+        ),
     )
     # Serialized once, here: the response model would validate every job again.
     return Response(listing.model_dump_json(), media_type="application/json")

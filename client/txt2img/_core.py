@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Generic, TypedDict, TypeVar
+from typing import Any, BinaryIO, Generic, Literal, TypedDict, TypeVar
 
 import httpx
 
@@ -56,6 +56,7 @@ class GenerationFields(TypedDict, total=False):
     num_images: int
     output_format: OutputFormat
     webhook: dict[str, Any]
+    priority: Literal["interactive", "batch"]
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ def _generation_fields(args: argparse.Namespace) -> GenerationFields:
         "seed": args.seed,
         "num_images": args.num_images,
         "output_format": output_format,
+        "priority": args.priority,
     }
     return cast(
         GenerationFields, {name: value for name, value in pairs.items() if value is not None}
@@ -156,6 +157,12 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--seed", type=int, help="image i gets SEED + i (default: random, picked by the server)"
     )
     parser.add_argument("-N", "--num-images", type=int, default=1, help="images to render")
+    parser.add_argument(
+        "--priority",
+        choices=["interactive", "batch"],
+        default="batch",
+        help="interactive jobs start before the same key's batch jobs",
+    )
     parser.add_argument(
         "-f",
         "--format",

@@ -83,6 +83,7 @@ class JobRequest(Answer):
     num_images: int = 1
     output_format: str = "png"
     webhook: dict[str, Any] | None = None
+    priority: str = "batch"
 
 
 class JobOut(Answer):
@@ -103,6 +104,17 @@ class JobOut(Answer):
     batch: BatchInfo | None = None
 
 
+class KeyUsage(Answer):
+    """The calling key's queued and running jobs, and its share of the worker pool."""
+
+    queued: int
+    running: int
+    weight: int = 1
+    max_running: int | None = None
+    priorities: list[str] = Field(default_factory=list)
+
+
 class JobList(Answer):
     data: list[JobOut]
     next_cursor: str | None = None
+    key: KeyUsage | None = None

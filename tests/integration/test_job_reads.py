@@ -23,7 +23,7 @@ from shared.jobstore import (
     status_index_key,
     utc_now,
 )
-from shared.queue import make_celery, render_message, send_render
+from shared.queue import make_celery, send_render
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from shared.settings import CoreSettings
 
@@ -156,13 +156,12 @@ def test_the_created_jobs_message_is_the_one_celery_would_publish(redis_client: 
     kwargs = redis_client.connection_pool.connection_kwargs
     celery = make_celery(CoreSettings(redis_url=f"redis://127.0.0.1:{kwargs['port']}/15"))
     record = _record()
-    message = render_message(celery, "renders", record.id, record.attempt)
 
     async def create() -> None:
         store = _async_store(redis_client)
         fingerprint = request_fingerprint(record.request)
         limit = RateLimit(OWNER, per_minute=60)
-        await store.create(record, None, fingerprint, 100, "renders", message, limit)
+        await store.create(record, None, fingerprint, 100, "renders", limit)
 
     asyncio.run(create())
     ours = _pushed(redis_client, "renders")

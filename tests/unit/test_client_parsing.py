@@ -195,6 +195,7 @@ def test_answers_with_fields_the_client_does_not_know_still_parse() -> None:
         (txt2img.models.JobRequest, schema.GenerationRequest),
         (txt2img.models.Timings, schema.Timings),
         (txt2img.models.BatchInfo, schema.BatchInfo),
+        (txt2img.models.KeyUsage, schema.KeyUsage),
     ],
 )
 def test_the_client_reads_every_field_the_server_sends(
