@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 from redis import Redis
 
+from shared.schema import SAFETY_ACTIONS, SafetyAction
+
 KEY_PREFIX = "t2i_"
 _RECORD_PREFIX = "t2i:apikey:"
 _INDEX = "t2i:apikeys"
@@ -20,6 +22,8 @@ class ApiKey:
     name: str
     rate_limit_per_min: int
     created_at: datetime
+    # Stricter than the deployment's T2I_SAFETY_ACTION, or None to follow it.
+    safety_action: SafetyAction | None = None
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,9 @@ class ApiKeyStore:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
 
-    def create(self, name: str, rate_limit_per_min: int) -> tuple[ApiKey, str]:
+    def create(
+        self, name: str, rate_limit_per_min: int, safety_action: SafetyAction | None = None
+    ) -> tuple[ApiKey, str]:
         """A new key; the plain key is returned once and never stored."""
         key_id = secrets.token_hex(6)
         plain = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
@@ -71,11 +77,12 @@ class ApiKeyStore:
                     "rate_limit_per_min": rate_limit_per_min,
                     "created_at": created_at.isoformat(),
                     "webhook_secret": new_webhook_secret(),
+                    "safety_action": safety_action or "",
                 },
             )
             pipe.sadd(_INDEX, key_id)
             pipe.execute()
-        return ApiKey(key_id, name, rate_limit_per_min, created_at), plain
+        return ApiKey(key_id, name, rate_limit_per_min, created_at, safety_action), plain
 
     def authenticate(self, presented: str) -> ApiKey | None:
         parts = _split(presented)
@@ -139,4 +146,9 @@ def _decode(key_id: str, record: dict[bytes, bytes]) -> ApiKey:
         name=record[b"name"].decode(),
         rate_limit_per_min=int(record[b"rate_limit_per_min"]),
         created_at=datetime.fromisoformat(record[b"created_at"].decode()),
+        safety_action=_safety_action(record.get(b"safety_action", b"").decode()),
     )
+
+
+def _safety_action(value: str) -> SafetyAction | None:
+    return next((action for action in SAFETY_ACTIONS if action == value), None)

@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 
 from shared.apikeys import ApiKeyStore
 from shared.queue import make_redis
+from shared.schema import SAFETY_ACTIONS, SafetyAction
 from shared.settings import Environment, api_settings, core_settings
 
 PROG = "txt2img-keys"
@@ -26,12 +27,15 @@ def _store() -> tuple[ApiKeyStore, Redis]:
     return ApiKeyStore(redis), redis
 
 
-def create(name: str, rate_limit_per_min: int | None) -> str:
+def create(
+    name: str, rate_limit_per_min: int | None, safety_action: SafetyAction | None = None
+) -> str:
     """Create a key and print it alone on the last line; it is never shown again."""
     store, _ = _store()
     limit = rate_limit_per_min or api_settings().rate_limit_per_min
-    key, plain = store.create(name, limit)
-    print(f"created key {key.id} ({key.name!r}, {key.rate_limit_per_min} jobs/min)")
+    key, plain = store.create(name, limit, safety_action)
+    safety = f", safety action {key.safety_action}" if key.safety_action else ""
+    print(f"created key {key.id} ({key.name!r}, {key.rate_limit_per_min} jobs/min{safety})")
     print("keep it now: it is stored only as a hash and cannot be shown again")
     print(plain)
     return plain
@@ -74,7 +78,7 @@ def ensure_development_key(path: Path) -> None:
 def _run(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
-            create(args.name, args.rate_limit)
+            create(args.name, args.rate_limit, args.safety_action)
         elif args.action == "list":
             list_keys()
         elif args.action == "revoke":
@@ -101,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     create_parser.add_argument("--name", required=True, help="who the key is for")
     create_parser.add_argument(
         "--rate-limit", type=int, help="jobs per minute (default: $T2I_RATE_LIMIT_PER_MIN)"
+    )
+    create_parser.add_argument(
+        "--safety-action",
+        choices=SAFETY_ACTIONS,
+        help="for flagged images, stricter than $T2I_SAFETY_ACTION (default: follow it)",
     )
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke_parser = actions.add_parser("revoke", help="revoke a key by its id")

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import CallerDep, Services, ServicesDep
 from api.events import wait_until_terminal
+from api.images import InputImages, read_input_images
 from api.jobview import job_out
 from api.metrics import JOBS_SUBMITTED
 from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
@@ -22,7 +23,7 @@ from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import CasResult, QueueFull, new_job_id, request_fingerprint, utc_now
 from shared.metrics import count_finished
-from shared.queue import send_render
+from shared.queue import live_models, render_queue, send_render
 from shared.schema import (
     CONTENT_TYPES,
     MAX_SEED,
@@ -31,7 +32,9 @@ from shared.schema import (
     JobOut,
     JobRecord,
     JobStatus,
+    strictest,
 )
+from shared.storage import StorageError, input_key, job_prefix
 from shared.webhooks import WebhookRefused, check_webhook_url
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,60 @@ class Submission:
     rate_limit: Decision
 
 
+def _check_model_served(generation: GenerationRequest, services: Services) -> None:
+    """A request may name the default model at any time (its jobs wait for a worker, as ever);
+    another model only while a live worker serves it: nothing would ever take its jobs."""
+    model = generation.model
+    if model is None or model == services.core.deployment_model:
+        return
+    served = live_models(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    if model not in served:
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR,
+            f"no live worker serves the model {model!r}; GET /v1/models lists those served",
+            [{"loc": ["body", "model"], "msg": "model not served", "type": "model_not_served"}],
+        )
+
+
+def _resolved(
+    generation: GenerationRequest, services: Services, caller: ApiKey, inputs: InputImages | None
+) -> GenerationRequest:
+    """The request as the job keeps it: a seed, the model, the safety action in force, and each
+    input image by its SHA-256 (its bytes are in storage)."""
+    update: dict[str, object] = {
+        "model": generation.model or services.core.deployment_model,
+        "safety_action": strictest(
+            services.api.safety_action, caller.safety_action, generation.safety_action
+        ),
+    }
+    if generation.seed is None:
+        update["seed"] = secrets.randbelow(MAX_SEED + 1)
+    if inputs is not None:
+        update["init_image"] = f"sha256:{inputs.init.sha256}"
+        if inputs.mask is not None:
+            update["mask_image"] = f"sha256:{inputs.mask.sha256}"
+    return generation.model_copy(update=update)
+
+
+def _store_inputs(services: Services, job_id: str, inputs: InputImages | None) -> None:
+    if inputs is None:
+        return
+    prefix = services.storage_settings.key_prefix
+    # A storage failure here is a 503, like any other.
+    services.storage.put(input_key(prefix, job_id, "init"), inputs.init.png, "image/png")
+    if inputs.mask is not None:
+        services.storage.put(input_key(prefix, job_id, "mask"), inputs.mask.png, "image/png")
+
+
+def _forget_inputs(services: Services, job_id: str, inputs: InputImages | None) -> None:
+    if inputs is None:
+        return
+    try:
+        services.storage.delete_prefix(job_prefix(services.storage_settings.key_prefix, job_id))
+    except StorageError as exc:
+        log.warning("could not delete the input images of unmade job %s: %s", job_id, exc)
+
+
 async def submit(
     services: Services,
     caller: ApiKey,
@@ -135,17 +192,26 @@ async def submit(
     """The one way a job comes to be, whichever API asked: limits, the job record, the queue."""
     _check_pixel_budget(generation, services.api.max_pixels_per_job)
     await run_in_threadpool(_check_webhook, generation, services)
+    await run_in_threadpool(_check_model_served, generation, services)
+    inputs = await run_in_threadpool(
+        read_input_images, generation, services.api, services.webhook_settings
+    )
     decision = await run_in_threadpool(
         services.rate_limiter.take, caller.id, caller.rate_limit_per_min
     )
     if not decision.allowed:
         raise _rate_limited(decision)
+    job_id = new_job_id()
+    await run_in_threadpool(_store_inputs, services, job_id, inputs)
     try:
         record, created = await run_in_threadpool(
-            _enqueue, services, caller, generation, idempotency_key
+            _enqueue, services, caller, generation, idempotency_key, job_id, inputs
         )
     except QueueFull as full:
+        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
         raise _queue_full(services, full.depth, decision) from full
+    if not created:
+        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
     return Submission(record, created, decision)
 
 
@@ -160,14 +226,17 @@ def cancel(services: Services, record: JobRecord) -> CasResult:
 
 
 def _enqueue(
-    services: Services, caller: ApiKey, generation: GenerationRequest, idempotency_key: str | None
+    services: Services,
+    caller: ApiKey,
+    generation: GenerationRequest,
+    idempotency_key: str | None,
+    job_id: str,
+    inputs: InputImages | None,
 ) -> tuple[JobRecord, bool]:
     """Create the job (or find the one this idempotency key made) and send it to the workers."""
-    resolved = generation
-    if generation.seed is None:
-        resolved = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+    resolved = _resolved(generation, services, caller, inputs)
     record = JobRecord(
-        id=new_job_id(),
+        id=job_id,
         owner=caller.id,
         status=JobStatus.QUEUED,
         created_at=utc_now(),
@@ -190,10 +259,11 @@ def _enqueue(
             # The earlier job is past its retention; the key no longer protects anything.
             assert idempotency_key is not None
             services.store.forget_idempotency_key(caller.id, idempotency_key)
-            return _enqueue(services, caller, generation, idempotency_key)
+            return _enqueue(services, caller, generation, idempotency_key, job_id, inputs)
         return earlier, False
     try:
-        send_render(services.celery, services.core.queue_name, record.id, record.attempt)
+        queue = render_queue(services.core, resolved.model)
+        send_render(services.celery, queue, record.id, record.attempt)
     except Exception as exc:
         # The job is stored: the reaper sends an unreserved job whose message never came.
         log.warning("could not send job %s yet: %s", record.id, exc, extra={"job_id": record.id})

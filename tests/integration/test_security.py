@@ -98,11 +98,12 @@ def test_a_full_queue_gets_429_with_retry_after(workerless_api: Stack) -> None:
     assert "ratelimit-limit" in answers[3].headers
 
 
-def test_a_10_mb_body_gets_413_without_the_api_holding_it(local_stack: Stack) -> None:
+def test_a_32_mb_body_gets_413_without_the_api_holding_it(local_stack: Stack) -> None:
+    # Over the cap of a body with two input images (8 MiB each, base64) too.
     assert local_stack.api is not None and local_stack.api.popen is not None
     pid = local_stack.api.popen.pid
     before = _rss_kib(pid)
-    size = 10 * 1024 * 1024
+    size = 32 * 1024 * 1024
     with socket.create_connection(("127.0.0.1", local_stack.api_port), timeout=10) as sock:
         sock.sendall(
             b"POST /v1/jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -116,7 +117,7 @@ def test_a_10_mb_body_gets_413_without_the_api_holding_it(local_stack: Stack) ->
         reply = sock.recv(65536).decode(errors="replace")
 
     def chunks():
-        for _ in range(10):
+        for _ in range(32):
             yield b"y" * (1024 * 1024)
 
     with local_stack.client() as client:
