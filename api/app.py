@@ -27,7 +27,6 @@ from shared.settings import api_settings, core_settings, storage_settings, webho
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
 
-
 # The routes whose bodies may carry input images.
 IMAGE_PATHS = frozenset({"/v1/jobs", "/sdapi/v1/img2img"})
 

@@ -118,9 +118,7 @@ def _open(data: bytes, mode: str, max_pixels: int) -> Image.Image:
     return image.convert(mode)
 
 
-def _read(
-    source: str, mode: str, api: ApiSettings, webhooks: WebhookSettings
-) -> InputImage:
+def _read(source: str, mode: str, api: ApiSettings, webhooks: WebhookSettings) -> InputImage:
     limit = api.max_input_image_bytes
     data = _fetch(source, api, webhooks) if _URL.match(source) else _decode_base64(source, limit)
     image = _open(data, mode, api.max_input_image_pixels)

@@ -32,10 +32,10 @@ from shared.views import public_job
 from shared.webhooks import (
     DELIVER_TASK,
     Target,
-    pinned_url,
     WebhookRefused,
     Webhooks,
     check_webhook_url,
+    pinned_url,
     signed_headers,
 )
 from worker.metrics_server import MetricsPortInUse, WorkerProbes

@@ -399,5 +399,9 @@ def download_image(
     if index >= len(record.images):
         raise ServiceError(ErrorType.NOT_FOUND, f"the job has {len(record.images)} image(s)")
     image = record.images[index]
+    if image.key is None:
+        raise ServiceError(
+            ErrorType.NOT_FOUND, f"image {index} was filtered by the safety checker and not stored"
+        )
     media_type = image_media_type(image.content_type, accept)
     return Response(services.storage.get(image.key), media_type=media_type)
