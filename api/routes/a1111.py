@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.compat import DialectRoute, Finished, generate
 from api.deps import BearerOrBasicCallerDep, Services, ServicesDep
@@ -23,6 +23,7 @@ from shared.schema import (
     Dimension,
     GenerationRequest,
     GuidanceScale,
+    InputImage,
     JobStatus,
     NegativePrompt,
     Prompt,
@@ -136,6 +137,31 @@ class Txt2ImgRequest(BaseModel):
         chosen = SCHEDULER_BY_SAMPLER[self.sampler_name or self.sampler_index or DEFAULT_SAMPLER]
         karras = (self.scheduler or "automatic").lower() == "karras"
         return "dpmpp_2m_karras" if karras and chosen == "dpmpp_2m" else chosen
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img request: txt2img's fields, a starting image and, for inpainting, a mask.
+    `resize_mode`, `mask_blur`, `inpainting_fill`, `inpaint_full_res` and
+    `inpainting_mask_invert` are accepted and ignored: the image is resized to width x height,
+    and the area the mask keeps is the input image itself."""
+
+    init_images: list[InputImage] = Field(
+        min_length=1, max_length=1, description="one image, base64 (or a data: URL)"
+    )
+    mask: InputImage | None = Field(default=None, description="white repaints, black keeps")
+    denoising_strength: Annotated[float, Field(gt=0, le=1)] = 0.75
+
+    def generation(self) -> GenerationRequest:
+        fields = {
+            **super().generation().model_dump(),
+            "init_image": self.init_images[0],
+            "mask_image": self.mask,
+            "strength": self.denoising_strength,
+        }
+        try:
+            return GenerationRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise _invalid("denoising_strength", exc.errors()[0]["msg"]) from exc
 
 
 def _invalid(field: str, message: str) -> ServiceError:
@@ -285,10 +311,34 @@ async def txt2img(
     model = await run_in_threadpool(finished.model, services)
     answer = Txt2ImgResponse(
         images=[base64.b64encode(file).decode() for file in files],
-        parameters=body.model_dump(mode="json"),
+        # Input images are not echoed back.
+        parameters=body.model_dump(mode="json", exclude={"init_images", "mask"}),
         info=json.dumps(_info(finished, body, model, request.app.version)),
     )
     return JSONResponse(answer.model_dump(mode="json"), headers=finished.rate_limit.headers())
+
+
+@router.post(
+    "/img2img",
+    response_model=Txt2ImgResponse,
+    responses={
+        200: {"headers": RATE_LIMIT_HEADERS},
+        **error_responses(401, 409, 413, 422, 429, 503, 504, model=A1111Error),
+    },
+    summary="Image-to-image and inpainting (AUTOMATIC1111 img2img)",
+    description=(
+        "A1111's img2img: txt2img's fields with `init_images` (one base64 image), "
+        "`denoising_strength` and, for inpainting, `mask`. The job goes through `POST /v1/jobs`'s "
+        "path, input image checks included (a bad image is a 422)."
+    ),
+)
+async def img2img(
+    body: Img2ImgRequest,
+    services: ServicesDep,
+    caller: BearerOrBasicCallerDep,
+    request: Request,
+) -> JSONResponse:
+    return await txt2img(body, services, caller, request)
 
 
 @router.get(
