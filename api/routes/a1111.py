@@ -139,11 +139,44 @@ class Txt2ImgRequest(BaseModel):
         return "dpmpp_2m_karras" if karras and chosen == "dpmpp_2m" else chosen
 
 
+# An 8x8 grey PNG, base64 (resized to width x height like any input).
+_EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNsYIAAJgaK"
+    "GAAmCACQXTClHgAAAABJRU5ErkJggg=="
+)
+
+
 class Img2ImgRequest(Txt2ImgRequest):
     """A1111's img2img request: txt2img's fields, a starting image and, for inpainting, a mask.
     `resize_mode`, `mask_blur`, `inpainting_fill`, `inpaint_full_res` and
     `inpainting_mask_invert` are accepted and ignored: the image is resized to width x height,
     and the area the mask keeps is the input image itself."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "the same street in winter",
+                    "init_images": [_EXAMPLE_IMAGE],
+                    "denoising_strength": 0.6,
+                    "steps": 20,
+                    "width": 256,
+                    "height": 256,
+                },
+                {
+                    "prompt": "a red door",
+                    "init_images": [_EXAMPLE_IMAGE],
+                    "mask": _EXAMPLE_IMAGE,
+                    "denoising_strength": 1.0,
+                    "steps": 20,
+                    "width": 256,
+                    "height": 256,
+                },
+            ]
+        },
+    )
 
     init_images: list[InputImage] = Field(
         min_length=1, max_length=1, description="one image, base64 (or a data: URL)"
