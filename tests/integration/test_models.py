@@ -24,7 +24,11 @@ def two_models(
     """The default model's stack, and a second worker serving the second tiny model from its
     single-file checkpoint, under the name requests route by."""
     checkpoint = ensure_second_tiny_model(model_cache).with_suffix(".safetensors")
-    stacks = run_stack("two-models", 9, redis_port, workdir, model_cache)
+    # A busy worker on a loaded machine may miss a heartbeat or two: a model stays served here
+    # unless its worker is silent for 15 s.
+    stacks = run_stack(
+        "two-models", 9, redis_port, workdir, model_cache, T2I_WORKER_HEARTBEAT_MAX_AGE_S="15"
+    )
     stack = next(stacks)
     second = Process(
         "second-worker",
@@ -74,6 +78,10 @@ def test_models_lists_both_models_with_their_workers_and_queues(
         {"id": "tiny", "default": True, "workers": 1, "queued": 0},
         {"id": SECOND_TINY_MODEL_ID, "default": False, "workers": 1, "queued": 0},
     ]
+    with stack.client() as client:
+        info = client.get("/info").raise_for_status().json()
+    queues = {worker["model"]: worker["queue"] for worker in info["workers"]}
+    assert queues == {"tiny": "txt2img", SECOND_TINY_MODEL_ID: f"txt2img@{SECOND_TINY_MODEL_ID}"}
 
 
 def test_each_job_is_rendered_by_a_worker_of_the_model_it_names(
