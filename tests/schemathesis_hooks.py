@@ -61,7 +61,8 @@ def _submittable(body: dict[str, Any]) -> None:
     address, and no host resolves where these tests run), no input images and the default model."""
     if body.get("webhook") is not None and _valid(WebhookSpec, body["webhook"]):
         del body["webhook"]
-    if all(isinstance(body.get(field, ""), str) for field in ("init_image", "mask_image", "model")):
+    fields = ("init_image", "mask_image", "model")
+    if all(body.get(field) is None or isinstance(body[field], str) for field in fields):
         for field in _STATEFUL_FIELDS:
             body.pop(field, None)
     width = _valid_int(body, "width", 256, 1024, 512)

@@ -304,10 +304,14 @@ def _info(finished: Finished, body: Txt2ImgRequest, model: str, version: str) ->
         "sd_model_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": request.image_strength if request.init_image else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
-        "infotexts": [parameters_text(request, seed, model) for seed in seeds],
+        # One per image returned: an image the safety checker blocked is neither.
+        "infotexts": [
+            parameters_text(request, image.seed, model, image.safety)
+            for image in finished.stored_images()
+        ],
         "styles": [],
         "job_timestamp": f"{finished.record.created_at:%Y%m%d%H%M%S}",
         "clip_skip": 1,

@@ -81,7 +81,7 @@ def test_txt2img_pngs_carry_the_parameters_that_info_reports(sdapi: httpx.Client
     )
     assert info["infotexts"][3] == (
         "a lighthouse at dusk\nNegative prompt: fog\nSteps: 3, Sampler: DPM++ 2M Karras, "
-        "CFG scale: 6.5, Seed: 1237, Size: 320x256, Model: tiny"
+        "CFG scale: 6.5, Seed: 1237, Size: 320x256, Model: tiny, Safety: passed"
     )
     assert parameters["prompt"] == "a lighthouse at dusk" and parameters["n_iter"] == 2
 
