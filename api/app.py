@@ -20,11 +20,14 @@ from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore, CachedKeys
 from shared.info import SERVICE_VERSION
 from shared.jobstore import AsyncJobStore, JobStore
-from shared.queue import make_celery, make_redis, send_render
+from shared.queue import make_celery, make_redis, render_queue, send_render
 from shared.recovery import Reaper
 from shared.settings import api_settings, core_settings, storage_settings, webhook_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
+
+# The routes whose bodies may carry input images.
+IMAGE_PATHS = frozenset({"/v1/jobs", "/sdapi/v1/img2img"})
 
 
 def create_app() -> FastAPI:
@@ -61,7 +64,9 @@ def create_app() -> FastAPI:
             redis,
             store,
             core,
-            lambda job_id, attempt: send_render(celery, core.queue_name, job_id, attempt),
+            lambda job_id, attempt: send_render(
+                celery, render_queue(core, store.model_of(job_id)), job_id, attempt
+            ),
             storage,
             storage_config.key_prefix,
             hooks,
@@ -107,7 +112,12 @@ def create_app() -> FastAPI:
     app.include_router(openai.router)
     app.include_router(a1111.router)
     install_openapi(app)
-    app.add_middleware(BodySizeLimit, max_bytes=api.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=api.max_body_bytes,
+        image_paths=IMAGE_PATHS,
+        image_max_bytes=api.max_body_bytes_with_images,
+    )
     # Outermost, so requests the body cap refuses are counted too.
     app.add_middleware(HttpMetrics)
     return app

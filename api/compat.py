@@ -17,7 +17,7 @@ from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
 from shared.queue import worker_model
 from shared.ratelimit import Decision
-from shared.schema import GenerationRequest, JobRecord, JobStatus
+from shared.schema import GenerationRequest, JobRecord, JobStatus, StoredImage
 
 
 class DialectRoute(APIRoute):
@@ -46,7 +46,12 @@ class Finished:
     rate_limit: Decision
 
     def images(self, services: Services) -> list[bytes]:
-        return [services.storage.get(image.key) for image in self.record.images]
+        """The stored image files; an image the safety checker blocked has none."""
+        return [services.storage.get(image.key) for image in self.stored_images()]
+
+    def stored_images(self) -> list[StoredImage]:
+        """The images that were stored (not blocked by the safety checker)."""
+        return [image for image in self.record.images if image.key is not None]
 
     def model(self, services: Services) -> str:
         """The model that rendered the job, as its worker announced it."""

@@ -44,10 +44,12 @@ class CappedHeadProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._max_head_bytes, self._refusal = _head_cap()
         self._in_head = True
+        self._head_ended = False
         self._head_bytes = 0
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_ended = True
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -58,10 +60,12 @@ class CappedHeadProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.transport.is_closing():
             return
+        began_in_head, self._head_ended = self._in_head, False
         super().data_received(data)
-        # Counted after parsing, so a chunk holding the end of the head and some body
-        # is not held against the head; the parser never holds more than one chunk extra.
-        if self._in_head:
+        # Only chunks that begin and end inside a head count: one that ends the head (and may
+        # hold body), or the last chunk of a large body (which ends the message), does not;
+        # the parser never holds more than one chunk extra.
+        if began_in_head and not self._head_ended:
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head_bytes:
                 self.transport.write(self._refusal)

@@ -13,19 +13,34 @@ class _TooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Answers 413 for a declared or streamed body over `max_bytes`; never buffers it."""
+    """Answers 413 for a declared or streamed body over `max_bytes` (`image_max_bytes` on the
+    paths that take input images); never buffers it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        image_paths: frozenset[str] = frozenset(),
+        image_max_bytes: int = 0,
+    ) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self._default_max_bytes = max_bytes
+        self._image_paths = image_paths
+        self._image_max_bytes = max(image_max_bytes, max_bytes)
+
+    def _limit(self, scope: Scope) -> int:
+        if scope["path"] in self._image_paths:
+            return self._image_max_bytes
+        return self._default_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(scope, receive, send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._refuse(scope, receive, send, limit)
             return
 
         received = 0
@@ -37,7 +52,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     exceeded = True
                     raise _TooLarge()
             return message
@@ -53,12 +68,12 @@ class BodySizeLimit:
         with contextlib.suppress(_TooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if exceeded and not response_started:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         error = ServiceError(
             ErrorType.PAYLOAD_TOO_LARGE,
-            f"the request body is over {self.max_bytes} bytes",
+            f"the request body is over {limit} bytes",
             headers={"connection": "close"},
         )
         await error_response(error)(scope, receive, send)

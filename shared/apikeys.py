@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from shared.schema import PRIORITIES, Priority
+from shared.schema import PRIORITIES, SAFETY_ACTIONS, Priority, SafetyAction
 
 KEY_PREFIX = "t2i_"
 # The fair scheduler's scripts read a key's weight and cap from here too.
@@ -45,6 +45,8 @@ class ApiKey:
     rate_limit_per_min: int
     created_at: datetime
     share: PoolShare = PoolShare()
+    # Stricter than the deployment's T2I_SAFETY_ACTION, or None to follow it.
+    safety_action: SafetyAction | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,11 @@ class ApiKeyStore:
         self._redis = redis
 
     def create(
-        self, name: str, rate_limit_per_min: int, share: PoolShare | None = None
+        self,
+        name: str,
+        rate_limit_per_min: int,
+        share: PoolShare | None = None,
+        safety_action: SafetyAction | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key; the plain key is returned once and never stored."""
         share = share or PoolShare()
@@ -100,11 +106,13 @@ class ApiKeyStore:
                     "created_at": created_at.isoformat(),
                     "webhook_secret": new_webhook_secret(),
                     **share.fields(),
+                    "safety_action": safety_action or "",
                 },
             )
             pipe.sadd(KEY_INDEX, key_id)
             pipe.execute()
-        return ApiKey(key_id, name, rate_limit_per_min, created_at, share), plain
+        key = ApiKey(key_id, name, rate_limit_per_min, created_at, share, safety_action)
+        return key, plain
 
     def update(
         self, key_id: str, rate_limit_per_min: int | None = None, share: PoolShare | None = None
@@ -227,4 +235,9 @@ def _decode(key_id: str, record: dict[bytes, bytes]) -> ApiKey:
         rate_limit_per_min=int(record[b"rate_limit_per_min"]),
         created_at=datetime.fromisoformat(record[b"created_at"].decode()),
         share=share,
+        safety_action=_safety_action(record.get(b"safety_action", b"").decode()),
     )
+
+
+def _safety_action(value: str) -> SafetyAction | None:
+    return next((action for action in SAFETY_ACTIONS if action == value), None)

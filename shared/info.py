@@ -17,11 +17,25 @@ class WorkerInfo(BaseModel):
 
     name: str
     model: str
+    queue: str | None = Field(default=None, description="the broker queue it reads")
     device: str
     max_batch_images: int
     levers: dict[str, bool] = Field(description="speed levers and whether each is on")
     version: str
     last_seen_s: float | None = Field(default=None, description="seconds since its last heartbeat")
+
+
+class ModelInfo(BaseModel):
+    """A model as `GET /v1/models` lists it."""
+
+    id: str = Field(description="what a request's `model` names")
+    default: bool = Field(description="what a request that names no model gets")
+    workers: int = Field(description="live workers serving it")
+    queued: int = Field(description="messages waiting in its queue")
+
+
+class ModelList(BaseModel):
+    data: list[ModelInfo]
 
 
 class Bounds(BaseModel):

@@ -1,7 +1,7 @@
 """The generation-parameters text ("infotext") in the format popular SD UIs read and write: what
 an image file carries in its `parameters` chunk, and what the AUTOMATIC1111 route reports."""
 
-from shared.schema import GenerationRequest, Scheduler
+from shared.schema import GenerationRequest, ImageSafety, Scheduler
 
 # Each scheduler under the name popular SD UIs give it.
 SAMPLER_NAMES: dict[Scheduler, str] = {
@@ -16,8 +16,11 @@ SAMPLER_NAMES: dict[Scheduler, str] = {
 }
 
 
-def parameters_text(request: GenerationRequest, seed: int, model_name: str) -> str:
-    """The `parameters` text of one image of `request`, rendered with `seed` by `model_name`."""
+def parameters_text(
+    request: GenerationRequest, seed: int, model_name: str, safety: ImageSafety | None = None
+) -> str:
+    """The `parameters` text of one image of `request`, rendered with `seed` by `model_name`,
+    with what the safety checker made of it."""
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
@@ -29,5 +32,18 @@ def parameters_text(request: GenerationRequest, seed: int, model_name: str) -> s
         "Size": f"{request.width}x{request.height}",
         "Model": model_name,
     }
+    if request.init_image is not None:
+        settings["Denoising strength"] = request.image_strength
+        settings["Mode"] = "inpaint" if request.mask_image is not None else "img2img"
+    if safety is not None:
+        settings["Safety"] = _safety_text(safety)
     lines.append(", ".join(f"{name}: {value}" for name, value in settings.items()))
     return "\n".join(lines)
+
+
+def _safety_text(safety: ImageSafety) -> str:
+    if not safety.checked:
+        return "unchecked"
+    if not safety.flagged:
+        return "passed"
+    return f"flagged ({safety.reason}), {safety.action}"

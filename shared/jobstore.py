@@ -35,8 +35,8 @@ QUEUE_KEY = "t2i:queue"
 LEASES_KEY = "t2i:leases"
 # Jobs sent to the broker that no worker has reserved yet, scored by when they were sent.
 DISPATCHED_KEY = "t2i:dispatched"
-# The latest send time among reserved jobs: the broker queue is FIFO, so a job sent well before
-# it and still unreserved was passed over (its message is lost).
+# The latest send time among reserved jobs, per broker queue: each queue is FIFO, so a job sent
+# well before it and still unreserved was passed over (its message is lost).
 RESERVED_HIGH_KEY = "t2i:dispatched:reserved-high"
 RETENTION_KEY = "t2i:retention"
 SEQUENCE_KEY = "t2i:seq"
@@ -570,11 +570,13 @@ class JobStore:
             job_id, JobStatus.EXPIRED, expected=JobStatus.QUEUED, finished_at=utc_now()
         ).applied
 
-    def reserve(self, job_id: str, attempt: int, worker: str, lease_until: float) -> Reservation:
+    def reserve(
+        self, job_id: str, attempt: int, worker: str, lease_until: float, queue: str = ""
+    ) -> Reservation:
         """Hold one attempt of a queued job for `worker` until `lease_until` (renewed while it
-        is held)."""
+        is held); `queue` is the broker queue its message came from."""
         outcome = self._reserve(
-            keys=[job_key(job_id), LEASES_KEY, DISPATCHED_KEY, RESERVED_HIGH_KEY],
+            keys=[job_key(job_id), LEASES_KEY, DISPATCHED_KEY, _reserved_high_key(queue)],
             args=[job_id, json.dumps(worker), attempt, lease_until],
         )
         return {
@@ -615,9 +617,14 @@ class JobStore:
         )
         return [(member.decode(), score) for member, score in members]
 
-    def latest_reserved_dispatch(self) -> float:
-        """When the most recently sent job that a worker reserved was sent."""
-        return float(self._redis.get(RESERVED_HIGH_KEY) or 0)
+    def latest_reserved_dispatch(self, queue: str = "") -> float:
+        """When the most recently sent job that a worker reserved from `queue` was sent."""
+        return float(self._redis.get(_reserved_high_key(queue)) or 0)
+
+    def model_of(self, job_id: str) -> str | None:
+        """The model a job's request names (None: the deployment's default)."""
+        raw = self._redis.hget(job_key(job_id), "request")
+        return json.loads(raw).get("model") if raw else None
 
     def requeue(
         self,
@@ -920,6 +927,10 @@ class AsyncJobStore:
 
 def _position(reply: int) -> int | None:
     return None if reply < 0 else int(reply)
+
+
+def _reserved_high_key(queue: str) -> str:
+    return f"{RESERVED_HIGH_KEY}:{queue}" if queue else RESERVED_HIGH_KEY
 
 
 def _retention_member(owner: str | None, job_id: str) -> str:

@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from shared.apikeys import ApiKey, ApiKeyStore, PoolShare
 from shared.queue import make_redis
-from shared.schema import PRIORITIES, Priority
+from shared.schema import PRIORITIES, SAFETY_ACTIONS, Priority, SafetyAction
 from shared.settings import Environment, api_settings, core_settings
 
 PROG = "txt2img-keys"
@@ -30,9 +30,10 @@ def _store() -> tuple[ApiKeyStore, Redis]:
 def _describe(key: ApiKey) -> str:
     share = key.share
     cap = share.max_running or "no cap"
+    safety = f", safety action {key.safety_action}" if key.safety_action else ""
     return (
         f"{key.rate_limit_per_min} jobs/min, weight {share.weight}, max running {cap}, "
-        f"priorities {','.join(share.priorities)}"
+        f"priorities {','.join(share.priorities)}{safety}"
     )
 
 
@@ -50,13 +51,14 @@ def create(
     weight: int = 1,
     max_running: int | None = None,
     priorities: tuple[Priority, ...] = PRIORITIES,
+    safety_action: SafetyAction | None = None,
 ) -> str:
     """Create a key and print it alone on the last line; it is never shown again."""
     store, _ = _store()
     settings = api_settings()
     limit = rate_limit_per_min or settings.rate_limit_per_min
     cap = settings.max_running_per_key if max_running is None else max_running
-    key, plain = store.create(name, limit, PoolShare(weight, cap, priorities))
+    key, plain = store.create(name, limit, PoolShare(weight, cap, priorities), safety_action)
     print(f"created key {key.id} ({key.name!r}, {_describe(key)})")
     print("keep it now: it is stored only as a hash and cannot be shown again")
     print(plain)
@@ -128,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.weight or 1,
                 args.max_running,
                 args.priorities or PRIORITIES,
+                args.safety_action,
             )
         elif args.action == "update":
             update(args.key_id, args.rate_limit, args.weight, args.max_running, args.priorities)
@@ -159,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit", type=int, help="jobs per minute (default: $T2I_RATE_LIMIT_PER_MIN)"
     )
     _share_arguments(create_parser, creating=True)
+    create_parser.add_argument(
+        "--safety-action",
+        choices=SAFETY_ACTIONS,
+        help="for flagged images, stricter than $T2I_SAFETY_ACTION (default: follow it)",
+    )
     update_parser = actions.add_parser("update", help="change a key's limits")
     update_parser.add_argument("key_id", help="the id `list` shows")
     update_parser.add_argument("--rate-limit", type=int, help="jobs per minute")

@@ -59,6 +59,14 @@ def make_celery(settings: CoreSettings) -> Celery:
 SendRender = Callable[[str, int], None]
 
 
+def render_queue(settings: CoreSettings, model: str | None) -> str:
+    """The Celery queue of a model's jobs: T2I_QUEUE_NAME for the deployment's default model,
+    and `<T2I_QUEUE_NAME>@<model>` for any other, so a worker only receives jobs it can render."""
+    if model is None or model == settings.deployment_model:
+        return settings.queue_name
+    return f"{settings.queue_name}@{model}"
+
+
 def send_render(app: Celery, queue: str, job_id: str, attempt: int) -> None:
     """Tell the workers about one attempt of a job; raises when the broker cannot take it."""
     app.send_task(
@@ -156,6 +164,11 @@ def worker_model(redis: Redis, name: str) -> str | None:
 def live_models(redis: Redis, max_age_s: float, now: float) -> list[str]:
     """The models that workers with a heartbeat younger than `max_age_s` serve, sorted."""
     return sorted({worker.model for worker in live_workers(redis, max_age_s, now)})
+
+
+def queue_depth(redis: Redis, queue: str) -> int:
+    """Messages waiting in a Celery queue (what an autoscaler scales on)."""
+    return int(redis.llen(queue))
 
 
 def _quiet_shutdown_handlers(sender: object, **_: object) -> None:

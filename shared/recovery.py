@@ -14,7 +14,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared.jobstore import JobStore, RequeueReason
-from shared.queue import SendRender
+from shared.queue import SendRender, queue_depth, render_queue
 from shared.schema import JobStatus
 from shared.settings import CoreSettings
 from shared.storage import ObjectStorage, StorageError, attempt_prefix
@@ -112,13 +112,22 @@ class Reaper:
         candidates = self._store.unreserved_dispatches(now - grace, _BATCH)
         if not candidates:
             return 0
-        latest_reserved = self._store.latest_reserved_dispatch()
-        queue_empty = self._redis.llen(self._settings.queue_name) == 0
         resent = 0
+        # Per broker queue (one per model): (queue empty, latest send time reserved from it).
+        queues: dict[str, tuple[bool, float]] = {}
+        passed_by: set[str] = set()
         for job_id, sent_at in candidates:
-            if not queue_empty and latest_reserved <= sent_at + grace:
-                # Oldest first: the rest were sent later still.
-                break
+            queue = render_queue(self._settings, self._store.model_of(job_id))
+            if queue not in queues:
+                queues[queue] = (
+                    queue_depth(self._redis, queue) == 0,
+                    self._store.latest_reserved_dispatch(queue),
+                )
+            queue_empty, latest_reserved = queues[queue]
+            if queue in passed_by or (not queue_empty and latest_reserved <= sent_at + grace):
+                # Oldest first: the rest of this queue's were sent later still.
+                passed_by.add(queue)
+                continue
             outcome = self._store.requeue(
                 job_id,
                 RequeueReason.LOST,

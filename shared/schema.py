@@ -4,7 +4,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 MAX_SEED = 2**32 - 1
 
@@ -35,10 +42,23 @@ Steps = Annotated[int, Field(ge=1, le=150), WHOLE_FLOATS_AS_INT]
 GuidanceScale = Annotated[float, Field(ge=0, le=20)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE_FLOATS_AS_INT]
 ImageCount = Annotated[int, Field(ge=1, le=8), WHOLE_FLOATS_AS_INT]
+DEFAULT_STRENGTH = 0.8
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 WebhookEvent = Literal["completed", "started", "progress"]
+# What happens to an image the safety checker flags, from the least strict to the most.
+SafetyAction = Literal["flag", "blur", "block"]
+SAFETY_ACTIONS: tuple[SafetyAction, ...] = ("flag", "blur", "block")
+ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+# An image in a request: base64 (a `data:` URL too) or an http(s) URL the API fetches; the API
+# caps its bytes and pixels (`T2I_MAX_INPUT_IMAGE_BYTES`, `T2I_MAX_INPUT_IMAGE_PIXELS`).
+InputImage = Annotated[str, Field(min_length=1, max_length=20_000_000)]
+
+
+def strictest(*actions: SafetyAction | None) -> SafetyAction:
+    """The strictest of the given actions (`flag` when none is given)."""
+    return max((a for a in actions if a is not None), key=SAFETY_ACTIONS.index, default="flag")
 
 
 class WebhookSpec(BaseModel):
@@ -107,6 +127,47 @@ class GenerationRequest(BaseModel):
         description="`interactive` jobs of a key start before its `batch` jobs; a key may be "
         "limited to some priorities",
     )
+    model: ModelName | None = Field(
+        default=None, description="one of `GET /v1/models`; absent: the deployment's default"
+    )
+    safety_action: SafetyAction | None = Field(
+        default=None,
+        description="what happens to an image the safety checker flags: `flag` (stored, marked), "
+        "`blur` (stored blurred, marked) or `block` (not stored); only ever stricter than the "
+        "API key's and the deployment's action",
+    )
+    init_image: InputImage | None = Field(
+        default=None,
+        description="image-to-image: the starting image, base64 (or a data: URL) or an https "
+        "URL; resized to width x height. Once stored, the job shows its SHA-256",
+    )
+    mask_image: InputImage | None = Field(
+        default=None,
+        description="inpainting, with `init_image`: white repaints, black keeps; the same size "
+        "as `init_image`",
+    )
+    strength: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None,
+        description="with `init_image`: how far from it the result may move (1: all the way); "
+        f"default {DEFAULT_STRENGTH}; strength x num_inference_steps must be at least 1",
+    )
+
+    @model_validator(mode="after")
+    def _image_inputs_belong_together(self) -> "GenerationRequest":
+        if self.init_image is None:
+            if self.mask_image is not None:
+                raise ValueError("mask_image needs an init_image")
+            if self.strength is not None:
+                raise ValueError("strength applies only with an init_image")
+        elif self.num_inference_steps * self.image_strength < 1:
+            raise ValueError(
+                "strength x num_inference_steps must be at least 1 (one denoising step)"
+            )
+        return self
+
+    @property
+    def image_strength(self) -> float:
+        return DEFAULT_STRENGTH if self.strength is None else self.strength
 
     @field_validator("prompt")
     @classmethod
@@ -176,22 +237,40 @@ class JobError(BaseModel):
     message: str
 
 
-class StoredImage(BaseModel):
-    """An image as the worker records it: a storage key, never a URL."""
+class ImageSafety(BaseModel):
+    """What the safety checker made of one image."""
 
-    key: str
+    checked: bool = Field(description="false only where the operator turned the checker off")
+    flagged: bool = False
+    action: SafetyAction | None = Field(
+        default=None, description="for a flagged image: what was done to it"
+    )
+    reason: Literal["nsfw_content"] | None = None
+
+
+class StoredImage(BaseModel):
+    """An image as the worker records it: a storage key, never a URL; no key when filtered."""
+
+    key: str | None
     width: int
     height: int
     seed: int
     content_type: str
+    safety: ImageSafety | None = None
+
+    @property
+    def filtered(self) -> bool:
+        return self.key is None
 
 
 class ImageOut(BaseModel):
-    url: str
+    url: str | None = Field(description="null when the image was filtered (not stored)")
     width: int
     height: int
     seed: int
     content_type: str
+    filtered: bool = Field(default=False, description="blocked by the safety checker")
+    safety: ImageSafety | None = None
 
 
 class Progress(BaseModel):

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.schema import SafetyAction
+
 DEV_SIGNING_SECRET = "dev-only-signing-secret-change-me"
 # What the shipped deployment files (.env.example, deploy/k8s/secrets.yaml) hold for each secret.
 PLACEHOLDER_SECRET = "replace-me"
@@ -29,7 +31,12 @@ class CoreSettings(_T2ISettings):
 
     env: Environment = Environment.DEVELOPMENT
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The default model's queue; each other model has its own, this name and the model's.
     queue_name: str = "txt2img"
+    # A worker loads this; a hub id, a local diffusers directory or a single-file checkpoint.
+    model_id: str = DEFAULT_MODEL_ID
+    # What a request that names no model gets; unset: T2I_MODEL_ID.
+    default_model: str | None = None
     retention_s: int = Field(default=7 * 24 * 3600, ge=1)
     queue_timeout_s: int = Field(default=3600, ge=1)
     # The broker's redelivery of a vanished worker's messages: only a last resort, since lapsed
@@ -45,6 +52,10 @@ class CoreSettings(_T2ISettings):
     # A job sent this long before a later-sent job was reserved (the queue is FIFO), or while the
     # queue is empty, and still unreserved, has lost its message: it is sent again.
     redispatch_after_s: float = Field(default=10.0, gt=0)
+
+    @property
+    def deployment_model(self) -> str:
+        return self.default_model or self.model_id
 
     @model_validator(mode="after")
     def _refuse_placeholder_password(self) -> "CoreSettings":
@@ -115,6 +126,20 @@ class ApiSettings(_T2ISettings):
     auth_cache_s: float = Field(default=5.0, ge=0, le=300)
     # The OpenAI and AUTOMATIC1111 routes answer with the finished job; past this they cancel it.
     sync_wait_s: float = Field(default=300.0, gt=0, le=3600)
+    # What happens to an image the safety checker flags, unless the API key or the request asks
+    # for a stricter action.
+    safety_action: SafetyAction = "block"
+    # Caps on each input image (init_image, mask_image): its file and its width x height. A
+    # request with images may be this much larger than T2I_MAX_BODY_BYTES, base64 and all.
+    max_input_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_input_image_pixels: int = Field(default=2048 * 2048, ge=256 * 256)
+    # How long fetching an input image from its URL may take.
+    input_image_timeout_s: float = Field(default=10.0, gt=0)
+
+    @property
+    def max_body_bytes_with_images(self) -> int:
+        """Room for two base64 images on top of the usual body."""
+        return self.max_body_bytes + 2 * (4 * self.max_input_image_bytes // 3 + 4)
 
     @property
     def processes(self) -> int:
@@ -134,7 +159,15 @@ class WorkerSettings(_T2ISettings):
     """The GPU worker: model, device and test hooks."""
 
     env: Environment = Environment.DEVELOPMENT
-    model_id: str = DEFAULT_MODEL_ID
+    # The name requests route by; unset: T2I_MODEL_ID.
+    model_name: str | None = None
+    # Where a single-file checkpoint's configs (tokenizer, scheduler, shapes) come from.
+    single_file_config: str = DEFAULT_MODEL_ID
+    # Off only when the operator says so (logged at start): every image is checked otherwise.
+    safety_checker: bool = True
+    # Unset: the checker the model ships (its safety_checker/ and feature_extractor/), or, for a
+    # single-file checkpoint, the one of T2I_SINGLE_FILE_CONFIG.
+    safety_checker_id: str | None = None
     model_cache_dir: Path = Path("data/models")
     device: str = "auto"
     # Unset: the largest batch, so a worker holds about one batch and leaves the rest to others.

@@ -35,6 +35,11 @@ def image_key(prefix: str, job_id: str, attempt: int, index: int, extension: str
     return f"{attempt_prefix(prefix, job_id, attempt)}/{index}.{extension}"
 
 
+def input_key(prefix: str, job_id: str, name: str) -> str:
+    """A job's input image (`init`, `mask`), stored by the API as PNG before the job is queued."""
+    return f"{job_prefix(prefix, job_id)}/inputs/{name}.png"
+
+
 class StorageError(Exception):
     """Storage refused or could not be reached. The message names no internal address: it may
     reach clients (a job's error, /ready); the cause, with the details, goes to the logs."""

@@ -13,11 +13,13 @@ def public_job(
 ) -> JobOut:
     images = [
         ImageOut(
-            url=storage.download_url(image.key, base_url),
+            url=None if image.key is None else storage.download_url(image.key, base_url),
             width=image.width,
             height=image.height,
             seed=image.seed,
             content_type=image.content_type,
+            filtered=image.filtered,
+            safety=image.safety,
         )
         for image in record.images
     ]

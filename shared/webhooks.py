@@ -120,6 +120,16 @@ def check_webhook_url(url: str, settings: WebhookSettings) -> Target:
     return Target(parts.scheme, host, port, path, addresses)
 
 
+def pinned_url(target: Target) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(URL, headers, httpx extensions) that reach the checked address only, with the host's
+    name in the Host header and TLS: a second DNS answer cannot redirect the request."""
+    address = target.addresses[0]
+    literal = f"[{address}]" if ":" in address else address
+    url = f"{target.scheme}://{literal}:{target.port}{target.path}"
+    host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+    return url, {"host": host_header}, {"sni_hostname": target.host}
+
+
 def signature(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
     """A Standard Webhooks `v1` signature."""
     key = base64.b64decode(secret.removeprefix("whsec_"))

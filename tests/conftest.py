@@ -70,7 +70,7 @@ def _stack_env(redis_port: int, db: int, workdir: Path, model_cache: Path, **ext
     return service_env(**{**defaults, **extra})
 
 
-def _run_stack(
+def run_stack(
     name: str, db: int, redis_port: int, workdir: Path, model_cache: Path, **extra: str
 ) -> Iterator[Stack]:
     stack_dir = workdir / name
@@ -85,14 +85,14 @@ def _run_stack(
 
 @pytest.fixture(scope="session")
 def local_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
-    yield from _run_stack("local-stack", 0, redis_port, workdir, model_cache)
+    yield from run_stack("local-stack", 0, redis_port, workdir, model_cache)
 
 
 @pytest.fixture(scope="session")
 def s3_stack(
     redis_port: int, workdir: Path, model_cache: Path, s3_endpoint: str
 ) -> Iterator[Stack]:
-    yield from _run_stack(
+    yield from run_stack(
         "s3-stack",
         1,
         redis_port,
@@ -110,7 +110,7 @@ def s3_stack(
 def serial_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
     """A worker that takes one job at a time, so the queue behind it is predictable; the OpenAI
     and A1111 routes wait two seconds for their job."""
-    yield from _run_stack(
+    yield from run_stack(
         "serial-stack",
         2,
         redis_port,
@@ -124,7 +124,7 @@ def serial_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[
 @pytest.fixture(scope="session")
 def workerless_api(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
     """An API with no worker behind it: jobs wait until they expire."""
-    yield from _run_stack(
+    yield from run_stack(
         "workerless",
         3,
         redis_port,
@@ -141,7 +141,7 @@ def workerless_api(redis_port: int, workdir: Path, model_cache: Path) -> Iterato
 def short_retention_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
     """Jobs and their images live ten seconds: long enough for a fresh worker's first render on a
     loaded machine (seconds), short enough to watch them go."""
-    yield from _run_stack(
+    yield from run_stack(
         "short-retention",
         4,
         redis_port,
@@ -155,7 +155,7 @@ def short_retention_stack(redis_port: int, workdir: Path, model_cache: Path) -> 
 @pytest.fixture(scope="session")
 def webhook_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
     """A render worker, a webhook worker allowed to call loopback, and quick retries."""
-    yield from _run_stack(
+    yield from run_stack(
         "webhook-stack",
         5,
         redis_port,
@@ -170,7 +170,7 @@ def webhook_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator
 @pytest.fixture(scope="session")
 def batching_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
     """A worker that waits long enough for a burst of requests to gather into batches."""
-    yield from _run_stack(
+    yield from run_stack(
         "batching-stack", 7, redis_port, workdir, model_cache, T2I_BATCH_WAIT_MS="400"
     )
 

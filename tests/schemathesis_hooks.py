@@ -4,10 +4,13 @@ limits that a JSON schema cannot state, products of fields that the schema's des
 get small renders, so a CPU gets through them. Only values that are valid are changed, and only to
 other valid values: a request the schema calls invalid stays invalid."""
 
+import base64
+import io
 import re
 from typing import Any
 
 import schemathesis
+from PIL import Image
 from pydantic import BaseModel, ValidationError
 
 from api.routes.openai import SIZE_PATTERN
@@ -40,11 +43,28 @@ def _valid(model: type[BaseModel], value: object) -> bool:
     return True
 
 
+def _png_base64(side: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 120, 200)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+# A real image for the routes whose schema asks for one (any string is valid to the schema).
+INIT_IMAGE = _png_base64(SMALL_SIDE)
+# Request fields whose valid values depend on more than the schema: an input image must really be
+# an image, and a model must be served by a live worker.
+_STATEFUL_FIELDS = ("init_image", "mask_image", "strength", "model")
+
+
 def _submittable(body: dict[str, Any]) -> None:
-    """A job within the pixel budget, with no webhook: a webhook's host must resolve to a public
-    address, and no host resolves where these tests run."""
+    """A job within the pixel budget, with no webhook (a webhook's host must resolve to a public
+    address, and no host resolves where these tests run), no input images and the default model."""
     if body.get("webhook") is not None and _valid(WebhookSpec, body["webhook"]):
         del body["webhook"]
+    fields = ("init_image", "mask_image", "model")
+    if all(body.get(field) is None or isinstance(body[field], str) for field in fields):
+        for field in _STATEFUL_FIELDS:
+            body.pop(field, None)
     width = _valid_int(body, "width", 256, 1024, 512)
     height = _valid_int(body, "height", 256, 1024, 512)
     images = _valid_int(body, "num_images", 1, 8, 1)
@@ -69,10 +89,24 @@ def _small_a1111_render(body: dict[str, Any]) -> None:
     _shrink(body, "steps", 1, 150, 50, FEW_STEPS)
 
 
+def _small_a1111_img2img(body: dict[str, Any]) -> None:
+    """A small render from a real image; strength 1 so that even one step is one step."""
+    _small_a1111_render(body)
+    images = body.get("init_images")
+    if isinstance(images, list) and len(images) == 1 and isinstance(images[0], str):
+        body["init_images"] = [INIT_IMAGE]
+    if isinstance(body.get("mask"), str):
+        del body["mask"]
+    strength = body.get("denoising_strength", 0.75)
+    if type(strength) in (int, float) and 0 < strength <= 1:
+        body["denoising_strength"] = 1.0
+
+
 _BY_PATH = {
     "/v1/jobs": _submittable,
     "/v1/images/generations": _small_openai_render,
     "/sdapi/v1/txt2img": _small_a1111_render,
+    "/sdapi/v1/img2img": _small_a1111_img2img,
 }
 
 

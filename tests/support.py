@@ -17,6 +17,7 @@ from redis import Redis
 from txt2img.settings import ClientSettings
 
 from shared.apikeys import ApiKeyStore
+from shared.schema import SafetyAction
 from shared.settings import _T2ISettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -201,10 +202,14 @@ class Stack:
         except httpx.HTTPError:
             return False
 
-    def create_key(self, name: str, rate_limit_per_min: int) -> str:
+    def create_key(
+        self, name: str, rate_limit_per_min: int, safety_action: SafetyAction | None = None
+    ) -> str:
         redis = Redis.from_url(self.env["T2I_REDIS_URL"])
         try:
-            return ApiKeyStore(redis).create(name, rate_limit_per_min)[1]
+            return ApiKeyStore(redis).create(name, rate_limit_per_min, safety_action=safety_action)[
+                1
+            ]
         finally:
             redis.close()
 

@@ -8,12 +8,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import asdict
 
+import torch
 from celery.signals import worker_shutting_down
 
 from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
 from shared.logs import configure_logging
-from shared.queue import consume, make_celery, make_redis, send_render
+from shared.queue import consume, make_celery, make_redis, render_queue, send_render
 from shared.settings import (
     core_settings,
     log_settings,
@@ -32,15 +33,16 @@ from worker.leases import LeaseKeeper
 from worker.library_logs import route_library_logs
 from worker.metrics import instrument, watch_gpu_memory
 from worker.metrics_server import MetricsPortInUse, WorkerProbes
+from worker.models import ModelLoadError, model_source
 from worker.pipeline import (
     DiffusionRenderer,
-    ModelLoadError,
     SpeedLevers,
     compiled_image_counts,
     limit_torch_threads,
     resolve_device,
 )
 from worker.reporter import Reporter
+from worker.safety import SafetyChecker
 from worker.supervisor import Supervisor
 from worker.tasks import install_runner, register_tasks
 from worker.uploads import StorageGuard
@@ -49,6 +51,15 @@ log = logging.getLogger("worker")
 
 # The exit status of a worker whose Celery consumer stopped without a signal asking it to.
 EXIT_CONSUMER_FAILED = 71
+
+
+def _safety_checker(model_id: str, device: torch.device) -> SafetyChecker | None:
+    settings = worker_settings()
+    if not settings.safety_checker:
+        log.warning("the safety checker is OFF (T2I_SAFETY_CHECKER=false): images go out unchecked")
+        return None
+    source = model_source(model_id, settings.model_cache_dir, settings.single_file_config)
+    return SafetyChecker.load(source, settings.safety_checker_id, settings.model_cache_dir, device)
 
 
 def main() -> int:
@@ -71,10 +82,17 @@ def main() -> int:
         channels_last=settings.channels_last,
         cudnn_benchmark=settings.cudnn_benchmark,
     )
+    served_model = settings.model_name or core.model_id
+    queue = render_queue(core, served_model)
     try:
         renderer = DiffusionRenderer.load(
-            settings.model_id, settings.model_cache_dir, settings.device, levers
+            core.model_id,
+            settings.model_cache_dir,
+            settings.device,
+            levers,
+            single_file_config=settings.single_file_config,
         )
+        safety = _safety_checker(core.model_id, renderer.device)
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
@@ -130,8 +148,10 @@ def main() -> int:
         cancels=cancels,
         leases=leases,
         reporter=reporter,
-        send_render=lambda job_id, attempt: send_render(app, core.queue_name, job_id, attempt),
-        model_name=settings.model_id,
+        send_render=lambda job_id, attempt: send_render(app, queue, job_id, attempt),
+        model_name=served_model,
+        queue=queue,
+        safety=safety,
         key_prefix=storage_config.key_prefix,
         queue_timeout_s=core.queue_timeout_s,
         progress_interval_s=settings.progress_interval_s,
@@ -140,7 +160,8 @@ def main() -> int:
     install_runner(runner)
     info = WorkerInfo(
         name=worker_name,
-        model=settings.model_id,
+        model=served_model,
+        queue=queue,
         device=str(renderer.device),
         max_batch_images=settings.max_batch_images,
         levers=asdict(renderer.levers),
@@ -155,7 +176,9 @@ def main() -> int:
 
     def start() -> None:
         supervisor.start()
-        log.info("worker ready: %s on %s, taking jobs", info.model, info.device)
+        log.info(
+            "worker ready: %s on %s, taking jobs from queue %s", info.model, info.device, queue
+        )
 
     def stop() -> None:
         supervisor.stop()
@@ -186,7 +209,7 @@ def main() -> int:
     )
 
     register_tasks(app)
-    consume(app, core.queue_name, settings.task_threads, worker_name)
+    consume(app, queue, settings.task_threads, worker_name)
     if not runner.stopping:
         # Celery gave up on its own (an unrecoverable error): exit so the supervisor restarts us.
         log.critical("the Celery consumer stopped without being asked to")

@@ -5,6 +5,7 @@ admits it to a batch, and every write of this attempt is fenced on (worker, atte
 that lost the job (its lease lapsed, or it was canceled) cannot change it any more.
 """
 
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import torch
+from PIL import Image as PILImage
+from PIL.Image import Image
 from redis.exceptions import RedisError
 
 from shared.infotext import parameters_text
@@ -26,10 +29,11 @@ from shared.schema import (
     JobRecord,
     JobStatus,
     Progress,
+    SafetyAction,
     StoredImage,
     Timings,
 )
-from shared.storage import StorageError, attempt_prefix, image_key
+from shared.storage import StorageError, attempt_prefix, image_key, input_key
 from shared.webhooks import Webhooks
 from worker import metrics
 from worker.cancel import CancelWatcher
@@ -46,6 +50,7 @@ from worker.faults import FAIL_ADMISSION, FAIL_PROGRESS_WRITE, Faults
 from worker.leases import LeaseKeeper
 from worker.pipeline import NonFiniteImage, RenderBatch
 from worker.reporter import Reporter
+from worker.safety import SafetyChecker, Verdict, apply_action
 from worker.uploads import StorageGuard
 
 log = logging.getLogger(__name__)
@@ -116,6 +121,10 @@ class JobRunner:
     reporter: Reporter
     send_render: SendRender
     model_name: str
+    # The broker queue this worker reads (its model's).
+    queue: str
+    # None only where the operator turned the checker off.
+    safety: SafetyChecker | None
     key_prefix: str
     queue_timeout_s: float
     progress_interval_s: float
@@ -140,7 +149,7 @@ class JobRunner:
             return
         attempt = record.attempt if attempt is None else attempt
         reservation = self.store.reserve(
-            job_id, attempt, self.leases.worker_name, self.leases.lease_until()
+            job_id, attempt, self.leases.worker_name, self.leases.lease_until(), self.queue
         )
         if reservation is not Reservation.RESERVED:
             log.info(
@@ -197,9 +206,35 @@ class JobRunner:
         # In memory: checked between denoising steps, without a Redis round trip.
         return self.cancels.is_canceled(job_id) or self.leases.is_lost(job_id)
 
+    def _input_image(self, job_id: str, name: str) -> Image:
+        data = self.uploads.storage.get(input_key(self.key_prefix, job_id, name))
+        return PILImage.open(io.BytesIO(data))
+
+    def _batch(self, record: JobRecord) -> RenderBatch:
+        request = record.request
+        if request.init_image is None:
+            return RenderBatch.from_request(request)
+        init = self._input_image(record.id, "init")
+        mask = self._input_image(record.id, "mask") if request.mask_image is not None else None
+        return RenderBatch.from_request(request, init, mask)
+
+    def _check_safety(self, images: list[Image], action: SafetyAction) -> list[Verdict]:
+        flags: list[bool | None] = (
+            list(self.safety.flagged(images)) if self.safety else [None] * len(images)
+        )
+        verdicts = [
+            apply_action(image, flagged, action)
+            for image, flagged in zip(images, flags, strict=True)
+        ]
+        for verdict in verdicts:
+            outcome = verdict.safety.action if verdict.safety.flagged else "passed"
+            if verdict.safety.checked:
+                metrics.SAFETY_CHECKED_IMAGES.labels(outcome=outcome).inc()
+        return verdicts
+
     def _render(self, current: _Attempt) -> RenderOutcome:
         job = RenderJob(
-            RenderBatch.from_request(current.record.request),
+            self._batch(current.record),
             on_step=ProgressWriter(
                 self.reporter,
                 f"{current.job_id}:progress",
@@ -235,11 +270,15 @@ class JobRunner:
         upload_started = time.monotonic()
         stored: list[StoredImage] = []
         extension = request.output_format
-        images = zip(outcome.images, request.image_seeds(), strict=True)
-        for index, (image, seed) in enumerate(images):
-            key = image_key(self.key_prefix, record.id, holder.attempt, index, extension)
-            data = encode_image(image, extension, parameters_text(request, seed, self.model_name))
-            self.uploads.put(key, data, CONTENT_TYPES[extension])
+        verdicts = self._check_safety(outcome.images, request.safety_action or "block")
+        images = zip(outcome.images, verdicts, request.image_seeds(), strict=True)
+        for index, (image, verdict, seed) in enumerate(images):
+            key = None
+            if verdict.image is not None:
+                key = image_key(self.key_prefix, record.id, holder.attempt, index, extension)
+                parameters = parameters_text(request, seed, self.model_name, verdict.safety)
+                data = encode_image(verdict.image, extension, parameters)
+                self.uploads.put(key, data, CONTENT_TYPES[extension])
             stored.append(
                 StoredImage(
                     key=key,
@@ -247,6 +286,7 @@ class JobRunner:
                     height=image.height,
                     seed=seed,
                     content_type=CONTENT_TYPES[extension],
+                    safety=verdict.safety,
                 )
             )
         upload_s = time.monotonic() - upload_started

@@ -36,6 +36,11 @@ JOB_UPLOAD_SECONDS = Histogram(
     "Time to encode and store a succeeded job's images",
     buckets=_UPLOAD_BUCKETS,
 )
+SAFETY_CHECKED_IMAGES = Counter(
+    "txt2img_safety_checked_images_total",
+    "Images the safety checker saw, by outcome: passed, or the action taken on a flagged one",
+    ["outcome"],
+)
 PIPELINE_CALLS = Counter("txt2img_pipeline_calls_total", "Pipeline calls (batches) made")
 PIPELINE_CALL_IMAGES = Histogram(
     "txt2img_pipeline_call_images", "Images rendered by one pipeline call", buckets=_IMAGE_BUCKETS

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import diffusers
 import torch
@@ -31,7 +31,11 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from shared.schema import GenerationRequest, Scheduler
-from worker.tiny_model import TINY_MODEL_ID, ensure_tiny_model
+from shared.settings import DEFAULT_MODEL_ID
+from worker.models import load_pipeline, model_source
+
+if TYPE_CHECKING:
+    from worker.conditioned import ImageConditionedRenderer
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +74,6 @@ _SCHEDULERS: dict[Scheduler, tuple[Any, dict[str, Any]]] = {
 }
 
 
-class ModelLoadError(Exception):
-    """The configured model could not be loaded."""
-
-
 class NonFiniteImage(Exception):
     """The decoder produced NaN or infinite pixels (an fp16 overflow): the image would be black."""
 
@@ -90,11 +90,14 @@ RenderedImages = list[Image | NonFiniteImage]
 
 @dataclass(frozen=True)
 class RenderItem:
-    """One image: its own prompt, negative prompt and seed."""
+    """One image: its own prompt, negative prompt and seed, and for image-to-image its starting
+    image (and for inpainting its mask)."""
 
     prompt: str
     negative_prompt: str
     seed: int
+    init_image: Image | None = None
+    mask_image: Image | None = None
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,18 @@ class RenderBatch:
     num_inference_steps: int
     guidance_scale: float
     scheduler: Scheduler
+    # Image-to-image and inpainting: how far from the starting images; None for text-to-image.
+    strength: float | None = None
 
     @classmethod
-    def from_request(cls, request: GenerationRequest) -> "RenderBatch":
+    def from_request(
+        cls,
+        request: GenerationRequest,
+        init_image: Image | None = None,
+        mask_image: Image | None = None,
+    ) -> "RenderBatch":
         items = tuple(
-            RenderItem(request.prompt, request.negative_prompt, seed)
+            RenderItem(request.prompt, request.negative_prompt, seed, init_image, mask_image)
             for seed in request.image_seeds()
         )
         return cls(
@@ -121,7 +131,12 @@ class RenderBatch:
             num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale,
             scheduler=request.scheduler,
+            strength=None if init_image is None else request.image_strength,
         )
+
+    @property
+    def inpainting(self) -> bool:
+        return self.items[0].mask_image is not None
 
     @property
     def guided(self) -> bool:
@@ -304,13 +319,15 @@ RENDER_COSTS_FILE = "render-costs.json"
 
 
 def batch_key(batch: RenderBatch) -> BatchKey:
-    """Everything in a batch but its items."""
+    """Everything in a batch but its items (and whether its items bring images and masks)."""
     return (
         batch.width,
         batch.height,
         batch.num_inference_steps,
         batch.guidance_scale,
         batch.scheduler,
+        batch.strength,
+        batch.inpainting,
     )
 
 
@@ -349,6 +366,7 @@ class DiffusionRenderer:
         # Where the start-up time went: compiling each image count, timing every count.
         self.warm_up_seconds: dict[str, float] = {}
         self._render_cost_cache: RenderCostCache | None = None
+        self._from_images: ImageConditionedRenderer | None = None
 
     @property
     def device(self) -> torch.device:
@@ -361,11 +379,12 @@ class DiffusionRenderer:
         cache_dir: Path,
         device: str = "auto",
         levers: SpeedLevers | None = None,
+        single_file_config: str = DEFAULT_MODEL_ID,
     ) -> "DiffusionRenderer":
         target = resolve_device(device)
         dtype = torch.float16 if target.type == "cuda" else torch.float32
-        source = str(ensure_tiny_model(cache_dir)) if model_id == TINY_MODEL_ID else model_id
-        pipeline = _from_pretrained(source, dtype)
+        source = model_source(model_id, cache_dir, single_file_config)
+        pipeline = load_pipeline(source, dtype)
         pipeline.to(target)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s on %s (%s)", model_id, target, dtype)
@@ -391,7 +410,7 @@ class DiffusionRenderer:
         self.levers = replace(levers, cuda_graphs=levers.compile and levers.cuda_graphs)
         log.info("speed levers: %s", self.levers)
 
-    def _scheduler(self, name: Scheduler) -> Any:
+    def scheduler(self, name: Scheduler) -> Any:
         if name not in self._schedulers:
             scheduler_class, overrides = _SCHEDULERS[name]
             self._schedulers[name] = _on_host(scheduler_class).from_config(
@@ -403,7 +422,14 @@ class DiffusionRenderer:
     def render(self, batch: RenderBatch, on_step: StepCallback | None = None) -> RenderedImages:
         """One pipeline call for the whole batch; image i depends only on item i and the batch's
         shared settings. An image whose pixels came out non-finite is a NonFiniteImage."""
-        self.pipeline.scheduler = self._scheduler(batch.scheduler)
+        if batch.strength is not None:
+            if self._from_images is None:
+                # Imported here: it builds on this module.
+                from worker.conditioned import ImageConditionedRenderer
+
+                self._from_images = ImageConditionedRenderer(self)
+            return self._from_images.render(batch, on_step)
+        self.pipeline.scheduler = self.scheduler(batch.scheduler)
         total = batch.num_inference_steps
         steps = FinishedSteps.on(self.device)
 
@@ -419,17 +445,8 @@ class DiffusionRenderer:
         chunks = self.prompt_chunks(batch)
         items = self._pad(batch, chunks)
         latents, step_generators = self._noise(items, batch)
-        prompts = [item.prompt for item in items]
-        negatives = [item.negative_prompt for item in items]
-        if chunks == 1:
-            conditioning: dict[str, Any] = {"prompt": prompts, "negative_prompt": negatives}
-        else:
-            conditioning = {
-                "prompt_embeds": self._encode_in_chunks(prompts, chunks),
-                "negative_prompt_embeds": self._encode_in_chunks(negatives, chunks),
-            }
         result = self.pipeline(
-            **conditioning,
+            **self.conditioning(items, chunks),
             width=batch.width,
             height=batch.height,
             num_inference_steps=batch.num_inference_steps,
@@ -440,7 +457,7 @@ class DiffusionRenderer:
             callback_on_step_end=step_end,
         )
         report(steps.rest())
-        return _to_images(result.images[: len(batch.items)])
+        return to_images(result.images[: len(batch.items)])
 
     def _noise(
         self, items: Sequence[RenderItem], batch: RenderBatch
@@ -462,6 +479,17 @@ class DiffusionRenderer:
             return latents, host
         on_device = [torch.Generator(self.device).manual_seed(item.seed) for item in items]
         return latents, on_device
+
+    def conditioning(self, items: Sequence[RenderItem], chunks: int) -> dict[str, Any]:
+        """The pipeline's prompt arguments: the texts, or their embeddings in 75-token chunks."""
+        prompts = [item.prompt for item in items]
+        negatives = [item.negative_prompt for item in items]
+        if chunks == 1:
+            return {"prompt": prompts, "negative_prompt": negatives}
+        return {
+            "prompt_embeds": self._encode_in_chunks(prompts, chunks),
+            "negative_prompt_embeds": self._encode_in_chunks(negatives, chunks),
+        }
 
     @property
     def dtype(self) -> torch.dtype:
@@ -658,7 +686,7 @@ def _warm_up_batch(count: int, width: int, height: int) -> RenderBatch:
     )
 
 
-def _to_images(pixels: torch.Tensor) -> RenderedImages:
+def to_images(pixels: torch.Tensor) -> RenderedImages:
     """The decoder's output in [0, 1] as 8-bit images, converted on the device so one small copy
     reaches the host; the same rounding as diffusers' own conversion."""
     finite = torch.isfinite(pixels).flatten(1).all(dim=1)
@@ -668,24 +696,3 @@ def _to_images(pixels: torch.Tensor) -> RenderedImages:
         PILImage.fromarray(array) if ok else NonFiniteImage()
         for array, ok in zip(arrays, finite_flags, strict=True)
     ]
-
-
-def _from_pretrained(source: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    options: dict[str, Any] = {
-        "dtype": dtype,
-        "safety_checker": None,
-        "requires_safety_checker": False,
-    }
-    try:
-        if dtype == torch.float16:
-            try:
-                return StableDiffusionPipeline.from_pretrained(source, variant="fp16", **options)
-            except (OSError, ValueError):
-                log.info("%s has no fp16 variant; loading the default weights as fp16", source)
-        return StableDiffusionPipeline.from_pretrained(source, **options)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(
-            f"could not load T2I_MODEL_ID={source!r}: {exc}\n"
-            "Without network access and no local copy, point T2I_MODEL_ID at a local diffusers "
-            "directory, or set T2I_MODEL_ID=tiny for the tiny offline test model."
-        ) from exc

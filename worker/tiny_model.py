@@ -1,13 +1,21 @@
-"""A tiny, randomly initialised SD-1.5-shaped pipeline for tests and offline runs."""
+"""Tiny, randomly initialised SD-1.5-shaped pipelines for tests and offline runs."""
+
+from __future__ import annotations
 
 import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
 
 TINY_MODEL_ID = "tiny"
+# The second tiny model, for tests that serve two models side by side.
+SECOND_TINY_MODEL_ID = "tiny-second"
 # Bump when the architecture below changes, so old caches are not reused.
-_TINY_VERSION = "v1"
+_TINY_VERSION = "v2"
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -29,17 +37,179 @@ def _write_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n")
 
 
-def _build(target: Path) -> None:
+# The one request the tiny safety checker is built to flag (its first concept is that image's
+# own embedding); tests send exactly this to see a flagged image.
+FLAGGED_REQUEST = {
+    "prompt": "the tiny safety checker flags this image",
+    "seed": 4242,
+    "width": 256,
+    "height": 256,
+    "num_inference_steps": 2,
+    "guidance_scale": 7.5,
+    "scheduler": "dpmpp_2m",
+}
+# Seeds whose images, rendered like the flagged one, set the checker's threshold below it.
+_UNFLAGGED_SEEDS = range(6)
+# The cosine similarity to the flagged image's embedding above which an image is flagged.
+_FLAG_THRESHOLD = 0.97
+# Large constant channels that carry the VAE's group norms through unchanged (see _passthrough_vae).
+_CARRIER = 100.0
+
+
+def _passthrough_vae() -> AutoencoderKL:
+    """A VAE built by hand, not trained: its latents are the image's three colour channels
+    averaged over 8x8 blocks, and it decodes them back as 8x8 blocks. Image-to-image results
+    can then be measured against their input; a random VAE would scramble every image.
+
+    Each residual branch is zeroed (its block passes the input on), downsampling averages, and
+    upsampling repeats. The group norms that are not in a residual branch see each colour as a
+    group of (x, -x, K, -K): its mean is 0 and its spread about K, whatever the image, so the
+    norm is a fixed scale; SiLU(u) - SiLU(-u) = u then undoes the activation exactly."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    channels = (12, 12, 24, 24)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=channels,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=3,
+        sample_size=512,
+        scaling_factor=1.0,
+    )
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.zero_()
+        for module in vae.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.fill_(1.0)
+
+        def carry(conv: torch.nn.Conv2d, sources: list[int], width: int, sign: float = 1) -> None:
+            """Colour g of `sources` into channels g*width + (x, -x) with carriers (K, -K)."""
+            centre = conv.kernel_size[0] // 2
+            for colour, source in enumerate(sources):
+                base = colour * width
+                conv.weight[base, source, centre, centre] = sign
+                conv.weight[base + 1, source, centre, centre] = -sign
+                conv.bias[base + 2], conv.bias[base + 3] = _CARRIER, -_CARRIER
+
+        def shortcut(conv: torch.nn.Conv2d, source_width: int, target_width: int) -> None:
+            for colour in range(3):
+                for offset in range(4):
+                    conv.weight[colour * target_width + offset, colour * source_width + offset] = 1
+
+        def identity(conv: torch.nn.Conv2d) -> None:
+            centre = conv.kernel_size[0] // 2
+            for channel in range(conv.out_channels):
+                conv.weight[channel, channel, centre, centre] = 1
+
+        def read_out(conv: torch.nn.Conv2d, width: int) -> None:
+            """Colour g back from its (x, -x) channels after a group norm and SiLU."""
+            # The group's spread: x and the carriers dominate, x^2 << K^2.
+            spread = _CARRIER * (2 / width) ** 0.5
+            centre = conv.kernel_size[0] // 2
+            for colour in range(3):
+                conv.weight[colour, colour * width, centre, centre] = spread
+                conv.weight[colour, colour * width + 1, centre, centre] = -spread
+
+        encoder, decoder = vae.encoder, vae.decoder
+        carry(encoder.conv_in, [0, 1, 2], channels[0] // 3)
+        for index, block in enumerate(encoder.down_blocks):
+            resnet = block.resnets[0]
+            if resnet.conv_shortcut is not None:
+                shortcut(resnet.conv_shortcut, channels[index - 1] // 3, channels[index] // 3)
+            for downsampler in block.downsamplers or []:
+                for channel in range(downsampler.conv.out_channels):
+                    downsampler.conv.weight[channel, channel, 0:2, 0:2] = 0.25
+        read_out(encoder.conv_out, channels[-1] // 3)
+        # Log-variance far below zero: a latent sample is its mean.
+        encoder.conv_out.bias[4:] = -30.0
+        identity(vae.quant_conv)
+        identity(vae.post_quant_conv)
+        reversed_channels = channels[::-1]
+        carry(decoder.conv_in, [0, 1, 2], reversed_channels[0] // 3)
+        for index, block in enumerate(decoder.up_blocks):
+            resnet = block.resnets[0]
+            if resnet.conv_shortcut is not None:
+                previous = reversed_channels[index - 1] // 3
+                shortcut(resnet.conv_shortcut, previous, reversed_channels[index] // 3)
+            for upsampler in block.upsamplers or []:
+                identity(upsampler.conv)
+        read_out(decoder.conv_out, channels[0] // 3)
+    return vae
+
+
+def _tiny_safety_checker(pipeline: Any) -> tuple[Any, Any]:
+    """SD 1.5's safety checker, shrunk, whose first concept is the embedding of the image the
+    pipeline renders for FLAGGED_REQUEST; its threshold lies halfway between that image and
+    the nearest of a few others, so only images very like it are flagged."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=64,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+
+    def embedding(seed: int) -> torch.Tensor:
+        request = {**FLAGGED_REQUEST, "seed": seed}
+        image = pipeline(
+            request["prompt"],
+            width=request["width"],
+            height=request["height"],
+            num_inference_steps=request["num_inference_steps"],
+            guidance_scale=request["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+        pixels = processor(images=image, return_tensors="pt").pixel_values
+        return checker.visual_projection(checker.vision_model(pixels)[1])[0]
+
+    with torch.no_grad():
+        flagged = embedding(int(FLAGGED_REQUEST["seed"]))
+        others = torch.stack([embedding(seed) for seed in _UNFLAGGED_SEEDS])
+        # A random vision model maps every image near one direction: project it out, so that
+        # embeddings tell images apart.
+        common = torch.nn.functional.normalize(others.mean(dim=0), dim=0)
+        projection = torch.eye(len(common)) - torch.outer(common, common)
+        checker.visual_projection.weight.copy_(projection @ checker.visual_projection.weight)
+        flagged = torch.nn.functional.normalize(projection @ flagged, dim=0)
+        others = torch.nn.functional.normalize(others @ projection.T, dim=1)
+        nearest = float((others @ flagged).max())
+        # Every other concept points away from the flagged image and matches nothing like it.
+        checker.concept_embeds.copy_(-flagged.expand_as(checker.concept_embeds))
+        checker.special_care_embeds.copy_(-flagged.expand_as(checker.special_care_embeds))
+        checker.concept_embeds[0] = flagged
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights.fill_(1.0)
+        checker.concept_embeds_weights[0] = max(_FLAG_THRESHOLD, (1.0 + nearest) / 2)
+    return checker, processor
+
+
+def _build(target: Path, seed: int) -> None:
     import torch
     from diffusers import (
-        AutoencoderKL,
         DPMSolverMultistepScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
@@ -51,18 +221,6 @@ def _build(target: Path) -> None:
         cross_attention_dim=32,
         attention_head_dim=4,
         norm_num_groups=8,
-    )
-    # Four blocks, three downsamples: the VAE scale factor is 8, as in SD 1.5.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=512,
     )
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         _write_tokenizer_files(Path(tokenizer_dir))
@@ -94,7 +252,7 @@ def _build(target: Path) -> None:
         solver_order=2,
     )
     pipeline = StableDiffusionPipeline(
-        vae=vae,
+        vae=_passthrough_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -103,20 +261,27 @@ def _build(target: Path) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipeline.set_progress_bar_config(disable=True)
+    checker, processor = _tiny_safety_checker(pipeline)
+    pipeline.register_modules(safety_checker=checker, feature_extractor=processor)
     pipeline.save_pretrained(target)
+    from worker.single_file import save_single_file
+
+    save_single_file(pipeline, target.with_suffix(".safetensors"))
 
 
-def ensure_tiny_model(cache_dir: Path) -> Path:
-    """Build the tiny pipeline once into `cache_dir`; later calls reuse it."""
-    target = cache_dir / f"tiny-sd15-{_TINY_VERSION}"
+def _ensure(cache_dir: Path, name: str, seed: int) -> Path:
+    target = cache_dir / f"{name}-{_TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".building-"))
     try:
-        _build(staging)
+        _build(staging / "model", seed)
+        # The checkpoint first: a folder in place means both are.
+        staging.joinpath("model.safetensors").replace(target.with_suffix(".safetensors"))
         try:
-            staging.rename(target)
+            (staging / "model").rename(target)
         except OSError:
             # Another process finished first; its copy is as good as ours.
             if not (target / "model_index.json").is_file():
@@ -124,3 +289,14 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_tiny_model(cache_dir: Path) -> Path:
+    """Build the tiny pipeline once into `cache_dir`; later calls reuse it."""
+    return _ensure(cache_dir, "tiny-sd15", 0)
+
+
+def ensure_second_tiny_model(cache_dir: Path) -> Path:
+    """Another tiny pipeline, the same shape with other random weights; beside its folder lies
+    the same model as one single-file checkpoint (`.safetensors`, the original layout)."""
+    return _ensure(cache_dir, "second-tiny-sd15", 1)

@@ -35,6 +35,7 @@ from shared.webhooks import (
     WebhookRefused,
     Webhooks,
     check_webhook_url,
+    pinned_url,
     signed_headers,
 )
 from worker.metrics_server import MetricsPortInUse, WorkerProbes
@@ -129,10 +130,7 @@ class Sender:
         self, target: Target, body: str, headers: dict[str, str]
     ) -> tuple[int | None, str | None, float | None]:
         """(status code, error, Retry-After seconds), connecting to the checked address only."""
-        address = target.addresses[0]
-        literal = f"[{address}]" if ":" in address else address
-        url = f"{target.scheme}://{literal}:{target.port}{target.path}"
-        host_header = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+        url, pinned_headers, extensions = pinned_url(target)
         try:
             with httpx.Client(
                 timeout=self.settings.webhook_timeout_s, follow_redirects=False
@@ -143,10 +141,10 @@ class Sender:
                     headers={
                         **headers,
                         "content-type": "application/json",
-                        "host": host_header,
+                        **pinned_headers,
                         "user-agent": "txt2img-service-webhooks",
                     },
-                    extensions={"sni_hostname": target.host},
+                    extensions=extensions,
                 )
         except httpx.TimeoutException:
             return None, "timed out", None

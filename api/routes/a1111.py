@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.compat import DialectRoute, Finished, generate
 from api.deps import BearerOrBasicCallerDep, Services, ServicesDep
@@ -23,6 +23,7 @@ from shared.schema import (
     Dimension,
     GenerationRequest,
     GuidanceScale,
+    InputImage,
     JobStatus,
     NegativePrompt,
     Prompt,
@@ -138,6 +139,64 @@ class Txt2ImgRequest(BaseModel):
         return "dpmpp_2m_karras" if karras and chosen == "dpmpp_2m" else chosen
 
 
+# An 8x8 grey PNG, base64 (resized to width x height like any input).
+_EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNsYIAAJgaK"
+    "GAAmCACQXTClHgAAAABJRU5ErkJggg=="
+)
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img request: txt2img's fields, a starting image and, for inpainting, a mask.
+    `resize_mode`, `mask_blur`, `inpainting_fill`, `inpaint_full_res` and
+    `inpainting_mask_invert` are accepted and ignored: the image is resized to width x height,
+    and the area the mask keeps is the input image itself."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "the same street in winter",
+                    "init_images": [_EXAMPLE_IMAGE],
+                    "denoising_strength": 0.6,
+                    "steps": 20,
+                    "width": 256,
+                    "height": 256,
+                },
+                {
+                    "prompt": "a red door",
+                    "init_images": [_EXAMPLE_IMAGE],
+                    "mask": _EXAMPLE_IMAGE,
+                    "denoising_strength": 1.0,
+                    "steps": 20,
+                    "width": 256,
+                    "height": 256,
+                },
+            ]
+        },
+    )
+
+    init_images: list[InputImage] = Field(
+        min_length=1, max_length=1, description="one image, base64 (or a data: URL)"
+    )
+    mask: InputImage | None = Field(default=None, description="white repaints, black keeps")
+    denoising_strength: Annotated[float, Field(gt=0, le=1)] = 0.75
+
+    def generation(self) -> GenerationRequest:
+        fields = {
+            **super().generation().model_dump(),
+            "init_image": self.init_images[0],
+            "mask_image": self.mask,
+            "strength": self.denoising_strength,
+        }
+        try:
+            return GenerationRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise _invalid("denoising_strength", exc.errors()[0]["msg"]) from exc
+
+
 def _invalid(field: str, message: str) -> ServiceError:
     detail = {"loc": ["body", field], "msg": message, "type": "value_error"}
     return ServiceError(ErrorType.VALIDATION_ERROR, message, [detail])
@@ -245,10 +304,14 @@ def _info(finished: Finished, body: Txt2ImgRequest, model: str, version: str) ->
         "sd_model_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": request.image_strength if request.init_image else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
-        "infotexts": [parameters_text(request, seed, model) for seed in seeds],
+        # One per image returned: an image the safety checker blocked is neither.
+        "infotexts": [
+            parameters_text(request, image.seed, model, image.safety)
+            for image in finished.stored_images()
+        ],
         "styles": [],
         "job_timestamp": f"{finished.record.created_at:%Y%m%d%H%M%S}",
         "clip_skip": 1,
@@ -285,10 +348,34 @@ async def txt2img(
     model = await run_in_threadpool(finished.model, services)
     answer = Txt2ImgResponse(
         images=[base64.b64encode(file).decode() for file in files],
-        parameters=body.model_dump(mode="json"),
+        # Input images are not echoed back.
+        parameters=body.model_dump(mode="json", exclude={"init_images", "mask"}),
         info=json.dumps(_info(finished, body, model, request.app.version)),
     )
     return JSONResponse(answer.model_dump(mode="json"), headers=finished.rate_limit.headers())
+
+
+@router.post(
+    "/img2img",
+    response_model=Txt2ImgResponse,
+    responses={
+        200: {"headers": RATE_LIMIT_HEADERS},
+        **error_responses(401, 409, 413, 422, 429, 503, 504, model=A1111Error),
+    },
+    summary="Image-to-image and inpainting (AUTOMATIC1111 img2img)",
+    description=(
+        "A1111's img2img: txt2img's fields with `init_images` (one base64 image), "
+        "`denoising_strength` and, for inpainting, `mask`. The job goes through `POST /v1/jobs`'s "
+        "path, input image checks included (a bad image is a 422)."
+    ),
+)
+async def img2img(
+    body: Img2ImgRequest,
+    services: ServicesDep,
+    caller: BearerOrBasicCallerDep,
+    request: Request,
+) -> JSONResponse:
+    return await txt2img(body, services, caller, request)
 
 
 @router.get(

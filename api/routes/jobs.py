@@ -4,6 +4,7 @@ import logging
 import math
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import CallerDep, Services, ServicesDep
 from api.events import wait_until_terminal
+from api.images import InputImages, read_input_images
 from api.jobview import job_out, view_out
 from api.metrics import JOBS_SUBMITTED
 from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
@@ -28,6 +30,7 @@ from shared.jobstore import (
     utc_now,
 )
 from shared.metrics import count_finished
+from shared.queue import live_models, render_queue
 from shared.ratelimit import Decision
 from shared.schema import (
     CONTENT_TYPES,
@@ -38,7 +41,9 @@ from shared.schema import (
     JobRecord,
     JobStatus,
     KeyUsage,
+    strictest,
 )
+from shared.storage import StorageError, input_key, job_prefix
 from shared.webhooks import WebhookRefused, check_webhook_url
 
 log = logging.getLogger(__name__)
@@ -148,6 +153,60 @@ class Submission:
         return self.view.record
 
 
+def _check_model_served(generation: GenerationRequest, services: Services) -> None:
+    """A request may name the default model at any time (its jobs wait for a worker, as ever);
+    another model only while a live worker serves it: nothing would ever take its jobs."""
+    model = generation.model
+    if model is None or model == services.core.deployment_model:
+        return
+    served = live_models(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    if model not in served:
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR,
+            f"no live worker serves the model {model!r}; GET /v1/models lists those served",
+            [{"loc": ["body", "model"], "msg": "model not served", "type": "model_not_served"}],
+        )
+
+
+def _resolved(
+    generation: GenerationRequest, services: Services, caller: ApiKey, inputs: InputImages | None
+) -> GenerationRequest:
+    """The request as the job keeps it: a seed, the model, the safety action in force, and each
+    input image by its SHA-256 (its bytes are in storage)."""
+    update: dict[str, object] = {
+        "model": generation.model or services.core.deployment_model,
+        "safety_action": strictest(
+            services.api.safety_action, caller.safety_action, generation.safety_action
+        ),
+    }
+    if generation.seed is None:
+        update["seed"] = secrets.randbelow(MAX_SEED + 1)
+    if inputs is not None:
+        update["init_image"] = f"sha256:{inputs.init.sha256}"
+        if inputs.mask is not None:
+            update["mask_image"] = f"sha256:{inputs.mask.sha256}"
+    return generation.model_copy(update=update)
+
+
+def _store_inputs(services: Services, job_id: str, inputs: InputImages | None) -> None:
+    if inputs is None:
+        return
+    prefix = services.storage_settings.key_prefix
+    # A storage failure here is a 503, like any other.
+    services.storage.put(input_key(prefix, job_id, "init"), inputs.init.png, "image/png")
+    if inputs.mask is not None:
+        services.storage.put(input_key(prefix, job_id, "mask"), inputs.mask.png, "image/png")
+
+
+def _forget_inputs(services: Services, job_id: str, inputs: InputImages | None) -> None:
+    if inputs is None:
+        return
+    try:
+        services.storage.delete_prefix(job_prefix(services.storage_settings.key_prefix, job_id))
+    except StorageError as exc:
+        log.warning("could not delete the input images of unmade job %s: %s", job_id, exc)
+
+
 async def submit(
     services: Services,
     caller: ApiKey,
@@ -160,14 +219,31 @@ async def submit(
     if generation.webhook is not None:
         # It may resolve the host name: off the event loop.
         await run_in_threadpool(_check_webhook, generation, services)
+    if generation.model is not None:
+        await run_in_threadpool(_check_model_served, generation, services)
+    inputs: InputImages | None = None
+    if generation.init_image is not None:
+        inputs = await run_in_threadpool(
+            read_input_images, generation, services.api, services.webhook_settings
+        )
+    job_id = new_job_id()
+    # Stored before the job exists, so no worker can take it before its images are there.
+    if inputs is not None:
+        await run_in_threadpool(_store_inputs, services, job_id, inputs)
     per_minute = caller.rate_limit_per_min
     try:
-        view, created, tokens_left = await _enqueue(services, caller, generation, idempotency_key)
+        view, created, tokens_left = await _enqueue(
+            services, caller, generation, idempotency_key, job_id, inputs
+        )
     except RateLimited as limited:
+        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
         raise _rate_limited(Decision.of(False, limited.tokens_left, per_minute)) from limited
     except QueueFull as full:
+        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
         decision = Decision.of(True, full.tokens_left or 0.0, per_minute)
         raise await _queue_full(services, full.depth, decision) from full
+    if not created and inputs is not None:
+        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
     return Submission(view, created, Decision.of(True, tokens_left, per_minute))
 
 
@@ -182,15 +258,18 @@ def cancel(services: Services, record: JobRecord) -> CasResult:
 
 
 async def _enqueue(
-    services: Services, caller: ApiKey, generation: GenerationRequest, idempotency_key: str | None
+    services: Services,
+    caller: ApiKey,
+    generation: GenerationRequest,
+    idempotency_key: str | None,
+    job_id: str,
+    inputs: InputImages | None,
 ) -> tuple[JobView, bool, float]:
     """Spend a token, create the job with its broker message (or find the one this idempotency
     key made): the job, whether it is new, and the tokens left in the caller's bucket."""
-    resolved = generation
-    if generation.seed is None:
-        resolved = generation.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+    resolved = _resolved(generation, services, caller, inputs)
     record = JobRecord(
-        id=new_job_id(),
+        id=job_id,
         owner=caller.id,
         status=JobStatus.QUEUED,
         created_at=utc_now(),
@@ -203,7 +282,7 @@ async def _enqueue(
         idempotency_key,
         fingerprint,
         services.api.max_queue_depth,
-        services.core.queue_name,
+        render_queue(services.core, resolved.model),
         RateLimit(caller.id, caller.rate_limit_per_min),
     )
     tokens_left = created.tokens_left or 0.0
@@ -219,7 +298,7 @@ async def _enqueue(
             # The earlier job is past its retention; the key no longer protects anything.
             assert idempotency_key is not None
             await services.jobs.forget_idempotency_key(caller.id, idempotency_key)
-            return await _enqueue(services, caller, generation, idempotency_key)
+            return await _enqueue(services, caller, generation, idempotency_key, job_id, inputs)
         return earlier, False, tokens_left
     JOBS_SUBMITTED.inc()
     log.info("job %s queued", record.id, extra={"job_id": record.id})
@@ -369,5 +448,9 @@ def download_image(
     if index >= len(record.images):
         raise ServiceError(ErrorType.NOT_FOUND, f"the job has {len(record.images)} image(s)")
     image = record.images[index]
+    if image.key is None:
+        raise ServiceError(
+            ErrorType.NOT_FOUND, f"image {index} was filtered by the safety checker and not stored"
+        )
     media_type = image_media_type(image.content_type, accept)
     return Response(services.storage.get(image.key), media_type=media_type)

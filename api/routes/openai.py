@@ -217,7 +217,8 @@ async def create_image(
         base_url = services.base_url(request)
         data = [
             GeneratedImage(url=services.storage.download_url(image.key, base_url))
-            for image in finished.record.images
+            for image in finished.stored_images()
+            if image.key is not None
         ]
     answer = ImagesResponse(
         created=int(finished.record.created_at.timestamp()),

@@ -2,6 +2,7 @@
 
 import mimetypes
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Annotated
@@ -10,12 +11,19 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import FileResponse, JSONResponse
 from redis.exceptions import RedisError
 
-from api.deps import Services, ServicesDep
+from api.deps import CallerDep, Services, ServicesDep
 from api.openapi import error_responses
 from api.routes.jobs import IMAGE_CONTENT, image_media_type
 from shared.errors import ErrorType, ServiceError
-from shared.info import SCHEDULERS, SERVICE_VERSION, ServiceInfo, request_limits
-from shared.queue import live_worker_count, live_workers
+from shared.info import (
+    SCHEDULERS,
+    SERVICE_VERSION,
+    ModelInfo,
+    ModelList,
+    ServiceInfo,
+    request_limits,
+)
+from shared.queue import live_worker_count, live_workers, queue_depth, render_queue
 from shared.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["system"])
@@ -97,6 +105,29 @@ def info(services: ServicesDep) -> ServiceInfo:
         schedulers=SCHEDULERS,
         limits=request_limits(services.api.max_pixels_per_job),
         workers=workers,
+    )
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    summary="The models served: the default, and every model a live worker serves",
+    responses=error_responses(401, 503),
+)
+def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    default = services.core.deployment_model
+    counts = Counter(worker.model for worker in workers)
+    return ModelList(
+        data=[
+            ModelInfo(
+                id=model,
+                default=model == default,
+                workers=counts[model],
+                queued=queue_depth(services.redis, render_queue(services.core, model)),
+            )
+            for model in sorted({default, *counts})
+        ]
     )
 
 

@@ -57,6 +57,13 @@ class GenerationFields(TypedDict, total=False):
     output_format: OutputFormat
     webhook: dict[str, Any]
     priority: Literal["interactive", "batch"]
+    model: str
+    # "flag", "blur" or "block": only ever stricter than the key's and the server's.
+    safety_action: str
+    # Image-to-image: base64 (or a data: URL) or an https URL; inpainting adds a mask.
+    init_image: str
+    mask_image: str
+    strength: float
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,10 @@ class Requests:
     @staticmethod
     def download(image: str | ImageOut) -> RequestSpec:
         # A plain GET: the URL is signed, and S3 refuses a presigned URL with an Authorization.
-        return RequestSpec("GET", image.url if isinstance(image, ImageOut) else image)
+        url = image.url if isinstance(image, ImageOut) else image
+        if url is None:
+            raise ValueError("the image was filtered by the safety checker; it has no file")
+        return RequestSpec("GET", url)
 
 
 def checked(response: httpx.Response) -> httpx.Response:

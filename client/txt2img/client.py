@@ -148,9 +148,11 @@ class Client(BaseClient[httpx.Client]):
         return target
 
     def download_all(self, job: JobOut, path: str | Path) -> list[Path]:
-        """Save every image of a job: `path` for one, `stem_0.ext`, `stem_1.ext`... for several."""
-        paths = image_paths(path, len(job.images))
-        return [self.download(image, to) for image, to in zip(job.images, paths, strict=True)]
+        """Save every stored image of a job (not those the safety checker blocked): `path` for
+        one, `stem_0.ext`, `stem_1.ext`... for several."""
+        stored = [image for image in job.images if image.url is not None]
+        paths = image_paths(path, len(stored))
+        return [self.download(image, to) for image, to in zip(stored, paths, strict=True)]
 
     # Last, so that `list` in the annotations above is still the builtin.
     def list(

@@ -45,12 +45,23 @@ class Progress(Answer):
     eta_s: float | None = None
 
 
+class ImageSafety(Answer):
+    """What the server's safety checker made of an image."""
+
+    checked: bool = True
+    flagged: bool = False
+    action: str | None = None
+    reason: str | None = None
+
+
 class ImageOut(Answer):
-    url: str
+    url: str | None = Field(default=None, description="None when the image was filtered")
     width: int
     height: int
     seed: int
     content_type: str
+    filtered: bool = False
+    safety: ImageSafety | None = None
 
 
 class JobError(Answer):
@@ -84,6 +95,12 @@ class JobRequest(Answer):
     output_format: str = "png"
     webhook: dict[str, Any] | None = None
     priority: str = "batch"
+    model: str | None = None
+    safety_action: str | None = None
+    # Once stored, the server shows each input image by its SHA-256.
+    init_image: str | None = None
+    mask_image: str | None = None
+    strength: float | None = None
 
 
 class JobOut(Answer):

@@ -81,7 +81,7 @@ def test_txt2img_pngs_carry_the_parameters_that_info_reports(sdapi: httpx.Client
     )
     assert info["infotexts"][3] == (
         "a lighthouse at dusk\nNegative prompt: fog\nSteps: 3, Sampler: DPM++ 2M Karras, "
-        "CFG scale: 6.5, Seed: 1237, Size: 320x256, Model: tiny"
+        "CFG scale: 6.5, Seed: 1237, Size: 320x256, Model: tiny, Safety: passed"
     )
     assert parameters["prompt"] == "a lighthouse at dusk" and parameters["n_iter"] == 2
 
@@ -177,3 +177,49 @@ def test_progress_follows_the_keys_rendering_job(sdapi: httpx.Client, local_stac
         assert progress["state"]["job_count"] >= 1
         assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     wait_until(lambda: sdapi.get("/progress").json()["state"]["job"] == "", 30, "an idle progress")
+
+
+def _png_base64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_and_inpainting_start_from_the_given_image(sdapi: httpx.Client) -> None:
+    start = Image.new("RGB", (256, 256), (200, 40, 40))
+    mask = Image.new("L", (256, 256), 0)
+    mask.paste(255, (64, 64, 192, 192))
+    for extra in ({}, {"mask": _png_base64(mask)}):
+        response = sdapi.post(
+            "/img2img",
+            json={
+                **CLIENT_DEFAULTS,
+                "prompt": "a red wall",
+                "steps": 4,
+                "init_images": [_png_base64(start)],
+                "denoising_strength": 0.5,
+                "resize_mode": 0,
+                "inpainting_fill": 1,
+                **extra,
+            },
+        )
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert "init_images" not in answer["parameters"] and "mask" not in answer["parameters"]
+        [data] = answer["images"]
+        image = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert image.size == (256, 256)
+        mode = "inpaint" if extra else "img2img"
+        assert f"Denoising strength: 0.5, Mode: {mode}" in image.info["parameters"]
+        if extra:
+            # Outside the mask, the starting image itself.
+            assert image.convert("RGB").getpixel((5, 5)) == (200, 40, 40)
+
+
+def test_img2img_refuses_a_strength_too_low_for_its_steps(sdapi: httpx.Client) -> None:
+    start = _png_base64(Image.new("RGB", (256, 256)))
+    response = sdapi.post(
+        "/img2img",
+        json={**CLIENT_DEFAULTS, "prompt": "x", "init_images": [start], "denoising_strength": 0.1},
+    )
+    assert response.status_code == 422, response.text

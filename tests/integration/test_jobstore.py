@@ -2,6 +2,8 @@
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
 
 from redis import Redis
 
@@ -14,7 +16,12 @@ from shared.jobstore import (
     new_job_id,
     utc_now,
 )
+from shared.queue import make_celery, render_queue
+from shared.recovery import Reaper
 from shared.schema import GenerationRequest, JobErrorType, JobRecord, JobStatus
+from shared.settings import CoreSettings, WebhookSettings
+from shared.storage import LocalStorage
+from shared.webhooks import Webhooks
 from tests.support import wait_until
 from worker.cancel import CancelWatcher
 
@@ -219,3 +226,46 @@ def test_a_handed_back_job_is_queued_again_without_counting_a_retry(redis_client
     job = store.get(record.id)
     assert (job.status, job.worker, job.retries) == (JobStatus.QUEUED, None, 0)
     assert [entry for entry, _ in store.unreserved_dispatches(time.time() + 1, 10)] == [record.id]
+
+
+def test_the_reaper_judges_lost_messages_per_model_queue(
+    redis_client: Redis, tmp_path: Path
+) -> None:
+    """A job waiting behind a busy model's queue is not taken for lost because another model's
+    worker reserved later jobs; once its own model's worker passes it over, it is."""
+    url = "redis://{host}:{port}/{db}".format(**redis_client.connection_pool.connection_kwargs)
+    core = CoreSettings(redis_url=url, model_id="tiny", redispatch_after_s=1)
+    store = JobStore(redis_client, retention_s=600)
+    sent: list[tuple[str, int]] = []
+    reaper = Reaper(
+        redis_client,
+        store,
+        core,
+        lambda job_id, attempt: sent.append((job_id, attempt)),
+        LocalStorage(tmp_path, "secret", 60),
+        "images",
+        Webhooks(redis_client, make_celery(core), WebhookSettings(), 600),
+    )
+    start = utc_now() - timedelta(seconds=100)
+
+    def queued(model: str, seconds_later: float) -> JobRecord:
+        record = JobRecord(
+            id=new_job_id(),
+            status=JobStatus.QUEUED,
+            created_at=start + timedelta(seconds=seconds_later),
+            request=GenerationRequest(prompt="a cat", seed=1, model=model),
+        )
+        store.create(record)
+        return record
+
+    other_queue = render_queue(core, "other")
+    waiting = queued("other", 0)
+    redis_client.rpush(other_queue, "a message ahead of it")
+    later_default = queued("tiny", 50)
+    store.reserve(later_default.id, 1, "render@default.1", time.time() + 60, core.queue_name)
+    assert reaper.reap_once().resent == 0 and sent == []
+
+    later_other = queued("other", 50)
+    store.reserve(later_other.id, 1, "render@other.1", time.time() + 60, other_queue)
+    assert reaper.reap_once().resent == 1
+    assert sent == [(waiting.id, 2)]

@@ -85,4 +85,4 @@ def test_the_rendering_routes_and_readiness_pass_every_check_with_a_worker(
     ):
         result = schemathesis(local_stack, *options, *routes)
         assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-        assert operations_tested(result.stdout) == 9
+        assert operations_tested(result.stdout) == 10

@@ -4,8 +4,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from worker.models import ModelSource, load_pipeline
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem
+from worker.tiny_model import ensure_tiny_model
 
 SCHEDULERS = ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
 
@@ -33,11 +36,18 @@ def _array(image) -> np.ndarray:
 def test_tiny_model_is_built_once_and_loaded_with_from_pretrained(
     renderer: DiffusionRenderer, model_cache: Path
 ) -> None:
-    [built] = list(model_cache.glob("tiny-sd15-*"))
+    [built] = [path for path in model_cache.glob("tiny-sd15-*") if path.is_dir()]
     assert (built / "model_index.json").is_file()
-    assert {"unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {
-        p.name for p in built.iterdir()
-    }
+    assert {
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+        "safety_checker",
+        "feature_extractor",
+    } <= {p.name for p in built.iterdir()}
+    assert built.with_suffix(".safetensors").is_file()
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -86,3 +96,34 @@ def test_prompts_needing_different_chunk_counts_are_not_batched(
     short, long = _batch(RenderItem("a cat", "", 1)), _batch(RenderItem("a cat " * 30, "", 1))
     assert renderer.batch_key(short) != renderer.batch_key(long)
     assert renderer.batch_key(short) == renderer.batch_key(_batch(RenderItem("a dog", "", 2)))
+
+
+def test_the_tiny_vae_passes_an_image_through_as_8x8_block_averages(
+    renderer: DiffusionRenderer,
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(1, 3, 8, 8, generator=generator)
+    image = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bicubic").clamp(0, 1)
+    vae = renderer.pipeline.vae
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(image * 2 - 1).latent_dist.mode()).sample
+    blocks = torch.nn.functional.interpolate(
+        torch.nn.functional.avg_pool2d(image * 2 - 1, 8), scale_factor=8, mode="nearest"
+    )
+    assert (decoded - blocks).abs().max() < 1e-3
+
+
+def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(
+    renderer: DiffusionRenderer, model_cache: Path
+) -> None:
+    folder = ensure_tiny_model(model_cache)
+    single = load_pipeline(
+        ModelSource(str(folder.with_suffix(".safetensors")), str(folder)), torch.float32
+    )
+    for name in ("unet", "vae", "text_encoder"):
+        expected = getattr(renderer.pipeline, name).state_dict()
+        loaded = getattr(single, name).state_dict()
+        assert expected.keys() == loaded.keys()
+        assert all(
+            torch.equal(expected[key], loaded[key].reshape(expected[key].shape)) for key in expected
+        )

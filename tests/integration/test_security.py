@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -106,7 +107,8 @@ def test_a_10_mb_body_gets_413_without_the_api_holding_it(local_stack: Stack) ->
     size = 10 * 1024 * 1024
     with socket.create_connection(("127.0.0.1", local_stack.api_port), timeout=10) as sock:
         sock.sendall(
-            b"POST /v1/jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: t\r\n"
+            + b"Content-Type: application/json\r\n"
             + f"Authorization: Bearer {local_stack.api_key}\r\n".encode()
             + f"Content-Length: {size}\r\n\r\n".encode()
             + b'{"prompt": "'
@@ -116,19 +118,22 @@ def test_a_10_mb_body_gets_413_without_the_api_holding_it(local_stack: Stack) ->
             sock.sendall(b"x" * size)
         reply = sock.recv(65536).decode(errors="replace")
 
-    def chunks():
-        for _ in range(10):
+    def chunks(megabytes: int) -> Iterator[bytes]:
+        for _ in range(megabytes):
             yield b"y" * (1024 * 1024)
 
+    json_body = {"content-type": "application/json"}
     with local_stack.client() as client:
-        chunked = client.post(
-            "/v1/jobs", content=chunks(), headers={"content-type": "application/json"}
-        )
-    assert reply.startswith("HTTP/1.1 413"), reply[:200]
-    assert '"payload_too_large"' in reply
-    assert chunked.status_code == 413
-    assert chunked.json()["error"]["type"] == "payload_too_large"
-    assert _rss_kib(pid) - before < 5 * 1024
+        chunked = client.post("/v1/images/generations", content=chunks(10), headers=json_body)
+        assert reply.startswith("HTTP/1.1 413"), reply[:200]
+        assert '"payload_too_large"' in reply
+        assert chunked.status_code == 413
+        assert chunked.json()["error"]["type"] == "payload_too_large"
+        assert _rss_kib(pid) - before < 5 * 1024
+        # A job's body may carry two input images, and has a cap all the same.
+        with_images = client.post("/v1/jobs", content=chunks(32), headers=json_body)
+    assert with_images.status_code == 413
+    assert with_images.json()["error"]["type"] == "payload_too_large"
 
 
 def test_an_internal_error_is_a_500_envelope_with_an_id_in_the_logs(local_stack: Stack) -> None:

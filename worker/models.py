@@ -1,0 +1,87 @@
+"""Where a model's weights, configs and safety checker come from: a hub id, a local diffusers
+directory, a single-file checkpoint (`.safetensors`, as fine-tuning tools write them) or one of
+the tiny offline models."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from worker.tiny_model import (
+    SECOND_TINY_MODEL_ID,
+    TINY_MODEL_ID,
+    ensure_second_tiny_model,
+    ensure_tiny_model,
+)
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ModelLoadError(Exception):
+    """The configured model could not be loaded."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: the weights, and the diffusers layout their configs and checker come from."""
+
+    weights: str
+    # For a single-file checkpoint: the diffusers directory (or hub id) with its configs.
+    single_file_config: str | None = None
+
+    @property
+    def diffusers_layout(self) -> str:
+        """The directory or hub id with the model's configs and, where it ships one, its safety
+        checker (`safety_checker/`, `feature_extractor/`)."""
+        return self.single_file_config or self.weights
+
+
+def resolve(name: str, cache_dir: Path) -> str:
+    """A tiny model's directory (built on first use); any other name as it is."""
+    if name == TINY_MODEL_ID:
+        return str(ensure_tiny_model(cache_dir))
+    if name == SECOND_TINY_MODEL_ID:
+        return str(ensure_second_tiny_model(cache_dir))
+    return name
+
+
+def model_source(model_id: str, cache_dir: Path, single_file_config: str) -> ModelSource:
+    weights = resolve(model_id, cache_dir)
+    if weights.endswith(SINGLE_FILE_SUFFIXES):
+        return ModelSource(weights, resolve(single_file_config, cache_dir))
+    return ModelSource(weights)
+
+
+def load_pipeline(source: ModelSource, dtype: torch.dtype) -> StableDiffusionPipeline:
+    options: dict[str, Any] = {
+        "dtype": dtype,
+        # The service runs the checker itself (worker/safety.py): the pipeline's own would
+        # return black images.
+        "safety_checker": None,
+        "requires_safety_checker": False,
+    }
+    try:
+        if source.single_file_config is not None:
+            return StableDiffusionPipeline.from_single_file(
+                source.weights, config=source.single_file_config, **options
+            )
+        if dtype == torch.float16:
+            try:
+                return StableDiffusionPipeline.from_pretrained(
+                    source.weights, variant="fp16", **options
+                )
+            except (OSError, ValueError):
+                log.info("%s has no fp16 variant; loading the default weights as fp16", source)
+        return StableDiffusionPipeline.from_pretrained(source.weights, **options)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load T2I_MODEL_ID={source.weights!r}: {exc}\n"
+            "Without network access and no local copy, point T2I_MODEL_ID at a local diffusers "
+            "directory or a single-file checkpoint (with T2I_SINGLE_FILE_CONFIG), or set "
+            "T2I_MODEL_ID=tiny for the tiny offline test model."
+        ) from exc

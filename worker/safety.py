@@ -1,0 +1,104 @@
+"""SD 1.5's safety checker on every image, and what happens to an image it flags.
+
+The checker runs on the task thread of each job, all of the job's images in one call, after the
+GPU executor has handed the images back: the next batch is already rendering meanwhile, and one
+lock keeps the checker's calls one at a time. Its black-image replacement is never used; the
+job's safety action decides."""
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from PIL import ImageFilter
+from PIL.Image import Image
+from transformers import CLIPImageProcessor
+
+from shared.schema import ImageSafety, SafetyAction
+from worker.models import ModelLoadError, ModelSource, resolve
+
+log = logging.getLogger(__name__)
+
+# A flagged image is blurred this strongly: the radius is this fraction of its longer side.
+BLUR_RADIUS_FRACTION = 1 / 16
+
+
+class SafetyChecker:
+    """StableDiffusionSafetyChecker with its CLIP image processor, on one device."""
+
+    def __init__(
+        self,
+        checker: StableDiffusionSafetyChecker,
+        processor: CLIPImageProcessor,
+        device: torch.device,
+    ) -> None:
+        self._checker = checker
+        self._processor = processor
+        self._device = device
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: ModelSource,
+        checker_id: str | None,
+        cache_dir: Path,
+        device: torch.device,
+    ) -> "SafetyChecker":
+        """The checker of `checker_id` (a hub id or a diffusers directory with
+        `safety_checker/` and `feature_extractor/`), or else the one the model ships."""
+        source = resolve(checker_id, cache_dir) if checker_id else model.diffusers_layout
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        try:
+            checker = StableDiffusionSafetyChecker.from_pretrained(
+                source, subfolder="safety_checker", dtype=dtype
+            )
+            processor = CLIPImageProcessor.from_pretrained(source, subfolder="feature_extractor")
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(
+                f"could not load the safety checker from {source!r}: {exc}\n"
+                "Point T2I_SAFETY_CHECKER_ID at a checker (a hub id or a directory with "
+                "safety_checker/ and feature_extractor/), or turn it off explicitly with "
+                "T2I_SAFETY_CHECKER=false."
+            ) from exc
+        log.info("safety checker from %s on %s", source, device)
+        return cls(checker.to(device).eval(), processor, device)
+
+    @torch.inference_mode()
+    def flagged(self, images: list[Image]) -> list[bool]:
+        """Whether each image has a concept the checker flags; one call for all of them."""
+        if not images:
+            return []
+        pixels = self._processor(images=images, return_tensors="pt").pixel_values
+        clip_input = pixels.to(self._device, self._checker.dtype)
+        # The checker blacks out flagged images in what it is given: give it placeholders.
+        placeholders = np.zeros((len(images), 1, 1, 3), dtype=np.float32)
+        with self._lock:
+            _, flags = self._checker(clip_input=clip_input, images=placeholders)
+        return [bool(flag) for flag in flags]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One image after the safety action: the image to store (None: blocked) and its entry."""
+
+    image: Image | None
+    safety: ImageSafety
+
+
+def apply_action(image: Image, flagged: bool | None, action: SafetyAction) -> Verdict:
+    """`flagged` None: the checker is off, the image goes out unchecked."""
+    if flagged is None:
+        return Verdict(image, ImageSafety(checked=False))
+    if not flagged:
+        return Verdict(image, ImageSafety(checked=True))
+    safety = ImageSafety(checked=True, flagged=True, action=action, reason="nsfw_content")
+    if action == "block":
+        return Verdict(None, safety)
+    if action == "blur":
+        radius = max(image.size) * BLUR_RADIUS_FRACTION
+        return Verdict(image.filter(ImageFilter.GaussianBlur(radius)), safety)
+    return Verdict(image, safety)
