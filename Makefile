@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format redis venv clean bench lock
+.PHONY: run test lint format redis browser venv clean bench lock
 
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
@@ -20,10 +20,14 @@ venv: $(INSTALLED)
 redis:
 	@scripts/ensure-redis.sh
 
+# The headless chromium and chromedriver the playground's test drives.
+browser:
+	@scripts/ensure-browser.sh
+
 run: venv redis
 	@scripts/run.sh
 
-test: venv redis lint
+test: venv redis browser lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # The GPU pipeline benchmark (bench/README.md); on a machine without CUDA, its CPU smoke mode.

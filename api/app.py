@@ -15,7 +15,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import HttpMetrics, QueueCollector, metrics_router
 from api.openapi import install_openapi, operation_id
-from api.routes import a1111, jobs, openai, system, webhooks
+from api.routes import a1111, jobs, openai, playground, system, webhooks
 from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore, CachedKeys
 from shared.info import SERVICE_VERSION
@@ -111,6 +111,7 @@ def create_app() -> FastAPI:
     )
     app.include_router(openai.router)
     app.include_router(a1111.router)
+    app.include_router(playground.router)
     install_openapi(app)
     app.add_middleware(
         BodySizeLimit,

@@ -18,6 +18,7 @@ from redis.asyncio import Redis as AsyncRedis
 from shared.apikeys import ApiKey, ApiKeyStore, CachedKeys
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import AsyncJobStore, JobStore, JobView
+from shared.loras import LoraRegistry
 from shared.recovery import Reaper
 from shared.schema import JobRecord
 from shared.settings import ApiSettings, CoreSettings, StorageSettings, WebhookSettings
@@ -45,6 +46,10 @@ class Services:
     storage: LocalStorage | S3Storage
     celery: Celery
     reaper: Reaper
+
+    @property
+    def loras(self) -> LoraRegistry:
+        return LoraRegistry(self.core.lora_dir)
 
     def base_url(self, request: Request) -> str:
         return self.api.public_base_url or str(request.base_url)

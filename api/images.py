@@ -1,6 +1,6 @@
-"""A request's input images (image-to-image, inpainting): read from base64 or fetched from a URL
-through the webhooks' SSRF guard, checked with Pillow and stored as PNG before the job is queued.
-Every way an image can be wrong is a 422 here, never a failed job later."""
+"""A request's input images (image-to-image, inpainting, ControlNet): read from base64 or fetched
+from a URL through the webhooks' SSRF guard, checked with Pillow and stored as PNG before the job
+is queued. Every way an image can be wrong is a 422 here, never a failed job later."""
 
 import base64
 import binascii
@@ -41,15 +41,22 @@ class InputImage:
 
 @dataclass(frozen=True)
 class InputImages:
-    init: InputImage
+    init: InputImage | None
     mask: InputImage | None
+    control: InputImage | None = None
+
+    def stored(self) -> dict[str, InputImage]:
+        """Each image by the name it is stored under."""
+        named = {"init": self.init, "mask": self.mask, "control": self.control}
+        return {name: image for name, image in named.items() if image is not None}
 
 
 def _invalid(field: str, error: BadImage) -> ServiceError:
+    location = ["body", *field.split(".")]
     return ServiceError(
         ErrorType.VALIDATION_ERROR,
         f"{field}: {error}",
-        [{"loc": ["body", field], "msg": str(error), "type": error.kind}],
+        [{"loc": location, "msg": str(error), "type": error.kind}],
     )
 
 
@@ -131,7 +138,14 @@ def _read(source: str, mode: str, api: ApiSettings, webhooks: WebhookSettings) -
 def read_input_images(
     generation: GenerationRequest, api: ApiSettings, webhooks: WebhookSettings
 ) -> InputImages | None:
-    """The request's init and mask images, checked; raises a 422 ServiceError for a bad one."""
+    """The request's init, mask and control images, checked; raises a 422 ServiceError for a
+    bad one."""
+    if generation.control is not None:
+        try:
+            control = _read(generation.control.image, "RGB", api, webhooks)
+        except BadImage as exc:
+            raise _invalid("control.image", exc) from exc
+        return InputImages(None, None, control)
     if generation.init_image is None:
         return None
     try:

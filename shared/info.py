@@ -21,6 +21,7 @@ class WorkerInfo(BaseModel):
     device: str
     max_batch_images: int
     levers: dict[str, bool] = Field(description="speed levers and whether each is on")
+    control_types: list[str] = Field(default=[], description="the ControlNets it has loaded")
     version: str
     last_seen_s: float | None = Field(default=None, description="seconds since its last heartbeat")
 
@@ -32,6 +33,10 @@ class ModelInfo(BaseModel):
     default: bool = Field(description="what a request that names no model gets")
     workers: int = Field(description="live workers serving it")
     queued: int = Field(description="messages waiting in its queue")
+    control_types: list[str] = Field(
+        description="what a request's `control.type` may name: the ControlNets its live workers "
+        "have loaded"
+    )
 
 
 class ModelList(BaseModel):

@@ -21,7 +21,9 @@ def parameters_text(
 ) -> str:
     """The `parameters` text of one image of `request`, rendered with `seed` by `model_name`,
     with what the safety checker made of it."""
-    lines = [request.prompt]
+    # LoRA adapters as popular SD UIs write them: tags in the prompt.
+    tags = "".join(f" <lora:{lora.name}:{lora.scale:g}>" for lora in request.loras)
+    lines = [request.prompt + tags]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
     settings = {
@@ -35,6 +37,12 @@ def parameters_text(
     if request.init_image is not None:
         settings["Denoising strength"] = request.image_strength
         settings["Mode"] = "inpaint" if request.mask_image is not None else "img2img"
+    if request.control is not None:
+        module = request.control.type if request.control.preprocess else "none"
+        weight = request.control.conditioning_scale
+        settings["ControlNet 0"] = (
+            f'"Module: {module}, Model: {request.control.type}, Weight: {weight}"'
+        )
     if safety is not None:
         settings["Safety"] = _safety_text(safety)
     lines.append(", ".join(f"{name}: {value}" for name, value in settings.items()))

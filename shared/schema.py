@@ -54,6 +54,15 @@ ModelName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[\x21-
 # An image in a request: base64 (a `data:` URL too) or an http(s) URL the API fetches; the API
 # caps its bytes and pixels (`T2I_MAX_INPUT_IMAGE_BYTES`, `T2I_MAX_INPUT_IMAGE_PIXELS`).
 InputImage = Annotated[str, Field(min_length=1, max_length=20_000_000)]
+# A request applies at most this many LoRA adapters at once.
+MAX_LORAS = 4
+# An adapter's name is its file's name in the registry, without `.safetensors`.
+LoraName = Annotated[
+    str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+LoraScale = Annotated[float, Field(ge=-2, le=2)]
+ControlType = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[a-z0-9][a-z0-9_-]*$")]
+ConditioningScale = Annotated[float, Field(ge=0, le=2)]
 
 
 def strictest(*actions: SafetyAction | None) -> SafetyAction:
@@ -82,6 +91,36 @@ class WebhookSpec(BaseModel):
         if len(set(events)) != len(events):
             raise ValueError("events must not repeat")
         return events
+
+
+class LoraSpec(BaseModel):
+    """One LoRA adapter from the operator's registry (`GET /v1/loras`) and how strongly it
+    applies (0: not at all, 1: as trained)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    name: LoraName = Field(description="one of `GET /v1/loras`")
+    scale: LoraScale = 1.0
+
+
+class ControlSpec(BaseModel):
+    """ControlNet: an image whose structure (edges, depth, ...) the result follows."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    type: ControlType = Field(description="one of the control types of `GET /v1/models`")
+    image: InputImage = Field(
+        description="base64 (or a data: URL) or an https URL; resized to width x height. Once "
+        "stored, the job shows its SHA-256"
+    )
+    conditioning_scale: ConditioningScale = Field(
+        default=1.0, description="how strongly the result follows the control image"
+    )
+    preprocess: bool = Field(
+        default=True,
+        description="true: the image is a picture, turned into the control type's map on the "
+        "worker (canny: its edges); false: the image already is that map",
+    )
 
 
 class GenerationRequest(BaseModel):
@@ -152,8 +191,26 @@ class GenerationRequest(BaseModel):
         f"default {DEFAULT_STRENGTH}; strength x num_inference_steps must be at least 1",
     )
 
+    loras: list[LoraSpec] = Field(
+        default=[],
+        max_length=MAX_LORAS,
+        description="LoRA adapters applied to this job, each name at most once",
+    )
+    control: ControlSpec | None = Field(
+        default=None, description="ControlNet conditioning; not with `init_image`"
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _distinct_loras(cls, loras: list[LoraSpec]) -> list[LoraSpec]:
+        if len({lora.name for lora in loras}) != len(loras):
+            raise ValueError("each LoRA adapter may be named once")
+        return loras
+
     @model_validator(mode="after")
     def _image_inputs_belong_together(self) -> "GenerationRequest":
+        if self.control is not None and self.init_image is not None:
+            raise ValueError("control does not combine with init_image")
         if self.init_image is None:
             if self.mask_image is not None:
                 raise ValueError("mask_image needs an init_image")

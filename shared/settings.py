@@ -37,6 +37,9 @@ class CoreSettings(_T2ISettings):
     model_id: str = DEFAULT_MODEL_ID
     # What a request that names no model gets; unset: T2I_MODEL_ID.
     default_model: str | None = None
+    # The LoRA registry: a directory of `.safetensors` adapters that the API lists and checks and
+    # the workers load (the same directory, or a copy, on every machine); unset: no adapters.
+    lora_dir: Path | None = None
     retention_s: int = Field(default=7 * 24 * 3600, ge=1)
     queue_timeout_s: int = Field(default=3600, ge=1)
     # The broker's redelivery of a vanished worker's messages: only a last resort, since lapsed
@@ -170,6 +173,11 @@ class WorkerSettings(_T2ISettings):
     safety_checker_id: str | None = None
     model_cache_dir: Path = Path("data/models")
     device: str = "auto"
+    # LoRA adapters kept loaded, least recently used first out, within this many MiB.
+    lora_cache_mb: float = Field(default=512.0, gt=0)
+    # ControlNet models this worker loads, by control type (JSON, e.g. {"canny": "<hub id or
+    # directory>"}); "tiny" is the tiny offline ControlNet of the tiny model.
+    controlnets: dict[str, str] = {}
     # Unset: the largest batch, so a worker holds about one batch and leaves the rest to others.
     concurrency: int | None = Field(default=None, ge=1, le=256)
     # CPU threads torch uses for one render; unset: torch's default (every core). Several

@@ -8,6 +8,7 @@ import pytest
 from redis import Redis
 
 from tests.support import Stack, service_env, start_redis, start_s3_server
+from worker.tiny_customization import ensure_tiny_loras
 
 FAIL_PROMPT = "fail-on-purpose"
 S3_BUCKET = "txt2img-test"
@@ -172,6 +173,28 @@ def batching_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterato
     """A worker that waits long enough for a burst of requests to gather into batches."""
     yield from run_stack(
         "batching-stack", 7, redis_port, workdir, model_cache, T2I_BATCH_WAIT_MS="400"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_dir(model_cache: Path) -> Path:
+    """A LoRA registry with the tiny adapters."""
+    return ensure_tiny_loras(model_cache)
+
+
+@pytest.fixture(scope="session")
+def customization_stack(
+    redis_port: int, workdir: Path, model_cache: Path, tiny_lora_dir: Path
+) -> Iterator[Stack]:
+    """A worker with the tiny LoRA registry and the tiny canny ControlNet."""
+    yield from run_stack(
+        "customization-stack",
+        12,
+        redis_port,
+        workdir,
+        model_cache,
+        T2I_LORA_DIR=str(tiny_lora_dir),
+        T2I_CONTROLNETS='{"canny": "tiny"}',
     )
 
 

@@ -11,11 +11,16 @@ from typing import Any
 
 import schemathesis
 from PIL import Image
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from api.routes.openai import SIZE_PATTERN
-from shared.schema import WebhookSpec
+from shared.schema import MAX_LORAS, ControlSpec, LoraSpec, WebhookSpec
 from shared.settings import ApiSettings
+
+
+class _Loras(BaseModel):
+    loras: list[LoraSpec] = Field(max_length=MAX_LORAS)
+
 
 MAX_PIXELS = ApiSettings.model_fields["max_pixels_per_job"].default
 SMALL_SIDE = 256
@@ -58,9 +63,15 @@ _STATEFUL_FIELDS = ("init_image", "mask_image", "strength", "model")
 
 def _submittable(body: dict[str, Any]) -> None:
     """A job within the pixel budget, with no webhook (a webhook's host must resolve to a public
-    address, and no host resolves where these tests run), no input images and the default model."""
+    address, and no host resolves where these tests run), no input images and the default model.
+    Nor LoRA adapters or control: which names and control types exist is the deployment's, not
+    the schema's."""
     if body.get("webhook") is not None and _valid(WebhookSpec, body["webhook"]):
         del body["webhook"]
+    if body.get("loras") and _valid(_Loras, {"loras": body["loras"]}):
+        del body["loras"]
+    if body.get("control") is not None and _valid(ControlSpec, body["control"]):
+        del body["control"]
     fields = ("init_image", "mask_image", "model")
     if all(body.get(field) is None or isinstance(body[field], str) for field in fields):
         for field in _STATEFUL_FIELDS:

@@ -14,6 +14,7 @@ from celery.signals import worker_shutting_down
 from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
 from shared.logs import configure_logging
+from shared.loras import LoraRegistry
 from shared.queue import consume, make_celery, make_redis, render_queue, send_render
 from shared.settings import (
     core_settings,
@@ -25,6 +26,7 @@ from shared.settings import (
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
 from worker.cancel import CancelWatcher
+from worker.controlnet import load_controlnets
 from worker.executor import GpuExecutor
 from worker.faults import Faults
 from worker.heartbeat import Heartbeat
@@ -93,6 +95,12 @@ def main() -> int:
             single_file_config=settings.single_file_config,
         )
         safety = _safety_checker(core.model_id, renderer.device)
+        renderer.use_loras(LoraRegistry(core.lora_dir), int(settings.lora_cache_mb * 2**20))
+        renderer.use_controlnets(
+            load_controlnets(
+                settings.controlnets, settings.model_cache_dir, renderer.dtype, renderer.device
+            )
+        )
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
@@ -165,6 +173,7 @@ def main() -> int:
         device=str(renderer.device),
         max_batch_images=settings.max_batch_images,
         levers=asdict(renderer.levers),
+        control_types=renderer.control_types,
         version=SERVICE_VERSION,
     )
     supervisor = Supervisor(

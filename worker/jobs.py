@@ -37,6 +37,7 @@ from shared.storage import StorageError, attempt_prefix, image_key, input_key
 from shared.webhooks import Webhooks
 from worker import metrics
 from worker.cancel import CancelWatcher
+from worker.controlnet import control_map
 from worker.encoding import encode_image
 from worker.executor import (
     GpuExecutor,
@@ -211,7 +212,13 @@ class JobRunner:
         return PILImage.open(io.BytesIO(data))
 
     def _batch(self, record: JobRecord) -> RenderBatch:
+        """The job's batch, with its input images read (and a control map computed) here, on
+        the task's thread, not the GPU's."""
         request = record.request
+        if request.control is not None:
+            picture = self._input_image(record.id, "control")
+            control = control_map(picture, request.control.type, request.control.preprocess)
+            return RenderBatch.from_request(request, control_image=control)
         if request.init_image is None:
             return RenderBatch.from_request(request)
         init = self._input_image(record.id, "init")

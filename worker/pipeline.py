@@ -30,12 +30,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image as PILImage
 from PIL.Image import Image
 
+from shared.loras import LoraRegistry
 from shared.schema import GenerationRequest, Scheduler
 from shared.settings import DEFAULT_MODEL_ID
+from worker.adapters import AdapterSet, LoraAdapters, UnknownAdapter
 from worker.models import load_pipeline, model_source
 
 if TYPE_CHECKING:
     from worker.conditioned import ImageConditionedRenderer
+    from worker.controlnet import ControlNetRenderer
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +94,14 @@ RenderedImages = list[Image | NonFiniteImage]
 @dataclass(frozen=True)
 class RenderItem:
     """One image: its own prompt, negative prompt and seed, and for image-to-image its starting
-    image (and for inpainting its mask)."""
+    image (and for inpainting its mask), or for ControlNet its control map."""
 
     prompt: str
     negative_prompt: str
     seed: int
     init_image: Image | None = None
     mask_image: Image | None = None
+    control_image: Image | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,11 @@ class RenderBatch:
     scheduler: Scheduler
     # Image-to-image and inpainting: how far from the starting images; None for text-to-image.
     strength: float | None = None
+    # LoRA adapters and their scales, sorted by name; () for none.
+    loras: AdapterSet = ()
+    # ControlNet: the control type and how strongly it conditions; None without control.
+    control_type: str | None = None
+    control_scale: float = 1.0
 
     @classmethod
     def from_request(
@@ -119,11 +128,15 @@ class RenderBatch:
         request: GenerationRequest,
         init_image: Image | None = None,
         mask_image: Image | None = None,
+        control_image: Image | None = None,
     ) -> "RenderBatch":
         items = tuple(
-            RenderItem(request.prompt, request.negative_prompt, seed, init_image, mask_image)
+            RenderItem(
+                request.prompt, request.negative_prompt, seed, init_image, mask_image, control_image
+            )
             for seed in request.image_seeds()
         )
+        control = request.control
         return cls(
             items=items,
             width=request.width,
@@ -132,6 +145,9 @@ class RenderBatch:
             guidance_scale=request.guidance_scale,
             scheduler=request.scheduler,
             strength=None if init_image is None else request.image_strength,
+            loras=adapter_set(request),
+            control_type=None if control is None else control.type,
+            control_scale=1.0 if control is None else control.conditioning_scale,
         )
 
     @property
@@ -142,6 +158,11 @@ class RenderBatch:
     def guided(self) -> bool:
         """Classifier-free guidance: the UNet sees each image twice (with and without prompt)."""
         return self.guidance_scale > 1
+
+
+def adapter_set(request: GenerationRequest) -> AdapterSet:
+    """The request's adapters as a batch holds them: sorted, so the order named never matters."""
+    return tuple(sorted((lora.name, lora.scale) for lora in request.loras))
 
 
 @dataclass(frozen=True)
@@ -245,6 +266,34 @@ class FinishedSteps:
         return finished
 
 
+class StepReporter:
+    """Hands `on_step` each denoising step once it has finished on the device: pass `step_end`
+    as a pipeline's `callback_on_step_end`, and call `finish` after the call."""
+
+    def __init__(self, device: torch.device, on_step: StepCallback | None, total: int) -> None:
+        self._steps = FinishedSteps.on(device)
+        self._on_step = on_step
+        self._total = total
+
+    def _report(self, finished: list[int]) -> None:
+        if self._on_step is not None:
+            for step in finished:
+                self._on_step(step, self._total)
+
+    def step_end(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
+        self._report(self._steps.launched())
+        return tensors
+
+    def finish(self) -> None:
+        self._report(self._steps.rest())
+
+
+def resized(image: Image, width: int, height: int) -> Image:
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), PILImage.Resampling.LANCZOS)
+
+
 class _UNetForward:
     """Stands in for the UNet's forward: timesteps reach the UNet as float32 on its device
     (schedulers feed int64 or float32, on the host), and once compiled, the shapes seen while
@@ -256,6 +305,9 @@ class _UNetForward:
         self._compiled: Callable[..., Any] | None = None
         self._warmed: set[tuple[Any, ...]] = set()
         self.warming = False
+        # While LoRA adapters are in the UNet: its modules are not those the graphs were traced
+        # from.
+        self.eager_only = False
         unet.forward = self._forward
 
     @property
@@ -271,7 +323,7 @@ class _UNetForward:
     def _forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         # One timestep dtype means one compiled graph for every scheduler.
         timestep = _timestep_on(sample.device, timestep)
-        if self._compiled is None:
+        if self._compiled is None or self.eager_only or _controlled(kwargs):
             return self._eager(sample, timestep, *args, **kwargs)
         shape = unet_input_shape(sample, kwargs.get("encoder_hidden_states"))
         if self.warming:
@@ -279,6 +331,11 @@ class _UNetForward:
         if shape in self._warmed:
             return self._compiled(sample, timestep, *args, **kwargs)
         return self._eager(sample, timestep, *args, **kwargs)
+
+
+def _controlled(unet_arguments: dict[str, Any]) -> bool:
+    """Whether ControlNet residuals come along: inputs the warmed graphs never saw."""
+    return unet_arguments.get("down_block_additional_residuals") is not None
 
 
 def unet_input_shape(sample: torch.Tensor, context: torch.Tensor | None) -> tuple[Any, ...]:
@@ -328,6 +385,9 @@ def batch_key(batch: RenderBatch) -> BatchKey:
         batch.scheduler,
         batch.strength,
         batch.inpainting,
+        batch.loras,
+        batch.control_type,
+        batch.control_scale,
     )
 
 
@@ -367,6 +427,9 @@ class DiffusionRenderer:
         self.warm_up_seconds: dict[str, float] = {}
         self._render_cost_cache: RenderCostCache | None = None
         self._from_images: ImageConditionedRenderer | None = None
+        self.adapters: LoraAdapters | None = None
+        self.controlnets: dict[str, Any] = {}
+        self._controlled: ControlNetRenderer | None = None
 
     @property
     def device(self) -> torch.device:
@@ -410,6 +473,30 @@ class DiffusionRenderer:
         self.levers = replace(levers, cuda_graphs=levers.compile and levers.cuda_graphs)
         log.info("speed levers: %s", self.levers)
 
+    def use_loras(self, registry: LoraRegistry, max_bytes: int) -> None:
+        """Serve LoRA adapters from `registry`, keeping at most `max_bytes` of them loaded."""
+
+        def set_unet_eager(eager: bool) -> None:
+            self._unet.eager_only = eager
+
+        if self.adapters is not None:
+            self.adapters.activate(())
+        self.adapters = LoraAdapters(self.pipeline, registry, max_bytes, set_unet_eager)
+
+    def use_controlnets(self, controlnets: dict[str, Any]) -> None:
+        """Serve these control types with these ControlNet models (on the pipeline's device)."""
+        self.controlnets = dict(controlnets)
+
+    @property
+    def control_types(self) -> list[str]:
+        return sorted(self.controlnets)
+
+    def _activate_adapters(self, loras: AdapterSet) -> None:
+        if self.adapters is not None:
+            self.adapters.activate(loras)
+        elif loras:
+            raise UnknownAdapter("this worker serves no LoRA adapters (T2I_LORA_DIR is unset)")
+
     def scheduler(self, name: Scheduler) -> Any:
         if name not in self._schedulers:
             scheduler_class, overrides = _SCHEDULERS[name]
@@ -422,6 +509,14 @@ class DiffusionRenderer:
     def render(self, batch: RenderBatch, on_step: StepCallback | None = None) -> RenderedImages:
         """One pipeline call for the whole batch; image i depends only on item i and the batch's
         shared settings. An image whose pixels came out non-finite is a NonFiniteImage."""
+        self._activate_adapters(batch.loras)
+        if batch.control_type is not None:
+            if self._controlled is None:
+                # Imported here: it builds on this module.
+                from worker.controlnet import ControlNetRenderer
+
+                self._controlled = ControlNetRenderer(self)
+            return self._controlled.render(batch, on_step)
         if batch.strength is not None:
             if self._from_images is None:
                 # Imported here: it builds on this module.
@@ -430,18 +525,7 @@ class DiffusionRenderer:
                 self._from_images = ImageConditionedRenderer(self)
             return self._from_images.render(batch, on_step)
         self.pipeline.scheduler = self.scheduler(batch.scheduler)
-        total = batch.num_inference_steps
-        steps = FinishedSteps.on(self.device)
-
-        def report(finished: list[int]) -> None:
-            if on_step is not None:
-                for step in finished:
-                    on_step(step, total)
-
-        def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
-            report(steps.launched())
-            return tensors
-
+        steps = StepReporter(self.device, on_step, batch.num_inference_steps)
         chunks = self.prompt_chunks(batch)
         items = self._pad(batch, chunks)
         latents, step_generators = self._noise(items, batch)
@@ -454,9 +538,9 @@ class DiffusionRenderer:
             latents=latents,
             generator=step_generators,
             output_type="pt",
-            callback_on_step_end=step_end,
+            callback_on_step_end=steps.step_end,
         )
-        report(steps.rest())
+        steps.finish()
         return to_images(result.images[: len(batch.items)])
 
     def _noise(

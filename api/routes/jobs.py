@@ -30,7 +30,7 @@ from shared.jobstore import (
     utc_now,
 )
 from shared.metrics import count_finished
-from shared.queue import live_models, render_queue
+from shared.queue import live_models, live_workers, render_queue
 from shared.ratelimit import Decision
 from shared.schema import (
     CONTENT_TYPES,
@@ -168,6 +168,28 @@ def _check_model_served(generation: GenerationRequest, services: Services) -> No
         )
 
 
+def _check_control_served(generation: GenerationRequest, services: Services) -> None:
+    """A control type only while a live worker of the job's model offers it."""
+    if generation.control is None:
+        return
+    model = generation.model or services.core.deployment_model
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    offered = {kind for worker in workers if worker.model == model for kind in worker.control_types}
+    if generation.control.type not in offered:
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR,
+            f"no live worker of the model {model!r} offers the control type "
+            f"{generation.control.type!r}; GET /v1/models lists the control types",
+            [
+                {
+                    "loc": ["body", "control", "type"],
+                    "msg": "control type not served",
+                    "type": "control_type_not_served",
+                }
+            ],
+        )
+
+
 def _resolved(
     generation: GenerationRequest, services: Services, caller: ApiKey, inputs: InputImages | None
 ) -> GenerationRequest:
@@ -182,9 +204,13 @@ def _resolved(
     if generation.seed is None:
         update["seed"] = secrets.randbelow(MAX_SEED + 1)
     if inputs is not None:
-        update["init_image"] = f"sha256:{inputs.init.sha256}"
+        if inputs.init is not None:
+            update["init_image"] = f"sha256:{inputs.init.sha256}"
         if inputs.mask is not None:
             update["mask_image"] = f"sha256:{inputs.mask.sha256}"
+        if inputs.control is not None and generation.control is not None:
+            image = f"sha256:{inputs.control.sha256}"
+            update["control"] = generation.control.model_copy(update={"image": image})
     return generation.model_copy(update=update)
 
 
@@ -193,9 +219,8 @@ def _store_inputs(services: Services, job_id: str, inputs: InputImages | None) -
         return
     prefix = services.storage_settings.key_prefix
     # A storage failure here is a 503, like any other.
-    services.storage.put(input_key(prefix, job_id, "init"), inputs.init.png, "image/png")
-    if inputs.mask is not None:
-        services.storage.put(input_key(prefix, job_id, "mask"), inputs.mask.png, "image/png")
+    for name, image in inputs.stored().items():
+        services.storage.put(input_key(prefix, job_id, name), image.png, "image/png")
 
 
 def _forget_inputs(services: Services, job_id: str, inputs: InputImages | None) -> None:
@@ -221,8 +246,12 @@ async def submit(
         await run_in_threadpool(_check_webhook, generation, services)
     if generation.model is not None:
         await run_in_threadpool(_check_model_served, generation, services)
+    if generation.loras:
+        await run_in_threadpool(services.loras.check, generation.loras)
     inputs: InputImages | None = None
-    if generation.init_image is not None:
+    if generation.control is not None:
+        await run_in_threadpool(_check_control_served, generation, services)
+    if generation.init_image is not None or generation.control is not None:
         inputs = await run_in_threadpool(
             read_input_images, generation, services.api, services.webhook_settings
         )

@@ -23,6 +23,7 @@ from shared.info import (
     ServiceInfo,
     request_limits,
 )
+from shared.loras import LoraList
 from shared.queue import live_worker_count, live_workers, queue_depth, render_queue
 from shared.storage import LocalStorage, StorageError
 
@@ -118,6 +119,9 @@ def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
     workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
     default = services.core.deployment_model
     counts = Counter(worker.model for worker in workers)
+    control_types: dict[str, set[str]] = {}
+    for worker in workers:
+        control_types.setdefault(worker.model, set()).update(worker.control_types)
     return ModelList(
         data=[
             ModelInfo(
@@ -125,10 +129,21 @@ def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
                 default=model == default,
                 workers=counts[model],
                 queued=queue_depth(services.redis, render_queue(services.core, model)),
+                control_types=sorted(control_types.get(model, set())),
             )
             for model in sorted({default, *counts})
         ]
     )
+
+
+@router.get(
+    "/v1/loras",
+    response_model=LoraList,
+    summary="The LoRA adapters a request's `loras` may name",
+    responses=error_responses(401),
+)
+def list_loras(services: ServicesDep, caller: CallerDep) -> LoraList:
+    return services.loras.listing()
 
 
 @router.get(

@@ -64,6 +64,9 @@ class GenerationFields(TypedDict, total=False):
     init_image: str
     mask_image: str
     strength: float
+    # LoRA adapters, [{"name": ..., "scale": ...}], and ControlNet, {"type": ..., "image": ...}.
+    loras: list[dict[str, Any]]
+    control: dict[str, Any]
 
 
 @dataclass(frozen=True)

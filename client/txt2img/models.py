@@ -101,6 +101,9 @@ class JobRequest(Answer):
     init_image: str | None = None
     mask_image: str | None = None
     strength: float | None = None
+    loras: list[dict[str, Any]] = Field(default_factory=list)
+    # Its image, once stored, by its SHA-256.
+    control: dict[str, Any] | None = None
 
 
 class JobOut(Answer):

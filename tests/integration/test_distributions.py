@@ -76,6 +76,11 @@ def test_the_service_wheel_installs_its_packages_only_inside_txt2img_service(
     assert top_level_names(service_wheel) == {"txt2img_service"}
     with zipfile.ZipFile(service_wheel) as archive:
         shipped = {name for name in archive.namelist() if name.endswith(".py")}
+        playground = {name for name in archive.namelist() if "/playground/" in name}
+    assert playground == {
+        "txt2img_service/api/playground/index.html",
+        "txt2img_service/api/playground/playground.js",
+    }
     sources = {
         f"txt2img_service/{path.relative_to(REPO_ROOT)}"
         for package in SERVICE_PACKAGES

@@ -75,8 +75,14 @@ def test_models_lists_both_models_with_their_workers_and_queues(
     with stack.client() as client:
         models = client.get("/v1/models").raise_for_status().json()["data"]
     assert models == [
-        {"id": "tiny", "default": True, "workers": 1, "queued": 0},
-        {"id": SECOND_TINY_MODEL_ID, "default": False, "workers": 1, "queued": 0},
+        {"id": "tiny", "default": True, "workers": 1, "queued": 0, "control_types": []},
+        {
+            "id": SECOND_TINY_MODEL_ID,
+            "default": False,
+            "workers": 1,
+            "queued": 0,
+            "control_types": [],
+        },
     ]
     with stack.client() as client:
         info = client.get("/info").raise_for_status().json()

@@ -109,7 +109,17 @@ def test_several_images_get_index_suffixes() -> None:
 def test_cli_defaults_are_the_servers_and_the_format_follows_the_suffix() -> None:
     parser = build_parser()
     # What the CLI has no option for is left out of its requests, as the server's default is.
-    unset = {"prompt", "webhook", "model", "safety_action", "init_image", "mask_image", "strength"}
+    unset = {
+        "prompt",
+        "webhook",
+        "model",
+        "safety_action",
+        "init_image",
+        "mask_image",
+        "strength",
+        "loras",
+        "control",
+    }
     server_defaults = GenerationRequest(prompt="a cat").model_dump(exclude=unset)
     defaults = _generation_fields(parser.parse_args(["generate", "a cat"]))
     assert {**defaults, "seed": None, "output_format": "png"} == server_defaults

@@ -1,0 +1,108 @@
+"""Tiny LoRA adapters and a tiny ControlNet for the tiny model, made with the tooling users use:
+PEFT and diffusers' `save_lora_weights` (safetensors) for the adapters, `ControlNetModel.from_unet`
+for the ControlNet."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from worker.tiny_model import ensure_tiny_model
+
+# What T2I_CONTROLNETS names to get the tiny ControlNet.
+TINY_CONTROLNET_ID = "tiny"
+# The tiny adapters, by name, with the seed each is drawn from.
+TINY_LORAS = {"tiny-style": 11, "tiny-other": 12}
+_VERSION = "v2"
+# How far a tiny adapter's product BA reaches: a fraction of its layer's own weights, so that an
+# adapter visibly changes an image without swamping it.
+_LORA_STRENGTH = 0.5
+
+
+def _staged(target: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a staging folder beside `target` and move it in place; reuse a finished one."""
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
+    try:
+        build(staging / "out")
+        try:
+            (staging / "out").rename(target)
+        except OSError:
+            # Another process finished first; its copy is as good as ours.
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _build_loras(cache_dir: Path, target: Path) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    target.mkdir(parents=True)
+    base = ensure_tiny_model(cache_dir)
+    for name, seed in TINY_LORAS.items():
+        unet = UNet2DConditionModel.from_pretrained(base / "unet")
+        torch.manual_seed(seed)
+        # What LoRA training adds to a UNet; trained weights are stood in for by random ones.
+        config = LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
+        unet.add_adapter(config)
+        with torch.no_grad():
+            for module in unet.modules():
+                if hasattr(module, "lora_B") and "default" in module.lora_B:
+                    down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+                    product = (up @ down).norm()
+                    base_weight = module.base_layer.weight.norm()
+                    up.mul_(_LORA_STRENGTH * base_weight / product)
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(
+            target, unet_lora_layers=layers, weight_name=f"{name}.safetensors"
+        )
+
+
+def ensure_tiny_loras(cache_dir: Path) -> Path:
+    """A LoRA registry directory holding the tiny adapters (TINY_LORAS), built once."""
+    target = cache_dir / f"tiny-loras-{_VERSION}"
+    return _staged(target, lambda staging: _build_loras(cache_dir, staging))
+
+
+def _build_controlnet(cache_dir: Path, target: Path) -> None:
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(ensure_tiny_model(cache_dir) / "unet")
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=(8, 16, 16, 32)
+    )
+    torch.manual_seed(21)
+    # from_unet zeroes the convolutions that feed the UNet (training starts from "no effect");
+    # random ones stand in for trained weights, so control visibly changes an image. The map's
+    # own encoder is redrawn wider than its default, which leaves a sparse edge map with almost
+    # no say: its features then reach about the size of the UNet's.
+    with torch.no_grad():
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+        for module in controlnet.controlnet_cond_embedding.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.normal_(module.weight, std=0.2)
+                torch.nn.init.zeros_(module.bias)
+    controlnet.save_pretrained(target)
+
+
+def ensure_tiny_controlnet(cache_dir: Path) -> Path:
+    """A tiny ControlNet for the tiny model, built once from its UNet."""
+    target = cache_dir / f"tiny-controlnet-{_VERSION}"
+    return _staged(target, lambda staging: _build_controlnet(cache_dir, staging))
