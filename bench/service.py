@@ -34,7 +34,15 @@ from shared.jobstore import (
 )
 from shared.queue import WORKERS_KEY
 from shared.schema import GenerationRequest, JobRecord, JobStatus
-from tests.support import REPO_ROOT, Process, free_port, service_env, start_redis, wait_until
+from tests.support import (
+    REPO_ROOT,
+    Process,
+    api_answers,
+    free_port,
+    service_env,
+    start_redis,
+    wait_until,
+)
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
@@ -90,7 +98,7 @@ class Cluster:
             "api", [sys.executable, "-m", "api"], self.env, workdir / "api.log"
         ).start()
         self.workers: list[Process] = []
-        wait_until(self._api_answers, 60, "the API")
+        wait_until(lambda: api_answers(self.api, self.base_url), 60, "the API")
         self.api_key = self.new_key()
 
     @property
@@ -105,14 +113,6 @@ class Cluster:
 
     def owner(self) -> str:
         return self.api_key.split("_")[1]
-
-    def _api_answers(self) -> bool:
-        if not self.api.alive():
-            raise RuntimeError(f"the API exited:\n{self.api.log_tail()}")
-        try:
-            return httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
 
     def add_workers(self, count: int) -> None:
         for _ in range(count):

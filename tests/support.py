@@ -101,6 +101,16 @@ class Process:
             self.popen.wait()
 
 
+def api_answers(api: Process, base_url: str) -> bool:
+    """Whether the API answers /health; raises with its log if its process has exited."""
+    if not api.alive():
+        raise RuntimeError(f"the API exited:\n{api.log_tail()}")
+    try:
+        return httpx.get(f"{base_url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def service_env(**overrides: str) -> dict[str, str]:
     """The test process's environment without any T2I_* of the developer's, plus overrides."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("T2I_")}

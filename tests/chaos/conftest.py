@@ -27,6 +27,7 @@ from shared.schema import JobRecord, JobStatus
 from tests.support import (
     REQUEST_TIMEOUT_S,
     Process,
+    api_answers,
     free_port,
     port_open,
     service_env,
@@ -179,12 +180,7 @@ class Cluster:
 
     def _api_answers(self) -> bool:
         assert self.api is not None
-        if not self.api.alive():
-            raise RuntimeError(f"the API exited:\n{self.api.log_tail()}")
-        try:
-            return httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return api_answers(self.api, self.base_url)
 
     def kill_api(self) -> None:
         assert self.api is not None and self.api.popen is not None
