@@ -10,10 +10,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-from PIL import Image as PILImage
 from PIL.Image import Image
 
-from worker.pipeline import FinishedSteps, RenderBatch, RenderedImages, StepCallback, to_images
+from worker.pipeline import (
+    RenderBatch,
+    RenderedImages,
+    StepCallback,
+    StepReporter,
+    resized,
+    to_images,
+)
 
 if TYPE_CHECKING:
     from worker.pipeline import DiffusionRenderer
@@ -27,12 +33,6 @@ def denoising_steps(num_inference_steps: int, strength: float) -> int:
 def _given(image: Image | None) -> Image:
     assert image is not None, "every item of an image-conditioned batch brings its images"
     return image
-
-
-def _resized(image: Image, width: int, height: int) -> Image:
-    if image.size == (width, height):
-        return image
-    return image.resize((width, height), PILImage.Resampling.LANCZOS)
 
 
 class ImageConditionedRenderer:
@@ -51,19 +51,9 @@ class ImageConditionedRenderer:
         pipeline = self._inpaint if batch.inpainting else self._img2img
         pipeline.scheduler = renderer.scheduler(batch.scheduler)
         total = denoising_steps(batch.num_inference_steps, batch.strength)
-        steps = FinishedSteps.on(renderer.device)
-
-        def report(finished: list[int]) -> None:
-            if on_step is not None:
-                for step in finished:
-                    on_step(step, total)
-
-        def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
-            report(steps.launched())
-            return tensors
-
+        steps = StepReporter(renderer.device, on_step, total)
         width, height = batch.width, batch.height
-        inits = [_resized(_given(item.init_image), width, height) for item in batch.items]
+        inits = [resized(_given(item.init_image), width, height) for item in batch.items]
         arguments: dict[str, Any] = {
             **renderer.conditioning(batch.items, renderer.prompt_chunks(batch)),
             "image": inits,
@@ -72,14 +62,14 @@ class ImageConditionedRenderer:
             "guidance_scale": batch.guidance_scale,
             "generator": [torch.Generator("cpu").manual_seed(item.seed) for item in batch.items],
             "output_type": "pt",
-            "callback_on_step_end": step_end,
+            "callback_on_step_end": steps.step_end,
         }
         masks: list[Image] = []
         if batch.inpainting:
-            masks = [_resized(_given(item.mask_image), width, height) for item in batch.items]
+            masks = [resized(_given(item.mask_image), width, height) for item in batch.items]
             arguments.update(mask_image=masks, width=width, height=height)
         pixels = pipeline(**arguments).images
-        report(steps.rest())
+        steps.finish()
         if batch.inpainting:
             pixels = _keep_unmasked(pixels, inits, masks)
         return to_images(pixels)
