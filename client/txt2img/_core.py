@@ -278,8 +278,12 @@ class EventStream:
             raise StreamUnavailable(f"expected an event stream, got {content_type or 'nothing'}")
 
     def feed(self, line: str) -> Event | None:
+        """The event `line` completes, if any. Past the deadline, the end of any event but the final
+        one raises `WaitTimeout`: progress events can arrive faster than any read timeout."""
         event = self._decoder.feed(line)
         if event is None:
+            if not line:
+                self.deadline.check()
             return None
         self._failures = 0
         if event.id is not None:
@@ -289,6 +293,8 @@ class EventStream:
             message = event.data.get("message") if isinstance(event.data, dict) else None
             raise NotFound(message or f"job {self.job_id} no longer exists", status_code=404)
         self.done = event.is_terminal
+        if not self.done:
+            self.deadline.check()
         return event
 
     def retry_delay(self, exc: httpx.TransportError | None) -> float:

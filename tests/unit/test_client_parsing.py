@@ -21,7 +21,15 @@ from txt2img import (
     Unavailable,
     ValidationError,
 )
-from txt2img._core import GenerationFields, Requests, SSEDecoder, image_paths
+from txt2img._core import (
+    Deadline,
+    EventStream,
+    GenerationFields,
+    Requests,
+    SSEDecoder,
+    WaitTimeout,
+    image_paths,
+)
 from txt2img.cli import ProgressBar, _generation_fields, build_parser
 from txt2img.errors import error_from_response
 from txt2img.models import SCHEDULERS, JobOut, Progress
@@ -53,6 +61,21 @@ def test_sse_decoder_follows_the_event_stream_rules() -> None:
     assert events[0].progress == Progress(step=2, total=4, eta_s=0.5)
     assert events[1].data == "first\nsecond" and events[1].progress is None
     assert events[2].is_terminal and events[3].data == 7
+
+
+def test_a_busy_stream_still_ends_the_wait_at_its_deadline_but_a_final_event_is_kept() -> None:
+    stream = EventStream(Requests("http://api", "", None), "job", None, Deadline("job", 0))
+    for line in ("id: 1-0", "event: progress", 'data: {"step": 1, "total": 9}'):
+        assert stream.feed(line) is None
+    with pytest.raises(WaitTimeout):
+        stream.feed("")
+    with pytest.raises(WaitTimeout):
+        for line in (": keep-alive", ""):
+            stream.feed(line)
+    for line in ("id: 2-0", "event: canceled", "data: {}"):
+        stream.feed(line)
+    final = stream.feed("")
+    assert final is not None and final.is_terminal and stream.last_event_id == "2-0"
 
 
 def envelope(status: int, error_type: str, **headers: str) -> httpx.Response:
