@@ -204,6 +204,9 @@ class WorkerSettings(_T2ISettings):
     executor_stall_s: float = Field(default=120.0, gt=0)
     # How long an upload is retried (with backoff) before its job fails with `storage_error`.
     storage_retry_s: float = Field(default=120.0, ge=0)
+    # zlib's level for PNG images: 1 encodes a 512x512 image in about a fourth of the time of
+    # Pillow's default 6, for larger files (up to about 2x on smooth images, alike on noisy ones).
+    png_compress_level: int = Field(default=1, ge=0, le=9)
     # After SIGTERM, how long the running batch may take before its jobs are handed back too.
     shutdown_grace_s: float = Field(default=25.0, ge=0)
     # Development-only fault injection: a job with exactly this prompt fails inside the render.

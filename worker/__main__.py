@@ -164,6 +164,7 @@ def main() -> int:
         queue_timeout_s=core.queue_timeout_s,
         progress_interval_s=settings.progress_interval_s,
         faults=faults,
+        png_compress_level=settings.png_compress_level,
     )
     install_runner(runner)
     info = WorkerInfo(

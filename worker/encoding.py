@@ -12,12 +12,14 @@ _EXIF_IFD = 0x8769
 _EXIF_USER_COMMENT = 0x9286
 
 
-def encode_image(image: Image, output_format: OutputFormat, parameters: str) -> bytes:
+def encode_image(
+    image: Image, output_format: OutputFormat, parameters: str, png_compress_level: int = 1
+) -> bytes:
     buffer = io.BytesIO()
     if output_format == "png":
         info = PngInfo()
         info.add_text("parameters", parameters)
-        image.save(buffer, format="PNG", pnginfo=info)
+        image.save(buffer, format="PNG", pnginfo=info, compress_level=png_compress_level)
     else:
         exif = PILImage.Exif()
         # EXIF UserComment: an 8-byte charset header, then the text.

@@ -130,6 +130,7 @@ class JobRunner:
     queue_timeout_s: float
     progress_interval_s: float
     faults: Faults
+    png_compress_level: int = 1
     stopping: bool = False
 
     def run(self, job_id: str, attempt: int | None) -> None:
@@ -284,7 +285,9 @@ class JobRunner:
             if verdict.image is not None:
                 key = image_key(self.key_prefix, record.id, holder.attempt, index, extension)
                 parameters = parameters_text(request, seed, self.model_name, verdict.safety)
-                data = encode_image(verdict.image, extension, parameters)
+                data = encode_image(
+                    verdict.image, extension, parameters, self.png_compress_level
+                )
                 self.uploads.put(key, data, CONTENT_TYPES[extension])
             stored.append(
                 StoredImage(

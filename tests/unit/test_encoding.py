@@ -1,3 +1,5 @@
+import io
+
 import pytest
 from PIL import Image
 
@@ -26,3 +28,11 @@ def test_every_format_carries_its_parameters(output_format: str) -> None:
     text = "ünïcode prompt\nSteps: 3, Seed: 9"
     data = encode_image(Image.new("RGB", (32, 16), "teal"), output_format, text)
     assert read_parameters(data) == text
+
+
+def test_the_png_level_trades_size_for_time_and_keeps_the_pixels() -> None:
+    gradient = Image.linear_gradient("L").convert("RGB").resize((512, 512))
+    fast, small = (encode_image(gradient, "png", "p", level) for level in (1, 9))
+    assert len(small) < len(fast)
+    for data in (fast, small):
+        assert Image.open(io.BytesIO(data)).tobytes() == gradient.tobytes()
