@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from redis.asyncio import Redis as AsyncRedis
 
 from api import events
 from api.deps import Services
@@ -20,8 +19,9 @@ from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore, CachedKeys
 from shared.info import SERVICE_VERSION
 from shared.jobstore import AsyncJobStore, JobStore
-from shared.queue import make_celery, make_redis, render_queue, send_render
+from shared.queue import make_celery, render_queue, send_render
 from shared.recovery import Reaper
+from shared.redisconn import make_async_redis, make_redis, wait_args
 from shared.settings import api_settings, core_settings, storage_settings, webhook_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
@@ -37,15 +37,13 @@ def create_app() -> FastAPI:
     hooks_config = webhook_settings()
     redis = make_redis(core)
     celery = make_celery(core)
-    store = JobStore(redis, core.retention_s, core.worker_heartbeat_max_age_s)
+    store = JobStore(
+        redis, core.retention_s, core.worker_heartbeat_max_age_s, replica_wait=wait_args(core)
+    )
     storage = make_storage(storage_config)
     hooks = Webhooks(redis, celery, hooks_config, core.retention_s)
-    async_redis = AsyncRedis.from_url(
-        core.redis_url,
-        socket_connect_timeout=core.redis_timeout_s,
-        # Above the longest blocking read (a one-second XREAD), so only a dead Redis times out.
-        socket_timeout=core.redis_timeout_s + 1,
-    )
+    # Above the longest blocking read (a one-second XREAD), so only a dead Redis times out.
+    async_redis = make_async_redis(core, socket_timeout_s=core.redis_timeout_s + 1)
     services = Services(
         core=core,
         api=api,
@@ -54,7 +52,12 @@ def create_app() -> FastAPI:
         redis=redis,
         async_redis=async_redis,
         store=store,
-        jobs=AsyncJobStore(async_redis, core.retention_s, core.worker_heartbeat_max_age_s),
+        jobs=AsyncJobStore(
+            async_redis,
+            core.retention_s,
+            core.worker_heartbeat_max_age_s,
+            replica_wait=wait_args(core),
+        ),
         keys=ApiKeyStore(redis),
         cached_keys=CachedKeys(async_redis, api.auth_cache_s),
         webhooks=hooks,

@@ -6,6 +6,7 @@ stream and the record never disagree.
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,14 +22,18 @@ from redis.exceptions import NoScriptError
 from shared.fairshare import BAND_SIZE, LANES_KEY, POSITIONS_LUA, PRIORITY_BANDS, fair_lua
 from shared.queue import WORKERS_KEY
 from shared.ratelimit import TAKE_TOKEN_LUA, bucket_key
+from shared.redisconn import NotReplicated
 from shared.schema import (
     ALLOWED_TRANSITIONS,
+    TERMINAL_STATES,
     GenerationRequest,
     JobError,
     JobErrorType,
     JobRecord,
     JobStatus,
 )
+
+log = logging.getLogger(__name__)
 
 QUEUE_KEY = "t2i:queue"
 # Jobs a worker holds (reserved or rendering), scored by when their lease runs out.
@@ -48,6 +53,7 @@ EVENTS_MAXLEN = 1000
 # A finished job's events stay this long, for a client that resumes its stream late; the job's
 # record stays for the whole retention (most of a job's memory was its events).
 FINISHED_EVENTS_TTL_S = 600
+TERMINAL_EVENTS = frozenset(status.value for status in TERMINAL_STATES)
 PROGRESS_EVENT = "progress"
 _JOB_PREFIX = "t2i:job:"
 _INDEX_PREFIX = "t2i:jobs:"
@@ -507,9 +513,13 @@ class JobStore:
         redis: Redis,
         retention_s: int,
         worker_max_age_s: float = DEFAULT_WORKER_MAX_AGE_S,
+        replica_wait: tuple[int, int] | None = None,
     ) -> None:
+        """`replica_wait`: the replicas and milliseconds of the WAIT after each write that ends
+        a job, so a failover does not undo it (the `redisconn.wait_args` of the settings)."""
         self._redis = redis
         self.retention_s = retention_s
+        self._replica_wait = replica_wait
         self._create = redis.register_script(_script(TAKE_TOKEN_LUA + _CREATE, worker_max_age_s))
         self._cas = redis.register_script(_script(_COMPARE_AND_SET, worker_max_age_s))
         self._reserve = redis.register_script(_RESERVE)
@@ -687,20 +697,34 @@ class JobStore:
         holder: Holder | None = None,
     ) -> CasResult:
         event_data = json.dumps(to_jsonable_python(fields))
-        applied, previous = self._cas(
-            keys=[job_key(job_id), events_key(job_id), QUEUE_KEY, LEASES_KEY, DISPATCHED_KEY],
-            args=[
-                job_id,
-                event_type,
-                event_data,
-                self.retention_s,
-                json.dumps(holder.worker) if holder else "",
-                holder.attempt if holder else "",
-                len(sources),
-                *[s.value for s in sources],
-                *_encode_fields(fields),
-            ],
-        )
+        keys = [job_key(job_id), events_key(job_id), QUEUE_KEY, LEASES_KEY, DISPATCHED_KEY]
+        args = [
+            job_id,
+            event_type,
+            event_data,
+            self.retention_s,
+            json.dumps(holder.worker) if holder else "",
+            holder.attempt if holder else "",
+            len(sources),
+            *[s.value for s in sources],
+            *_encode_fields(fields),
+        ]
+        if self._replica_wait is None or event_type not in TERMINAL_EVENTS:
+            applied, previous = self._cas(keys=keys, args=args)
+        else:
+            # The WAIT must follow the write on the same connection: one pipeline.
+            with self._redis.pipeline(transaction=False) as pipe:
+                self._cas(keys=keys, args=args, client=pipe)
+                pipe.execute_command("WAIT", *self._replica_wait)
+                (applied, previous), acknowledged = pipe.execute()
+            if applied and acknowledged < self._replica_wait[0]:
+                log.warning(
+                    "job %s is %s on %d of %d replicas: a failover now could undo it",
+                    job_id,
+                    event_type,
+                    acknowledged,
+                    self._replica_wait[0],
+                )
         return CasResult(
             applied=bool(applied), previous=JobStatus(previous.decode()) if previous else None
         )
@@ -771,9 +795,18 @@ class AsyncJobStore:
     """The gateway's request path: creates and reads jobs without leaving the event loop, each in
     one round trip."""
 
-    def __init__(self, redis: AsyncRedis, retention_s: int, worker_max_age_s: float) -> None:
+    def __init__(
+        self,
+        redis: AsyncRedis,
+        retention_s: int,
+        worker_max_age_s: float,
+        replica_wait: tuple[int, int] | None = None,
+    ) -> None:
+        """`replica_wait`: the replicas and milliseconds of the WAIT that follows a new job
+        before it is answered (`redisconn.wait_args`); NotReplicated when it falls short."""
         self._redis = redis
         self.retention_s = retention_s
+        self._replica_wait = replica_wait
         self._worker_max_age_s = worker_max_age_s
         self._create_script = _script(TAKE_TOKEN_LUA + _CREATE, worker_max_age_s)
         self._positions_script = _script(POSITIONS_LUA, worker_max_age_s)
@@ -823,9 +856,19 @@ class AsyncJobStore:
         positions_sha = await self._positions_sha_loaded()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.evalsha(self._create_sha, len(call.keys), *call.keys, *call.args)
+            if self._replica_wait is not None:
+                pipe.execute_command("WAIT", *self._replica_wait)
             pipe.evalsha(positions_sha, 0, call.job_id)
             queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
             replies = await pipe.execute(raise_on_error=False)
+        if self._replica_wait is not None:
+            acknowledged = replies.pop(1)
+            if isinstance(acknowledged, Exception):
+                raise acknowledged
+            if acknowledged < self._replica_wait[0] and not isinstance(replies[0], Exception):
+                raise NotReplicated(
+                    f"{acknowledged} of {self._replica_wait[0]} replicas confirmed the new job"
+                )
         if any(isinstance(reply, NoScriptError) for reply in replies[:2]):
             return None
         if not isinstance(replies[1], Exception):

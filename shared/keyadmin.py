@@ -11,7 +11,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from shared.apikeys import ApiKey, ApiKeyStore, PoolShare
-from shared.queue import make_redis
+from shared.redisconn import make_redis
 from shared.schema import PRIORITIES, SAFETY_ACTIONS, Priority, SafetyAction
 from shared.settings import Environment, api_settings, core_settings
 

@@ -16,6 +16,7 @@ from celery.signals import worker_ready, worker_shutting_down
 from redis import Redis
 
 from shared.info import WorkerInfo
+from shared.redisconn import broker_sentinel_options, broker_url
 from shared.settings import CoreSettings
 
 RENDER_TASK = "txt2img.render"
@@ -30,7 +31,7 @@ _BROKER_POLL_S = 1.0
 
 
 def make_celery(settings: CoreSettings) -> Celery:
-    app = Celery("txt2img", broker=settings.redis_url)
+    app = Celery("txt2img", broker=broker_url(settings))
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -50,6 +51,7 @@ def make_celery(settings: CoreSettings) -> Celery:
             "socket_timeout": max(settings.redis_timeout_s, 2 * _BROKER_POLL_S),
             "socket_keepalive": True,
             "health_check_interval": 10,
+            **broker_sentinel_options(settings),
         },
     )
     return app
@@ -117,15 +119,6 @@ def render_message(
                 "delivery_tag": delivery_tag or str(uuid.uuid4()),
             },
         }
-    )
-
-
-def make_redis(settings: CoreSettings) -> Redis:
-    return Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.redis_timeout_s,
-        socket_timeout=settings.redis_timeout_s,
-        health_check_interval=30,
     )
 
 

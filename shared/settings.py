@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.schema import SafetyAction
@@ -20,6 +20,17 @@ DEFAULT_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 class Environment(StrEnum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
+
+
+def host_ports(addresses: str) -> list[tuple[str, int]]:
+    """`host:port,host:port,...` as pairs; ValueError on anything else."""
+    pairs = []
+    for address in filter(None, (part.strip() for part in addresses.split(","))):
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{address!r} is not host:port")
+        pairs.append((host, int(port)))
+    return pairs
 
 
 class _T2ISettings(BaseSettings):
@@ -55,10 +66,33 @@ class CoreSettings(_T2ISettings):
     # A job sent this long before a later-sent job was reserved (the queue is FIFO), or while the
     # queue is empty, and still unreserved, has lost its message: it is sent again.
     redispatch_after_s: float = Field(default=10.0, gt=0)
+    # Redis Sentinel, `host:port,host:port,...`: every process asks these for the primary of
+    # T2I_REDIS_SENTINEL_MASTER and follows a failover; T2I_REDIS_URL then only gives the
+    # password and database.
+    redis_sentinels: str = ""
+    redis_sentinel_master: str = "txt2img"
+    # When the sentinels themselves require a password.
+    redis_sentinel_password: str | None = None
+    # Replicas that must hold a new job before it is answered 202, and a job's end before its
+    # worker moves on (Redis WAIT), so that a failover cannot undo either; 0 leaves replication
+    # asynchronous. A new job short of it is answered 503 (it may still run: retry with the
+    # same Idempotency-Key).
+    redis_replica_acks: int = Field(default=0, ge=0)
+    redis_replica_ack_timeout_s: float = Field(default=1.0, gt=0)
 
     @property
     def deployment_model(self) -> str:
         return self.default_model or self.model_id
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return host_ports(self.redis_sentinels)
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_are_host_ports(cls, value: str) -> str:
+        host_ports(value)
+        return value
 
     @model_validator(mode="after")
     def _refuse_placeholder_password(self) -> "CoreSettings":

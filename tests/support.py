@@ -122,13 +122,16 @@ def service_env(**overrides: str) -> dict[str, str]:
 
 
 def start_redis(
-    workdir: Path, port: int | None = None, append_only: bool = False
+    workdir: Path, port: int | None = None, append_only: bool = False, replica_of: int | None = None
 ) -> tuple[Process, int]:
     """A redis-server on loopback; with `append_only`, every write is on disk before it is
-    acknowledged, and a restart on the same directory and port brings it all back."""
+    acknowledged, and a restart on the same directory and port brings it all back; with
+    `replica_of`, a replica of the server on that port."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
-    fsync = ["--appendfsync", "always"] if append_only else []
+    options = ["--appendfsync", "always"] if append_only else []
+    if replica_of is not None:
+        options += ["--replicaof", "127.0.0.1", str(replica_of)]
     process = Process(
         "redis",
         [
@@ -143,7 +146,7 @@ def start_redis(
             "",
             "--appendonly",
             "yes" if append_only else "no",
-            *fsync,
+            *options,
         ],
         service_env(),
         workdir / "redis.log",

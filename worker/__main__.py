@@ -15,7 +15,8 @@ from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
 from shared.logs import configure_logging
 from shared.loras import LoraRegistry
-from shared.queue import consume, make_celery, make_redis, render_queue, send_render
+from shared.queue import consume, make_celery, render_queue, send_render
+from shared.redisconn import make_redis, wait_args
 from shared.settings import (
     core_settings,
     log_settings,
@@ -134,7 +135,9 @@ def main() -> int:
 
     redis = make_redis(core)
     app = make_celery(core)
-    store = JobStore(redis, core.retention_s, core.worker_heartbeat_max_age_s)
+    store = JobStore(
+        redis, core.retention_s, core.worker_heartbeat_max_age_s, replica_wait=wait_args(core)
+    )
     cancels = CancelWatcher(redis, store)
     cancels.start()
     worker_name = f"render@{socket.gethostname()}.{os.getpid()}"

@@ -11,14 +11,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import torch
 from PIL import Image as PILImage
 from PIL.Image import Image
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.infotext import parameters_text
-from shared.jobstore import Holder, JobStore, RequeueReason, Reservation, utc_now
+from shared.jobstore import CasResult, Holder, JobStore, RequeueReason, Reservation, utc_now
 from shared.metrics import count_finished
 from shared.queue import SendRender
 from shared.schema import (
@@ -57,6 +60,7 @@ from worker.uploads import StorageGuard
 log = logging.getLogger(__name__)
 
 _MAX_ERROR_MESSAGE = 500
+_END_WRITE_RETRY_DELAY_S = 0.25
 
 
 class RenderError(Exception):
@@ -285,9 +289,7 @@ class JobRunner:
             if verdict.image is not None:
                 key = image_key(self.key_prefix, record.id, holder.attempt, index, extension)
                 parameters = parameters_text(request, seed, self.model_name, verdict.safety)
-                data = encode_image(
-                    verdict.image, extension, parameters, self.png_compress_level
-                )
+                data = encode_image(verdict.image, extension, parameters, self.png_compress_level)
                 self.uploads.put(key, data, CONTENT_TYPES[extension])
             stored.append(
                 StoredImage(
@@ -306,11 +308,10 @@ class JobRunner:
             upload_s=round(upload_s, 4),
         )
         steps = request.num_inference_steps
-        finished = self.store.transition(
-            record.id,
+        finished = self._record_end(
+            current,
             JobStatus.SUCCEEDED,
             expected=JobStatus.RUNNING,
-            holder=holder,
             images=stored,
             timings=timings,
             batch=BatchInfo(id=outcome.batch_id, images=outcome.batch_images),
@@ -333,6 +334,41 @@ class JobRunner:
             outcome.batch_id,
         )
         self._after_finish(record, JobStatus.SUCCEEDED, outcome.render_s + upload_s)
+
+    def _record_end(
+        self, current: _Attempt, status: JobStatus, expected: JobStatus | None = None, **fields: Any
+    ) -> CasResult:
+        """Write how the attempt ended, retrying while Redis is unreachable (a restart, a
+        failover) for as long as the lease would last: a finished render is not redone because
+        its end could not be written for a moment."""
+        give_up_at = time.monotonic() + self.leases.lease_s
+        retried = False
+        while True:
+            try:
+                result = self.store.transition(
+                    current.job_id, status, expected=expected, holder=current.holder, **fields
+                )
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() >= give_up_at:
+                    raise
+                log.warning(
+                    "could not record that job %s %s (%s); retrying",
+                    current.job_id,
+                    status.value,
+                    exc,
+                )
+                retried = True
+                time.sleep(_END_WRITE_RETRY_DELAY_S)
+                continue
+            if retried and not result.applied and result.previous is status:
+                # The write before the outage landed and only its answer was lost.
+                record = self.store.get(current.job_id)
+                if record is not None and (record.worker, record.attempt) == (
+                    current.holder.worker,
+                    current.holder.attempt,
+                ):
+                    return CasResult(applied=True, previous=expected)
+            return result
 
     def _after_finish(self, record: JobRecord, status: JobStatus, job_s: float | None) -> None:
         """Throughput figures and the webhook: the job has ended whether or not these work."""
@@ -380,13 +416,7 @@ class JobRunner:
         record = current.record
         error = JobError(type=_error_type(exc), message=str(exc)[:_MAX_ERROR_MESSAGE] or repr(exc))
         try:
-            failed = self.store.transition(
-                record.id,
-                JobStatus.FAILED,
-                holder=current.holder,
-                error=error,
-                finished_at=utc_now(),
-            )
+            failed = self._record_end(current, JobStatus.FAILED, error=error, finished_at=utc_now())
         except RedisError as redis_error:
             log.warning("could not record that job %s failed: %s", record.id, redis_error)
             return

@@ -18,7 +18,8 @@ from prometheus_client import Counter
 from shared.apikeys import ApiKeyStore
 from shared.jobstore import JobStore
 from shared.logs import configure_logging, set_current_job
-from shared.queue import consume, make_celery, make_redis
+from shared.queue import consume, make_celery
+from shared.redisconn import make_redis
 from shared.settings import (
     WebhookSettings,
     api_settings,

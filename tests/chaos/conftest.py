@@ -21,7 +21,7 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.apikeys import ApiKeyStore
-from shared.jobstore import LEASES_KEY, QUEUE_KEY, JobStore
+from shared.jobstore import LEASES_KEY, QUEUE_KEY, JobStore, events_key
 from shared.queue import WORKERS_KEY
 from shared.schema import JobRecord, JobStatus
 from tests.support import (
@@ -277,8 +277,9 @@ class Cluster:
             for item in page.get("Contents", [])
         }
 
-    def submit(self, prompt: str, **fields: object) -> str:
-        """Submit until the API answers (retrying through outages with one idempotency key)."""
+    def submit(self, prompt: str, answers: list[int] | None = None, **fields: object) -> str:
+        """Submit until the API answers (retrying through outages with one idempotency key);
+        each answer's status (0: no answer) goes to `answers`."""
         body = {"prompt": prompt, **SMALL, **fields}
         key = uuid.uuid4().hex
         deadline = time.monotonic() + 60
@@ -286,11 +287,14 @@ class Cluster:
             try:
                 with self.client() as client:
                     response = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+                if answers is not None:
+                    answers.append(response.status_code)
                 if response.status_code in (200, 202):
                     return response.json()["id"]
                 assert response.status_code >= 500, response.text
             except httpx.HTTPError:
-                pass
+                if answers is not None:
+                    answers.append(0)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the API did not take job {prompt!r}")
             time.sleep(0.2)
@@ -326,12 +330,17 @@ class Cluster:
         wait_until(ended, timeout_s, f"{len(job_ids)} jobs to end")
         return self.records(job_ids)
 
-    def log_lines(self, text: str) -> list[str]:
-        """Lines of every worker's log that contain `text`."""
+    def log_lines(self, text: str, exited_too: bool = False) -> list[str]:
+        """Lines of every running worker's log (or every worker's, `exited_too`) with `text`."""
+        paths = (
+            sorted(self.workdir.glob("worker-*.log"))
+            if exited_too
+            else [worker.log_path for worker in self.workers]
+        )
         return [
             line
-            for worker in self.workers
-            for line in worker.log_path.read_text(errors="replace").splitlines()
+            for path in paths
+            for line in path.read_text(errors="replace").splitlines()
             if text in line
         ]
 
@@ -339,6 +348,24 @@ class Cluster:
         for process in (*self.workers, self.api, self.redis_process, self.s3):
             if process is not None:
                 process.stop()
+
+
+def assert_stored_once(cluster: Cluster, records: list[JobRecord]) -> None:
+    """Each job's images lie under its last attempt, and the bucket holds nothing else."""
+    expected = {image.key for record in records for image in record.images}
+    for record in records:
+        assert len(record.images) == record.request.num_images
+        assert all(f"/{record.id}/{record.attempt}/" in image.key for image in record.images)
+    assert cluster.stored_keys() == expected
+
+
+def succeeded_events(cluster: Cluster, job_id: str) -> int:
+    entries = cluster.redis().xrange(events_key(job_id))
+    return sum(fields[b"type"] == b"succeeded" for _, fields in entries)
+
+
+def renders_of(cluster: Cluster, job_id: str) -> list[str]:
+    return cluster.log_lines(f"rendered job {job_id} ", exited_too=True)
 
 
 @pytest.fixture(scope="session")

@@ -5,31 +5,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shared.jobstore import events_key
 from shared.queue import WORKERS_KEY
-from shared.schema import JobErrorType, JobRecord, JobStatus
-from tests.chaos.conftest import TERMINAL, Cluster
+from shared.schema import JobErrorType, JobStatus
+from tests.chaos.conftest import (
+    TERMINAL,
+    Cluster,
+    assert_stored_once,
+    renders_of,
+    succeeded_events,
+)
 from tests.support import Process, wait_until
 from worker.faults import FAIL_ADMISSION, FAIL_PROGRESS_WRITE, HANG_RENDER
 from worker.supervisor import EXIT_EXECUTOR_FAILED
-
-
-def assert_stored_once(cluster: Cluster, records: list[JobRecord]) -> None:
-    """Each job's images lie under its last attempt, and the bucket holds nothing else."""
-    expected = {image.key for record in records for image in record.images}
-    for record in records:
-        assert len(record.images) == record.request.num_images
-        assert all(f"/{record.id}/{record.attempt}/" in image.key for image in record.images)
-    assert cluster.stored_keys() == expected
-
-
-def succeeded_events(cluster: Cluster, job_id: str) -> int:
-    entries = cluster.redis().xrange(events_key(job_id))
-    return sum(fields[b"type"] == b"succeeded" for _, fields in entries)
-
-
-def renders_of(cluster: Cluster, job_id: str) -> list[str]:
-    return cluster.log_lines(f"rendered job {job_id} ")
 
 
 def finished_by(worker: Process) -> set[str]:

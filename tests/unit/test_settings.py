@@ -1,6 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
+from shared.redisconn import broker_sentinel_options, broker_url, wait_args
 from shared.settings import CoreSettings, LogSettings, StorageSettings, WorkerSettings
 
 
@@ -52,3 +53,33 @@ def test_logs_are_text_unless_asked_for_json(monkeypatch) -> None:
     monkeypatch.setenv("T2I_LOG_FORMAT", "xml")
     with pytest.raises(ValidationError):
         LogSettings()
+
+
+def test_sentinels_carry_the_urls_credentials_and_database_to_celery(monkeypatch) -> None:
+    monkeypatch.setenv("T2I_REDIS_URL", "redis://:p%40ss@ignored:6379/3")
+    monkeypatch.setenv("T2I_REDIS_SENTINELS", "s1:26379, s2:26380")
+    monkeypatch.setenv("T2I_REDIS_SENTINEL_MASTER", "images")
+    monkeypatch.setenv("T2I_REDIS_SENTINEL_PASSWORD", "watch")
+    settings = CoreSettings()
+    assert settings.sentinel_addresses == [("s1", 26379), ("s2", 26380)]
+    assert broker_url(settings) == "sentinel://:p%40ss@s1:26379/3;sentinel://:p%40ss@s2:26380/3"
+    options = broker_sentinel_options(settings)
+    assert options["master_name"] == "images"
+    assert options["sentinel_kwargs"]["password"] == "watch"
+
+
+def test_without_sentinels_the_broker_is_the_redis_url_and_writes_wait_for_no_replica() -> None:
+    settings = CoreSettings(redis_url="redis://127.0.0.1:6390/1")
+    assert broker_url(settings) == "redis://127.0.0.1:6390/1"
+    assert broker_sentinel_options(settings) == {}
+    assert wait_args(settings) is None
+    assert wait_args(CoreSettings(redis_replica_acks=1, redis_replica_ack_timeout_s=0.25)) == (
+        1,
+        250,
+    )
+
+
+@pytest.mark.parametrize("sentinels", ["s1", "s1:port", ":26379", "s1:26379,s2"])
+def test_a_sentinel_address_that_is_not_host_port_is_refused(sentinels: str) -> None:
+    with pytest.raises(ValidationError, match="is not host:port"):
+        CoreSettings(redis_sentinels=sentinels)

@@ -1,0 +1,108 @@
+"""Connections to Redis for every process: one server at T2I_REDIS_URL, or the primary that Redis
+Sentinel names, followed across a failover; and how a write is made to outlive one."""
+
+from typing import Any
+from urllib.parse import quote
+
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.connection import parse_url
+from redis.exceptions import RedisError
+from redis.sentinel import Sentinel
+
+from shared.settings import CoreSettings
+
+
+class NotReplicated(RedisError):
+    """Fewer replicas than T2I_REDIS_REPLICA_ACKS confirmed a write in time: a failover now could
+    lose it."""
+
+
+def _server_kwargs(settings: CoreSettings, socket_timeout_s: float) -> dict[str, Any]:
+    """What a connection to the primary needs besides its address: the database and credentials
+    of T2I_REDIS_URL, and the timeouts."""
+    parsed = parse_url(settings.redis_url)
+    return {
+        "db": parsed.get("db", 0),
+        "username": parsed.get("username"),
+        "password": parsed.get("password"),
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "socket_timeout": socket_timeout_s,
+    }
+
+
+def _sentinel_kwargs(settings: CoreSettings) -> dict[str, Any]:
+    return {
+        "password": settings.redis_sentinel_password,
+        "socket_connect_timeout": settings.redis_timeout_s,
+        "socket_timeout": settings.redis_timeout_s,
+    }
+
+
+def make_redis(settings: CoreSettings) -> Redis:
+    if not settings.redis_sentinels:
+        return Redis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout=settings.redis_timeout_s,
+            health_check_interval=30,
+        )
+    sentinel = Sentinel(settings.sentinel_addresses, sentinel_kwargs=_sentinel_kwargs(settings))
+    return sentinel.master_for(
+        settings.redis_sentinel_master,
+        redis_class=Redis,
+        health_check_interval=30,
+        **_server_kwargs(settings, settings.redis_timeout_s),
+    )
+
+
+def make_async_redis(settings: CoreSettings, socket_timeout_s: float) -> AsyncRedis:
+    if not settings.redis_sentinels:
+        return AsyncRedis.from_url(
+            settings.redis_url,
+            socket_connect_timeout=settings.redis_timeout_s,
+            socket_timeout=socket_timeout_s,
+        )
+    sentinel = AsyncSentinel(
+        settings.sentinel_addresses, sentinel_kwargs=_sentinel_kwargs(settings)
+    )
+    return sentinel.master_for(
+        settings.redis_sentinel_master,
+        redis_class=AsyncRedis,
+        **_server_kwargs(settings, socket_timeout_s),
+    )
+
+
+def broker_url(settings: CoreSettings) -> str:
+    """Celery's broker: T2I_REDIS_URL itself, or kombu's `sentinel://` list carrying its
+    credentials and database."""
+    if not settings.redis_sentinels:
+        return settings.redis_url
+    parsed = parse_url(settings.redis_url)
+    username, password = parsed.get("username"), parsed.get("password")
+    credentials = ""
+    if username or password:
+        credentials = f"{quote(username or '', safe='')}:{quote(password or '', safe='')}@"
+    db = parsed.get("db", 0)
+    return ";".join(
+        f"sentinel://{credentials}{host}:{port}/{db}" for host, port in settings.sentinel_addresses
+    )
+
+
+def broker_sentinel_options(settings: CoreSettings) -> dict[str, Any]:
+    """The transport options kombu's sentinel transport needs; none without sentinels."""
+    if not settings.redis_sentinels:
+        return {}
+    return {
+        "master_name": settings.redis_sentinel_master,
+        "sentinel_kwargs": _sentinel_kwargs(settings),
+    }
+
+
+def wait_args(settings: CoreSettings) -> tuple[int, int] | None:
+    """The arguments of the WAIT that follows a write that must survive a failover; None when
+    replication is left asynchronous."""
+    if settings.redis_replica_acks == 0:
+        return None
+    return settings.redis_replica_acks, max(1, round(settings.redis_replica_ack_timeout_s * 1000))
