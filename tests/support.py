@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,6 +54,14 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _as_typed_at_a_terminal() -> None:
+    """A command typed at a terminal starts with Ctrl-C's signals at their defaults, even when
+    the tests run where they are ignored (a background job of a script ignores SIGINT, and a
+    shell cannot trap a signal that was ignored when it started)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 @dataclass
 class Process:
     """A child process whose output goes to a log file, shown when a test needs it."""
@@ -79,6 +88,7 @@ class Process:
             stdout=log,
             stderr=stderr,
             start_new_session=self.own_group,
+            preexec_fn=_as_typed_at_a_terminal if self.own_group else None,
         )
         return self
 
