@@ -9,9 +9,9 @@ PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
 # Every dependency comes from the lock file, hash-checked; the project itself and, beside it, the
 # thin client distribution (client/, its `txt2img` command) are installed on top.
-$(INSTALLED): pyproject.toml client/pyproject.toml requirements.lock
+$(INSTALLED): pyproject.toml client/pyproject.toml requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --require-hashes --no-deps -r requirements.lock
+	$(PIP) install --require-hashes --no-deps -r requirements.txt
 	$(PIP) install --no-deps --no-build-isolation -e . -e ./client
 	touch $@
 
@@ -47,7 +47,7 @@ format: venv
 lock: venv
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
 		--no-emit-index-url --no-emit-find-links --extra api,worker,dev \
-		--build-deps-for editable -c constraints.txt -o requirements.lock pyproject.toml \
+		--build-deps-for editable -c constraints.txt -o requirements.txt pyproject.toml \
 		client/pyproject.toml
 
 clean:
