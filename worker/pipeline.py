@@ -1,5 +1,6 @@
 """The diffusers pipeline: load once, render batches. Knows nothing of Celery, Redis or S3."""
 
+import copy
 import hashlib
 import json
 import logging
@@ -430,6 +431,14 @@ class DiffusionRenderer:
         self.adapters: LoraAdapters | None = None
         self.controlnets: dict[str, Any] = {}
         self._controlled: ControlNetRenderer | None = None
+        # Jobs count their prompts' tokens on their own threads while the GPU thread renders. A
+        # tokenizer keeps the last call's padding and truncation as state, so a count made
+        # during the pipeline's own tokenization could leave its negative prompt unpadded (or
+        # pad the count): counting uses a private copy, one thread at a time.
+        self._counting_tokenizer = copy.deepcopy(pipeline.tokenizer)
+        # Counting is meant to run past the model's window: no warning that it does.
+        self._counting_tokenizer.model_max_length = int(1e30)
+        self._counting_lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -580,7 +589,8 @@ class DiffusionRenderer:
         return self.pipeline.unet.dtype
 
     def _token_ids(self, text: str) -> list[int]:
-        return self.pipeline.tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+        with self._counting_lock:
+            return self._counting_tokenizer(text, add_special_tokens=False).input_ids
 
     def prompt_chunks(self, batch: RenderBatch) -> int:
         """How many 75-token chunks the batch's longest prompt or negative prompt needs."""

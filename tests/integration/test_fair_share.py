@@ -65,7 +65,6 @@ def _paused(worker: Process) -> Iterator[None]:
 
 def _submit(client: httpx.Client, count: int, **fields: object) -> list[str]:
     return [
-        # Prompts of one length: the tiny tokenizer cannot batch prompts of different lengths.
         client.post("/v1/jobs", json={"prompt": f"job {n:04d}", **QUICK, **fields})
         .raise_for_status()
         .json()["id"]

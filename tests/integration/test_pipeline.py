@@ -1,5 +1,6 @@
 """The diffusers pipeline itself, on the tiny model: what GPU tests and benchmarks call."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,33 @@ def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(
         assert all(
             torch.equal(expected[key], loaded[key].reshape(expected[key].shape)) for key in expected
         )
+
+
+def test_batch_keys_counted_on_other_threads_never_break_a_render(
+    renderer: DiffusionRenderer,
+) -> None:
+    """Jobs compute their batch key (a token count) on their own threads while the GPU thread
+    renders: neither may change how the other's text is tokenized."""
+    stop = threading.Event()
+    counted: list[int] = []
+
+    def count_tokens() -> None:
+        batch = _batch(RenderItem("a lighthouse " * 12, "blurry", 1))
+        while not stop.is_set():
+            counted.append(renderer.prompt_chunks(batch))
+
+    counters = [threading.Thread(target=count_tokens) for _ in range(2)]
+    for counter in counters:
+        counter.start()
+    try:
+        for seed in range(40):
+            items = (RenderItem("a cat", "", seed), RenderItem("a small dog", "", seed + 1))
+            images = renderer.render(
+                RenderBatch(items, 64, 64, 1, guidance_scale=7.5, scheduler="dpmpp_2m")
+            )
+            assert [image.size for image in images] == [(64, 64), (64, 64)]
+    finally:
+        stop.set()
+        for counter in counters:
+            counter.join()
+    assert counted and set(counted) == {2}
