@@ -350,6 +350,19 @@ class Cluster:
                 process.stop()
 
 
+def assert_all_succeeded(records: list[JobRecord], context: str = "") -> None:
+    """Every job succeeded; if not, the failure names the ones that did not and why."""
+    others = [
+        f"{record.id} {record.status.value} attempt {record.attempt}"
+        + (f": {record.error.type.value}: {record.error.message}" if record.error else "")
+        for record in records
+        if record.status is not JobStatus.SUCCEEDED
+    ]
+    assert not others, f"{context}{len(others)} of {len(records)} did not succeed:\n" + "\n".join(
+        others
+    )
+
+
 def assert_stored_once(cluster: Cluster, records: list[JobRecord]) -> None:
     """Each job's images lie under its last attempt, and the bucket holds nothing else."""
     expected = {image.key for record in records for image in record.images}

@@ -12,7 +12,7 @@ import pytest
 
 from shared.jobstore import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
-from tests.chaos.conftest import SMALL, Cluster
+from tests.chaos.conftest import SMALL, Cluster, assert_all_succeeded
 from tests.support import wait_until
 
 
@@ -81,7 +81,7 @@ def test_redis_lost_mid_burst_and_restarted_from_its_append_only_file(fresh: Clu
         exits: list[int] = []
         records = fresh.wait_terminal(job_ids, 120, exits)
         assert 0 not in exits, exits
-        assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(records), how
+        assert_all_succeeded(records, f"{how}: ")
         assert all(len(record.images) == 1 for record in records)
         assert any(record.finished_at and record.finished_at > restarted_at for record in records)
 
@@ -105,7 +105,7 @@ def test_a_job_whose_api_died_before_sending_it_is_still_rendered(fresh: Cluster
     # And the API killed for real while clients submit (and retry with their idempotency keys).
     job_ids = burst_through(fresh, [f"api killed {n}" for n in range(16)], restart_api)
     records = fresh.wait_terminal([orphan.id, *job_ids], 90)
-    assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(records)
+    assert_all_succeeded(records)
     assert records[0].attempt == 2  # sent again by the reaper
 
 
@@ -130,7 +130,7 @@ def test_storage_stopped_mid_burst_jobs_wait_then_succeed_and_ready_keeps_answer
         outage = partial(stop_storage, fresh, stop, resume, seconds, answers)
         job_ids = burst_through(fresh, [f"storage {how} {n}" for n in range(24)], outage)
         records = fresh.wait_terminal(job_ids, 180)
-        assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(records), how
+        assert_all_succeeded(records, f"{how}: ")
         down = [answer for answer in answers if answer.status_code == 503]
         assert down, f"readiness never saw the storage outage ({how})"
         for answer in down:

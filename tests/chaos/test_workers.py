@@ -10,6 +10,7 @@ from shared.schema import JobErrorType, JobStatus
 from tests.chaos.conftest import (
     TERMINAL,
     Cluster,
+    assert_all_succeeded,
     assert_stored_once,
     renders_of,
     succeeded_events,
@@ -53,7 +54,7 @@ def test_a_worker_killed_mid_burst_loses_no_job_stores_none_twice_and_its_old_me
     print(f"\nthe lost jobs had new attempts {time.monotonic() - killed_at:.1f} s after the kill")
     records = fresh.wait_terminal(job_ids, 60 - (time.monotonic() - killed_at))
     print(f"{len(job_ids)} jobs all ended {time.monotonic() - killed_at:.1f} s after the kill")
-    assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(job_ids)
+    assert_all_succeeded(records)
     retried = {record.id for record in records if record.attempt > 1}
     # What the killed worker held went to another attempt, unless its end was recorded as it was
     # killed (read from the record: the kill can come before the line saying so reaches the log).
@@ -112,7 +113,7 @@ def test_sigterm_finishes_the_running_batch_and_hands_back_what_it_reserved(
 
     fresh.start_worker()
     records = fresh.wait_terminal(job_ids, 90)
-    assert [record.status for record in records] == [JobStatus.SUCCEEDED] * len(job_ids)
+    assert_all_succeeded(records)
     assert {record.id for record in records if record.attempt > 1} == handed_back
     assert store.queue_position(job_ids[0]) is None
     assert_stored_once(fresh, records)

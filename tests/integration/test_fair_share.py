@@ -74,8 +74,17 @@ def _submit(client: httpx.Client, count: int, **fields: object) -> list[str]:
 
 def _finished(client: httpx.Client, job_ids: list[str], timeout_s: float = 300) -> list[dict]:
     jobs = [wait_for_job(client, job_id, timeout_s) for job_id in job_ids]
-    assert {job["status"] for job in jobs} == {"succeeded"}
+    assert {job["status"] for job in jobs} == {"succeeded"}, _unexpected(jobs, {"succeeded"})
     return jobs
+
+
+def _unexpected(jobs: list[dict], expected: set[str]) -> str:
+    """The jobs that ended otherwise, and why: what a failure message needs."""
+    return "\n".join(
+        f"{job['id']} {job['status']}: {job.get('error')}"
+        for job in jobs
+        if job["status"] not in expected
+    )
 
 
 def _cancel_the_rest(client: httpx.Client, job_ids: list[str]) -> list[dict]:
@@ -83,7 +92,8 @@ def _cancel_the_rest(client: httpx.Client, job_ids: list[str]) -> list[dict]:
     for job_id in job_ids:
         client.post(f"/v1/jobs/{job_id}/cancel")
     jobs = [wait_for_job(client, job_id, 300) for job_id in job_ids]
-    assert {job["status"] for job in jobs} <= {"succeeded", "canceled"}
+    expected = {"succeeded", "canceled"}
+    assert {job["status"] for job in jobs} <= expected, _unexpected(jobs, expected)
     return [job for job in jobs if job["started_at"] is not None]
 
 
