@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format redis browser venv clean bench lock
+.PHONY: run test lint format redis browser venv clean bench lock lock-cuda
 
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
@@ -49,6 +49,36 @@ lock: venv
 		--no-emit-index-url --no-emit-find-links --extra api,worker,dev \
 		--build-deps-for editable -c constraints.txt -o requirements.txt pyproject.toml \
 		client/pyproject.toml
+
+# The GPU worker image's lock (Dockerfile.worker installs it alone): the base dependencies, the
+# `worker` extra and the build backend, at requirements.txt's versions, with PyPI's torch of the
+# same release (on Linux a CUDA build, which brings the nvidia-* and triton packages) instead of the
+# CPU build, resolved for the image's Python and platform. pip-compile resolves only for the Python
+# that runs it, so uv does this: pinned with its hashes in requirements-tools.txt and installed,
+# hash-checked, into $(VENV)/tools, outside the environment that requirements.txt alone makes.
+CUDA_LOCK := requirements-worker-cuda.txt
+CUDA_LOCK_PYTHON := 3.12
+CUDA_LOCK_PLATFORM := x86_64-manylinux_2_28
+CUDA_LOCK_WORK := $(VENV)/lock-cuda
+lock-cuda: venv
+	$(PIP) install --require-hashes --no-deps --upgrade --target $(VENV)/tools -r requirements-tools.txt
+	mkdir -p $(CUDA_LOCK_WORK)
+	grep -E '^[A-Za-z0-9._-]+==' requirements.txt | grep -v '^torch==' | cut -d' ' -f1 \
+		>$(CUDA_LOCK_WORK)/requirements-pins.txt
+	$(PY) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		>$(CUDA_LOCK_WORK)/build-system.txt
+	$(VENV)/tools/bin/uv pip compile --quiet --no-config --generate-hashes \
+		--python-version $(CUDA_LOCK_PYTHON) --python-platform $(CUDA_LOCK_PLATFORM) \
+		--custom-compile-command "make lock-cuda" --extra worker -c constraints.txt \
+		-c $(CUDA_LOCK_WORK)/requirements-pins.txt -o $(CUDA_LOCK_WORK)/lock.txt pyproject.toml \
+		$(CUDA_LOCK_WORK)/build-system.txt
+	{ printf '%s\n' \
+		"# The GPU worker image's dependencies (Dockerfile.worker), each pinned with its hashes: the" \
+		"# base ones, the worker extra's and the build backend, at requirements.txt's versions, with" \
+		"# PyPI's CUDA build of torch in place of the CPU build. Regenerate with: make lock-cuda" \
+		"# python-version: $(CUDA_LOCK_PYTHON)" \
+		"# python-platform: $(CUDA_LOCK_PLATFORM) (wheels that Ubuntu 24.04's glibc 2.39 runs)"; \
+		cat $(CUDA_LOCK_WORK)/lock.txt; } >$(CUDA_LOCK)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .ruff_cache
