@@ -247,7 +247,7 @@ async def submit(
     if generation.model is not None:
         await run_in_threadpool(_check_model_served, generation, services)
     if generation.loras:
-        await run_in_threadpool(services.loras.check, generation.loras)
+        await run_in_threadpool(services.loras.check, generation.loras, services.core.lora_max_rank)
     inputs: InputImages | None = None
     if generation.control is not None:
         await run_in_threadpool(_check_control_served, generation, services)
