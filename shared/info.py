@@ -22,6 +22,14 @@ class WorkerInfo(BaseModel):
     max_batch_images: int
     levers: dict[str, bool] = Field(description="speed levers and whether each is on")
     control_types: list[str] = Field(default=[], description="the ControlNets it has loaded")
+    dtypes: dict[str, str] = Field(
+        default={},
+        description="the dtype each of its modules holds now (unet, vae, text_encoder, "
+        "controlnet:<type>, safety_checker), as loaded (T2I_DTYPE)",
+    )
+    recompiles: int = Field(
+        default=0, description="UNet graphs compiled since its warm-up ended: 0 when healthy"
+    )
     version: str
     last_seen_s: float | None = Field(default=None, description="seconds since its last heartbeat")
 

@@ -51,6 +51,9 @@ class CoreSettings(_T2ISettings):
     # The LoRA registry: a directory of `.safetensors` adapters that the API lists and checks and
     # the workers load (the same directory, or a copy, on every machine); unset: no adapters.
     lora_dir: Path | None = None
+    # The rank of the LoRA slots every worker builds: a request's adapters together may use at
+    # most this rank (their ranks add up, since adapters used together sit side by side there).
+    lora_max_rank: int = Field(default=64, ge=1, le=1024)
     retention_s: int = Field(default=7 * 24 * 3600, ge=1)
     queue_timeout_s: int = Field(default=3600, ge=1)
     # The broker's redelivery of a vanished worker's messages: only a last resort, since lapsed
@@ -207,6 +210,9 @@ class WorkerSettings(_T2ISettings):
     safety_checker_id: str | None = None
     model_cache_dir: Path = Path("data/models")
     device: str = "auto"
+    # What every module (UNet, VAE, text encoder, ControlNets, safety checker) is loaded in and
+    # keeps under any mix of jobs; auto: float16 on CUDA, float32 elsewhere.
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     # LoRA adapters kept loaded, least recently used first out, within this many MiB.
     lora_cache_mb: float = Field(default=512.0, gt=0)
     # ControlNet models this worker loads, by control type (JSON, e.g. {"canny": "<hub id or
@@ -218,6 +224,12 @@ class WorkerSettings(_T2ISettings):
     # workers on one machine's CPUs each take their share.
     torch_threads: int | None = Field(default=None, ge=1, le=256)
     max_batch_images: int = Field(default=8, ge=1, le=64)
+    # A batch's images together hold at most this many pixels (a single larger job still runs,
+    # alone): sixteen 512x512 or four 1024x1024 images, what a 24 GB card holds in float16.
+    max_batch_pixels: int = Field(default=4 * 1024 * 1024, ge=64 * 64)
+    # The VAE decodes a batch in slices of at most this many pixels (at least one image): a
+    # whole batch of large images at once peaks at many GB.
+    decode_slice_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
     # 0: an idle GPU starts a job at once; jobs that arrive while it renders form the next batch.
     batch_wait_ms: float = Field(default=0.0, ge=0, le=5000)
     # Speed levers; unset means on where they pay (CUDA) and off elsewhere.

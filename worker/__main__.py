@@ -27,20 +27,19 @@ from shared.settings import (
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
 from worker.cancel import CancelWatcher
-from worker.controlnet import load_controlnets
-from worker.executor import GpuExecutor
-from worker.faults import Faults
+from worker.executor import GpuExecutor, RenderFunction
 from worker.heartbeat import Heartbeat
-from worker.jobs import JobRunner
+from worker.jobs import FaultHooks, JobRunner
+from worker.kinds import load_renderer
 from worker.leases import LeaseKeeper
 from worker.library_logs import route_library_logs
-from worker.metrics import instrument, watch_gpu_memory
+from worker.metrics import instrument, watch_gpu_memory, watch_recompiles
 from worker.metrics_server import MetricsPortInUse, WorkerProbes
 from worker.models import ModelLoadError, model_source
 from worker.pipeline import (
-    DiffusionRenderer,
     SpeedLevers,
     compiled_image_counts,
+    dtype_name,
     limit_torch_threads,
     resolve_device,
 )
@@ -56,13 +55,28 @@ log = logging.getLogger("worker")
 EXIT_CONSUMER_FAILED = 71
 
 
-def _safety_checker(model_id: str, device: torch.device) -> SafetyChecker | None:
+def _safety_checker(
+    model_id: str, device: torch.device, dtype: torch.dtype
+) -> SafetyChecker | None:
     settings = worker_settings()
     if not settings.safety_checker:
         log.warning("the safety checker is OFF (T2I_SAFETY_CHECKER=false): images go out unchecked")
         return None
     source = model_source(model_id, settings.model_cache_dir, settings.single_file_config)
-    return SafetyChecker.load(source, settings.safety_checker_id, settings.model_cache_dir, device)
+    return SafetyChecker.load(
+        source, settings.safety_checker_id, settings.model_cache_dir, device, dtype
+    )
+
+
+def _fault_injection(render: RenderFunction) -> tuple[RenderFunction, FaultHooks | None]:
+    """The render with development-only faults, where the settings turn them on."""
+    settings = worker_settings()
+    if settings.debug_fail_prompt is None and not settings.debug_faults:
+        return render, None
+    from worker.faults import Faults
+
+    faults = Faults(settings.debug_fail_prompt, settings.debug_faults)
+    return faults.wrap(render), faults
 
 
 def main() -> int:
@@ -88,24 +102,29 @@ def main() -> int:
     served_model = settings.model_name or core.model_id
     queue = render_queue(core, served_model)
     try:
-        renderer = DiffusionRenderer.load(
+        renderer = load_renderer(
             core.model_id,
             settings.model_cache_dir,
             settings.device,
             levers,
             single_file_config=settings.single_file_config,
+            dtype=settings.dtype,
+            max_batch_pixels=settings.max_batch_pixels,
+            decode_slice_pixels=settings.decode_slice_pixels,
+            controlnets=settings.controlnets,
         )
-        safety = _safety_checker(core.model_id, renderer.device)
-        renderer.use_loras(LoraRegistry(core.lora_dir), int(settings.lora_cache_mb * 2**20))
-        renderer.use_controlnets(
-            load_controlnets(
-                settings.controlnets, settings.model_cache_dir, renderer.dtype, renderer.device
+        safety = _safety_checker(core.model_id, renderer.device, renderer.dtype)
+        if core.lora_dir is not None:
+            renderer.use_loras(
+                LoraRegistry(core.lora_dir),
+                int(settings.lora_cache_mb * 2**20),
+                core.lora_max_rank,
             )
-        )
     except ModelLoadError as exc:
         log.error("%s", exc)
         return 2
     watch_gpu_memory(renderer.device)
+    watch_recompiles(lambda: renderer.recompiles)
     compiled_counts = settings.compiled_image_counts or compiled_image_counts(
         settings.max_batch_images
     )
@@ -117,15 +136,16 @@ def main() -> int:
         log.info("warm-up renders done; %d more run while no job waits", len(left_for_idle_time))
         return left_for_idle_time
 
-    faults = Faults(settings.debug_fail_prompt, settings.debug_faults)
+    render, faults = _fault_injection(renderer.render)
     # A compiled UNet serves only the shapes it was warmed for, so it is always warmed.
     executor = GpuExecutor(
-        instrument(faults.wrap(renderer.render)),
+        instrument(render),
         settings.max_batch_images,
         settings.batch_wait_ms / 1000,
         key=renderer.batch_key,
         stall_s=settings.executor_stall_s,
         warm_up=warm_up if settings.warmup or levers.compile else None,
+        max_batch_pixels=settings.max_batch_pixels,
     )
     try:
         executor.wait_ready()
@@ -170,20 +190,29 @@ def main() -> int:
         png_compress_level=settings.png_compress_level,
     )
     install_runner(runner)
-    info = WorkerInfo(
-        name=worker_name,
-        model=served_model,
-        queue=queue,
-        device=str(renderer.device),
-        max_batch_images=settings.max_batch_images,
-        levers=asdict(renderer.levers),
-        control_types=renderer.control_types,
-        version=SERVICE_VERSION,
-    )
+
+    def describe() -> WorkerInfo:
+        dtypes = renderer.module_dtypes()
+        if safety is not None:
+            dtypes["safety_checker"] = dtype_name(safety.dtype)
+        return WorkerInfo(
+            name=worker_name,
+            model=served_model,
+            queue=queue,
+            device=str(renderer.device),
+            max_batch_images=settings.max_batch_images,
+            levers=asdict(renderer.levers),
+            control_types=renderer.control_types,
+            dtypes=dtypes,
+            recompiles=renderer.recompiles,
+            version=SERVICE_VERSION,
+        )
+
+    info = describe()
     supervisor = Supervisor(
         executor,
         leases,
-        Heartbeat(redis, worker_name, info, after_beat=store.pump),
+        Heartbeat(redis, worker_name, describe, after_beat=store.pump),
         interval_s=min(settings.heartbeat_interval_s, core.lease_s / 3),
     )
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL.Image import Image
 
-from worker.pipeline import BatchKey, RenderBatch, RenderedImages, StepCallback, batch_key
+from worker.render_types import BatchKey, RenderBatch, RenderedImages, StepCallback, batch_key
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ class _Work:
     def size(self) -> int:
         return len(self.job.batch.items)
 
+    @property
+    def pixels(self) -> int:
+        return self.job.batch.pixels
+
 
 def merge(jobs: list[RenderJob]) -> RenderBatch:
     """One batch holding every job's items in order; the jobs must share a batch key."""
@@ -88,7 +92,8 @@ def merge(jobs: list[RenderJob]) -> RenderBatch:
 
 class GpuExecutor:
     """Serialises GPU work on one thread, so the pipeline is never used concurrently, and
-    groups compatible jobs into batches of at most `max_batch_images` images."""
+    groups compatible jobs into batches of at most `max_batch_images` images and
+    `max_batch_pixels` pixels (a job larger than that renders alone)."""
 
     def __init__(
         self,
@@ -98,10 +103,12 @@ class GpuExecutor:
         key: Callable[[RenderBatch], BatchKey] = batch_key,
         stall_s: float = float("inf"),
         warm_up: WarmUp | None = None,
+        max_batch_pixels: int | None = None,
     ) -> None:
         self._render = render
         self._key = key
         self._max_images = max_batch_images
+        self._max_pixels = max_batch_pixels
         self._wait_s = batch_wait_s
         self._stall_s = stall_s
         self._queue: queue.Queue[_Work | None] = queue.Queue()
@@ -259,20 +266,19 @@ class GpuExecutor:
         """`first` and the compatible jobs that fit with it: those already waiting, then those
         that arrive within the batch wait counted from `first`'s arrival."""
         key = first.key
-        group, images = [first], first.size
+        group = [first]
         skipped: list[_Work] = []
-        while self._held and images < self._max_images:
+        while self._held and not self._full(group):
             work = self._held.popleft()
-            if work.key == key and images + work.size <= self._max_images:
+            if work.key == key and self._fits(group, work):
                 if self._admit(work):
                     group.append(work)
-                    images += work.size
             else:
                 skipped.append(work)
         self._held.extendleft(reversed(skipped))
 
         deadline = first.arrived + self._wait_s
-        while images < self._max_images and not (self._stopping or self._handing_back):
+        while not self._full(group) and not (self._stopping or self._handing_back):
             try:
                 item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
@@ -280,13 +286,30 @@ class GpuExecutor:
             if item is None:
                 self._stopping = True
                 break
-            if item.key == key and images + item.size <= self._max_images:
+            if item.key == key and self._fits(group, item):
                 if self._admit(item):
                     group.append(item)
-                    images += item.size
             else:
                 self._held.append(item)
         return group
+
+    def _fits(self, group: list[_Work], work: _Work) -> bool:
+        """Whether `work` joins `group` within the caps on images and pixels."""
+        if sum(member.size for member in group) + work.size > self._max_images:
+            return False
+        if self._max_pixels is None:
+            return True
+        return sum(member.pixels for member in group) + work.pixels <= self._max_pixels
+
+    def _full(self, group: list[_Work]) -> bool:
+        """No job of the group's shape could join it any more."""
+        images = sum(member.size for member in group)
+        if images >= self._max_images:
+            return True
+        if self._max_pixels is None:
+            return False
+        per_image = group[0].pixels // group[0].size
+        return sum(member.pixels for member in group) + per_image > self._max_pixels
 
     def _render_group(self, group: list[_Work]) -> None:
         batch_id = uuid.uuid4().hex[:16]

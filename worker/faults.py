@@ -5,7 +5,7 @@ import threading
 from dataclasses import dataclass
 
 from worker.executor import RenderFunction
-from worker.pipeline import RenderBatch, StepCallback
+from worker.render_types import RenderBatch, StepCallback
 
 # The render never returns: the executor is hung and the worker must exit.
 HANG_RENDER = "debug:hang-render"
@@ -28,6 +28,12 @@ class Faults:
         """Raise when `prompt` asks for `fault` and faults are on."""
         if self.enabled and prompt == fault:
             raise InjectedFault(f"injected fault {fault!r}")
+
+    def on_admission(self, prompt: str) -> None:
+        self.check(prompt, FAIL_ADMISSION)
+
+    def on_progress_write(self, prompt: str) -> None:
+        self.check(prompt, FAIL_PROGRESS_WRITE)
 
     def wrap(self, render: RenderFunction) -> RenderFunction:
         """The render, failing or hanging for the prompts that ask for it."""

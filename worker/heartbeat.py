@@ -21,24 +21,25 @@ class Heartbeat:
         self,
         redis: Redis,
         worker_name: str,
-        info: WorkerInfo | None = None,
+        info: Callable[[], WorkerInfo] | None = None,
         after_beat: Callable[[], object] | None = None,
     ) -> None:
         self._redis = redis
         self._name = worker_name
         # Run once the worker counts as live: it fills the dispatch window its arrival widened.
         self._after_beat = after_beat
-        # What /info reports about this worker, written with each beat.
-        self._info = None if info is None else info.model_dump_json()
+        # What /info reports about this worker, read anew for each beat (its modules' dtypes
+        # are read off the modules themselves).
+        self._info = info
 
     def beat(self) -> None:
         now = time.time()
         try:
             with self._redis.pipeline(transaction=False) as pipe:
                 if self._info is not None:
-                    pipe.set(worker_info_key(self._name), self._info, ex=_FORGET_AFTER_S)
+                    info = self._info().model_dump_json()
+                    pipe.set(worker_info_key(self._name), info, ex=_FORGET_AFTER_S)
                 pipe.zadd(WORKERS_KEY, {self._name: now})
-                pipe.set(worker_info_key(self._name), self._info, ex=_FORGET_AFTER_S)
                 pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - _FORGET_AFTER_S)
                 pipe.execute()
             if self._after_beat is not None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image as PILImage
@@ -50,9 +50,8 @@ from worker.executor import (
     RenderJob,
     RenderOutcome,
 )
-from worker.faults import FAIL_ADMISSION, FAIL_PROGRESS_WRITE, Faults
 from worker.leases import LeaseKeeper
-from worker.pipeline import NonFiniteImage, RenderBatch
+from worker.render_types import NonFiniteImage, RenderBatch
 from worker.reporter import Reporter
 from worker.safety import SafetyChecker, Verdict, apply_action
 from worker.uploads import StorageGuard
@@ -61,6 +60,14 @@ log = logging.getLogger(__name__)
 
 _MAX_ERROR_MESSAGE = 500
 _END_WRITE_RETRY_DELAY_S = 0.25
+
+
+class FaultHooks(Protocol):
+    """Development-only fault injection (worker/faults.py), where the settings turn it on."""
+
+    def on_admission(self, prompt: str) -> None: ...
+
+    def on_progress_write(self, prompt: str) -> None: ...
 
 
 class RenderError(Exception):
@@ -133,7 +140,7 @@ class JobRunner:
     key_prefix: str
     queue_timeout_s: float
     progress_interval_s: float
-    faults: Faults
+    faults: FaultHooks | None
     png_compress_level: int = 1
     stopping: bool = False
 
@@ -184,7 +191,8 @@ class JobRunner:
         """On the executor thread, as the job joins a batch: from now on it is `running`."""
         record, started_at = current.record, utc_now()
         try:
-            self.faults.check(record.request.prompt, FAIL_ADMISSION)
+            if self.faults is not None:
+                self.faults.on_admission(record.request.prompt)
             admitted = self.store.admit(record.id, current.holder, started_at).applied
         except RedisError as exc:
             log.warning("could not admit job %s: %s", record.id, exc)
@@ -201,7 +209,8 @@ class JobRunner:
 
     def _write_progress(self, current: _Attempt, step: int, total: int, eta_s: float) -> None:
         record = current.record
-        self.faults.check(record.request.prompt, FAIL_PROGRESS_WRITE)
+        if self.faults is not None:
+            self.faults.on_progress_write(record.request.prompt)
         written = self.store.update_progress(
             record.id, current.holder, step=step, total=total, eta_s=eta_s
         )

@@ -2,18 +2,18 @@
 carries, and GPU memory."""
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 
 import torch
 from prometheus_client import REGISTRY, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from shared.metrics import count_finished
 from shared.schema import JobStatus, Timings
 from worker.executor import RenderFunction
-from worker.pipeline import RenderBatch, RenderedImages, StepCallback
+from worker.render_types import RenderBatch, RenderedImages, StepCallback
 
 # Seconds: from a blink to an hour in the queue; a fraction of a second to minutes of render.
 _QUEUED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -97,6 +97,26 @@ class GpuMemoryCollector(Collector):
         peak.add_metric(labels, torch.cuda.max_memory_allocated(self._device))
         yield used
         yield peak
+
+
+class RecompileCollector(Collector):
+    """UNet graphs compiled since the warm-up ended, read at scrape time: each one stalled the
+    GPU for a compile, so anything but 0 is a bug."""
+
+    def __init__(self, recompiles: Callable[[], int]) -> None:
+        self._recompiles = recompiles
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        counter = CounterMetricFamily(
+            "txt2img_worker_recompiles",
+            "UNet graphs compiled after the warm-up (every render should find a warmed graph)",
+        )
+        counter.add_metric([], self._recompiles())
+        yield counter
+
+
+def watch_recompiles(recompiles: Callable[[], int]) -> None:
+    REGISTRY.register(RecompileCollector(recompiles))
 
 
 def watch_gpu_memory(device: torch.device) -> None:

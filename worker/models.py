@@ -10,13 +10,6 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionPipeline
 
-from worker.tiny_model import (
-    SECOND_TINY_MODEL_ID,
-    TINY_MODEL_ID,
-    ensure_second_tiny_model,
-    ensure_tiny_model,
-)
-
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -41,13 +34,20 @@ class ModelSource:
         return self.single_file_config or self.weights
 
 
+# The names of the tiny offline test models (worker/tiny_model.py builds them).
+TINY_MODEL_IDS = ("tiny", "tiny-second")
+
+
 def resolve(name: str, cache_dir: Path) -> str:
     """A tiny model's directory (built on first use); any other name as it is."""
-    if name == TINY_MODEL_ID:
-        return str(ensure_tiny_model(cache_dir))
+    if name not in TINY_MODEL_IDS:
+        return name
+    # Imported only where a tiny model is asked for: it builds test models.
+    from worker.tiny_model import SECOND_TINY_MODEL_ID, ensure_second_tiny_model, ensure_tiny_model
+
     if name == SECOND_TINY_MODEL_ID:
         return str(ensure_second_tiny_model(cache_dir))
-    return name
+    return str(ensure_tiny_model(cache_dir))
 
 
 def model_source(model_id: str, cache_dir: Path, single_file_config: str) -> ModelSource:

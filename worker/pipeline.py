@@ -1,7 +1,17 @@
-"""The diffusers pipeline: load once, render batches. Knows nothing of Celery, Redis or S3."""
+"""The render core: one warm diffusers pipeline's modules on one device, and one denoising loop
+for every kind of job. Knows nothing of Celery, Redis or S3.
+
+The core owns the modules and their dtype, the compiled UNet, fused projections, LoRA slots,
+scheduler set-up, generators, step reporting and the VAE decode. A job kind (text-to-image,
+image-to-image, inpainting, ControlNet: worker/kinds.py) is a small strategy handed to the core
+at load: it says where a batch's denoising starts and what each step adds, and depends on the
+core, never the reverse. So every kind runs on the same fast path: the dtype the modules were
+loaded in, the graphs compiled at warm-up, adapters in their slots.
+"""
 
 import copy
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -10,10 +20,10 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import diffusers
 import torch
@@ -32,19 +42,33 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from shared.loras import LoraRegistry
-from shared.schema import GenerationRequest, Scheduler
+from shared.schema import Scheduler
 from shared.settings import DEFAULT_MODEL_ID
-from worker.adapters import AdapterSet, LoraAdapters, UnknownAdapter
+from worker.lora_slots import SLOTS, LoraSlots, UnknownAdapter
 from worker.models import load_pipeline, model_source
+from worker.render_types import (
+    AdapterSet,
+    BatchKey,
+    NonFiniteImage,
+    RenderBatch,
+    RenderedImages,
+    RenderItem,
+    StepCallback,
+    batch_key,
+)
 
-if TYPE_CHECKING:
-    from worker.conditioned import ImageConditionedRenderer
-    from worker.controlnet import ControlNetRenderer
+__all__ = [
+    "AdapterSet",
+    "BatchKey",
+    "NonFiniteImage",
+    "RenderBatch",
+    "RenderItem",
+    "RenderedImages",
+    "StepCallback",
+    "batch_key",
+]
 
 log = logging.getLogger(__name__)
-
-# Called after each denoising step has finished on the device, with (steps done, total steps).
-StepCallback = Callable[[int, int], None]
 
 
 class _TimestepsOnHost:
@@ -76,94 +100,6 @@ _SCHEDULERS: dict[Scheduler, tuple[Any, dict[str, Any]]] = {
     "lms": (LMSDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
-
-
-class NonFiniteImage(Exception):
-    """The decoder produced NaN or infinite pixels (an fp16 overflow): the image would be black."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            "the image came out with NaN or infinite pixels (a numerical overflow on the GPU); "
-            "another seed or fewer guidance usually renders"
-        )
-
-
-# One entry per image of a batch: the image, or why it has none.
-RenderedImages = list[Image | NonFiniteImage]
-
-
-@dataclass(frozen=True)
-class RenderItem:
-    """One image: its own prompt, negative prompt and seed, and for image-to-image its starting
-    image (and for inpainting its mask), or for ControlNet its control map."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-    init_image: Image | None = None
-    mask_image: Image | None = None
-    control_image: Image | None = None
-
-
-@dataclass(frozen=True)
-class RenderBatch:
-    """Images that share one pipeline call: same size, steps, scheduler and guidance."""
-
-    items: tuple[RenderItem, ...]
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
-    scheduler: Scheduler
-    # Image-to-image and inpainting: how far from the starting images; None for text-to-image.
-    strength: float | None = None
-    # LoRA adapters and their scales, sorted by name; () for none.
-    loras: AdapterSet = ()
-    # ControlNet: the control type and how strongly it conditions; None without control.
-    control_type: str | None = None
-    control_scale: float = 1.0
-
-    @classmethod
-    def from_request(
-        cls,
-        request: GenerationRequest,
-        init_image: Image | None = None,
-        mask_image: Image | None = None,
-        control_image: Image | None = None,
-    ) -> "RenderBatch":
-        items = tuple(
-            RenderItem(
-                request.prompt, request.negative_prompt, seed, init_image, mask_image, control_image
-            )
-            for seed in request.image_seeds()
-        )
-        control = request.control
-        return cls(
-            items=items,
-            width=request.width,
-            height=request.height,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            scheduler=request.scheduler,
-            strength=None if init_image is None else request.image_strength,
-            loras=adapter_set(request),
-            control_type=None if control is None else control.type,
-            control_scale=1.0 if control is None else control.conditioning_scale,
-        )
-
-    @property
-    def inpainting(self) -> bool:
-        return self.items[0].mask_image is not None
-
-    @property
-    def guided(self) -> bool:
-        """Classifier-free guidance: the UNet sees each image twice (with and without prompt)."""
-        return self.guidance_scale > 1
-
-
-def adapter_set(request: GenerationRequest) -> AdapterSet:
-    """The request's adapters as a batch holds them: sorted, so the order named never matters."""
-    return tuple(sorted((lora.name, lora.scale) for lora in request.loras))
 
 
 @dataclass(frozen=True)
@@ -268,8 +204,8 @@ class FinishedSteps:
 
 
 class StepReporter:
-    """Hands `on_step` each denoising step once it has finished on the device: pass `step_end`
-    as a pipeline's `callback_on_step_end`, and call `finish` after the call."""
+    """Hands `on_step` each denoising step once it has finished on the device: call `step_end`
+    after each step is launched, and `finish` after the last."""
 
     def __init__(self, device: torch.device, on_step: StepCallback | None, total: int) -> None:
         self._steps = FinishedSteps.on(device)
@@ -281,9 +217,8 @@ class StepReporter:
             for step in finished:
                 self._on_step(step, self._total)
 
-    def step_end(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
+    def step_end(self) -> None:
         self._report(self._steps.launched())
-        return tensors
 
     def finish(self) -> None:
         self._report(self._steps.rest())
@@ -297,18 +232,16 @@ def resized(image: Image, width: int, height: int) -> Image:
 
 class _UNetForward:
     """Stands in for the UNet's forward: timesteps reach the UNet as float32 on its device
-    (schedulers feed int64 or float32, on the host), and once compiled, the shapes seen while
+    (schedulers feed int64 or float32, on the host), and once compiled, the inputs seen while
     warming run compiled and any other eager, so a request of a new size renders at once instead
-    of waiting a minute for a compile."""
+    of waiting a minute for a compile. What was warmed is told by the input shapes and the
+    variant: LoRA slots on or off, ControlNet residuals or none."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self._eager = unet.forward
         self._compiled: Callable[..., Any] | None = None
         self._warmed: set[tuple[Any, ...]] = set()
         self.warming = False
-        # While LoRA adapters are in the UNet: its modules are not those the graphs were traced
-        # from.
-        self.eager_only = False
         unet.forward = self._forward
 
     @property
@@ -318,25 +251,26 @@ class _UNetForward:
     def compile(self, cuda_graphs: bool) -> None:
         mode = "reduce-overhead" if cuda_graphs else "default"
         self._compiled = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
-        # One graph per warmed shape; past the default limit of 8, dynamo would go eager silently.
+        # One graph per warmed shape and variant; past the limit dynamo would go eager silently.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def _forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        # One timestep dtype means one compiled graph for every scheduler.
+        # One timestep dtype, and one memory layout of the latents (a VAE encoding's come out
+        # strided otherwise), mean one compiled graph for every scheduler and job kind.
         timestep = _timestep_on(sample.device, timestep)
-        if self._compiled is None or self.eager_only or _controlled(kwargs):
+        sample = sample.contiguous()
+        if self._compiled is None:
             return self._eager(sample, timestep, *args, **kwargs)
-        shape = unet_input_shape(sample, kwargs.get("encoder_hidden_states"))
+        key = (
+            *unet_input_shape(sample, kwargs.get("encoder_hidden_states")),
+            SLOTS.on,
+            kwargs.get("down_block_additional_residuals") is not None,
+        )
         if self.warming:
-            self._warmed.add(shape)
-        if shape in self._warmed:
+            self._warmed.add(key)
+        if key in self._warmed:
             return self._compiled(sample, timestep, *args, **kwargs)
         return self._eager(sample, timestep, *args, **kwargs)
-
-
-def _controlled(unet_arguments: dict[str, Any]) -> bool:
-    """Whether ControlNet residuals come along: inputs the warmed graphs never saw."""
-    return unet_arguments.get("down_block_additional_residuals") is not None
 
 
 def unet_input_shape(sample: torch.Tensor, context: torch.Tensor | None) -> tuple[Any, ...]:
@@ -353,6 +287,13 @@ def _timestep_on(device: torch.device, timestep: Any) -> torch.Tensor:
     return value.to(device, non_blocking=True)
 
 
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def _use_persistent_compile_cache(directory: Path) -> None:
     """Keep inductor's compiled kernels across restarts, so a restarted worker is ready fast."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -365,37 +306,34 @@ def _use_persistent_compile_cache(directory: Path) -> None:
     inductor_config.conv_1x1_as_mm = True
 
 
-# What must be equal for two jobs to share a pipeline call.
-BatchKey = tuple[Any, ...]
-
 # CLIP sees 77 tokens: BOS, 75 of the prompt, EOS. Longer prompts are encoded in 75-token chunks.
 CHUNK_TOKENS = 75
 # Denoising steps of each warm-up render: CUDA graph trees warm up, record, then replay.
 WARM_UP_STEPS = 3
 # Beside the compiled kernels in the compile cache directory.
 RENDER_COSTS_FILE = "render-costs.json"
-
-
-def batch_key(batch: RenderBatch) -> BatchKey:
-    """Everything in a batch but its items (and whether its items bring images and masks)."""
-    return (
-        batch.width,
-        batch.height,
-        batch.num_inference_steps,
-        batch.guidance_scale,
-        batch.scheduler,
-        batch.strength,
-        batch.inpainting,
-        batch.loras,
-        batch.control_type,
-        batch.control_scale,
-    )
+# Images of 1024x1024 (or four of 512x512) per VAE decode call: a full batch of large images
+# decoded at once peaks at many GB; a slice of this size costs little at any batch size.
+DEFAULT_DECODE_SLICE_PIXELS = 1024 * 1024
+# The dtype names T2I_DTYPE takes.
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """`auto`: float16 on CUDA, float32 elsewhere (half precision is slow or missing on CPUs)."""
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[requested]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def limit_torch_threads(threads: int) -> None:
@@ -410,27 +348,90 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class DiffusionRenderer:
-    """A warm StableDiffusionPipeline on one device."""
+# Extra UNet arguments for one step: (scaled latents, timestep on the device, text embeddings).
+UNetInputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]
 
-    def __init__(self, pipeline: StableDiffusionPipeline, model_name: str) -> None:
+
+@dataclass
+class Denoising:
+    """Where a batch's denoising starts, as a job kind sets it up: the latents, the timesteps to
+    run (on the host), and what the kind adds to each step and to the decoded pixels."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    # More UNet inputs for each step (ControlNet's residuals).
+    unet_inputs: UNetInputs | None = None
+    # After each scheduler step, with the step's index (inpainting keeps the unmasked part).
+    after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+    # On the decoded pixels in [0, 1] (inpainting pastes the unmasked input back).
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+class JobKind(Protocol):
+    """A kind of job the core renders: how a batch of it starts and what each step adds."""
+
+    name: str
+
+    def accepts(self, batch: RenderBatch) -> bool: ...
+
+    def start(
+        self,
+        core: "DiffusionRenderer",
+        batch: RenderBatch,
+        items: Sequence[RenderItem],
+        scheduler: Any,
+        generators: list[torch.Generator],
+    ) -> Denoising: ...
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Its own modules beside the pipeline's (a ControlNet per type), by name."""
+        ...
+
+    def warm_up_batch(self, count: int, width: int, height: int) -> RenderBatch | None:
+        """A batch whose UNet graph the kind needs compiled apart from plain text-to-image."""
+        ...
+
+
+@dataclass
+class _Warmth:
+    """Per (width, height): the image counts compiled, and seconds of a warm-up render by image
+    count (what padding decides on)."""
+
+    compiled_counts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
+    render_costs: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict)
+
+
+class DiffusionRenderer:
+    """The render core: a warm StableDiffusionPipeline's modules on one device, and the job
+    kinds it serves."""
+
+    def __init__(
+        self,
+        pipeline: StableDiffusionPipeline,
+        model_name: str,
+        kinds: Sequence[JobKind] = (),
+        decode_slice_pixels: int = DEFAULT_DECODE_SLICE_PIXELS,
+        max_batch_pixels: int | None = None,
+    ) -> None:
         self.pipeline = pipeline
         self.model_name = model_name
+        self.kinds = list(kinds)
+        self.decode_slice_pixels = decode_slice_pixels
+        # Padding a batch up to a compiled count never takes it past this.
+        self.max_batch_pixels = max_batch_pixels
         self.levers = SpeedLevers()
         self._base_scheduler_config = pipeline.scheduler.config
         self._schedulers: dict[Scheduler, Any] = {}
         self._unet = _UNetForward(pipeline.unet)
-        # Per (width, height): the image counts compiled, and seconds of a warm-up render by image
-        # count (what padding decides on).
-        self._compiled_counts: dict[tuple[int, int], set[int]] = {}
-        self.render_costs: dict[tuple[int, int], dict[int, float]] = {}
+        self._warmth = _Warmth()
+        self._compiled_counts = self._warmth.compiled_counts
+        self.render_costs = self._warmth.render_costs
         # Where the start-up time went: compiling each image count, timing every count.
         self.warm_up_seconds: dict[str, float] = {}
         self._render_cost_cache: RenderCostCache | None = None
-        self._from_images: ImageConditionedRenderer | None = None
-        self.adapters: LoraAdapters | None = None
-        self.controlnets: dict[str, Any] = {}
-        self._controlled: ControlNetRenderer | None = None
+        self.loras: LoraSlots | None = None
+        # Graphs compiled when the warm-up ended; None until then.
+        self._graphs_when_warm: int | None = None
         # Jobs count their prompts' tokens on their own threads while the GPU thread renders. A
         # tokenizer keeps the last call's padding and truncation as state, so a count made
         # during the pipeline's own tokenization could leave its negative prompt unpadded (or
@@ -444,6 +445,10 @@ class DiffusionRenderer:
     def device(self) -> torch.device:
         return self.pipeline.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
+
     @classmethod
     def load(
         cls,
@@ -452,21 +457,24 @@ class DiffusionRenderer:
         device: str = "auto",
         levers: SpeedLevers | None = None,
         single_file_config: str = DEFAULT_MODEL_ID,
+        dtype: str = "auto",
+        kinds: Sequence[JobKind] = (),
+        **options: Any,
     ) -> "DiffusionRenderer":
         target = resolve_device(device)
-        dtype = torch.float16 if target.type == "cuda" else torch.float32
+        torch_dtype = resolve_dtype(dtype, target)
         source = model_source(model_id, cache_dir, single_file_config)
-        pipeline = load_pipeline(source, dtype)
+        pipeline = load_pipeline(source, torch_dtype)
         pipeline.to(target)
         pipeline.set_progress_bar_config(disable=True)
-        log.info("loaded %s on %s (%s)", model_id, target, dtype)
-        renderer = cls(pipeline, model_name=model_id)
+        log.info("loaded %s on %s (%s)", model_id, target, torch_dtype)
+        renderer = cls(pipeline, model_name=model_id, kinds=kinds, **options)
         if levers is not None:
             renderer.apply(levers, cache_dir / "inductor")
         return renderer
 
     def apply(self, levers: SpeedLevers, compile_cache_dir: Path | None = None) -> None:
-        """Turn levers on; call once, before warming up."""
+        """Turn levers on; call once, before warming up (the UNet compiles at its first call)."""
         if levers.channels_last:
             self.pipeline.unet.to(memory_format=torch.channels_last)
             self.pipeline.vae.to(memory_format=torch.channels_last)
@@ -482,29 +490,38 @@ class DiffusionRenderer:
         self.levers = replace(levers, cuda_graphs=levers.compile and levers.cuda_graphs)
         log.info("speed levers: %s", self.levers)
 
-    def use_loras(self, registry: LoraRegistry, max_bytes: int) -> None:
-        """Serve LoRA adapters from `registry`, keeping at most `max_bytes` of them loaded."""
-
-        def set_unet_eager(eager: bool) -> None:
-            self._unet.eager_only = eager
-
-        if self.adapters is not None:
-            self.adapters.activate(())
-        self.adapters = LoraAdapters(self.pipeline, registry, max_bytes, set_unet_eager)
-
-    def use_controlnets(self, controlnets: dict[str, Any]) -> None:
-        """Serve these control types with these ControlNet models (on the pipeline's device)."""
-        self.controlnets = dict(controlnets)
+    def use_loras(self, registry: LoraRegistry, max_bytes: int, max_rank: int = 64) -> None:
+        """Serve LoRA adapters from `registry` through slots of `max_rank`, keeping at most
+        `max_bytes` of them read. Call after `apply` and before warming up: the slots are part
+        of the graphs the UNet compiles."""
+        if self.loras is not None and self.loras.max_rank == max_rank:
+            self.loras.use_registry(registry, max_bytes)
+            return
+        self.loras = LoraSlots(
+            self.pipeline.unet, self.pipeline.text_encoder, registry, max_bytes, max_rank
+        )
 
     @property
     def control_types(self) -> list[str]:
-        return sorted(self.controlnets)
+        return sorted(name for kind in self.kinds for name in getattr(kind, "control_types", []))
 
-    def _activate_adapters(self, loras: AdapterSet) -> None:
-        if self.adapters is not None:
-            self.adapters.activate(loras)
-        elif loras:
-            raise UnknownAdapter("this worker serves no LoRA adapters (T2I_LORA_DIR is unset)")
+    def module_dtypes(self) -> dict[str, str]:
+        """The dtype of each module a render uses, by name."""
+        modules: dict[str, torch.nn.Module] = {
+            "unet": self.pipeline.unet,
+            "vae": self.pipeline.vae,
+            "text_encoder": self.pipeline.text_encoder,
+        }
+        for kind in self.kinds:
+            modules.update(kind.modules())
+        return {name: dtype_name(module.dtype) for name, module in sorted(modules.items())}
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled since the warm-up ended: 0 when every render found its graph."""
+        if self._graphs_when_warm is None:
+            return 0
+        return compiled_graphs() - self._graphs_when_warm
 
     def scheduler(self, name: Scheduler) -> Any:
         if name not in self._schedulers:
@@ -514,79 +531,170 @@ class DiffusionRenderer:
             )
         return self._schedulers[name]
 
+    def _kind(self, batch: RenderBatch) -> JobKind:
+        for kind in self.kinds:
+            if kind.accepts(batch):
+                return kind
+        raise ValueError("this worker serves no job kind for this batch")
+
+    def _activate_adapters(self, loras: AdapterSet) -> None:
+        if self.loras is not None:
+            self.loras.activate(loras)
+        elif loras:
+            raise UnknownAdapter("this worker serves no LoRA adapters (T2I_LORA_DIR is unset)")
+
     @torch.inference_mode()
     def render(self, batch: RenderBatch, on_step: StepCallback | None = None) -> RenderedImages:
-        """One pipeline call for the whole batch; image i depends only on item i and the batch's
-        shared settings. An image whose pixels came out non-finite is a NonFiniteImage."""
+        """One denoising loop for the whole batch; image i depends only on item i and the
+        batch's shared settings. An image whose pixels came out non-finite is a NonFiniteImage."""
         self._activate_adapters(batch.loras)
-        if batch.control_type is not None:
-            if self._controlled is None:
-                # Imported here: it builds on this module.
-                from worker.controlnet import ControlNetRenderer
+        try:
+            return self._render(batch, on_step)
+        finally:
+            SLOTS.on = False
 
-                self._controlled = ControlNetRenderer(self)
-            return self._controlled.render(batch, on_step)
-        if batch.strength is not None:
-            if self._from_images is None:
-                # Imported here: it builds on this module.
-                from worker.conditioned import ImageConditionedRenderer
-
-                self._from_images = ImageConditionedRenderer(self)
-            return self._from_images.render(batch, on_step)
-        self.pipeline.scheduler = self.scheduler(batch.scheduler)
-        steps = StepReporter(self.device, on_step, batch.num_inference_steps)
+    def _render(self, batch: RenderBatch, on_step: StepCallback | None) -> RenderedImages:
+        kind = self._kind(batch)
+        scheduler = self.scheduler(batch.scheduler)
         chunks = self.prompt_chunks(batch)
         items = self._pad(batch, chunks)
-        latents, step_generators = self._noise(items, batch)
-        result = self.pipeline(
-            **self.conditioning(items, chunks),
-            width=batch.width,
-            height=batch.height,
-            num_inference_steps=batch.num_inference_steps,
-            guidance_scale=batch.guidance_scale,
-            latents=latents,
-            generator=step_generators,
-            output_type="pt",
-            callback_on_step_end=steps.step_end,
-        )
+        host, stepping = self._generators(items)
+        embeddings = self._embeddings(items, chunks, batch.guided)
+        plan = kind.start(self, batch, items, scheduler, host)
+        latents = self._denoise(plan, embeddings, scheduler, stepping, batch, on_step)
+        pixels = self.decode(latents)
+        if plan.finish is not None:
+            pixels = plan.finish(pixels)
+        return to_images(pixels[: len(batch.items)])
+
+    def _denoise(
+        self,
+        plan: Denoising,
+        embeddings: torch.Tensor,
+        scheduler: Any,
+        generators: list[torch.Generator],
+        batch: RenderBatch,
+        on_step: StepCallback | None,
+    ) -> torch.Tensor:
+        steps = StepReporter(self.device, on_step, len(plan.timesteps))
+        step_arguments = _step_arguments(scheduler, generators)
+        unet = self.pipeline.unet
+        latents = plan.latents
+        for index, timestep in enumerate(plan.timesteps):
+            on_device = _timestep_on(self.device, timestep)
+            model_input = torch.cat([latents] * 2) if batch.guided else latents
+            model_input = scheduler.scale_model_input(model_input, timestep)
+            extra = (
+                {}
+                if plan.unet_inputs is None
+                else plan.unet_inputs(model_input, on_device, embeddings)
+            )
+            output = unet(
+                model_input, on_device, encoder_hidden_states=embeddings, return_dict=False, **extra
+            )[0]
+            if batch.guided:
+                unconditional, conditional = output.chunk(2)
+                noise = unconditional + batch.guidance_scale * (conditional - unconditional)
+            elif self.levers.cuda_graphs:
+                # A CUDA graph's output is overwritten by its next replay, and multistep
+                # schedulers (PNDM, DPM-Solver) keep earlier outputs: keep a copy instead.
+                noise = output.clone()
+            else:
+                noise = output
+            latents = scheduler.step(noise, timestep, latents, **step_arguments, return_dict=False)[
+                0
+            ]
+            if latents.dtype != self.dtype:
+                latents = latents.to(self.dtype)
+            if plan.after_step is not None:
+                latents = plan.after_step(index, latents)
+            steps.step_end()
         steps.finish()
-        return to_images(result.images[: len(batch.items)])
+        return latents
 
-    def _noise(
-        self, items: Sequence[RenderItem], batch: RenderBatch
-    ) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Each image's starting latents, and the generators for noise added while stepping.
-        The starting noise comes from CPU generators, so a seed gives the same latents on any
-        device; the noise ancestral schedulers add at each step comes from generators on the
-        device, where a CPU draw would cost a blocking copy per step."""
+    def _generators(
+        self, items: Sequence[RenderItem]
+    ) -> tuple[list[torch.Generator], list[torch.Generator]]:
+        """Each image's generators: one on the host for its starting noise (so a seed gives the
+        same latents on any device), and one for the noise added while stepping, on the device,
+        where a host draw would cost a blocking copy per step. On a CPU they are one."""
         host = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
-        scale = self.pipeline.vae_scale_factor
-        shape = (
-            len(items),
-            self.pipeline.unet.config.in_channels,
-            batch.height // scale,
-            batch.width // scale,
-        )
-        latents = randn_tensor(shape, generator=host, device=self.device, dtype=self.dtype)
         if self.device.type == "cpu":
-            return latents, host
-        on_device = [torch.Generator(self.device).manual_seed(item.seed) for item in items]
-        return latents, on_device
+            return host, host
+        return host, [torch.Generator(self.device).manual_seed(item.seed) for item in items]
 
-    def conditioning(self, items: Sequence[RenderItem], chunks: int) -> dict[str, Any]:
-        """The pipeline's prompt arguments: the texts, or their embeddings in 75-token chunks."""
-        prompts = [item.prompt for item in items]
-        negatives = [item.negative_prompt for item in items]
-        if chunks == 1:
-            return {"prompt": prompts, "negative_prompt": negatives}
-        return {
-            "prompt_embeds": self._encode_in_chunks(prompts, chunks),
-            "negative_prompt_embeds": self._encode_in_chunks(negatives, chunks),
-        }
+    def noise(self, shape: Sequence[int], generators: list[torch.Generator]) -> torch.Tensor:
+        """Noise drawn from each image's host generator, on the device in the core's dtype."""
+        return randn_tensor(
+            tuple(shape), generator=generators, device=self.device, dtype=self.dtype
+        )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipeline.unet.dtype
+    def latent_shape(self, count: int, width: int, height: int) -> tuple[int, int, int, int]:
+        scale = self.pipeline.vae_scale_factor
+        return (count, self.pipeline.unet.config.in_channels, height // scale, width // scale)
+
+    def timesteps(self, scheduler: Any, steps: int, strength: float | None = None) -> torch.Tensor:
+        """Set the scheduler up for `steps` steps and give the timesteps to run: all of them, or
+        for a start from an image, the last `strength` of them."""
+        scheduler.set_timesteps(steps)
+        if strength is None:
+            return scheduler.timesteps
+        start = steps - min(int(steps * strength), steps)
+        begin = start * scheduler.order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(begin)
+        return scheduler.timesteps[begin:]
+
+    @staticmethod
+    def noise_coefficients(scheduler: Any, timestep: torch.Tensor) -> tuple[float, float]:
+        """(a, b) such that the scheduler's `add_noise(x, noise, timestep)` is `a*x + b*noise`,
+        computed on the host: every scheduler adds noise linearly, and computing it on the
+        device would copy the schedule there (a blocking copy) each time."""
+        at = timestep.reshape(1)
+        one, zero = torch.ones(1), torch.zeros(1)
+        signal = float(scheduler.add_noise(one, zero, at)[0])
+        noise = float(scheduler.add_noise(zero, one, at)[0])
+        return signal, noise
+
+    def encode_images(
+        self, pixels: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """Images in [-1, 1] as latents, each sampled with its own host generator."""
+        vae = self.pipeline.vae
+        distribution = vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        draws = torch.cat(
+            [
+                randn_tensor(
+                    distribution.mean[index : index + 1].shape,
+                    generator=generator,
+                    device=self.device,
+                    dtype=self.dtype,
+                )
+                for index, generator in enumerate(generators)
+            ]
+        )
+        latents = distribution.mean + distribution.std * draws
+        return latents * vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as pixels in [0, 1], decoded in slices of at most `decode_slice_pixels`."""
+        vae = self.pipeline.vae
+        scale = self.pipeline.vae_scale_factor
+        image_pixels = latents.shape[2] * latents.shape[3] * scale * scale
+        per_slice = max(1, self.decode_slice_pixels // image_pixels)
+        scaled = latents / vae.config.scaling_factor
+        slices = [vae.decode(part, return_dict=False)[0] for part in scaled.split(per_slice)]
+        pixels = slices[0] if len(slices) == 1 else torch.cat(slices)
+        return (pixels / 2 + 0.5).clamp(0, 1)
+
+    def _embeddings(self, items: Sequence[RenderItem], chunks: int, guided: bool) -> torch.Tensor:
+        """The UNet's text conditioning: the prompts' embeddings, after the negative prompts'
+        when guided."""
+        prompts = self._encode_in_chunks([item.prompt for item in items], chunks)
+        if not guided:
+            return prompts
+        negatives = self._encode_in_chunks([item.negative_prompt for item in items], chunks)
+        return torch.cat([negatives, prompts])
 
     def _token_ids(self, text: str) -> list[int]:
         with self._counting_lock:
@@ -608,7 +716,8 @@ class DiffusionRenderer:
 
     def _encode_in_chunks(self, texts: list[str], chunks: int) -> torch.Tensor:
         """Each text as `chunks` CLIP windows of BOS + 75 tokens + EOS, encoded separately and
-        joined along the sequence: long prompts are not truncated (as popular SD UIs do it)."""
+        joined along the sequence: long prompts are not truncated (as popular SD UIs do it). One
+        window is exactly what diffusers' own prompt encoding gives."""
         tokenizer = self.pipeline.tokenizer
         rows: list[list[int]] = []
         for text in texts:
@@ -622,12 +731,18 @@ class DiffusionRenderer:
         return hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2])
 
     def _pad(self, batch: RenderBatch, chunks: int) -> tuple[RenderItem, ...]:
-        """The batch's items, padded up to a compiled image count where warm-up measured that
-        to be faster than rendering them as they are."""
+        """A text-to-image batch's items, padded up to a compiled image count where warm-up
+        measured that to be faster than rendering them as they are, within the pixel cap."""
         compiled = self._compiled_counts.get((batch.width, batch.height), set())
-        if not batch.guided or chunks > 1 or not compiled:
+        starts_from_images = any(
+            item.init_image is not None or item.control_image is not None for item in batch.items
+        )
+        if not batch.guided or chunks > 1 or not compiled or starts_from_images:
             # No compiled graph serves these shapes: padding would only cost.
             return batch.items
+        if self.max_batch_pixels is not None:
+            fits = self.max_batch_pixels // (batch.width * batch.height)
+            compiled = {count for count in compiled if count <= fits}
         count = len(batch.items)
         costs = self.render_costs.get((batch.width, batch.height), {})
         padding = cheapest_count(count, costs, compiled) - count
@@ -641,13 +756,40 @@ class DiffusionRenderer:
         max_images: int = 1,
     ) -> list[Callable[[], object]]:
         """Renders so the first job pays no start-up cost. With a compiled UNet: compile (and
-        record CUDA graphs) for each of `compiled_counts`, then time a render of every image
-        count up to `max_images`, so a batch is padded only where that is faster. CUDA graphs
-        belong to the thread that records them: call this on the thread that will render.
+        record CUDA graphs) for each of `compiled_counts`, in each variant the worker serves
+        (plain, LoRA slots on, a kind's own such as ControlNet), then time a render of every
+        image count up to `max_images`, so a batch is padded only where that is faster. CUDA
+        graphs belong to the thread that records them: call this on the thread that will render.
 
         Returns the renders left for idle time: when the timings are cached from an earlier start
         on the same card, software and settings, the counts that are not compiled are warmed
         (their first render selects kernels) only while no job waits."""
+        try:
+            return self._warm_up(width, height, compiled_counts, max_images)
+        finally:
+            self._graphs_when_warm = compiled_graphs()
+
+    def _variants(self, count: int, width: int, height: int) -> list[Callable[[], object]]:
+        """One render per UNet graph that a batch of `count` images may need."""
+        plain = _warm_up_batch(count, width, height)
+        renders: list[Callable[[], object]] = [partial(self.render, plain)]
+        if self.loras is not None:
+            renders.append(partial(self._render_with_slots_on, plain))
+        for kind in self.kinds:
+            own = kind.warm_up_batch(count, width, height)
+            if own is not None:
+                renders.append(partial(self.render, own))
+        return renders
+
+    @torch.inference_mode()
+    def _render_with_slots_on(self, batch: RenderBatch) -> RenderedImages:
+        assert self.loras is not None
+        with self.loras.on():
+            return self._render(batch, None)
+
+    def _warm_up(
+        self, width: int, height: int, compiled_counts: Iterable[int], max_images: int
+    ) -> list[Callable[[], object]]:
         if not self._unet.compiled:
             self.render(_warm_up_batch(1, width, height))
             return []
@@ -658,7 +800,8 @@ class DiffusionRenderer:
         try:
             for count in compiled:
                 started = time.perf_counter()
-                self.render(_warm_up_batch(count, width, height))
+                for render in self._variants(count, width, height):
+                    render()
                 self.warm_up_seconds[f"compile {count}"] = time.perf_counter() - started
         finally:
             self._unet.warming = False
@@ -715,6 +858,14 @@ class DiffusionRenderer:
         self.render(batch)
         _synchronize(self.device)
         return time.perf_counter() - started
+
+
+def _step_arguments(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
+    """What the scheduler's step takes beside the model output: the generators of ancestral
+    schedulers."""
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        return {"generator": generators}
+    return {}
 
 
 class RenderCostCache:

@@ -40,6 +40,10 @@ class SafetyChecker:
         self._device = device
         self._lock = threading.Lock()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._checker.dtype
+
     @classmethod
     def load(
         cls,
@@ -47,11 +51,11 @@ class SafetyChecker:
         checker_id: str | None,
         cache_dir: Path,
         device: torch.device,
+        dtype: torch.dtype,
     ) -> "SafetyChecker":
         """The checker of `checker_id` (a hub id or a diffusers directory with
         `safety_checker/` and `feature_extractor/`), or else the one the model ships."""
         source = resolve(checker_id, cache_dir) if checker_id else model.diffusers_layout
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
         try:
             checker = StableDiffusionSafetyChecker.from_pretrained(
                 source, subfolder="safety_checker", dtype=dtype

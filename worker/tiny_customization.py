@@ -11,8 +11,6 @@ from pathlib import Path
 
 from worker.tiny_model import ensure_tiny_model
 
-# What T2I_CONTROLNETS names to get the tiny ControlNet.
-TINY_CONTROLNET_ID = "tiny"
 # The tiny adapters, by name, with the seed each is drawn from.
 TINY_LORAS = {"tiny-style": 11, "tiny-other": 12}
 _VERSION = "v2"

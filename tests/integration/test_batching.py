@@ -20,6 +20,7 @@ from worker.executor import (
     RenderJob,
     RenderOutcome,
 )
+from worker.kinds import load_renderer
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, StepCallback
 
 STEPS = 4
@@ -27,7 +28,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def renderer(model_cache: Path) -> DiffusionRenderer:
-    return DiffusionRenderer.load("tiny", model_cache, "cpu")
+    return load_renderer("tiny", model_cache, "cpu")
 
 
 class Recorder:

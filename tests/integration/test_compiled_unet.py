@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 
 from tests.integration.test_batching import item, job
 from worker.executor import GpuExecutor, RenderJob
+from worker.kinds import load_renderer
 from worker.pipeline import RENDER_COSTS_FILE, DiffusionRenderer, RenderCostCache, SpeedLevers
 
 SCHEDULERS = ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
@@ -21,7 +22,7 @@ SIZE = 64
 def compiled_renderer(
     model_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> DiffusionRenderer:
-    renderer = DiffusionRenderer.load("tiny", model_cache, "cpu")
+    renderer = load_renderer("tiny", model_cache, "cpu")
     renderer.apply(SpeedLevers(compile=True), tmp_path_factory.mktemp("compiled") / "inductor")
     return renderer
 
@@ -45,7 +46,7 @@ def compiled(compiled_renderer: DiffusionRenderer) -> Iterator[GpuExecutor]:
 
 @pytest.fixture(scope="module")
 def eager(model_cache: Path) -> DiffusionRenderer:
-    return DiffusionRenderer.load("tiny", model_cache, "cpu")
+    return load_renderer("tiny", model_cache, "cpu")
 
 
 @pytest.fixture

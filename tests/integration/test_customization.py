@@ -23,10 +23,12 @@ from safetensors.torch import load_file, save_file
 from shared.loras import LoraRegistry
 from tests.integration.test_batching import hold_gpu, outcomes
 from tests.support import Stack, wait_for_job
-from worker.adapters import AdapterSet
-from worker.controlnet import canny_map, load_controlnets
+from worker.controlnet import canny_map
 from worker.executor import GpuExecutor, RenderJob
+from worker.kinds import load_renderer
+from worker.lora_slots import UnsupportedAdapter
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, SpeedLevers
+from worker.render_types import AdapterSet
 
 STEPS = 4
 # A LoRA or a ControlNet moves the mean pixel by more than this; what batching may move a pixel
@@ -39,10 +41,8 @@ OTHER: AdapterSet = (("tiny-other", 1.0),)
 
 @pytest.fixture(scope="module")
 def renderer(model_cache: Path, tiny_lora_dir: Path) -> DiffusionRenderer:
-    renderer = DiffusionRenderer.load("tiny", model_cache, "cpu")
+    renderer = load_renderer("tiny", model_cache, "cpu", controlnets={"canny": "tiny"})
     renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20)
-    controlnets = load_controlnets({"canny": "tiny"}, model_cache, renderer.dtype, renderer.device)
-    renderer.use_controlnets(controlnets)
     return renderer
 
 
@@ -102,25 +102,25 @@ def test_a_lora_changes_the_image_scale_zero_does_not_and_the_plain_image_after_
 def test_with_fused_attention_projections_a_lora_applies_and_the_fusion_comes_back(
     renderer: DiffusionRenderer, model_cache: Path, tiny_lora_dir: Path
 ) -> None:
-    fused = DiffusionRenderer.load("tiny", model_cache, "cpu", SpeedLevers(fuse_qkv=True))
+    fused = load_renderer("tiny", model_cache, "cpu", SpeedLevers(fuse_qkv=True))
     fused.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20)
     processors = fused.pipeline.unet.attn_processors
     [before] = fused.render(batch(9))
     [styled] = fused.render(batch(9, loras=STYLE))
     [after] = fused.render(batch(9))
     [unfused_styled] = renderer.render(batch(9, loras=STYLE))
-    # The adapter sits on the separate projections: fused attention would have skipped it.
+    # The adapter's query, key and value parts sit in the slot of the fused projection.
     assert largest_difference(styled, unfused_styled) <= BATCHING_TOLERANCE
     assert largest_difference(after, before) == 0
     assert fused.pipeline.unet.attn_processors == processors
 
 
-def test_an_adapter_file_that_fails_to_load_fails_its_batch_and_leaves_no_layer_behind(
+def test_an_adapter_that_does_not_fit_fails_its_batch_and_leaves_nothing_behind(
     renderer: DiffusionRenderer, tiny_lora_dir: Path, tmp_path: Path
 ) -> None:
     for adapter in tiny_lora_dir.iterdir():
         (tmp_path / adapter.name).write_bytes(adapter.read_bytes())
-    # Its last layer's down-projection has the wrong width: it fails after the others are in.
+    # Its last layer's down-projection has the wrong width: the model has no such layer.
     weights = load_file(tiny_lora_dir / "tiny-style.safetensors")
     last = sorted(name for name in weights if "lora.down" in name)[-1]
     weights[last] = torch.zeros(weights[last].shape[0], weights[last].shape[1] + 1)
@@ -128,7 +128,7 @@ def test_an_adapter_file_that_fails_to_load_fails_its_batch_and_leaves_no_layer_
     renderer.use_loras(LoraRegistry(tmp_path), max_bytes=64 * 2**20)
     try:
         [before] = renderer.render(batch(4))
-        with pytest.raises(RuntimeError):
+        with pytest.raises(UnsupportedAdapter):
             renderer.render(batch(4, loras=(*STYLE, ("broken", 1.0))))
         [after] = renderer.render(batch(4))
         [styled] = renderer.render(batch(4, loras=STYLE))
@@ -146,12 +146,12 @@ def test_the_adapter_cache_keeps_the_most_recently_used_within_its_bound(
     try:
         [styled_first] = renderer.render(batch(5, loras=STYLE))
         renderer.render(batch(5, loras=OTHER))
-        assert renderer.adapters is not None
-        assert renderer.adapters.cached == ["tiny-other"]
-        assert renderer.adapters.cached_bytes <= one_adapter + one_adapter // 2
+        assert renderer.loras is not None
+        assert renderer.loras.cached == ["tiny-other"]
+        assert renderer.loras.cached_bytes <= one_adapter + one_adapter // 2
         # Read again from the registry after its eviction, it renders the same image.
         [styled_again] = renderer.render(batch(5, loras=STYLE))
-        assert renderer.adapters.cached == ["tiny-style"]
+        assert renderer.loras.cached == ["tiny-style"]
         assert largest_difference(styled_again, styled_first) == 0
     finally:
         renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from worker.kinds import load_renderer
 from worker.models import ModelSource, load_pipeline
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem
 from worker.tiny_model import ensure_tiny_model
@@ -16,7 +17,7 @@ SCHEDULERS = ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm",
 
 @pytest.fixture(scope="module")
 def renderer(model_cache: Path) -> DiffusionRenderer:
-    return DiffusionRenderer.load("tiny", model_cache, "cpu")
+    return load_renderer("tiny", model_cache, "cpu")
 
 
 def _batch(*items: RenderItem, scheduler: str = "dpmpp_2m", steps: int = 4) -> RenderBatch:

@@ -14,6 +14,7 @@ from shared.schema import JobErrorType
 from tests.integration.test_batching import hold_gpu, item, job, outcomes
 from worker.executor import GpuExecutor, RenderJob
 from worker.jobs import _error_type
+from worker.kinds import load_renderer
 from worker.pipeline import (
     DiffusionRenderer,
     NonFiniteImage,
@@ -25,7 +26,7 @@ from worker.pipeline import (
 
 @pytest.fixture(scope="module")
 def renderer(model_cache: Path) -> DiffusionRenderer:
-    return DiffusionRenderer.load("tiny", model_cache, "cpu")
+    return load_renderer("tiny", model_cache, "cpu")
 
 
 @pytest.fixture

@@ -1,0 +1,276 @@
+"""The render core against diffusers' own pipelines, and the invariants it keeps for any order of
+job kinds: the tiny model, eager, on this CPU (tests/integration/test_mixed_traffic.py runs the
+same kinds compiled, in bfloat16, with fused projections).
+
+Each kind runs in the core's one denoising loop; with the same seeds it must give the image
+diffusers' own pipeline gives (StableDiffusionPipeline, ...Img2ImgPipeline, ...InpaintPipeline,
+...ControlNetPipeline, and `load_lora_weights` for adapters) on the same modules.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+)
+from PIL import Image
+
+from shared.loras import LoraRegistry
+from worker.controlnet import canny_map
+from worker.executor import GpuExecutor, RenderJob
+from worker.kinds import _keep_unmasked, load_renderer
+from worker.models import resolve
+from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, SpeedLevers, to_images
+from worker.render_types import AdapterSet
+
+SIZE = 64
+STEPS = 4
+GUIDANCE = 7.5
+STYLE: AdapterSet = (("tiny-style", 0.7),)
+OTHER: AdapterSet = (("tiny-other", 1.0),)
+
+
+def picture(seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((SIZE, SIZE), Image.Resampling.NEAREST)
+
+
+def square_mask() -> Image.Image:
+    mask = Image.new("L", (SIZE, SIZE))
+    mask.paste(255, (16, 16, 48, 48))
+    return mask
+
+
+def batch(*items: RenderItem, **shared: object) -> RenderBatch:
+    options: dict = {
+        "width": SIZE,
+        "height": SIZE,
+        "num_inference_steps": STEPS,
+        "guidance_scale": GUIDANCE,
+        "scheduler": "dpmpp_2m",
+        **shared,
+    }
+    return RenderBatch(items=items, **options)
+
+
+def item(seed: int = 3, **images: Image.Image) -> RenderItem:
+    return RenderItem("a cat", "blurry", seed, **images)
+
+
+def largest_difference(first: object, second: object) -> int:
+    return int(np.abs(np.asarray(first, np.int16) - np.asarray(second, np.int16)).max())
+
+
+def generator(seed: int = 3) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed)]
+
+
+@pytest.fixture(scope="module")
+def core(model_cache: Path, tiny_lora_dir: Path) -> DiffusionRenderer:
+    renderer = load_renderer("tiny", model_cache, "cpu", controlnets={"canny": "tiny"})
+    renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20, max_rank=8)
+    return renderer
+
+
+def diffusers_pipeline(core: DiffusionRenderer, kind: type = StableDiffusionPipeline, **extra):
+    """diffusers' own pipeline of `kind` on the core's modules and scheduler."""
+    pipeline = kind(**core.pipeline.components, **extra)
+    pipeline.scheduler = core.scheduler("dpmpp_2m")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+ARGUMENTS = {"prompt": "a cat", "negative_prompt": "blurry", "num_inference_steps": STEPS}
+
+
+def test_text_to_image_is_diffusers_own_image(core: DiffusionRenderer) -> None:
+    [ours] = core.render(batch(item()))
+    reference = diffusers_pipeline(core)(
+        **ARGUMENTS, width=SIZE, height=SIZE, guidance_scale=GUIDANCE, generator=generator()
+    ).images[0]
+    assert largest_difference(ours, reference) == 0
+
+
+def test_image_to_image_is_diffusers_own_image(core: DiffusionRenderer) -> None:
+    init = picture(1)
+    [ours] = core.render(batch(item(init_image=init), strength=0.6))
+    reference = diffusers_pipeline(core, StableDiffusionImg2ImgPipeline)(
+        **ARGUMENTS, image=[init], strength=0.6, guidance_scale=GUIDANCE, generator=generator()
+    ).images[0]
+    assert largest_difference(ours, reference) == 0
+
+
+@pytest.mark.parametrize("strength", [0.75, 1.0])
+def test_inpainting_is_diffusers_own_image_with_the_unmasked_part_pasted_back(
+    core: DiffusionRenderer, strength: float
+) -> None:
+    init, mask = picture(2), square_mask()
+    [ours] = core.render(batch(item(init_image=init, mask_image=mask), strength=strength))
+    pixels = diffusers_pipeline(core, StableDiffusionInpaintPipeline)(
+        **ARGUMENTS,
+        image=[init],
+        mask_image=[mask],
+        width=SIZE,
+        height=SIZE,
+        strength=strength,
+        guidance_scale=GUIDANCE,
+        generator=generator(),
+        output_type="pt",
+    ).images
+    [reference] = to_images(_keep_unmasked(pixels, [init], [mask]))
+    assert largest_difference(ours, reference) == 0
+    outside = np.asarray(mask) < 128
+    assert (np.asarray(ours)[outside] == np.asarray(init)[outside]).all()
+
+
+def test_controlnet_is_diffusers_own_image(core: DiffusionRenderer) -> None:
+    edges = canny_map(picture(3))
+    [ours] = core.render(
+        batch(item(control_image=edges), control_type="canny", control_scale=0.8)
+    )
+    [controlnet] = [kind for kind in core.kinds if kind.name == "controlnet"]
+    reference = diffusers_pipeline(
+        core,
+        StableDiffusionControlNetPipeline,
+        controlnet=controlnet.modules()["controlnet:canny"],
+    )(
+        **ARGUMENTS,
+        image=[edges],
+        width=SIZE,
+        height=SIZE,
+        guidance_scale=GUIDANCE,
+        controlnet_conditioning_scale=0.8,
+        generator=generator(),
+    ).images[0]
+    assert largest_difference(ours, reference) == 0
+
+
+@pytest.fixture(scope="module")
+def fresh_with_adapters(model_cache: Path, tiny_lora_dir: Path) -> StableDiffusionPipeline:
+    """A fresh eager pipeline with both tiny adapters loaded by diffusers itself."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        resolve("tiny", model_cache), safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    for name, _ in (*STYLE, *OTHER):
+        pipeline.load_lora_weights(str(tiny_lora_dir / f"{name}.safetensors"), adapter_name=name)
+    return pipeline
+
+
+def diffusers_with(pipeline: StableDiffusionPipeline, core: DiffusionRenderer, loras: AdapterSet):
+    pipeline.scheduler = core.scheduler("dpmpp_2m")
+    pipeline.set_adapters([name for name, _ in loras], [scale for _, scale in loras])
+    return pipeline(
+        **ARGUMENTS, width=SIZE, height=SIZE, guidance_scale=GUIDANCE, generator=generator()
+    ).images[0]
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True], ids=["separate", "fused"])
+def test_every_lora_batch_is_diffusers_own_image_in_any_order_fused_or_not(
+    model_cache: Path,
+    tiny_lora_dir: Path,
+    fresh_with_adapters: StableDiffusionPipeline,
+    fuse_qkv: bool,
+) -> None:
+    """A second and a third LoRA batch, after plain ones and other adapters, keep every layer
+    of the adapter (fused query-key-value projections included) and leave plain images alone."""
+    core = load_renderer("tiny", model_cache, "cpu", SpeedLevers(fuse_qkv=fuse_qkv))
+    core.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20, max_rank=8)
+    both = (*OTHER, *STYLE)
+    sequence = [(), STYLE, (), OTHER, STYLE, both, (), STYLE]
+    images = [core.render(batch(item(), loras=loras))[0] for loras in sequence]
+    expected = {
+        loras: diffusers_with(fresh_with_adapters, core, loras) for loras in (STYLE, OTHER, both)
+    }
+    for loras, image in zip(sequence, images, strict=True):
+        if loras:
+            assert largest_difference(image, expected[loras]) == 0, loras
+        else:
+            assert largest_difference(image, images[0]) == 0
+    assert largest_difference(images[1], images[0]) > 32
+    assert core.loras is not None
+    # STYLE's weights went into the slots three times; plain batches copied nothing.
+    assert core.loras.swaps == 5
+
+
+@pytest.fixture(scope="module")
+def bfloat16_core(model_cache: Path, tiny_lora_dir: Path) -> DiffusionRenderer:
+    renderer = load_renderer(
+        "tiny",
+        model_cache,
+        "cpu",
+        SpeedLevers(fuse_qkv=True),
+        dtype="bfloat16",
+        controlnets={"canny": "tiny"},
+    )
+    renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20, max_rank=8)
+    return renderer
+
+
+def test_every_module_keeps_its_dtype_whatever_kinds_of_job_ran(
+    bfloat16_core: DiffusionRenderer,
+) -> None:
+    core = bfloat16_core
+    init, mask = picture(4), square_mask()
+    for job in [
+        batch(item(init_image=init), strength=0.5),
+        batch(item(init_image=init, mask_image=mask), strength=0.8),
+        batch(item(control_image=canny_map(init)), control_type="canny"),
+        batch(item(), loras=STYLE),
+        batch(item(), guidance_scale=1.0, scheduler="euler_a"),
+    ]:
+        [image] = core.render(job)
+        assert np.asarray(image).std() > 0
+    dtypes = core.module_dtypes()
+    assert set(dtypes) == {"unet", "vae", "text_encoder", "controlnet:canny"}
+    assert set(dtypes.values()) == {"bfloat16"}
+    assert {p.dtype for p in core.pipeline.unet.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in core.pipeline.unet.buffers()} == {torch.bfloat16}
+
+
+def test_the_vae_decodes_in_slices_to_the_same_images(core: DiffusionRenderer) -> None:
+    job = batch(item(1), item(2), item(3))
+    whole = core.render(job)
+    core.decode_slice_pixels = SIZE * SIZE
+    try:
+        calls: list[int] = []
+        hook = core.pipeline.vae.decoder.register_forward_hook(
+            lambda module, inputs, output: calls.append(output.shape[0])
+        )
+        sliced = core.render(job)
+        hook.remove()
+    finally:
+        core.decode_slice_pixels = 1024 * 1024
+    assert calls == [1, 1, 1]
+    for first, second in zip(whole, sliced, strict=True):
+        assert largest_difference(first, second) <= 1
+
+
+def test_a_batch_holds_no_more_pixels_than_its_cap(core: DiffusionRenderer) -> None:
+    """Small images fill a batch up to its image count; large ones stop at the pixel cap, and a
+    job larger than the cap still renders, alone."""
+    executor = GpuExecutor(
+        core.render, max_batch_images=4, batch_wait_s=0.5, max_batch_pixels=2 * 128 * 128
+    )
+    try:
+        small = [executor.submit(RenderJob(batch(item(seed)))) for seed in range(4)]
+        small_ids = {future.result(timeout=120).batch_id for future in small}
+        large = [
+            executor.submit(RenderJob(batch(item(seed), width=128, height=128)))
+            for seed in range(3)
+        ]
+        large_sizes = [future.result(timeout=120).batch_images for future in large]
+        huge = executor.submit(
+            RenderJob(batch(item(1), item(2), item(3), width=128, height=128))
+        ).result(timeout=120)
+    finally:
+        executor.shutdown()
+    assert len(small_ids) == 1
+    assert large_sizes == [2, 2, 1]
+    assert huge.batch_images == 3

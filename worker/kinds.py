@@ -1,0 +1,289 @@
+"""The kinds of job the render core serves, each a small strategy: where a batch's denoising
+starts and what each step adds. They follow diffusers' SD 1.5 pipelines step for step (text-to-
+image, image-to-image, inpainting, ControlNet) but run inside the core's one loop, so every kind
+keeps the modules' dtype, the compiled UNet and the adapters in their slots."""
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import ControlNetModel
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image as PILImage
+from PIL.Image import Image
+
+from worker.controlnet import load_controlnets
+from worker.pipeline import Denoising, DiffusionRenderer, JobKind, SpeedLevers, resized
+from worker.render_types import RenderBatch, RenderItem
+
+
+def denoising_steps(num_inference_steps: int, strength: float) -> int:
+    """The steps an image-to-image call runs: the last `strength` of the schedule."""
+    return min(int(num_inference_steps * strength), num_inference_steps)
+
+
+def _given(image: Image | None) -> Image:
+    assert image is not None, "every item of this batch brings its images"
+    return image
+
+
+class TextToImage:
+    """Pure noise, denoised over the whole schedule."""
+
+    name = "text"
+
+    def accepts(self, batch: RenderBatch) -> bool:
+        return batch.strength is None and batch.control_type is None
+
+    def start(
+        self,
+        core: DiffusionRenderer,
+        batch: RenderBatch,
+        items: Sequence[RenderItem],
+        scheduler: Any,
+        generators: list[torch.Generator],
+    ) -> Denoising:
+        timesteps = core.timesteps(scheduler, batch.num_inference_steps)
+        shape = core.latent_shape(len(items), batch.width, batch.height)
+        latents = core.noise(shape, generators) * scheduler.init_noise_sigma
+        return Denoising(latents, timesteps)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def warm_up_batch(self, count: int, width: int, height: int) -> RenderBatch | None:
+        return None
+
+
+class _FromImages:
+    """What image-to-image and inpainting share: the starting images as noised latents."""
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def warm_up_batch(self, count: int, width: int, height: int) -> RenderBatch | None:
+        # The plain UNet graph serves them.
+        return None
+
+    @staticmethod
+    def _pixels(core: DiffusionRenderer, images: list[Image], batch: RenderBatch) -> torch.Tensor:
+        processor: VaeImageProcessor = core.pipeline.image_processor
+        sized = [resized(image, batch.width, batch.height) for image in images]
+        return processor.preprocess(sized, height=batch.height, width=batch.width)
+
+
+class ImageToImage(_FromImages):
+    """The starting images' latents, noised to where the last `strength` of the schedule
+    starts."""
+
+    name = "image-to-image"
+
+    def accepts(self, batch: RenderBatch) -> bool:
+        return batch.strength is not None and not batch.inpainting
+
+    def start(
+        self,
+        core: DiffusionRenderer,
+        batch: RenderBatch,
+        items: Sequence[RenderItem],
+        scheduler: Any,
+        generators: list[torch.Generator],
+    ) -> Denoising:
+        assert batch.strength is not None
+        timesteps = core.timesteps(scheduler, batch.num_inference_steps, batch.strength)
+        pixels = self._pixels(core, [_given(item.init_image) for item in items], batch)
+        image_latents = core.encode_images(pixels, generators)
+        noise = core.noise(image_latents.shape, generators)
+        signal_part, noise_part = core.noise_coefficients(scheduler, timesteps[0])
+        return Denoising(signal_part * image_latents + noise_part * noise, timesteps)
+
+
+class Inpainting(_FromImages):
+    """Image-to-image where the mask is white; where it is black, the input image's latents
+    (noised to each step's level) replace the result after every step, and its pixels are pasted
+    back at the end, as popular SD UIs do (a VAE round trip would blur what was meant to stay)."""
+
+    name = "inpainting"
+
+    def __init__(self) -> None:
+        self._masks: VaeImageProcessor | None = None
+
+    def accepts(self, batch: RenderBatch) -> bool:
+        return batch.strength is not None and batch.inpainting
+
+    def start(
+        self,
+        core: DiffusionRenderer,
+        batch: RenderBatch,
+        items: Sequence[RenderItem],
+        scheduler: Any,
+        generators: list[torch.Generator],
+    ) -> Denoising:
+        assert batch.strength is not None
+        timesteps = core.timesteps(scheduler, batch.num_inference_steps, batch.strength)
+        inits = [resized(_given(item.init_image), batch.width, batch.height) for item in items]
+        masks = [resized(_given(item.mask_image), batch.width, batch.height) for item in items]
+        image_latents = core.encode_images(self._pixels(core, inits, batch), generators)
+        noise = core.noise(image_latents.shape, generators)
+        if batch.strength >= 1.0:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            signal_part, noise_part = core.noise_coefficients(scheduler, timesteps[0])
+            latents = signal_part * image_latents + noise_part * noise
+        repaint = self._mask_processor(core).preprocess(
+            masks, height=batch.height, width=batch.width
+        )
+        repaint_latents = torch.nn.functional.interpolate(
+            repaint, size=tuple(image_latents.shape[2:])
+        ).to(core.device, core.dtype)
+        keep_latents = 1 - repaint_latents
+
+        def after_step(index: int, stepped: torch.Tensor) -> torch.Tensor:
+            if index + 1 < len(timesteps):
+                signal_part, noise_part = core.noise_coefficients(scheduler, timesteps[index + 1])
+                kept = signal_part * image_latents + noise_part * noise
+            else:
+                kept = image_latents
+            return keep_latents * kept + repaint_latents * stepped
+
+        def finish(pixels: torch.Tensor) -> torch.Tensor:
+            return _keep_unmasked(pixels, inits, masks)
+
+        return Denoising(latents, timesteps, after_step=after_step, finish=finish)
+
+    def _mask_processor(self, core: DiffusionRenderer) -> VaeImageProcessor:
+        if self._masks is None:
+            self._masks = VaeImageProcessor(
+                vae_scale_factor=core.pipeline.vae_scale_factor,
+                do_normalize=False,
+                do_binarize=True,
+                do_convert_grayscale=True,
+            )
+        return self._masks
+
+
+def _keep_unmasked(pixels: torch.Tensor, inits: list[Image], masks: list[Image]) -> torch.Tensor:
+    """Where the mask is black the result is the input image itself."""
+
+    def as_tensor(image: Image, mode: str) -> torch.Tensor:
+        array = torch.from_numpy(np.asarray(image.convert(mode), dtype=np.float32))
+        return array.reshape(image.height, image.width, -1).permute(2, 0, 1) / 255
+
+    device, dtype = pixels.device, pixels.dtype
+    count = len(inits)
+    original = torch.stack([as_tensor(image, "RGB") for image in inits]).to(device, dtype)
+    repaint = torch.stack([as_tensor(mask, "L") for mask in masks]).to(device) >= 0.5
+    return torch.cat([torch.where(repaint, pixels[:count], original), pixels[count:]])
+
+
+class ControlNet:
+    """Text-to-image with a ControlNet's residuals added to the UNet's at every step, one
+    ControlNet per control type (in the core's dtype, on its device)."""
+
+    name = "controlnet"
+
+    def __init__(self, controlnets: dict[str, ControlNetModel]) -> None:
+        self._controlnets = dict(controlnets)
+        self._maps: VaeImageProcessor | None = None
+
+    @property
+    def control_types(self) -> list[str]:
+        return sorted(self._controlnets)
+
+    def accepts(self, batch: RenderBatch) -> bool:
+        return batch.control_type is not None
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {f"controlnet:{name}": model for name, model in self._controlnets.items()}
+
+    def warm_up_batch(self, count: int, width: int, height: int) -> RenderBatch | None:
+        """A batch with a blank map: the UNet graph with residuals gets compiled."""
+        if not self._controlnets:
+            return None
+        blank = PILImage.new("RGB", (width, height))
+        return RenderBatch(
+            items=tuple(
+                RenderItem("warm-up", "", index, control_image=blank) for index in range(count)
+            ),
+            width=width,
+            height=height,
+            num_inference_steps=3,
+            guidance_scale=7.5,
+            scheduler="dpmpp_2m",
+            control_type=min(self._controlnets),
+        )
+
+    def start(
+        self,
+        core: DiffusionRenderer,
+        batch: RenderBatch,
+        items: Sequence[RenderItem],
+        scheduler: Any,
+        generators: list[torch.Generator],
+    ) -> Denoising:
+        assert batch.control_type is not None
+        controlnet = self._controlnets.get(batch.control_type)
+        if controlnet is None:
+            raise ValueError(f"this worker has no {batch.control_type!r} ControlNet")
+        plan = TextToImage().start(core, batch, items, scheduler, generators)
+        maps = [resized(_given(item.control_image), batch.width, batch.height) for item in items]
+        condition = self._map_processor(core).preprocess(
+            maps, height=batch.height, width=batch.width
+        )
+        condition = condition.to(core.device, core.dtype)
+        if batch.guided:
+            condition = torch.cat([condition] * 2)
+        scale = batch.control_scale
+
+        def unet_inputs(
+            model_input: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor
+        ) -> dict[str, Any]:
+            down, middle = controlnet(
+                model_input,
+                timestep,
+                encoder_hidden_states=embeddings,
+                controlnet_cond=condition,
+                conditioning_scale=scale,
+                guess_mode=False,
+                return_dict=False,
+            )
+            return {
+                "down_block_additional_residuals": down,
+                "mid_block_additional_residual": middle,
+            }
+
+        plan.unet_inputs = unet_inputs
+        return plan
+
+    def _map_processor(self, core: DiffusionRenderer) -> VaeImageProcessor:
+        if self._maps is None:
+            self._maps = VaeImageProcessor(
+                vae_scale_factor=core.pipeline.vae_scale_factor,
+                do_convert_rgb=True,
+                do_normalize=False,
+            )
+        return self._maps
+
+
+def standard_kinds(controlnets: dict[str, ControlNetModel] | None = None) -> list[JobKind]:
+    """Every kind of job this service renders."""
+    return [TextToImage(), ImageToImage(), Inpainting(), ControlNet(controlnets or {})]
+
+
+def load_renderer(
+    model_id: str,
+    cache_dir: Path,
+    device: str = "auto",
+    levers: SpeedLevers | None = None,
+    *,
+    controlnets: dict[str, str] | None = None,
+    **options: Any,
+) -> DiffusionRenderer:
+    """A render core serving every kind of job, with these ControlNets (by control type: a hub
+    id or directory, or "tiny"), in the core's dtype on its device."""
+    renderer = DiffusionRenderer.load(model_id, cache_dir, device, levers, **options)
+    loaded = load_controlnets(controlnets or {}, cache_dir, renderer.dtype, renderer.device)
+    renderer.kinds = standard_kinds(loaded)
+    return renderer
