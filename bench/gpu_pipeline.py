@@ -1,27 +1,44 @@
 """GPU pipeline benchmark: plain diffusers against our render path and executor, on one card.
 
 `python -m bench.gpu_pipeline` on a CUDA machine times SD 1.5's architecture with random weights
-at 512x512 and writes bench/results/<date>-<gpu>.json; `--smoke` runs the same code on a CPU with
-the tiny model, to prove it executes. It prints the figures as JSON either way.
+at 512x512 and writes bench/results/<date>-<gpu>.json; `--mixed` times the worker's set-up with
+LoRA adapters and a ControlNet under plain against mixed traffic instead, into
+<date>-<gpu>-mixed.json. `--smoke` runs the same code on a CPU with the tiny model, to prove it
+executes. It prints the figures as JSON either way.
 """
 
 import argparse
 import datetime
 import json
+import random
 import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.assets import (
+    DEFAULT_CACHE_DIR,
+    GUIDANCE,
+    LORA_MAX_RANK,
+    PROMPT,
+    SD15_LORA_RANK,
+    Customization,
+    build_sd15,
+    customization,
+    kind_batch,
+    load_customized,
+)
 from worker.executor import GpuExecutor, RenderJob
+from worker.kinds import load_renderer
 from worker.pipeline import (
     DiffusionRenderer,
     NonFiniteImage,
@@ -33,66 +50,8 @@ from worker.pipeline import (
 from worker.tiny_model import ensure_tiny_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# Models and the compile cache; the GPU tests reuse both when the benchmark ran first.
-DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "t2i-bench-cache"
 READY = "bench-ready"
 FULLY_WARM = "bench-fully-warm"
-GUIDANCE = 7.5
-PROMPT = "a lighthouse at dusk, oil painting, highly detailed"
-
-
-def build_sd15(target: Path, cache_dir: Path) -> Path:
-    """SD 1.5's architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, saved as a
-    diffusers directory: the tiny model's components grown to SD 1.5's sizes, so it has the real
-    model's shapes and FLOPs and needs no hub. Only the tokenizer stays byte-level."""
-    if (target / "model_index.json").is_file():
-        return target
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel as UNet
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tiny = StableDiffusionPipeline.from_pretrained(ensure_tiny_model(cache_dir))
-    torch.manual_seed(0)
-    unet = UNet.from_config(
-        tiny.unet.config,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL.from_config(
-        tiny.vae.config,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        norm_num_groups=32,
-        scaling_factor=0.18215,
-    )
-    text_config = tiny.text_encoder.config.to_dict()
-    text_config.update(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        hidden_act="quick_gelu",
-    )
-    # SD 1.5's default scheduler: its own PNDM configuration.
-    scheduler = PNDMScheduler.from_config(
-        tiny.scheduler.config, skip_prk_steps=True, set_alpha_to_one=False
-    )
-    components = {
-        **tiny.components,
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
-        "scheduler": scheduler,
-    }
-    pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    # Half the bytes to write and read back; every consumer loads it in fp16 anyway.
-    pipeline.to(torch.float16).save_pretrained(target)
-    return target
 
 
 def note(message: str) -> None:
@@ -176,12 +135,18 @@ def levers_for(args: argparse.Namespace) -> SpeedLevers:
     )
 
 
-def load_ours(model_dir: Path, args: argparse.Namespace) -> tuple[DiffusionRenderer, GpuExecutor]:
-    """The worker's start-up: load, turn on the levers, then warm up on the executor's thread
-    (compile, record CUDA graphs, time each batch size), which is where jobs will render."""
+def load_ours(
+    model_dir: Path, args: argparse.Namespace, custom: Customization | None = None
+) -> tuple[DiffusionRenderer, GpuExecutor]:
+    """The worker's start-up: load, turn on the levers (and serve `custom`'s adapters and
+    ControlNets), then warm up on the executor's thread (compile each variant, record CUDA graphs,
+    time each batch size), which is where jobs will render."""
     levers = levers_for(args)
     started = time.perf_counter()
-    renderer = DiffusionRenderer.load(str(model_dir), args.cache_dir, args.device, levers)
+    if custom is None:
+        renderer = load_renderer(str(model_dir), args.cache_dir, args.device, levers)
+    else:
+        renderer = load_customized(model_dir, args.cache_dir, args.device, levers, custom)
     renderer.warm_up_seconds["load"] = time.perf_counter() - started
     counts = args.compiled_counts or compiled_image_counts(args.max_batch_images)
     executor = GpuExecutor(
@@ -202,7 +167,12 @@ def startup_phases(renderer: DiffusionRenderer) -> dict[str, float]:
 
 def run_jobs(executor: GpuExecutor, args: argparse.Namespace, seeds: range) -> dict[str, int]:
     """Submit one job per seed at once and wait for all: pipeline calls and failed images."""
-    futures = [executor.submit(RenderJob(job_batch(args, seed))) for seed in seeds]
+    return run_batches(executor, [job_batch(args, seed) for seed in seeds])
+
+
+def run_batches(executor: GpuExecutor, jobs: Iterable[RenderBatch]) -> dict[str, int]:
+    """Submit every job at once and wait for all: pipeline calls and failed images."""
+    futures = [executor.submit(RenderJob(job)) for job in jobs]
     batches: set[str] = set()
     non_finite = 0
     for future in futures:
@@ -283,39 +253,11 @@ def child_options(args: argparse.Namespace) -> list[str]:
     return options
 
 
-def gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
-def main() -> int:
-    args = parse_args()
+def versus_diffusers(
+    model_dir: Path, args: argparse.Namespace, figures: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """(a) to (f): plain diffusers, then our executor, then a cold start."""
     device = torch.device(args.device)
-    if args.cold_start_child:
-        renderer, executor = load_ours(Path(args.model_dir), args)
-        print(json.dumps(startup_phases(renderer)), flush=True)
-        print(READY, flush=True)
-        executor.wait_fully_warm()
-        print(FULLY_WARM, flush=True)
-        executor.shutdown()
-        return 0
-
-    figures: dict[str, Any] = {"gpu": gpu_name(device), "config": config(args)}
-    out = args.out
-    if out is None and not args.smoke:
-        out = RESULTS_DIR / f"{datetime.date.today()}-{slug(figures['gpu'])}.json"
-
-    def save() -> None:
-        """Written after every phase, so a run cut short keeps what it measured."""
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(figures, indent=2) + "\n")
-
-    model_dir = (
-        ensure_tiny_model(args.cache_dir)
-        if args.smoke
-        else build_sd15(args.model_dir, args.cache_dir)
-    )
-    note(f"model ready in {model_dir}")
     figures.update(plain_diffusers(model_dir, device, args))
     save()
     if device.type == "cuda":
@@ -347,6 +289,187 @@ def main() -> int:
     figures.update(cold_start(model_dir, args))
     note(f"cold start with a warm cache: {figures['cold_start_warm_cache_s']:.1f} s")
     save()
+
+
+@contextmanager
+def cuda_graph_recordings(device: torch.device) -> Iterator[list[int]]:
+    """Counts CUDA graph recordings by inductor's graph trees, from any thread, while open (none
+    off CUDA)."""
+    recordings: list[int] = []
+    if device.type != "cuda":
+        yield recordings
+        return
+    from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
+
+    record = CUDAGraphTreeManager.record_function
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        recordings.append(1)
+        return record(self, *args, **kwargs)
+
+    CUDAGraphTreeManager.record_function = counted  # type: ignore[method-assign]
+    try:
+        yield recordings
+    finally:
+        CUDAGraphTreeManager.record_function = record  # type: ignore[method-assign]
+
+
+def mixed_kinds(jobs: int) -> list[str]:
+    """The kinds of a mixed round's jobs, in the order they arrive: half plain, a fifth LoRA, the
+    rest image-to-image, ControlNet and inpainting in turn, shuffled the same way every run."""
+    plain, lora = jobs // 2, jobs // 5
+    others = ("image-to-image", "controlnet", "inpainting")
+    kinds = ["plain"] * plain + ["lora"] * lora
+    kinds += [others[index % len(others)] for index in range(jobs - plain - lora)]
+    random.Random(0).shuffle(kinds)
+    return kinds
+
+
+def mixed_jobs(
+    args: argparse.Namespace, custom: Customization, kinds: list[str]
+) -> list[RenderBatch]:
+    """One single-image job per kind; LoRA jobs alternate the two adapters, so weights swap."""
+    jobs = []
+    loras = 0
+    for seed, kind in enumerate(kinds):
+        adapter = None
+        if kind == "lora":
+            adapter = custom.adapters[loras % len(custom.adapters)]
+            loras += 1
+        jobs.append(kind_batch(kind, (seed,), args.size, args.steps, adapter=adapter))
+    return jobs
+
+
+def timed_round(executor: GpuExecutor, jobs: list[RenderBatch]) -> tuple[float, dict[str, int]]:
+    """Images per second of the jobs submitted at once, after one untimed round (so every shape,
+    variant and adapter has been met once), and the timed round's counts."""
+    run_batches(executor, jobs)
+    sync()
+    started = time.perf_counter()
+    counts = run_batches(executor, jobs)
+    sync()
+    images = sum(len(job.items) for job in jobs)
+    return images / (time.perf_counter() - started), counts
+
+
+def mixed(
+    model_dir: Path, args: argparse.Namespace, figures: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """The worker's set-up with two LoRA adapters and a canny ControlNet: plain-only traffic
+    against mixed traffic, and a LoRA batch against a plain one."""
+    device = torch.device(args.device)
+    custom = customization(model_dir, args.cache_dir, tiny=args.smoke)
+    note(f"adapters in {custom.lora_dir}, ControlNets {custom.controlnets}")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with cuda_graph_recordings(device) as recordings:
+        started = time.perf_counter()
+        renderer, executor = load_ours(model_dir, args, custom)
+        executor.wait_fully_warm()
+        figures["load_and_warm_up_s"] = time.perf_counter() - started
+        figures["load_and_warm_up_phases_s"] = startup_phases(renderer)
+        figures["cuda_graph_recordings_warm_up"] = len(recordings)
+        recordings.clear()
+        note(f"loaded and warmed up in {figures['load_and_warm_up_s']:.1f} s")
+        save()
+        try:
+            measure_mixed(executor, args, custom, figures, save)
+        finally:
+            executor.shutdown()
+        figures["cuda_graph_recordings_after_warm_up"] = len(recordings)
+    assert renderer.loras is not None
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+    figures.update(
+        {
+            "recompiles_after_warm_up": renderer.recompiles,
+            "lora_swaps": renderer.loras.swaps,
+            "module_dtypes": renderer.module_dtypes(),
+            "peak_vram_gib": peak / 2**30,
+            "mixed_vs_plain_images_per_s": (
+                figures["mixed_images_per_s"] / figures["plain_only_images_per_s"]
+            ),
+            "lora_vs_plain_batch_time": figures["lora_batch_s"] / figures["plain_batch_s"],
+        }
+    )
+    save()
+
+
+def measure_mixed(
+    executor: GpuExecutor,
+    args: argparse.Namespace,
+    custom: Customization,
+    figures: dict[str, Any],
+    save: Callable[[], None],
+) -> None:
+    """The plain-only round, the mixed round (as many jobs), then a batch of the largest size
+    without and with a LoRA adapter (the same one each time: the slots' cost, not a swap's)."""
+    plain_jobs = [kind_batch("plain", (seed,), args.size, args.steps) for seed in range(args.jobs)]
+    rate, counts = timed_round(executor, plain_jobs)
+    note(f"plain only: {rate:.2f} images/s with {args.jobs} concurrent jobs")
+    figures["plain_only_images_per_s"] = rate
+    figures["plain_only_pipeline_calls"] = counts["pipeline_calls"]
+    save()
+    kinds = mixed_kinds(args.jobs)
+    rate, mixed_counts = timed_round(executor, mixed_jobs(args, custom, kinds))
+    note(f"mixed: {rate:.2f} images/s with {args.jobs} concurrent jobs")
+    figures["mixed_images_per_s"] = rate
+    figures["mixed_jobs_by_kind"] = dict(Counter(kinds))
+    figures["mixed_pipeline_calls"] = mixed_counts["pipeline_calls"]
+    figures["non_finite_images"] = counts["non_finite_images"] + mixed_counts["non_finite_images"]
+    save()
+    images = range(args.max_batch_images)
+    for name, batch in (
+        ("plain_batch_s", kind_batch("plain", images, args.size, args.steps)),
+        (
+            "lora_batch_s",
+            kind_batch("lora", images, args.size, args.steps, adapter=custom.adapters[0]),
+        ),
+    ):
+        figures[name] = median_seconds(lambda job=batch: run_batches(executor, [job]), args.repeats)
+    plain, lora = figures["plain_batch_s"], figures["lora_batch_s"]
+    note(f"a batch of {args.max_batch_images}: {plain:.3f} s plain, {lora:.3f} s with a LoRA")
+    save()
+
+
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def main() -> int:
+    args = parse_args()
+    device = torch.device(args.device)
+    if args.cold_start_child:
+        renderer, executor = load_ours(Path(args.model_dir), args)
+        print(json.dumps(startup_phases(renderer)), flush=True)
+        print(READY, flush=True)
+        executor.wait_fully_warm()
+        print(FULLY_WARM, flush=True)
+        executor.shutdown()
+        return 0
+
+    figures: dict[str, Any] = {"gpu": gpu_name(device), "config": config(args)}
+    out = args.out
+    if out is None and not args.smoke:
+        suffix = "-mixed" if args.mixed else ""
+        out = RESULTS_DIR / f"{datetime.date.today()}-{slug(figures['gpu'])}{suffix}.json"
+
+    def save() -> None:
+        """Written after every phase, so a run cut short keeps what it measured."""
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(figures, indent=2) + "\n")
+
+    model_dir = (
+        ensure_tiny_model(args.cache_dir)
+        if args.smoke
+        else build_sd15(args.model_dir, args.cache_dir)
+    )
+    note(f"model ready in {model_dir}")
+    if args.mixed:
+        mixed(model_dir, args, figures, save)
+    else:
+        versus_diffusers(model_dir, args, figures, save)
     print(json.dumps(figures, indent=2))
     if out is not None:
         print(f"wrote {out}", file=sys.stderr)
@@ -354,6 +477,7 @@ def main() -> int:
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
+    mixed = {"lora_rank": TINY_LORA_RANK if args.smoke else SD15_LORA_RANK}
     return {
         "size": args.size,
         "steps": args.steps,
@@ -362,6 +486,8 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch_images": args.max_batch_images,
         "compiled_counts": args.compiled_counts or compiled_image_counts(args.max_batch_images),
         "batch_wait_ms": args.batch_wait_ms,
+        "mixed": args.mixed,
+        **({**mixed, "lora_max_rank": LORA_MAX_RANK} if args.mixed else {}),
         "levers": asdict(levers_for(args)),
         "smoke": args.smoke,
         "torch": torch.__version__,
@@ -376,11 +502,14 @@ def slug(name: str) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model on a CPU, seconds")
+    parser.add_argument(
+        "--mixed", action="store_true", help="plain-only against mixed traffic, with LoRA and more"
+    )
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
     parser.add_argument("--size", type=int, default=None, help="width and height (512)")
     parser.add_argument("--steps", type=int, default=None, help="our steps and (b)'s (25)")
     parser.add_argument("--seed-steps", type=int, default=None, help="(a)'s PNDM steps (50)")
-    parser.add_argument("--jobs", type=int, default=None, help="concurrent jobs in (d) (32)")
+    parser.add_argument("--jobs", type=int, default=None, help="concurrent jobs in (d), and in each mixed round (32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (5)")
     parser.add_argument("--max-batch-images", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0)
@@ -399,8 +528,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
     parser.add_argument("--cold-start-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # Smoke figures are seconds on a CPU: tiny model, 256x256, 2 steps, a few jobs.
-    defaults = (256, 2, 2, 4, 1) if args.smoke else (512, 25, 50, 32, 5)
+    # Smoke figures are seconds on a CPU: tiny model, 256x256, 2 steps, a few jobs (enough for
+    # every kind of job in a mixed round).
+    smoke_jobs = 10 if args.mixed else 4
+    defaults = (256, 2, 2, smoke_jobs, 1) if args.smoke else (512, 25, 50, 32, 5)
     for name, value in zip(
         ("size", "steps", "seed_steps", "jobs", "repeats"), defaults, strict=True
     ):

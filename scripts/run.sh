@@ -61,6 +61,16 @@ if ! redis_answers; then
     redis_answers || { echo "redis-server did not start on port $port" >&2; exit 1; }
 fi
 
+# The tiny model comes with its tiny LoRA adapters and canny ControlNet, so the README's LoRA and
+# ControlNet examples work on a machine with no network.
+if [[ ${T2I_MODEL_ID:-} == tiny ]]; then
+    if [[ -z ${T2I_LORA_DIR:-} ]]; then
+        T2I_LORA_DIR=$("$PY" -m worker.tiny_customization)
+        export T2I_LORA_DIR
+    fi
+    export T2I_CONTROLNETS="${T2I_CONTROLNETS:-{\"canny\": \"tiny\"\}}"
+fi
+
 if [[ ${T2I_ENV:-development} == development ]]; then
     "$PY" -m shared.keyadmin dev --file "$T2I_DATA_DIR/dev-api-key"
     echo "  export T2I_API_KEY=\$(cat $T2I_DATA_DIR/dev-api-key)"

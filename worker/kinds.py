@@ -3,7 +3,6 @@ starts and what each step adds. They follow diffusers' SD 1.5 pipelines step for
 image, image-to-image, inpainting, ControlNet) but run inside the core's one loop, so every kind
 keeps the modules' dtype, the compiled UNet and the adapters in their slots."""
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from worker.controlnet import load_controlnets
-from worker.pipeline import Denoising, DiffusionRenderer, JobKind, SpeedLevers, resized
+from worker.pipeline import Denoising, DiffusionRenderer, JobKind, SpeedLevers, Start, resized
 from worker.render_types import RenderBatch, RenderItem
 
 
@@ -29,7 +28,17 @@ def _given(image: Image | None) -> Image:
     return image
 
 
-class TextToImage:
+class _Kind:
+    """What most kinds share: no modules of their own, and the plain UNet graph serves them."""
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def warm_up_batch(self, count: int, width: int, height: int) -> RenderBatch | None:
+        return None
+
+
+class TextToImage(_Kind):
     """Pure noise, denoised over the whole schedule."""
 
     name = "text"
@@ -37,35 +46,16 @@ class TextToImage:
     def accepts(self, batch: RenderBatch) -> bool:
         return batch.strength is None and batch.control_type is None
 
-    def start(
-        self,
-        core: DiffusionRenderer,
-        batch: RenderBatch,
-        items: Sequence[RenderItem],
-        scheduler: Any,
-        generators: list[torch.Generator],
-    ) -> Denoising:
+    def start(self, start: Start) -> Denoising:
+        core, batch, items, scheduler = start.core, start.batch, start.items, start.scheduler
         timesteps = core.timesteps(scheduler, batch.num_inference_steps)
         shape = core.latent_shape(len(items), batch.width, batch.height)
-        latents = core.noise(shape, generators) * scheduler.init_noise_sigma
+        latents = core.noise(shape, start.generators) * scheduler.init_noise_sigma
         return Denoising(latents, timesteps)
 
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {}
 
-    def warm_up_batch(self, count: int, width: int, height: int) -> RenderBatch | None:
-        return None
-
-
-class _FromImages:
-    """What image-to-image and inpainting share: the starting images as noised latents."""
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {}
-
-    def warm_up_batch(self, count: int, width: int, height: int) -> RenderBatch | None:
-        # The plain UNet graph serves them.
-        return None
+class _FromImages(_Kind):
+    """What image-to-image and inpainting share: the starting images as latents."""
 
     @staticmethod
     def _pixels(core: DiffusionRenderer, images: list[Image], batch: RenderBatch) -> torch.Tensor:
@@ -83,19 +73,13 @@ class ImageToImage(_FromImages):
     def accepts(self, batch: RenderBatch) -> bool:
         return batch.strength is not None and not batch.inpainting
 
-    def start(
-        self,
-        core: DiffusionRenderer,
-        batch: RenderBatch,
-        items: Sequence[RenderItem],
-        scheduler: Any,
-        generators: list[torch.Generator],
-    ) -> Denoising:
+    def start(self, start: Start) -> Denoising:
+        core, batch, items, scheduler = start.core, start.batch, start.items, start.scheduler
         assert batch.strength is not None
         timesteps = core.timesteps(scheduler, batch.num_inference_steps, batch.strength)
         pixels = self._pixels(core, [_given(item.init_image) for item in items], batch)
-        image_latents = core.encode_images(pixels, generators)
-        noise = core.noise(image_latents.shape, generators)
+        image_latents = core.encode_images(pixels, start.generators)
+        noise = core.noise(image_latents.shape, start.generators)
         signal_part, noise_part = core.noise_coefficients(scheduler, timesteps[0])
         return Denoising(signal_part * image_latents + noise_part * noise, timesteps)
 
@@ -113,20 +97,14 @@ class Inpainting(_FromImages):
     def accepts(self, batch: RenderBatch) -> bool:
         return batch.strength is not None and batch.inpainting
 
-    def start(
-        self,
-        core: DiffusionRenderer,
-        batch: RenderBatch,
-        items: Sequence[RenderItem],
-        scheduler: Any,
-        generators: list[torch.Generator],
-    ) -> Denoising:
+    def start(self, start: Start) -> Denoising:
+        core, batch, items, scheduler = start.core, start.batch, start.items, start.scheduler
         assert batch.strength is not None
         timesteps = core.timesteps(scheduler, batch.num_inference_steps, batch.strength)
         inits = [resized(_given(item.init_image), batch.width, batch.height) for item in items]
         masks = [resized(_given(item.mask_image), batch.width, batch.height) for item in items]
-        image_latents = core.encode_images(self._pixels(core, inits, batch), generators)
-        noise = core.noise(image_latents.shape, generators)
+        image_latents = core.encode_images(self._pixels(core, inits, batch), start.generators)
+        noise = core.noise(image_latents.shape, start.generators)
         if batch.strength >= 1.0:
             latents = noise * scheduler.init_noise_sigma
         else:
@@ -215,19 +193,13 @@ class ControlNet:
             control_type=min(self._controlnets),
         )
 
-    def start(
-        self,
-        core: DiffusionRenderer,
-        batch: RenderBatch,
-        items: Sequence[RenderItem],
-        scheduler: Any,
-        generators: list[torch.Generator],
-    ) -> Denoising:
+    def start(self, start: Start) -> Denoising:
+        core, batch, items = start.core, start.batch, start.items
         assert batch.control_type is not None
         controlnet = self._controlnets.get(batch.control_type)
         if controlnet is None:
             raise ValueError(f"this worker has no {batch.control_type!r} ControlNet")
-        plan = TextToImage().start(core, batch, items, scheduler, generators)
+        plan = TextToImage().start(start)
         maps = [resized(_given(item.control_image), batch.width, batch.height) for item in items]
         condition = self._map_processor(core).preprocess(
             maps, height=batch.height, width=batch.width

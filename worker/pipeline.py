@@ -367,6 +367,18 @@ class Denoising:
     finish: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class Start:
+    """What a job kind starts a batch from: the core, the batch and its items (padded), the
+    scheduler, and each image's host generator."""
+
+    core: "DiffusionRenderer"
+    batch: RenderBatch
+    items: Sequence[RenderItem]
+    scheduler: Any
+    generators: list[torch.Generator]
+
+
 class JobKind(Protocol):
     """A kind of job the core renders: how a batch of it starts and what each step adds."""
 
@@ -374,14 +386,7 @@ class JobKind(Protocol):
 
     def accepts(self, batch: RenderBatch) -> bool: ...
 
-    def start(
-        self,
-        core: "DiffusionRenderer",
-        batch: RenderBatch,
-        items: Sequence[RenderItem],
-        scheduler: Any,
-        generators: list[torch.Generator],
-    ) -> Denoising: ...
+    def start(self, start: Start) -> Denoising: ...
 
     def modules(self) -> dict[str, torch.nn.Module]:
         """Its own modules beside the pipeline's (a ControlNet per type), by name."""
@@ -560,7 +565,7 @@ class DiffusionRenderer:
         items = self._pad(batch, chunks)
         host, stepping = self._generators(items)
         embeddings = self._embeddings(items, chunks, batch.guided)
-        plan = kind.start(self, batch, items, scheduler, host)
+        plan = kind.start(Start(self, batch, items, scheduler, host))
         latents = self._denoise(plan, embeddings, scheduler, stepping, batch, on_step)
         pixels = self.decode(latents)
         if plan.finish is not None:

@@ -104,3 +104,10 @@ def ensure_tiny_controlnet(cache_dir: Path) -> Path:
     """A tiny ControlNet for the tiny model, built once from its UNet."""
     target = cache_dir / f"tiny-controlnet-{_VERSION}"
     return _staged(target, lambda staging: _build_controlnet(cache_dir, staging))
+
+
+if __name__ == "__main__":
+    # `make run` with the tiny model: build the tiny adapters, print their registry directory.
+    from shared.settings import worker_settings
+
+    print(ensure_tiny_loras(worker_settings().model_cache_dir))

@@ -131,9 +131,7 @@ def test_inpainting_is_diffusers_own_image_with_the_unmasked_part_pasted_back(
 
 def test_controlnet_is_diffusers_own_image(core: DiffusionRenderer) -> None:
     edges = canny_map(picture(3))
-    [ours] = core.render(
-        batch(item(control_image=edges), control_type="canny", control_scale=0.8)
-    )
+    [ours] = core.render(batch(item(control_image=edges), control_type="canny", control_scale=0.8))
     [controlnet] = [kind for kind in core.kinds if kind.name == "controlnet"]
     reference = diffusers_pipeline(
         core,
