@@ -292,13 +292,13 @@ def versus_diffusers(
 
 
 @contextmanager
-def cuda_graph_recordings(device: torch.device) -> Iterator[list[int]]:
-    """Counts CUDA graph recordings by inductor's graph trees, from any thread, while open (none
-    off CUDA)."""
-    recordings: list[int] = []
+def cuda_graph_recordings(device: torch.device) -> Iterator[list[int] | None]:
+    """Counts CUDA graph recordings by inductor's graph trees, from any thread, while open; None
+    off CUDA."""
     if device.type != "cuda":
-        yield recordings
+        yield None
         return
+    recordings: list[int] = []
     from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
 
     record = CUDAGraphTreeManager.record_function
@@ -312,6 +312,14 @@ def cuda_graph_recordings(device: torch.device) -> Iterator[list[int]]:
         yield recordings
     finally:
         CUDAGraphTreeManager.record_function = record  # type: ignore[method-assign]
+
+
+def count_and_clear(recordings: list[int] | None) -> int | None:
+    if recordings is None:
+        return None
+    count = len(recordings)
+    recordings.clear()
+    return count
 
 
 def mixed_kinds(jobs: int) -> list[str]:
@@ -369,15 +377,14 @@ def mixed(
         executor.wait_fully_warm()
         figures["load_and_warm_up_s"] = time.perf_counter() - started
         figures["load_and_warm_up_phases_s"] = startup_phases(renderer)
-        figures["cuda_graph_recordings_warm_up"] = len(recordings)
-        recordings.clear()
+        figures["cuda_graph_recordings_warm_up"] = count_and_clear(recordings)
         note(f"loaded and warmed up in {figures['load_and_warm_up_s']:.1f} s")
         save()
         try:
             measure_mixed(executor, args, custom, figures, save)
         finally:
             executor.shutdown()
-        figures["cuda_graph_recordings_after_warm_up"] = len(recordings)
+        figures["cuda_graph_recordings_after_warm_up"] = count_and_clear(recordings)
     assert renderer.loras is not None
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     figures.update(
@@ -477,7 +484,8 @@ def main() -> int:
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
-    mixed = {"lora_rank": TINY_LORA_RANK if args.smoke else SD15_LORA_RANK}
+    # The SD 1.5-sized adapters' rank (the tiny ones' is the tiny model's own).
+    loras = {"lora_rank": None if args.smoke else SD15_LORA_RANK, "lora_max_rank": LORA_MAX_RANK}
     return {
         "size": args.size,
         "steps": args.steps,
@@ -487,7 +495,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "compiled_counts": args.compiled_counts or compiled_image_counts(args.max_batch_images),
         "batch_wait_ms": args.batch_wait_ms,
         "mixed": args.mixed,
-        **({**mixed, "lora_max_rank": LORA_MAX_RANK} if args.mixed else {}),
+        **(loras if args.mixed else {}),
         "levers": asdict(levers_for(args)),
         "smoke": args.smoke,
         "torch": torch.__version__,
@@ -509,7 +517,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=None, help="width and height (512)")
     parser.add_argument("--steps", type=int, default=None, help="our steps and (b)'s (25)")
     parser.add_argument("--seed-steps", type=int, default=None, help="(a)'s PNDM steps (50)")
-    parser.add_argument("--jobs", type=int, default=None, help="concurrent jobs in (d), and in each mixed round (32)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="concurrent jobs in (d), and in each mixed round (32)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (5)")
     parser.add_argument("--max-batch-images", type=int, default=8)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0)
