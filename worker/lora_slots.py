@@ -31,9 +31,31 @@ from worker.render_types import AdapterSet
 
 log = logging.getLogger(__name__)
 
-# Suffixes of an adapter layer's down (A) and up (B) weights, in the formats adapters ship in.
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight")
-_UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_linear_layer.up.weight")
+# Suffixes of an adapter layer's down (A) and up (B) weights, in the formats diffusers reads
+# adapters into (PEFT, its own, and its legacy attention-processor names for kohya files).
+_DOWN_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora.down.weight",
+    ".lora_linear_layer.down.weight",
+    "_lora.down.weight",
+)
+_UP_SUFFIXES = (
+    ".lora_B.weight",
+    ".lora.up.weight",
+    ".lora_linear_layer.up.weight",
+    "_lora.up.weight",
+)
+# diffusers' legacy attention-processor names for a layer, and the layer's own.
+_LEGACY_NAMES = {
+    ".processor.to_q": ".to_q",
+    ".processor.to_k": ".to_k",
+    ".processor.to_v": ".to_v",
+    ".processor.to_out": ".to_out.0",
+    ".self_attn.to_q": ".self_attn.q_proj",
+    ".self_attn.to_k": ".self_attn.k_proj",
+    ".self_attn.to_v": ".self_attn.v_proj",
+    ".self_attn.to_out": ".self_attn.out_proj",
+}
 _PREFIXES = ("unet", "text_encoder")
 
 
@@ -223,7 +245,8 @@ def read_adapter(path: Path) -> Adapter:
 
     state, network_alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(path)))
     alphas = {
-        key.removesuffix(".alpha"): float(value) for key, value in (network_alphas or {}).items()
+        _layer_name(key.removesuffix(".alpha")): float(value)
+        for key, value in (network_alphas or {}).items()
     }
     alphas.update(_metadata_alphas(path))
     downs: dict[str, torch.Tensor] = {}
@@ -233,9 +256,9 @@ def read_adapter(path: Path) -> Adapter:
         down = next((s for s in _DOWN_SUFFIXES if key.endswith(s)), None)
         up = next((s for s in _UP_SUFFIXES if key.endswith(s)), None)
         if down is not None:
-            downs[_module_name(key.removesuffix(down))] = tensor
+            downs[_layer_name(key)] = tensor
         elif up is not None:
-            ups[_module_name(key.removesuffix(up))] = tensor
+            ups[_layer_name(key)] = tensor
         else:
             other.append(key)
     if other or set(downs) != set(ups):
@@ -256,8 +279,20 @@ def read_adapter(path: Path) -> Adapter:
     return adapter
 
 
-def _module_name(name: str) -> str:
-    """The layer's name with its component first (adapters without one are the UNet's)."""
+def _layer_name(key: str) -> str:
+    """The name of the layer a weight (or alpha) key belongs to, with its component first
+    (adapters without one are the UNet's)."""
+    name = next(
+        (
+            key.removesuffix(suffix)
+            for suffix in (*_DOWN_SUFFIXES, *_UP_SUFFIXES)
+            if key.endswith(suffix)
+        ),
+        key,
+    )
+    for legacy, own in _LEGACY_NAMES.items():
+        if name.endswith(legacy):
+            name = name.removesuffix(legacy) + own
     return name if name.startswith(tuple(f"{p}." for p in _PREFIXES)) else f"unet.{name}"
 
 
@@ -277,6 +312,9 @@ class LoraSlots:
         self.max_rank = max_rank
         self._max_bytes = max_bytes
         self._slots = install_slots(unet, text_encoder, max_rank)
+        # Adapters name the text encoder's layers under `text_model.`, which transformers 5's
+        # CLIPTextModel no longer has.
+        self._flat_text_encoder = not hasattr(text_encoder, "text_model")
         self._by_part = {part: slot for slot in self._slots for part, _ in slot.parts}
         self._cached: OrderedDict[str, Adapter] = OrderedDict()
         self._cached_bytes = 0
@@ -333,6 +371,11 @@ class LoraSlots:
         if path is None:
             raise UnknownAdapter(f"no LoRA adapter named {name!r} in the registry")
         adapter = read_adapter(path)
+        if self._flat_text_encoder:
+            adapter = {
+                name.replace("text_encoder.text_model.", "text_encoder.", 1): layer
+                for name, layer in adapter.items()
+            }
         unknown = sorted(set(adapter) - set(self._by_part))
         if unknown:
             raise UnsupportedAdapter(

@@ -7,6 +7,7 @@ diffusers' own pipeline gives (StableDiffusionPipeline, ...Img2ImgPipeline, ...I
 ...ControlNetPipeline, and `load_lora_weights` for adapters) on the same modules.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from PIL import Image
+from safetensors.torch import save_file
 
 from shared.loras import LoraRegistry
 from worker.controlnet import canny_map
@@ -272,3 +274,88 @@ def test_a_batch_holds_no_more_pixels_than_its_cap(core: DiffusionRenderer) -> N
     assert len(small_ids) == 1
     assert large_sizes == [2, 2, 1]
     assert huge.batch_images == 3
+
+
+# Adapters as training tools write them: PEFT names (with the text encoder under `text_model.`, as
+# transformers 4 named it, and alpha in diffusers' metadata) and kohya/A1111 names (alpha as a
+# tensor), on attention, feed-forward and 1x1 projection layers of the UNet and the text encoder.
+RANK, ALPHA = 4, 8.0
+ADAPTED_LAYERS = [
+    "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_v",
+    "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+    "unet.up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0",
+    "unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj",
+    "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+    "unet.down_blocks.1.attentions.0.proj_in",
+    "text_encoder.encoder.layers.0.self_attn.q_proj",
+    "text_encoder.encoder.layers.1.mlp.fc1",
+]
+
+
+def layer(pipeline: StableDiffusionPipeline, name: str) -> torch.nn.Module:
+    component, path = name.split(".", 1)
+    return getattr(pipeline, component).get_submodule(path)
+
+
+def kohya_name(name: str) -> str:
+    component, path = name.split(".", 1)
+    prefix = "lora_unet_" if component == "unet" else "lora_te_text_model_"
+    return prefix + path.replace(".", "_")
+
+
+def write_adapters(
+    directory: Path, pipeline: StableDiffusionPipeline
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The same random layers in both formats; returns each layer's (down, up)."""
+    draw = torch.Generator().manual_seed(0)
+    layers = {}
+    peft: dict[str, torch.Tensor] = {}
+    kohya: dict[str, torch.Tensor] = {}
+    for name in ADAPTED_LAYERS:
+        weight = layer(pipeline, name).weight
+        down = torch.randn(RANK, weight.shape[1], generator=draw) * 0.3
+        up = torch.randn(weight.shape[0], RANK, generator=draw) * 0.3
+        layers[name] = (down, up)
+        shaped = [t.reshape(*t.shape, *weight.shape[2:]).contiguous() for t in (down, up)]
+        peft_name = name.replace("text_encoder.", "text_encoder.text_model.")
+        peft[f"{peft_name}.lora_A.weight"], peft[f"{peft_name}.lora_B.weight"] = shaped
+        kohya[f"{kohya_name(name)}.lora_down.weight"] = shaped[0]
+        kohya[f"{kohya_name(name)}.lora_up.weight"] = shaped[1]
+        kohya[f"{kohya_name(name)}.alpha"] = torch.tensor(ALPHA)
+    config = {
+        f"{part}.{key}": value
+        for part in ("unet", "text_encoder")
+        for key, value in {"r": RANK, "lora_alpha": ALPHA}.items()
+    }
+    save_file(
+        peft, directory / "peft.safetensors", metadata={"lora_adapter_metadata": json.dumps(config)}
+    )
+    save_file(kohya, directory / "kohya.safetensors")
+    return layers
+
+
+def test_adapters_in_peft_and_kohya_names_equal_their_weights_merged_into_the_model(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    scale = 0.5
+    merged = StableDiffusionPipeline.from_pretrained(
+        resolve("tiny", model_cache), safety_checker=None, requires_safety_checker=False
+    )
+    layers = write_adapters(tmp_path, merged)
+    with torch.no_grad():
+        for name, (down, up) in layers.items():
+            weight = layer(merged, name).weight
+            weight += ((up @ down) * (ALPHA / RANK) * scale).reshape(weight.shape)
+    core = load_renderer("tiny", model_cache, "cpu", SpeedLevers(fuse_qkv=True))
+    core.use_loras(LoraRegistry(tmp_path), max_bytes=64 * 2**20, max_rank=8)
+    merged.scheduler = core.scheduler("dpmpp_2m")
+    merged.set_progress_bar_config(disable=True)
+    reference = merged(
+        **ARGUMENTS, width=SIZE, height=SIZE, guidance_scale=GUIDANCE, generator=generator()
+    ).images[0]
+    [plain] = core.render(batch(item()))
+    for name in ("peft", "kohya"):
+        [ours] = core.render(batch(item(), loras=((name, scale),)))
+        assert largest_difference(ours, reference) <= 1, name
+    assert largest_difference(plain, reference) > 32
