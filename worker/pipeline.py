@@ -20,7 +20,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -248,6 +248,10 @@ class _UNetForward:
     def compiled(self) -> bool:
         return self._compiled is not None
 
+    @property
+    def warmed(self) -> set[tuple[Any, ...]]:
+        return set(self._warmed)
+
     def compile(self, cuda_graphs: bool) -> None:
         mode = "reduce-overhead" if cuda_graphs else "default"
         self._compiled = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
@@ -397,15 +401,6 @@ class JobKind(Protocol):
         ...
 
 
-@dataclass
-class _Warmth:
-    """Per (width, height): the image counts compiled, and seconds of a warm-up render by image
-    count (what padding decides on)."""
-
-    compiled_counts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
-    render_costs: dict[tuple[int, int], dict[int, float]] = field(default_factory=dict)
-
-
 class DiffusionRenderer:
     """The render core: a warm StableDiffusionPipeline's modules on one device, and the job
     kinds it serves."""
@@ -428,9 +423,10 @@ class DiffusionRenderer:
         self._base_scheduler_config = pipeline.scheduler.config
         self._schedulers: dict[Scheduler, Any] = {}
         self._unet = _UNetForward(pipeline.unet)
-        self._warmth = _Warmth()
-        self._compiled_counts = self._warmth.compiled_counts
-        self.render_costs = self._warmth.render_costs
+        # Per (width, height): the image counts compiled, and seconds of a warm-up render by image
+        # count (what padding decides on).
+        self._compiled_counts: dict[tuple[int, int], set[int]] = {}
+        self.render_costs: dict[tuple[int, int], dict[int, float]] = {}
         # Where the start-up time went: compiling each image count, timing every count.
         self.warm_up_seconds: dict[str, float] = {}
         self._render_cost_cache: RenderCostCache | None = None
@@ -520,6 +516,11 @@ class DiffusionRenderer:
         for kind in self.kinds:
             modules.update(kind.modules())
         return {name: dtype_name(module.dtype) for name, module in sorted(modules.items())}
+
+    @property
+    def compiled_variants(self) -> set[tuple[bool, bool]]:
+        """The UNet graphs warmed, as (LoRA slots on, ControlNet residuals) pairs."""
+        return {(key[-2], key[-1]) for key in self._unet.warmed}
 
     @property
     def recompiles(self) -> int:

@@ -153,10 +153,8 @@ def test_the_warm_up_compiled_a_graph_for_each_variant(
     fast_path: tuple[DiffusionRenderer, GpuExecutor],
 ) -> None:
     renderer, _ = fast_path
-    assert renderer._unet.compiled
-    variants = {(key[-2], key[-1]) for key in renderer._unet._warmed}
     # Plain, LoRA slots on, ControlNet residuals.
-    assert variants == {(False, False), (True, False), (False, True)}
+    assert renderer.compiled_variants == {(False, False), (True, False), (False, True)}
 
 
 def test_mixed_jobs_compile_nothing_and_keep_every_dtype(
