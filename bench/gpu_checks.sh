@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Every GPU check in one call on a lent CUDA machine (bench/README.md): the benchmark first, so
-# its figures survive if time runs out, then the GPU tests, which reuse its model and compile
-# cache. Logs and the JSON go to $OUT when set (the device tool), else to bench/results.
+# Every GPU check in one call on a lent CUDA machine (bench/README.md), in the order that keeps
+# the most if time runs out: the mixed-traffic benchmark (it builds the model, adapters and
+# ControlNet, and compiles every variant the GPU tests warm up), the GPU tests (reusing its
+# models and compile cache), then the benchmark against plain diffusers with the time left (it
+# writes its JSON after each phase). CHECKS picks and orders them; CHECKS_BUDGET_S bounds them all
+# together, and MIXED_TIMEOUT_S, TESTS_TIMEOUT_S and BENCH_TIMEOUT_S each. Arguments go to both
+# benchmarks. Logs and the new JSON go to $OUT when set (the device tool), else to bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 mkdir -p "$out"
+started=$SECONDS
+budget=${CHECKS_BUDGET_S:-520}
+stamp=$(mktemp)
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
@@ -16,14 +23,56 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,temperature.gpu
     --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'
 
-timeout "${BENCH_TIMEOUT_S:-360}" python3 -m bench.gpu_pipeline "$@" \
-    2> >(tee "$out/bench.log" >&2) >/dev/null
-echo "benchmark exit status $?"
-if [[ "$out" != bench/results ]]; then
-    cp bench/results/*.json "$out"/ 2>/dev/null
-fi
+# Seconds for a check: its own limit or what is left of the budget, whichever is smaller; fails
+# when too little is left to start it.
+limit() {
+    local left=$((budget - (SECONDS - started)))
+    local seconds=$((left < $2 ? left : $2))
+    if ((seconds < 30)); then
+        echo "$1: skipped, ${left} s of the budget left" >&2
+        return 1
+    fi
+    echo "$1: up to ${seconds} s" >&2
+    echo "$seconds"
+}
 
-timeout "${TESTS_TIMEOUT_S:-200}" python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu \
-    -rA tests/gpu 2>&1 | tee "$out/gpu-tests.log" | tail -40
-echo "GPU tests exit status ${PIPESTATUS[0]}"
-cat bench/results/*.json 2>/dev/null
+done_check() {
+    echo "$1: exit status $2 at $((SECONDS - started)) s"
+}
+
+for check in ${CHECKS:-mixed tests bench}; do
+    case $check in
+    mixed)
+        seconds=$(limit mixed "${MIXED_TIMEOUT_S:-360}") || continue
+        timeout "$seconds" python3 -m bench.gpu_pipeline --mixed "$@" 2>&1 >/dev/null |
+            tee "$out/mixed.log"
+        done_check mixed "${PIPESTATUS[0]}"
+        ;;
+    tests)
+        seconds=$(limit tests "${TESTS_TIMEOUT_S:-240}") || continue
+        timeout "$seconds" python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu -rA \
+            tests/gpu 2>&1 | tee "$out/gpu-tests.log" | tail -60
+        done_check tests "${PIPESTATUS[0]}"
+        ;;
+    bench)
+        seconds=$(limit bench "${BENCH_TIMEOUT_S:-360}") || continue
+        timeout "$seconds" python3 -m bench.gpu_pipeline "$@" 2>&1 >/dev/null |
+            tee "$out/bench.log"
+        done_check bench "${PIPESTATUS[0]}"
+        ;;
+    *)
+        echo "unknown check $check (mixed, tests, bench)" >&2
+        ;;
+    esac
+done
+
+# Only the figures of this run: at most 8 files come back from $OUT.
+new=$(find bench/results -name '*.json' -newer "$stamp")
+if [[ -n "$new" && "$out" != bench/results ]]; then
+    cp $new "$out"/
+fi
+for file in $new; do
+    echo "== $file"
+    cat "$file"
+done
+rm -f "$stamp"

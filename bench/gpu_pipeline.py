@@ -298,9 +298,9 @@ def cuda_graph_recordings(device: torch.device) -> Iterator[list[int] | None]:
     if device.type != "cuda":
         yield None
         return
-    recordings: list[int] = []
     from torch._inductor.cudagraph_trees import CUDAGraphTreeManager
 
+    recordings: list[int] = []
     record = CUDAGraphTreeManager.record_function
 
     def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -320,6 +320,12 @@ def count_and_clear(recordings: list[int] | None) -> int | None:
     count = len(recordings)
     recordings.clear()
     return count
+
+
+def variant_names(variants: set[tuple[bool, bool]]) -> list[str]:
+    """The UNet graphs compiled, by what they carry: LoRA slots on, ControlNet residuals."""
+    names = {(False, False): "plain", (True, False): "lora", (False, True): "controlnet"}
+    return sorted(names.get(variant, "lora+controlnet") for variant in variants)
 
 
 def mixed_kinds(jobs: int) -> list[str]:
@@ -390,6 +396,7 @@ def mixed(
     figures.update(
         {
             "recompiles_after_warm_up": renderer.recompiles,
+            "compiled_variants": variant_names(renderer.compiled_variants),
             "lora_swaps": renderer.loras.swaps,
             "module_dtypes": renderer.module_dtypes(),
             "peak_vram_gib": peak / 2**30,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from worker.executor import GpuExecutor, RenderJob
+from worker.kinds import load_renderer
 from worker.pipeline import (
     DiffusionRenderer,
     NonFiniteImage,
@@ -40,14 +41,14 @@ UNIPC_SYNCS = pytest.mark.xfail(
 @pytest.fixture(scope="module")
 def model_dir() -> Path:
     """SD 1.5's architecture with random weights, where the benchmark builds it."""
-    from bench.gpu_pipeline import DEFAULT_CACHE_DIR, build_sd15
+    from bench.assets import DEFAULT_CACHE_DIR, build_sd15
 
     return build_sd15(DEFAULT_CACHE_DIR / "sd15-random", DEFAULT_CACHE_DIR)
 
 
 @pytest.fixture(scope="module")
 def eager(model_dir: Path) -> DiffusionRenderer:
-    return DiffusionRenderer.load(str(model_dir), model_dir.parent, "cuda", SpeedLevers())
+    return load_renderer(str(model_dir), model_dir.parent, "cuda", SpeedLevers())
 
 
 def batch(*seeds: int, steps: int = 8, size: int = SIZE, scheduler: str = "dpmpp_2m"):
@@ -106,7 +107,7 @@ def cuda_graph_recordings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def compiled(model_dir: Path, cuda_graph_recordings: list[int]) -> Iterator[GpuExecutor]:
     """The worker's set-up: every lever on, warmed for one image on the executor's thread (after
     the main thread imported inductor's CUDA graph trees, which older torch could not handle)."""
-    fast = DiffusionRenderer.load(
+    fast = load_renderer(
         str(model_dir), model_dir.parent, "cuda", SpeedLevers.for_device(torch.device("cuda"))
     )
     executor = GpuExecutor(
