@@ -737,13 +737,13 @@ class DiffusionRenderer:
         return hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2])
 
     def _pad(self, batch: RenderBatch, chunks: int) -> tuple[RenderItem, ...]:
-        """A text-to-image batch's items, padded up to a compiled image count where warm-up
-        measured that to be faster than rendering them as they are, within the pixel cap."""
+        """The batch's items, padded up to a compiled image count where warm-up measured that to
+        be faster than rendering them as they are, within the pixel cap. Padding repeats the
+        last item (its input images too) with empty prompts: each image depends only on its own
+        item, so the batch's own images do not change."""
         compiled = self._compiled_counts.get((batch.width, batch.height), set())
-        starts_from_images = any(
-            item.init_image is not None or item.control_image is not None for item in batch.items
-        )
-        if not batch.guided or chunks > 1 or not compiled or starts_from_images:
+        variant = (bool(batch.loras), batch.control_type is not None)
+        if not batch.guided or chunks > 1 or not compiled or variant not in self.compiled_variants:
             # No compiled graph serves these shapes: padding would only cost.
             return batch.items
         if self.max_batch_pixels is not None:
@@ -752,7 +752,8 @@ class DiffusionRenderer:
         count = len(batch.items)
         costs = self.render_costs.get((batch.width, batch.height), {})
         padding = cheapest_count(count, costs, compiled) - count
-        return batch.items + (RenderItem("", "", 0),) * padding
+        filler = replace(batch.items[-1], prompt="", negative_prompt="", seed=0)
+        return batch.items + (filler,) * padding
 
     def warm_up(
         self,
@@ -852,6 +853,8 @@ class DiffusionRenderer:
             "model": self.model_name,
             "dtype": str(self.dtype),
             "levers": asdict(self.levers),
+            "variants": sorted(self.compiled_variants),
+            "lora_rank": None if self.loras is None else self.loras.max_rank,
             "size": [width, height],
             "compiled": compiled,
             "max_images": max_images,

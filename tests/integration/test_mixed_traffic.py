@@ -225,7 +225,8 @@ def service(
     run = start_make_run(
         workdir / "make-run-fast-path",
         model_cache,
-        f"redis://127.0.0.1:{redis_port}/7",
+        # Its own database: a worker of another stack in the same one would take its jobs.
+        f"redis://127.0.0.1:{redis_port}/13",
         T2I_DTYPE="bfloat16",
         T2I_COMPILE="true",
         T2I_FUSE_QKV="true",
