@@ -18,11 +18,6 @@ from worker.pipeline import Denoising, DiffusionRenderer, JobKind, SpeedLevers, 
 from worker.render_types import RenderBatch, RenderItem
 
 
-def denoising_steps(num_inference_steps: int, strength: float) -> int:
-    """The steps an image-to-image call runs: the last `strength` of the schedule."""
-    return min(int(num_inference_steps * strength), num_inference_steps)
-
-
 def _given(image: Image | None) -> Image:
     assert image is not None, "every item of this batch brings its images"
     return image
