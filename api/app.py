@@ -107,11 +107,7 @@ def create_app() -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(system.router)
-    app.include_router(
-        metrics_router(
-            QueueCollector(redis, core.worker_heartbeat_max_age_s, api.metrics_key_labels)
-        )
-    )
+    app.include_router(metrics_router(QueueCollector(redis, store, core, api.metrics_key_labels)))
     app.include_router(openai.router)
     app.include_router(a1111.router)
     app.include_router(playground.router)

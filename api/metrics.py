@@ -1,4 +1,4 @@
-"""The API's Prometheus metrics: HTTP requests, submitted jobs, and the queue and workers as Redis
+"""The API's Prometheus metrics: HTTP requests, submitted jobs, and the queues and workers as Redis
 sees them. `python -m api` runs prometheus-client in multiprocess mode, so whichever uvicorn
 process answers a scrape reports the sum over all of them."""
 
@@ -26,9 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.openapi import error_responses
 from shared.apikeys import KEY_INDEX
-from shared.jobstore import QUEUE_KEY, status_index_key
+from shared.backlog import read_backlog
+from shared.info import Backlog
+from shared.jobstore import QUEUE_KEY, JobStore, status_index_key
 from shared.queue import live_workers
 from shared.schema import JobStatus
+from shared.settings import CoreSettings
 
 HTTP_REQUESTS = Counter(
     "txt2img_http_requests_total",
@@ -89,23 +92,29 @@ class HttpMetrics:
 
 
 class QueueCollector(Collector):
-    """Queue depth and live workers, read from Redis at scrape time (once, whichever process
-    answers), so every API process reports the same numbers."""
+    """Queue depth, each model's backlog and live workers, read from Redis at scrape time (once,
+    whichever process answers), so every API process reports the same numbers."""
 
-    def __init__(self, redis: Redis, worker_max_age_s: float, key_labels: bool = False) -> None:
+    def __init__(
+        self, redis: Redis, store: JobStore, settings: CoreSettings, key_labels: bool = False
+    ) -> None:
         self._redis = redis
-        self._max_age_s = worker_max_age_s
+        self._store = store
+        self._settings = settings
         # Key ids as label values only when the operator asks: one series per key.
         self._key_labels = key_labels
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             depth = self._redis.zcard(QUEUE_KEY)
-            workers = live_workers(self._redis, self._max_age_s, time.time())
+            max_age_s = self._settings.worker_heartbeat_max_age_s
+            workers = live_workers(self._redis, max_age_s, time.time())
+            backlog = read_backlog(self._store, self._settings, workers)
             per_key = self._jobs_per_key()
         except RedisError:
             return
         yield GaugeMetricFamily("txt2img_queue_depth", "Jobs waiting for a worker", value=depth)
+        yield _backlog_metric(backlog)
         yield from self._key_metrics(per_key)
         alive = GaugeMetricFamily(
             "txt2img_workers_alive", "Render workers with a recent heartbeat", labels=["model"]
@@ -151,6 +160,19 @@ class QueueCollector(Collector):
                 jobs.add_metric([key_id, "queued"], queued)
                 jobs.add_metric([key_id, "running"], running)
             yield jobs
+
+
+def _backlog_metric(backlog: Backlog) -> GaugeMetricFamily:
+    jobs = GaugeMetricFamily(
+        "txt2img_backlog_jobs",
+        "Jobs of each model's queue by state: queued (not started) or running; the worker "
+        "autoscaler scales on their sum",
+        labels=["queue", "model", "state"],
+    )
+    for queue, entry in backlog.queues.items():
+        jobs.add_metric([queue, entry.model, "queued"], entry.queued)
+        jobs.add_metric([queue, entry.model, "running"], entry.running)
+    return jobs
 
 
 def _exposition(queue: QueueCollector) -> bytes:

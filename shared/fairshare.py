@@ -14,6 +14,9 @@ last job sent, so it neither jumps ahead with credit saved while idle nor waits 
 A key whose dispatched and running jobs reach its `max_running` leaves the active set until one
 of them ends.
 
+Each lane also keeps the set of keys with jobs waiting or in flight in it, so what an autoscaler
+reads (the jobs waiting and running per lane) costs a read per such key, not a scan.
+
 These fragments are pasted into the job store's scripts (shared/jobstore.py), which know the
 job's state change they come with.
 """
@@ -24,7 +27,7 @@ from functools import lru_cache
 
 from celery import Celery
 
-from shared.apikeys import RECORD_PREFIX
+from shared.apikeys import KEY_INDEX, RECORD_PREFIX
 from shared.queue import WORKERS_KEY, render_message, worker_info_key
 
 FAIR_PREFIX = "t2i:fair:"
@@ -52,6 +55,11 @@ def key_queue_key(lane: str, owner: str | None) -> str:
 
 def inflight_key(lane: str, owner: str | None) -> str:
     return f"{FAIR_PREFIX}{lane}:inflight:{owner or '-'}"
+
+
+def lane_keys_key(lane: str) -> str:
+    """The keys with jobs waiting or in flight in the lane."""
+    return f"{FAIR_PREFIX}{lane}:keys"
 
 
 @lru_cache
@@ -191,6 +199,7 @@ local function fair_enqueue(job, job_id)
   local owner = job_owner(job)
   local rank = redis.call('HGET', job, 'rank')
   redis.call('ZADD', fair_key(lane, 'q:' .. owner), rank, job_id)
+  redis.call('SADD', fair_key(lane, 'keys'), owner)
   activate(lane, owner)
   return lane
 end
@@ -202,9 +211,13 @@ local function fair_moved(job, job_id, from, to)
   local owner = job_owner(job)
   redis.call('ZREM', fair_key(lane, 'ahead'), job_id)
   if to ~= 'running' then
-    redis.call('ZREM', fair_key(lane, 'q:' .. owner), job_id)
-    if redis.call('SREM', fair_key(lane, 'inflight:' .. owner), job_id) == 1 then
+    local queue, inflight = fair_key(lane, 'q:' .. owner), fair_key(lane, 'inflight:' .. owner)
+    redis.call('ZREM', queue, job_id)
+    if redis.call('SREM', inflight, job_id) == 1 then
       activate(lane, owner)
+    end
+    if redis.call('ZCARD', queue) == 0 and redis.call('SCARD', inflight) == 0 then
+      redis.call('SREM', fair_key(lane, 'keys'), owner)
     end
   end
   return lane
@@ -269,6 +282,47 @@ for i, job_id in ipairs(ARGV) do
 end
 return positions
 """
+
+# ARGV: lanes to report besides every lane that has had a job. Returns lane, queued, running for
+# each: queued are the jobs waiting in its keys' queues or sent and not started (the window),
+# running the jobs started and not ended; O(keys with jobs in the lane) per lane. Every key's jobs
+# in flight are the window's plus the running ones.
+BACKLOG_LUA = """
+-- Keys whose jobs were queued before the lanes kept their set of keys: found once, from the index
+-- of every API key.
+if redis.call('SET', FAIR .. 'keys-seeded', '1', 'NX') then
+  local owners = redis.call('SMEMBERS', 'APIKEY_INDEX')
+  owners[#owners + 1] = '-'
+  for _, lane in ipairs(redis.call('SMEMBERS', 'LANES_KEY')) do
+    for _, owner in ipairs(owners) do
+      if redis.call('ZCARD', fair_key(lane, 'q:' .. owner)) > 0 or
+          redis.call('SCARD', fair_key(lane, 'inflight:' .. owner)) > 0 then
+        redis.call('SADD', fair_key(lane, 'keys'), owner)
+      end
+    end
+  end
+end
+local lanes, seen = {}, {}
+for _, lane in ipairs(ARGV) do
+  if not seen[lane] then seen[lane] = true; lanes[#lanes + 1] = lane end
+end
+for _, lane in ipairs(redis.call('SMEMBERS', 'LANES_KEY')) do
+  if not seen[lane] then seen[lane] = true; lanes[#lanes + 1] = lane end
+end
+local counts = {}
+for _, lane in ipairs(lanes) do
+  local waiting, inflight = 0, 0
+  for _, owner in ipairs(redis.call('SMEMBERS', fair_key(lane, 'keys'))) do
+    waiting = waiting + redis.call('ZCARD', fair_key(lane, 'q:' .. owner))
+    inflight = inflight + redis.call('SCARD', fair_key(lane, 'inflight:' .. owner))
+  end
+  local window = redis.call('ZCARD', fair_key(lane, 'ahead'))
+  counts[#counts + 1] = lane
+  counts[#counts + 1] = waiting + window
+  counts[#counts + 1] = math.max(inflight - window, 0)
+end
+return counts
+""".replace("APIKEY_INDEX", KEY_INDEX)
 
 
 def fair_lua(worker_max_age_s: float, dispatched_key: str) -> str:

@@ -40,7 +40,7 @@ class ModelInfo(BaseModel):
     id: str = Field(description="what a request's `model` names")
     default: bool = Field(description="what a request that names no model gets")
     workers: int = Field(description="live workers serving it")
-    queued: int = Field(description="messages waiting in its queue")
+    queued: int = Field(description="jobs of the model that no worker has started")
     control_types: list[str] = Field(
         description="what a request's `control.type` may name: the ControlNets its live workers "
         "have loaded"
@@ -49,6 +49,28 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     data: list[ModelInfo]
+
+
+class QueueBacklog(BaseModel):
+    """One model's queue as the worker autoscaler reads it."""
+
+    model: str = Field(description="the model whose jobs the queue holds")
+    default: bool = Field(description="what a request that names no model gets")
+    queued: int = Field(
+        description="jobs no worker has started: waiting for their key's turn, or sent to a worker"
+    )
+    running: int = Field(description="jobs a worker has started and not finished")
+    jobs: int = Field(description="queued + running: what the workers of the model scale on")
+    workers: int = Field(description="live workers serving the model")
+
+
+class Backlog(BaseModel):
+    """What `GET /backlog` returns."""
+
+    queues: dict[str, QueueBacklog] = Field(
+        description="by queue: T2I_QUEUE_NAME for the default model, `<T2I_QUEUE_NAME>@<model>` "
+        "for another"
+    )
 
 
 class Bounds(BaseModel):

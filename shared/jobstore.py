@@ -19,7 +19,14 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import NoScriptError
 
-from shared.fairshare import BAND_SIZE, LANES_KEY, POSITIONS_LUA, PRIORITY_BANDS, fair_lua
+from shared.fairshare import (
+    BACKLOG_LUA,
+    BAND_SIZE,
+    LANES_KEY,
+    POSITIONS_LUA,
+    PRIORITY_BANDS,
+    fair_lua,
+)
 from shared.queue import WORKERS_KEY
 from shared.ratelimit import TAKE_TOKEN_LUA, bucket_key
 from shared.redisconn import NotReplicated
@@ -328,6 +335,15 @@ class CasResult:
 
 
 @dataclass(frozen=True)
+class LaneBacklog:
+    """A lane's jobs: `queued` not yet started (in their keys' queues or sent to a worker),
+    `running` started and not ended."""
+
+    queued: int
+    running: int
+
+
+@dataclass(frozen=True)
 class Holder:
     """A worker and the attempt of a job it holds: what every write of that attempt is fenced on."""
 
@@ -527,6 +543,7 @@ class JobStore:
         self._requeue = redis.register_script(_script(_REQUEUE, worker_max_age_s))
         self._positions = redis.register_script(_script(POSITIONS_LUA, worker_max_age_s))
         self._pump = redis.register_script(_script(_PUMP, worker_max_age_s))
+        self._backlog = redis.register_script(_script(BACKLOG_LUA, worker_max_age_s))
 
     def create(
         self,
@@ -737,6 +754,14 @@ class JobStore:
         """Fill every lane's dispatch window (a worker that joins, a missed trigger); the number
         of jobs sent."""
         return int(self._pump())
+
+    def backlog(self, lanes: list[str]) -> dict[str, LaneBacklog]:
+        """The jobs of each of `lanes` and of every lane that has had a job, in one script."""
+        flat = self._backlog(args=lanes)
+        return {
+            lane.decode(): LaneBacklog(int(queued), int(running))
+            for lane, queued, running in zip(flat[::3], flat[1::3], flat[2::3], strict=True)
+        }
 
     def queue_depth(self) -> int:
         return self._redis.zcard(QUEUE_KEY)

@@ -69,6 +69,15 @@ def render_queue(settings: CoreSettings, model: str | None) -> str:
     return f"{settings.queue_name}@{model}"
 
 
+def lane_model(settings: CoreSettings, queue: str) -> str | None:
+    """The model whose jobs `queue` holds (`render_queue` the other way round); None for a queue
+    of another name."""
+    if queue == settings.queue_name:
+        return settings.deployment_model
+    model = queue.removeprefix(f"{settings.queue_name}@")
+    return model if model != queue and model else None
+
+
 def send_render(app: Celery, queue: str, job_id: str, attempt: int) -> None:
     """Tell the workers about one attempt of a job; raises when the broker cannot take it."""
     app.send_task(

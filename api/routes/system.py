@@ -14,17 +14,19 @@ from redis.exceptions import RedisError
 from api.deps import CallerDep, Services, ServicesDep
 from api.openapi import error_responses
 from api.routes.jobs import IMAGE_CONTENT, image_media_type
+from shared.backlog import read_backlog
 from shared.errors import ErrorType, ServiceError
 from shared.info import (
     SCHEDULERS,
     SERVICE_VERSION,
+    Backlog,
     ModelInfo,
     ModelList,
     ServiceInfo,
     request_limits,
 )
 from shared.loras import LoraList
-from shared.queue import live_worker_count, live_workers, queue_depth, render_queue
+from shared.queue import live_worker_count, live_workers, render_queue
 from shared.storage import LocalStorage, StorageError
 
 router = APIRouter(tags=["system"])
@@ -119,6 +121,7 @@ def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
     workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
     default = services.core.deployment_model
     counts = Counter(worker.model for worker in workers)
+    backlog = read_backlog(services.store, services.core, workers).queues
     control_types: dict[str, set[str]] = {}
     for worker in workers:
         control_types.setdefault(worker.model, set()).update(worker.control_types)
@@ -128,12 +131,23 @@ def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
                 id=model,
                 default=model == default,
                 workers=counts[model],
-                queued=queue_depth(services.redis, render_queue(services.core, model)),
+                queued=backlog[render_queue(services.core, model)].queued,
                 control_types=sorted(control_types.get(model, set())),
             )
             for model in sorted({default, *counts})
         ]
     )
+
+
+@router.get(
+    "/backlog",
+    response_model=Backlog,
+    summary="Jobs waiting and running per model queue: what the worker autoscaler reads",
+    responses=error_responses(503),
+)
+def backlog(services: ServicesDep) -> Backlog:
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    return read_backlog(services.store, services.core, workers)
 
 
 @router.get(
