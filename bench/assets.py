@@ -3,9 +3,8 @@ SD 1.5's architecture with random weights, LoRA adapters and a canny ControlNet 
 the tiny model's own, when smoke-testing on a CPU), and each kind of job with the pictures, masks
 and control maps it brings."""
 
-import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from shared.schema import Scheduler
 from worker.controlnet import TINY_CONTROLNET_ID, canny_map
 from worker.kinds import load_renderer
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, SpeedLevers
+from worker.tiny_customization import staged
 from worker.tiny_model import ensure_tiny_model
 
 # Models, adapters and the compile cache; the GPU tests reuse them when the benchmark ran first.
@@ -95,25 +95,6 @@ def build_sd15(target: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _built(target: Path, build: Callable[[Path], None]) -> Path:
-    """`target`, built into a staging folder beside it and moved in place; reused once there."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".building-"))
-    try:
-        build(staging / "out")
-        try:
-            (staging / "out").rename(target)
-        except OSError:
-            # Another process finished first; its copy is as good as ours.
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def _unet(model_dir: Path) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
@@ -156,7 +137,7 @@ def _write_loras(model_dir: Path, rank: int, target: Path) -> None:
 def build_sd15_loras(model_dir: Path, cache_dir: Path, rank: int = SD15_LORA_RANK) -> Path:
     """A LoRA registry directory with two random adapters of `rank` for SD 1.5's UNet."""
     target = cache_dir / f"sd15-loras-r{rank}"
-    return _built(target, lambda staging: _write_loras(model_dir, rank, staging))
+    return staged(target, lambda staging: _write_loras(model_dir, rank, staging))
 
 
 def _write_controlnet(model_dir: Path, target: Path) -> None:
@@ -182,7 +163,7 @@ def _write_controlnet(model_dir: Path, target: Path) -> None:
 def build_sd15_controlnet(model_dir: Path, cache_dir: Path) -> Path:
     """A canny ControlNet of SD 1.5's shapes with random weights, built once from its UNet."""
     target = cache_dir / "sd15-controlnet"
-    return _built(target, lambda staging: _write_controlnet(model_dir, staging))
+    return staged(target, lambda staging: _write_controlnet(model_dir, staging))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ _VERSION = "v2"
 _LORA_STRENGTH = 0.5
 
 
-def _staged(target: Path, build: Callable[[Path], None]) -> Path:
+def staged(target: Path, build: Callable[[Path], None]) -> Path:
     """Build into a staging folder beside `target` and move it in place; reuse a finished one."""
     if target.is_dir():
         return target
@@ -74,7 +74,7 @@ def _build_loras(cache_dir: Path, target: Path) -> None:
 def ensure_tiny_loras(cache_dir: Path) -> Path:
     """A LoRA registry directory holding the tiny adapters (TINY_LORAS), built once."""
     target = cache_dir / f"tiny-loras-{_VERSION}"
-    return _staged(target, lambda staging: _build_loras(cache_dir, staging))
+    return staged(target, lambda staging: _build_loras(cache_dir, staging))
 
 
 def _build_controlnet(cache_dir: Path, target: Path) -> None:
@@ -103,7 +103,7 @@ def _build_controlnet(cache_dir: Path, target: Path) -> None:
 def ensure_tiny_controlnet(cache_dir: Path) -> Path:
     """A tiny ControlNet for the tiny model, built once from its UNet."""
     target = cache_dir / f"tiny-controlnet-{_VERSION}"
-    return _staged(target, lambda staging: _build_controlnet(cache_dir, staging))
+    return staged(target, lambda staging: _build_controlnet(cache_dir, staging))
 
 
 if __name__ == "__main__":
