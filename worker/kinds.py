@@ -86,9 +86,6 @@ class Inpainting(_FromImages):
 
     name = "inpainting"
 
-    def __init__(self) -> None:
-        self._masks: VaeImageProcessor | None = None
-
     def accepts(self, batch: RenderBatch) -> bool:
         return batch.strength is not None and batch.inpainting
 
@@ -105,9 +102,10 @@ class Inpainting(_FromImages):
         else:
             signal_part, noise_part = core.noise_coefficients(scheduler, timesteps[0])
             latents = signal_part * image_latents + noise_part * noise
-        repaint = self._mask_processor(core).preprocess(
-            masks, height=batch.height, width=batch.width
+        masks_processor = _image_processor(
+            core, do_normalize=False, do_binarize=True, do_convert_grayscale=True
         )
+        repaint = masks_processor.preprocess(masks, height=batch.height, width=batch.width)
         repaint_latents = torch.nn.functional.interpolate(
             repaint, size=tuple(image_latents.shape[2:])
         ).to(core.device, core.dtype)
@@ -126,15 +124,10 @@ class Inpainting(_FromImages):
 
         return Denoising(latents, timesteps, after_step=after_step, finish=finish)
 
-    def _mask_processor(self, core: DiffusionRenderer) -> VaeImageProcessor:
-        if self._masks is None:
-            self._masks = VaeImageProcessor(
-                vae_scale_factor=core.pipeline.vae_scale_factor,
-                do_normalize=False,
-                do_binarize=True,
-                do_convert_grayscale=True,
-            )
-        return self._masks
+
+def _image_processor(core: DiffusionRenderer, **options: bool) -> VaeImageProcessor:
+    """diffusers' image preprocessing at the core's VAE scale (cheap to make: a config)."""
+    return VaeImageProcessor(vae_scale_factor=core.pipeline.vae_scale_factor, **options)
 
 
 def _keep_unmasked(pixels: torch.Tensor, inits: list[Image], masks: list[Image]) -> torch.Tensor:
@@ -159,7 +152,6 @@ class ControlNet:
 
     def __init__(self, controlnets: dict[str, ControlNetModel]) -> None:
         self._controlnets = dict(controlnets)
-        self._maps: VaeImageProcessor | None = None
 
     @property
     def control_types(self) -> list[str]:
@@ -196,7 +188,7 @@ class ControlNet:
             raise ValueError(f"this worker has no {batch.control_type!r} ControlNet")
         plan = TextToImage().start(start)
         maps = [resized(_given(item.control_image), batch.width, batch.height) for item in items]
-        condition = self._map_processor(core).preprocess(
+        condition = _image_processor(core, do_convert_rgb=True, do_normalize=False).preprocess(
             maps, height=batch.height, width=batch.width
         )
         condition = condition.to(core.device, core.dtype)
@@ -223,15 +215,6 @@ class ControlNet:
 
         plan.unet_inputs = unet_inputs
         return plan
-
-    def _map_processor(self, core: DiffusionRenderer) -> VaeImageProcessor:
-        if self._maps is None:
-            self._maps = VaeImageProcessor(
-                vae_scale_factor=core.pipeline.vae_scale_factor,
-                do_convert_rgb=True,
-                do_normalize=False,
-            )
-        return self._maps
 
 
 def standard_kinds(controlnets: dict[str, ControlNetModel] | None = None) -> list[JobKind]:

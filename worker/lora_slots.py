@@ -13,6 +13,7 @@ the fused query-key-value layer carries the adapter's query, key and value parts
 so fused attention and adapters work together.
 """
 
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -23,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from shared.loras import LoraRegistry
@@ -218,12 +218,8 @@ def install_slots(unet: nn.Module, text_encoder: nn.Module, max_rank: int) -> li
     return slots
 
 
-def _metadata_alphas(path: Path) -> dict[str, float]:
+def _metadata_alphas(metadata: dict[str, str]) -> dict[str, float]:
     """Alphas from the adapter's metadata, where diffusers saved its peft configuration there."""
-    import json
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
@@ -243,12 +239,16 @@ def read_adapter(path: Path) -> Adapter:
     """An adapter file's layers, in any format diffusers reads (PEFT, diffusers, kohya/A1111)."""
     from diffusers import StableDiffusionPipeline
 
-    state, network_alphas = StableDiffusionPipeline.lora_state_dict(load_file(str(path)))
+    # One read of the file: its tensors and its metadata.
+    with safe_open(str(path), framework="pt") as handle:
+        weights = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safetensors handle is not iterable)
+        metadata = handle.metadata() or {}
+    state, network_alphas = StableDiffusionPipeline.lora_state_dict(weights)
     alphas = {
         _layer_name(key.removesuffix(".alpha")): float(value)
         for key, value in (network_alphas or {}).items()
     }
-    alphas.update(_metadata_alphas(path))
+    alphas.update(_metadata_alphas(metadata))
     downs: dict[str, torch.Tensor] = {}
     ups: dict[str, torch.Tensor] = {}
     other: list[str] = []
