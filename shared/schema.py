@@ -82,7 +82,12 @@ class WebhookSpec(BaseModel):
         description="http(s); its host must resolve to a public address unless allow-listed",
     )
     events: list[WebhookEvent] = Field(
-        default=["completed"], min_length=1, max_length=3, json_schema_extra={"uniqueItems": True}
+        default=["completed"],
+        min_length=1,
+        max_length=3,
+        json_schema_extra={"uniqueItems": True},
+        description="the events to send, each at most once: `completed` (any terminal state), "
+        "`started`, `progress`",
     )
 
     @field_validator("events")
@@ -100,7 +105,9 @@ class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     name: LoraName = Field(description="one of `GET /v1/loras`")
-    scale: LoraScale = 1.0
+    scale: LoraScale = Field(
+        default=1.0, description="how strongly it applies: 0 not at all, 1 as trained"
+    )
 
 
 class ControlSpec(BaseModel):
@@ -150,17 +157,28 @@ class GenerationRequest(BaseModel):
         },
     )
 
-    prompt: Prompt
-    negative_prompt: NegativePrompt = ""
-    width: Dimension = 512
-    height: Dimension = 512
-    num_inference_steps: Steps = 25
-    guidance_scale: GuidanceScale = 7.5
-    scheduler: Scheduler = "dpmpp_2m"
+    prompt: Prompt = Field(
+        description="what to draw; not blank. Longer than CLIP's 77-token window is not "
+        "truncated: it is encoded in 75-token chunks"
+    )
+    negative_prompt: NegativePrompt = Field(default="", description="what to steer away from")
+    width: Dimension = Field(default=512, description="image width in pixels")
+    height: Dimension = Field(default=512, description="image height in pixels")
+    num_inference_steps: Steps = Field(default=25, description="denoising steps")
+    guidance_scale: GuidanceScale = Field(
+        default=7.5,
+        description="classifier-free guidance: how closely the image follows the prompt",
+    )
+    scheduler: Scheduler = Field(default="dpmpp_2m", description="the sampler")
     seed: Seed | None = Field(default=None, description="absent: the server picks one")
     num_images: ImageCount = Field(default=1, description="image i gets seed + i")
-    output_format: OutputFormat = "png"
-    webhook: WebhookSpec | None = None
+    output_format: OutputFormat = Field(
+        default="png",
+        description="the images' file format; each carries its generation parameters",
+    )
+    webhook: WebhookSpec | None = Field(
+        default=None, description="where to send the job's events, signed"
+    )
     priority: Priority = Field(
         default="batch",
         description="`interactive` jobs of a key start before its `batch` jobs; a key may be "

@@ -40,48 +40,114 @@ class _T2ISettings(BaseSettings):
 class CoreSettings(_T2ISettings):
     """What every process needs: where Redis is and how long jobs live."""
 
-    env: Environment = Environment.DEVELOPMENT
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # The default model's queue; each other model has its own, this name and the model's.
-    queue_name: str = "txt2img"
-    # A worker loads this; a hub id, a local diffusers directory or a single-file checkpoint.
-    model_id: str = DEFAULT_MODEL_ID
-    # What a request that names no model gets; unset: T2I_MODEL_ID.
-    default_model: str | None = None
-    # The LoRA registry: a directory of `.safetensors` adapters that the API lists and checks and
-    # the workers load (the same directory, or a copy, on every machine); unset: no adapters.
-    lora_dir: Path | None = None
-    # The rank of the LoRA slots every worker builds: a request's adapters together may use at
-    # most this rank (their ranks add up, since adapters used together sit side by side there).
-    lora_max_rank: int = Field(default=64, ge=1, le=1024)
-    retention_s: int = Field(default=7 * 24 * 3600, ge=1)
-    queue_timeout_s: int = Field(default=3600, ge=1)
-    # The broker's redelivery of a vanished worker's messages: only a last resort, since lapsed
-    # leases bring those jobs back far sooner (a redelivered message of an old attempt is dropped).
-    visibility_timeout_s: int = Field(default=3600, ge=1)
-    redis_timeout_s: float = Field(default=2.0, gt=0)
-    # A worker silent for longer is dead to /ready.
-    worker_heartbeat_max_age_s: float = Field(default=30.0, gt=0)
-    # A worker renews the lease of each job it holds every third of this; a job whose lease ran
-    # out goes back to the queue as a new attempt.
-    lease_s: float = Field(default=15.0, gt=0)
-    job_max_retries: int = Field(default=3, ge=0)
-    # A job sent this long before a later-sent job was reserved (the queue is FIFO), or while the
-    # queue is empty, and still unreserved, has lost its message: it is sent again.
-    redispatch_after_s: float = Field(default=10.0, gt=0)
-    # Redis Sentinel, `host:port,host:port,...`: every process asks these for the primary of
-    # T2I_REDIS_SENTINEL_MASTER and follows a failover; T2I_REDIS_URL then only gives the
-    # password and database.
-    redis_sentinels: str = ""
-    redis_sentinel_master: str = "txt2img"
-    # When the sentinels themselves require a password.
-    redis_sentinel_password: str | None = None
-    # Replicas that must hold a new job before it is answered 202, and a job's end before its
-    # worker moves on (Redis WAIT), so that a failover cannot undo either; 0 leaves replication
-    # asynchronous. A new job short of it is answered 503 (it may still run: retry with the
-    # same Idempotency-Key).
-    redis_replica_acks: int = Field(default=0, ge=0)
-    redis_replica_ack_timeout_s: float = Field(default=1.0, gt=0)
+    env: Environment = Field(
+        default=Environment.DEVELOPMENT,
+        description="`development` or `production`; `production` refuses placeholder secrets "
+        "and development-only hooks",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis for jobs and the queue (`redis://:password@host:port/db`)",
+    )
+    queue_name: str = Field(
+        default="txt2img",
+        description="the default model's Celery queue; another model's is "
+        "`<T2I_QUEUE_NAME>@<model>`",
+    )
+    model_id: str = Field(
+        default=DEFAULT_MODEL_ID,
+        description="the model a worker loads: a hub id, a local diffusers directory or a "
+        "single-file checkpoint (`.safetensors`, `.ckpt`); `tiny` builds the tiny offline model, "
+        "`tiny-second` another one with other weights",
+    )
+    default_model: str | None = Field(
+        default=None,
+        description="the model a request without `model` gets, as its workers announce it (set "
+        "it alike on the API and the workers); unset: `T2I_MODEL_ID`",
+    )
+    lora_dir: Path | None = Field(
+        default=None,
+        description="the LoRA registry: a directory of `.safetensors` adapters that the API lists "
+        "and checks and the workers load (the same directory, or a copy, on every machine); "
+        "unset: no adapters",
+    )
+    lora_max_rank: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="the rank of the LoRA slots every worker builds: the ranks of a request's "
+        "adapters add up to at most this (they sit side by side in the slots), or it is a `422`; "
+        "set it alike on the workers and the API",
+    )
+    retention_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=1,
+        description="how long jobs and their images are kept (7 days); after that `GET` is a `404`",
+    )
+    queue_timeout_s: int = Field(
+        default=3600, ge=1, description="a job not started within this long becomes `expired`"
+    )
+    visibility_timeout_s: int = Field(
+        default=3600,
+        ge=1,
+        description="the broker redelivers a message whose worker vanished after this long; only "
+        "a last resort, since lapsed leases bring such jobs back far sooner (a redelivered "
+        "message of an old attempt is dropped)",
+    )
+    redis_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="connect and command timeout, so a lost Redis gives a `503` instead of a hang",
+    )
+    worker_heartbeat_max_age_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="`/ready` counts a worker alive while its heartbeat is younger than this",
+    )
+    lease_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="a worker renews the lease of each job it holds every third of this; a job "
+        "whose lease ran out goes back to the queue as a new attempt",
+    )
+    job_max_retries: int = Field(
+        default=3,
+        ge=0,
+        description="how many times a job whose worker was lost goes back to the queue; after "
+        "that it fails as `worker_lost`",
+    )
+    redispatch_after_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="a job sent this long before a later-sent job was reserved (the queue is "
+        "first in, first out), or while the queue is empty, and still unreserved, has lost its "
+        "message: it is sent again",
+    )
+    redis_sentinels: str = Field(
+        default="",
+        description="Redis Sentinel, `host:port,host:port,...`: every process asks these for the "
+        "primary of `T2I_REDIS_SENTINEL_MASTER` and follows a failover; `T2I_REDIS_URL` then "
+        "only gives the password and database",
+    )
+    redis_sentinel_master: str = Field(
+        default="txt2img", description="the name the sentinels monitor the primary under"
+    )
+    redis_sentinel_password: str | None = Field(
+        default=None, description="the sentinels' own password, when they require one"
+    )
+    redis_replica_acks: int = Field(
+        default=0,
+        ge=0,
+        description="replicas that must hold a new job before it is answered `202`, and a job's "
+        "end before its worker moves on (Redis `WAIT`), so that a failover cannot undo either; "
+        "0 leaves replication asynchronous",
+    )
+    redis_replica_ack_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="how long that `WAIT` may take; a new job short of it is answered `503` (it "
+        "may still run: retry with the same `Idempotency-Key`)",
+    )
 
     @property
     def deployment_model(self) -> str:
@@ -108,19 +174,53 @@ class StorageSettings(_T2ISettings):
     """Where images go and how download URLs are made."""
 
     env: Environment = Environment.DEVELOPMENT
-    storage: Literal["local", "s3"] = "local"
-    data_dir: Path = Path("data")
-    signing_secret: str = DEV_SIGNING_SECRET
-    url_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
-    key_prefix: str = "images"
-    s3_bucket: str = "txt2img"
-    s3_endpoint_url: str | None = None
-    # Download URLs are signed for this endpoint: where clients reach the store, when that is
-    # not where the services do (MinIO inside compose: http://minio:9000 vs http://localhost:9000).
-    s3_public_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
+    storage: Literal["local", "s3"] = Field(
+        default="local",
+        description="`local` (a directory, served by the API) or `s3` (any S3-compatible store)",
+    )
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="local images go to `DATA_DIR/images`; `make run` keeps Redis's files in "
+        "`DATA_DIR/redis` and the development API key in `DATA_DIR/dev-api-key`",
+    )
+    signing_secret: str = Field(
+        default=DEV_SIGNING_SECRET,
+        description="HMAC key for local download URLs; the development placeholder is refused "
+        "outside development",
+    )
+    url_ttl_s: int = Field(
+        default=3600,
+        ge=1,
+        le=7 * 24 * 3600,
+        description="lifetime of download URLs (local and presigned S3)",
+    )
+    key_prefix: str = Field(
+        default="images",
+        description="object keys are `{prefix}/{job_id}/{attempt}/{index}.{ext}` for images and "
+        "`{prefix}/{job_id}/inputs/{name}.png` for input images",
+    )
+    s3_bucket: str = Field(
+        default="txt2img", description="bucket for the `s3` backend (private; it must exist)"
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="e.g. `http://minio:9000` or an R2 endpoint; unset: AWS",
+    )
+    s3_public_endpoint_url: str | None = Field(
+        default=None,
+        description="the endpoint download URLs are signed for, when clients reach the store at "
+        "another address than the services (compose: `http://localhost:9000` against "
+        "`http://minio:9000`); unset: `T2I_S3_ENDPOINT_URL`",
+    )
+    s3_region: str = Field(default="us-east-1", description="region used for signing")
+    s3_access_key_id: str | None = Field(
+        default=None,
+        description="credentials; unset uses boto3's usual chain (`AWS_*` variables, instance "
+        "roles)",
+    )
+    s3_secret_access_key: str | None = Field(
+        default=None, description="the secret of `T2I_S3_ACCESS_KEY_ID`"
+    )
 
     @property
     def local_dir(self) -> Path:
@@ -141,40 +241,105 @@ class ApiSettings(_T2ISettings):
     """The HTTP gateway."""
 
     env: Environment = Environment.DEVELOPMENT
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # Caps width x height x num_images so one job cannot monopolise a GPU.
-    max_pixels_per_job: int = Field(default=8 * 512 * 512, ge=256 * 256)
-    public_base_url: str | None = None
-    sweep_interval_s: float = Field(default=30.0, gt=0)
-    reap_interval_s: float = Field(default=5.0, gt=0)
-    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
-    # Applies to job submissions; the default for keys created without their own limit.
-    rate_limit_per_min: int = Field(default=60, ge=1)
-    # The cap on a key's jobs sent to workers or running at once, for keys created without their
-    # own (`txt2img-keys create --max-running`); 0: no cap, the key's weight alone shares the pool.
-    max_running_per_key: int = Field(default=0, ge=0)
-    # /metrics shows each key's queued and running jobs with its id as a label (one series per
-    # key); off, only how many keys wait and the largest counts.
-    metrics_key_labels: bool = False
-    max_queue_depth: int = Field(default=1000, ge=1)
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024)
-    # uvicorn processes; their metrics are summed (prometheus-client's multiprocess mode).
-    # Unset: one per core in production, one in development.
-    api_processes: int | None = Field(default=None, ge=1, le=64)
-    # A valid API key is remembered this long per process, so most requests skip its lookup.
-    auth_cache_s: float = Field(default=5.0, ge=0, le=300)
-    # The OpenAI and AUTOMATIC1111 routes answer with the finished job; past this they cancel it.
-    sync_wait_s: float = Field(default=300.0, gt=0, le=3600)
-    # What happens to an image the safety checker flags, unless the API key or the request asks
-    # for a stricter action.
-    safety_action: SafetyAction = "block"
-    # Caps on each input image (init_image, mask_image): its file and its width x height. A
-    # request with images may be this much larger than T2I_MAX_BODY_BYTES, base64 and all.
-    max_input_image_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    max_input_image_pixels: int = Field(default=2048 * 2048, ge=256 * 256)
-    # How long fetching an input image from its URL may take.
-    input_image_timeout_s: float = Field(default=10.0, gt=0)
+    host: str = Field(default="127.0.0.1", description="API bind address")
+    port: int = Field(default=8000, description="API port")
+    max_pixels_per_job: int = Field(
+        default=8 * 512 * 512,
+        ge=256 * 256,
+        description="cap on `width x height x num_images` (8 x 512 x 512), so one job cannot "
+        "monopolise a GPU",
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        description="base of local download URLs and webhook links when the API sits behind a "
+        "proxy; unset: the request's own host",
+    )
+    sweep_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how often the API expires stale queued jobs and deletes jobs past retention",
+    )
+    reap_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often the API's reaper looks for lapsed leases and lost messages",
+    )
+    max_header_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        description="a request line and headers over this get `431`",
+    )
+    rate_limit_per_min: int = Field(
+        default=60,
+        ge=1,
+        description="job submissions per minute for a key created without its own limit (a token "
+        "bucket: bursts up to the limit)",
+    )
+    max_running_per_key: int = Field(
+        default=0,
+        ge=0,
+        description="jobs sent to workers or running at once for a key created without its own "
+        "`--max-running`; 0: no cap, the key's weight alone shares the pool",
+    )
+    metrics_key_labels: bool = Field(
+        default=False,
+        description="`/metrics` shows each key's queued and running jobs with the key id as a "
+        "label (one series per key); off, only how many keys wait and the largest counts",
+    )
+    max_queue_depth: int = Field(
+        default=1000,
+        ge=1,
+        description="queued jobs across all keys before submissions get `429`",
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024,
+        ge=1024,
+        description="request bodies over this get `413` before they are read; a body with input "
+        "images (`POST /v1/jobs`, `/sdapi/v1/img2img`) may carry two base64 images of "
+        "`T2I_MAX_INPUT_IMAGE_BYTES` on top",
+    )
+    api_processes: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="uvicorn processes serving the API; `/metrics` reports their sum "
+        "(prometheus-client's multiprocess mode); unset: one per core with "
+        "`T2I_ENV=production`, else one",
+    )
+    auth_cache_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="how long each API process remembers a valid key, so most requests skip its "
+        "lookup; a revoked key stops working within this long (0: look up every request)",
+    )
+    sync_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="how long the OpenAI and AUTOMATIC1111 routes wait for their job; then they "
+        "cancel it and answer `504`",
+    )
+    safety_action: SafetyAction = Field(
+        default="block",
+        description="what happens to an image the safety checker flags: `flag`, `blur` or "
+        "`block`, unless the API key or the request asks for a stricter action",
+    )
+    max_input_image_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="the largest input image file (`init_image`, `mask_image`, a control image)",
+    )
+    max_input_image_pixels: int = Field(
+        default=2048 * 2048,
+        ge=256 * 256,
+        description="the most pixels (width x height) of an input image, read from its header",
+    )
+    input_image_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="how long fetching an input image from its URL may take",
+    )
 
     @property
     def max_body_bytes_with_images(self) -> int:
@@ -199,69 +364,195 @@ class WorkerSettings(_T2ISettings):
     """The GPU worker: model, device and test hooks."""
 
     env: Environment = Environment.DEVELOPMENT
-    # The name requests route by; unset: T2I_MODEL_ID.
-    model_name: str | None = None
-    # Where a single-file checkpoint's configs (tokenizer, scheduler, shapes) come from.
-    single_file_config: str = DEFAULT_MODEL_ID
-    # Off only when the operator says so (logged at start): every image is checked otherwise.
-    safety_checker: bool = True
-    # Unset: the checker the model ships (its safety_checker/ and feature_extractor/), or, for a
-    # single-file checkpoint, the one of T2I_SINGLE_FILE_CONFIG.
-    safety_checker_id: str | None = None
-    model_cache_dir: Path = Path("data/models")
-    device: str = "auto"
-    # What every module (UNet, VAE, text encoder, ControlNets, safety checker) is loaded in and
-    # keeps under any mix of jobs; auto: float16 on CUDA, float32 elsewhere.
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    # LoRA adapters kept loaded, least recently used first out, within this many MiB.
-    lora_cache_mb: float = Field(default=512.0, gt=0)
-    # ControlNet models this worker loads, by control type (JSON, e.g. {"canny": "<hub id or
-    # directory>"}); "tiny" is the tiny offline ControlNet of the tiny model.
-    controlnets: dict[str, str] = {}
-    # Unset: the largest batch, so a worker holds about one batch and leaves the rest to others.
-    concurrency: int | None = Field(default=None, ge=1, le=256)
-    # CPU threads torch uses for one render; unset: torch's default (every core). Several
-    # workers on one machine's CPUs each take their share.
-    torch_threads: int | None = Field(default=None, ge=1, le=256)
-    max_batch_images: int = Field(default=8, ge=1, le=64)
-    # A batch's images together hold at most this many pixels (a single larger job still runs,
-    # alone): sixteen 512x512 or four 1024x1024 images, what a 24 GB card holds in float16.
-    max_batch_pixels: int = Field(default=4 * 1024 * 1024, ge=64 * 64)
-    # The VAE decodes a batch in slices of at most this many pixels (at least one image): a
-    # whole batch of large images at once peaks at many GB.
-    decode_slice_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
-    # 0: an idle GPU starts a job at once; jobs that arrive while it renders form the next batch.
-    batch_wait_ms: float = Field(default=0.0, ge=0, le=5000)
-    # Speed levers; unset means on where they pay (CUDA) and off elsewhere.
-    compile: bool | None = None
-    cuda_graphs: bool | None = None
-    fuse_qkv: bool | None = None
-    cudnn_benchmark: bool | None = None
-    # Slower in eager on the torch we measured (DESIGN section 10), so off unless asked for.
-    channels_last: bool = False
-    # Image counts the UNet is compiled for (JSON list, e.g. [1,4,8]); unset: 1 and the largest
-    # batch. Each costs a trace at every start; other counts render eager, or padded up to a
-    # compiled count where warm-up measured that to be faster.
-    compiled_image_counts: list[int] | None = None
-    warmup: bool = True
-    heartbeat_interval_s: float = Field(default=5.0, gt=0)
-    progress_interval_s: float = Field(default=0.25, ge=0)
-    # A busy GPU executor that shows no sign of life for this long is hung: the worker exits.
-    executor_stall_s: float = Field(default=120.0, gt=0)
-    # How long an upload is retried (with backoff) before its job fails with `storage_error`.
-    storage_retry_s: float = Field(default=120.0, ge=0)
-    # zlib's level for PNG images: 1 encodes a 512x512 image in about a fourth of the time of
-    # Pillow's default 6, for larger files (up to about 2x on smooth images, alike on noisy ones).
-    png_compress_level: int = Field(default=1, ge=0, le=9)
-    # After SIGTERM, how long the running batch may take before its jobs are handed back too.
-    shutdown_grace_s: float = Field(default=25.0, ge=0)
-    # Development-only fault injection: a job with exactly this prompt fails inside the render.
-    debug_fail_prompt: str | None = None
-    # /metrics, /health and /ready of this worker; port 0 turns the endpoint off.
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9101, ge=0, le=65535)
-    # Development-only: prompts named in worker/faults.py break the worker on purpose.
-    debug_faults: bool = False
+    model_name: str | None = Field(
+        default=None,
+        description="the name a worker serves its model under: what requests' `model` and "
+        "`GET /v1/models` say; unset: `T2I_MODEL_ID`",
+    )
+    single_file_config: str = Field(
+        default=DEFAULT_MODEL_ID,
+        description="for a single-file checkpoint: the diffusers directory or hub id its configs, "
+        "tokenizer and safety checker come from",
+    )
+    safety_checker: bool = Field(
+        default=True,
+        description="run the safety checker on every image; `false` is the only way to turn it "
+        "off, and is logged at start",
+    )
+    safety_checker_id: str | None = Field(
+        default=None,
+        description="a hub id or directory with `safety_checker/` and `feature_extractor/`, for "
+        "models that ship none; unset: the model's own, or for a single-file checkpoint the one "
+        "of `T2I_SINGLE_FILE_CONFIG`",
+    )
+    model_cache_dir: Path = Field(
+        default=Path("data/models"),
+        description="where the tiny model is built and the compile cache is kept",
+    )
+    device: str = Field(
+        default="auto",
+        description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`, ...",
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        default="auto",
+        description="what every module (UNet, VAE, text encoder, ControlNets, safety checker) is "
+        "loaded in and keeps under any mix of jobs: `auto` (float16 on CUDA, float32 elsewhere), "
+        "`float16`, `bfloat16`, `float32`; `/info` shows each worker's dtype per module",
+    )
+    lora_cache_mb: float = Field(
+        default=512.0,
+        gt=0,
+        description="LoRA adapters a worker keeps loaded, least recently used out first, within "
+        "this many MiB",
+    )
+    controlnets: dict[str, str] = Field(
+        default={},
+        description="JSON: the ControlNet a worker loads for each control type, e.g. "
+        '`{"canny": "lllyasviel/sd-controlnet-canny"}` (hub ids or directories); `"tiny"` is '
+        "the tiny model's",
+    )
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Celery task threads per worker, which is how many jobs it reserves; unset: "
+        "2 x `T2I_MAX_BATCH_IMAGES`, so the next batch is reserved and ready the moment the GPU "
+        "is free while the last one's jobs encode and upload. Reserved jobs stay `queued`, with "
+        "their position, until the GPU admits them",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="CPU threads torch uses per worker process; with several workers on one "
+        "machine's CPUs, give each its share (two workers on two cores: `1`); unset: torch's "
+        "default, every core",
+    )
+    max_batch_images: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="most images one pipeline call renders; compatible jobs (same size, steps, "
+        "scheduler, guidance) share a call up to this many images. A job with more images still "
+        "renders, alone",
+    )
+    max_batch_pixels: int = Field(
+        default=4 * 1024 * 1024,
+        ge=64 * 64,
+        description="most pixels (width x height x images) one pipeline call renders: sixteen "
+        "512x512 or four 1024x1024 images, what a 24 GB card holds in float16. A job larger than "
+        "this still renders, alone",
+    )
+    decode_slice_pixels: int = Field(
+        default=1024 * 1024,
+        ge=64 * 64,
+        description="the VAE decodes a batch in slices of at most this many pixels (at least one "
+        "image): a whole batch of large images at once would peak at many GB",
+    )
+    batch_wait_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=5000,
+        description="how long an idle GPU waits for company after a job arrives; at 0 it starts "
+        "at once, and jobs that arrive while it renders form the next batch",
+    )
+    compile: bool | None = Field(
+        default=None,
+        description="`torch.compile` the UNet for the warmed shapes (512x512, the image counts "
+        "of `T2I_COMPILED_IMAGE_COUNTS`); other shapes render eager. The compile cache lives in "
+        "`T2I_MODEL_CACHE_DIR/inductor`, so a restarted worker is ready fast; unset: on with CUDA",
+    )
+    cuda_graphs: bool | None = Field(
+        default=None,
+        description='replay the compiled UNet as CUDA graphs (`mode="reduce-overhead"`); only '
+        "with `T2I_COMPILE`; unset: on with CUDA",
+    )
+    fuse_qkv: bool | None = Field(
+        default=None,
+        description="fuse the attention's query, key and value projections into one matrix "
+        "product; unset: on with CUDA",
+    )
+    cudnn_benchmark: bool | None = Field(
+        default=None,
+        description="let cuDNN time its convolution algorithms once per shape and keep the "
+        "fastest; unset: on with CUDA",
+    )
+    channels_last: bool = Field(
+        default=False,
+        description="channels-last memory format for the UNet and VAE; off unless asked for, "
+        "since it slowed eager SD 1.5 on the torch we measured",
+    )
+    compiled_image_counts: list[int] | None = Field(
+        default=None,
+        description="JSON list of the image counts the UNet is compiled for, e.g. `[1,4,8]`; each "
+        "adds a trace to every start. Other counts render eager, or padded up to a compiled "
+        "count where the warm-up measured that to be faster; unset: 1 and "
+        "`T2I_MAX_BATCH_IMAGES`",
+    )
+    warmup: bool = Field(
+        default=True,
+        description="render once at start-up, before taking jobs (with `T2I_COMPILE` on, the "
+        "compiled shapes are always warmed and every batch size timed)",
+    )
+    heartbeat_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often a worker reports itself alive (only while its GPU executor is "
+        "healthy)",
+    )
+    progress_interval_s: float = Field(
+        default=0.25,
+        ge=0,
+        description="least time between two progress writes of one job (the last step is always "
+        "written)",
+    )
+    executor_stall_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="a GPU executor busy this long without finishing a denoising step is hung: "
+        "the worker exits (status 70) so its supervisor restarts it",
+    )
+    storage_retry_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="how long an upload is retried, with backoff, before its job fails with "
+        "`storage_error`; meanwhile the worker admits no new batch",
+    )
+    png_compress_level: int = Field(
+        default=1,
+        ge=0,
+        le=9,
+        description="zlib level of PNG images (0-9): 1 encodes a 512x512 image in about a fourth "
+        "of the time of Pillow's default 6, for files up to about twice as large on smooth images",
+    )
+    shutdown_grace_s: float = Field(
+        default=25.0,
+        ge=0,
+        description="after `SIGTERM`, how long the running batch may take before its jobs are "
+        "handed back too; keep it under the stop grace period of whatever runs the worker",
+    )
+    debug_fail_prompt: str | None = Field(
+        default=None,
+        description="development only: a job with exactly this prompt fails inside the render "
+        "(used by tests)",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="where a worker (and the webhook worker) serves `/metrics`, `/health` and "
+        "`/ready`; `0.0.0.0` in containers",
+    )
+    metrics_port: int = Field(
+        default=9101,
+        ge=0,
+        le=65535,
+        description="a render worker's metrics and probe port (`0`: none); give each worker on "
+        "one machine its own",
+    )
+    debug_faults: bool = Field(
+        default=False,
+        description="development only: the prompts in `worker/faults.py` hang the render or "
+        "break progress writes or admission on purpose (used by the chaos tests)",
+    )
 
     @property
     def task_threads(self) -> int:
@@ -283,16 +574,40 @@ class WebhookSettings(_T2ISettings):
     """Webhook delivery: its own Celery queue on CPU workers."""
 
     env: Environment = Environment.DEVELOPMENT
-    webhook_queue: str = "webhooks"
-    webhook_allowlist: str = ""
-    webhook_timeout_s: float = Field(default=10.0, gt=0)
-    # Seconds before each retry (jitter added); the default spans more than a day.
-    webhook_retry_delays_s: str = "5,30,120,600,1800,3600,7200,14400,28800,43200"
-    webhook_secret_overlap_s: float = Field(default=24 * 3600, ge=0)
-    webhook_concurrency: int = Field(default=8, ge=1, le=256)
-    # The webhook worker's /metrics, /health and /ready; port 0 turns the endpoint off.
-    metrics_host: str = "127.0.0.1"
-    webhook_metrics_port: int = Field(default=9102, ge=0, le=65535)
+    webhook_queue: str = Field(
+        default="webhooks",
+        description="the Celery queue that webhook workers (`python -m worker.webhooks`) read",
+    )
+    webhook_allowlist: str = Field(
+        default="",
+        description="comma-separated hosts or CIDRs a webhook, or an input image URL, may reach "
+        "even though they are private, loopback or link-local",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, description="time limit of one delivery attempt"
+    )
+    webhook_retry_delays_s: str = Field(
+        default="5,30,120,600,1800,3600,7200,14400,28800,43200",
+        description="seconds before each retry (jitter added): ten retries over about 29 hours",
+    )
+    webhook_secret_overlap_s: float = Field(
+        default=24 * 3600,
+        ge=0,
+        description="after a rotation, webhooks carry the old secret's signature too for this long",
+    )
+    webhook_concurrency: int = Field(
+        default=8, ge=1, le=256, description="deliveries one webhook worker sends at once"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="where the webhook worker serves `/metrics`, `/health` and `/ready`",
+    )
+    webhook_metrics_port: int = Field(
+        default=9102,
+        ge=0,
+        le=65535,
+        description="the webhook worker's metrics and probe port (`0`: none)",
+    )
 
     @property
     def retry_delays_s(self) -> list[float]:
@@ -320,10 +635,19 @@ class WebhookSettings(_T2ISettings):
 class LogSettings(_T2ISettings):
     """How every service process logs."""
 
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # One line per HTTP request; off by default, since clients poll.
-    access_log: bool = False
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`text`, or `json`: one JSON object a line (`time`, `level`, `logger`, "
+        "`message`, `job_id` on every line about a job, `exception`)",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="`DEBUG`, `INFO`, `WARNING` or `ERROR`"
+    )
+    access_log: bool = Field(
+        default=False,
+        description="one line per HTTP request; off, since clients poll (`/metrics` counts "
+        "requests instead)",
+    )
 
 
 @lru_cache
