@@ -5,10 +5,12 @@ command they run is one our processes accept, and the numbers they repeat agree.
 
 import copy
 import json
+import os
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from tests.support import REPO_ROOT, Process, free_port, port_open, setting_name
 
 BIN = Path(sys.executable).parent
 COMPOSE = REPO_ROOT / "docker-compose.yml"
+K8S = REPO_ROOT / "deploy/k8s"
 DOCKERFILES = {"txt2img-api": "Dockerfile.api", "txt2img-worker": "Dockerfile.worker"}
 KUBERNETES_VERSIONS = ["1.30", "1.37"]
 KEDA_MODELS: dict[str, type[BaseModel]] = {
@@ -36,6 +39,10 @@ KEDA_MODELS: dict[str, type[BaseModel]] = {
 }
 # The processes our images run, and the health probe that belongs to each.
 ENTRY_POINTS = {"api": "api", "worker": "worker", "worker.webhooks": "webhooks"}
+# The default kustomization, then with each optional component (deploy/k8s/<name>).
+VARIANTS: list[tuple[str, ...]] = [()]
+# What each component adds.
+COMPONENT_KINDS: dict[tuple[str, ...], set[str]] = {}
 
 
 def tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -55,16 +62,40 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-@cache
-def manifests() -> tuple[dict[str, Any], ...]:
-    rendered = tool("kubectl", "kustomize", "deploy/k8s")
+Docs = tuple[dict[str, Any], ...]
+
+
+def kustomize(directory: Path) -> Docs:
+    rendered = tool("kubectl", "kustomize", str(directory))
     assert rendered.returncode == 0, rendered.stderr
     return tuple(doc for doc in yaml.safe_load_all(rendered.stdout) if doc)
 
 
-def manifest(kind: str, name: str) -> dict[str, Any]:
-    (found,) = [d for d in manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+@cache
+def manifests(*components: str) -> Docs:
+    """deploy/k8s rendered; with components, as an overlay of one's own that lists them."""
+    if not components:
+        return kustomize(K8S)
+    with tempfile.TemporaryDirectory() as overlay:
+        # kustomize takes only relative paths to other kustomizations.
+        kustomization = {
+            "apiVersion": "kustomize.config.k8s.io/v1beta1",
+            "kind": "Kustomization",
+            "resources": [os.path.relpath(K8S, overlay)],
+            "components": [os.path.relpath(K8S / name, overlay) for name in components],
+        }
+        (Path(overlay) / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+        return kustomize(Path(overlay))
+
+
+def manifest(kind: str, name: str, docs: Docs | None = None) -> dict[str, Any]:
+    docs = manifests() if docs is None else docs
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     return found
+
+
+def find(kind: str, name: str, docs: Docs) -> dict[str, Any] | None:
+    return next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), None)
 
 
 def dockerfile_instructions(path: str) -> list[tuple[str, str]]:
@@ -93,22 +124,32 @@ def dockerfile_exec_form(path: str, instruction: str) -> list[str]:
     return json.loads(arguments[arguments.index("[") :])
 
 
-def container_env(container: dict[str, Any]) -> dict[str, str]:
-    """A Kubernetes container's environment: its ConfigMaps and Secrets, then its own `env`."""
+def container_env(container: dict[str, Any], docs: Docs | None = None) -> dict[str, str]:
+    """A Kubernetes container's environment: its ConfigMaps and Secrets (from `docs`, the
+    default rendering unless given; an optional one that is not there adds nothing), then its
+    own `env`."""
+    docs = manifests() if docs is None else docs
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
-            env.update(manifest("ConfigMap", source["configMapRef"]["name"])["data"])
-        if "secretRef" in source:
-            env.update(manifest("Secret", source["secretRef"]["name"])["stringData"])
+            kind, field, ref = "ConfigMap", "data", source["configMapRef"]
+        else:
+            kind, field, ref = "Secret", "stringData", source["secretRef"]
+        found = find(kind, ref["name"], docs)
+        assert found is not None or ref.get("optional"), ref
+        env.update(found[field] if found else {})
     env.update({item["name"]: item["value"] for item in container.get("env", [])})
     return env
 
 
-def our_containers() -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+def pod_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def our_containers(docs: Docs | None = None) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
     """(pod spec, container, Dockerfile) for every container running one of our images."""
     found = []
-    for doc in manifests():
+    for doc in manifests() if docs is None else docs:
         if doc["kind"] != "Deployment":
             continue
         pod = doc["spec"]["template"]["spec"]
@@ -150,15 +191,19 @@ def test_the_worker_image_refuses_a_cpu_build_of_torch_and_the_api_image_any_tor
         assert ("USER", "10001:10001") in dockerfile_instructions(path)
 
 
+@pytest.mark.parametrize("components", VARIANTS)
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_kubernetes_manifests_match_the_kubernetes_schemas(version: str) -> None:
+def test_kubernetes_manifests_match_the_kubernetes_schemas(
+    version: str, components: tuple[str, ...]
+) -> None:
     kinds = set()
-    for doc in manifests():
+    for doc in manifests(*components):
         if doc["kind"] in KEDA_MODELS:
             continue
         kubernetes_validate.validate(doc, version, strict=True)
         kinds.add(doc["kind"])
     expected = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Secret"}
+    expected |= {"PersistentVolumeClaim", *COMPONENT_KINDS.get(components, ())}
     assert expected <= kinds
     # Strict validation refuses a misspelt field.
     broken = copy.deepcopy(manifest("Deployment", "txt2img-worker"))
@@ -225,6 +270,45 @@ def test_a_stopping_worker_hands_back_its_batch_before_kubernetes_kills_it() -> 
     (container,) = pod["containers"]
     grace_s = float(container_env(container)["T2I_SHUTDOWN_GRACE_S"])
     assert 0 < grace_s < pod["terminationGracePeriodSeconds"]
+
+
+def mounted_volume(pod: dict[str, Any], container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The pod volume that holds `path` in the container: its deepest mount above it."""
+    mounts = [
+        mount
+        for mount in container.get("volumeMounts", [])
+        if Path(path).is_relative_to(mount["mountPath"])
+    ]
+    assert mounts, f"{path} is on the container's own filesystem"
+    deepest = max(mounts, key=lambda mount: len(Path(mount["mountPath"]).parts))
+    assert "subPath" not in deepest, deepest
+    (volume,) = [v for v in pod["volumes"] if v["name"] == deepest["name"]]
+    return volume
+
+
+@pytest.mark.parametrize("components", VARIANTS)
+def test_every_worker_pod_shares_one_model_cache_claim_where_its_settings_point(
+    components: tuple[str, ...],
+) -> None:
+    """The weights (HF_HOME) and the compiled kernels (T2I_MODEL_CACHE_DIR/inductor) are on one
+    ReadWriteMany claim that every worker pod mounts, so a pod KEDA adds starts warm."""
+    docs = manifests(*components)
+    claims = set()
+    for deployment, container, dockerfile in our_containers(docs):
+        if dockerfile != DOCKERFILES["txt2img-worker"]:
+            continue
+        pod = deployment["spec"]["template"]["spec"]
+        env = {**dockerfile_env(dockerfile), **container_env(container, docs)}
+        cache_dir = env.get("T2I_MODEL_CACHE_DIR", str(WorkerSettings().model_cache_dir))
+        assert Path(cache_dir).is_absolute()
+        for path in (cache_dir, f"{cache_dir}/inductor", env["HF_HOME"]):
+            volume = mounted_volume(pod, container, path)
+            assert "persistentVolumeClaim" in volume, (path, volume)
+            claims.add(volume["persistentVolumeClaim"]["claimName"])
+    (name,) = claims
+    claim = manifest("PersistentVolumeClaim", name, docs)["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"]
+    assert claim["storageClassName"], "the operator names a class that offers ReadWriteMany"
 
 
 def test_the_gpu_worker_gets_a_gpu_and_time_to_finish_its_batches() -> None:
