@@ -13,7 +13,7 @@ import sys
 import tempfile
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import kubernetes_validate
@@ -21,14 +21,16 @@ import pytest
 import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from pydantic import BaseModel
+from pydantic_settings import BaseSettings
 from redis import Redis
 from redis.exceptions import AuthenticationError, ResponseError
 
 from shared.probe import PROBES
-from shared.settings import CoreSettings, WorkerSettings
+from shared.settings import ApiSettings, CoreSettings, WorkerSettings
 from tests.support import REPO_ROOT, Process, free_port, port_open, setting_names, wait_until
 
 BIN = Path(sys.executable).parent
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 K8S = REPO_ROOT / "deploy/k8s"
 DOCKERFILES = {"txt2img-api": "Dockerfile.api", "txt2img-worker": "Dockerfile.worker"}
@@ -40,9 +42,9 @@ KEDA_MODELS: dict[str, type[BaseModel]] = {
 # The processes our images run, and the health probe that belongs to each.
 ENTRY_POINTS = {"api": "api", "worker": "worker", "worker.webhooks": "webhooks"}
 # The default kustomization, then with each optional component (deploy/k8s/<name>).
-VARIANTS: list[tuple[str, ...]] = [()]
+VARIANTS: list[tuple[str, ...]] = [(), ("ingress",)]
 # What each component adds.
-COMPONENT_KINDS: dict[tuple[str, ...], set[str]] = {}
+COMPONENT_KINDS: dict[tuple[str, ...], set[str]] = {("ingress",): {"Ingress"}}
 
 
 def tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -263,6 +265,93 @@ def test_keda_scales_the_worker_on_its_queues_backlog_from_the_api_from_zero() -
     assert metadata["format"] == "json" and metadata["targetValue"] == max_batch
     # One job wakes the first worker.
     assert metadata["activationTargetValue"] == "0"
+
+
+def settings_from(
+    settings: type[SettingsT], env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> SettingsT:
+    """A settings class as a process with this environment reads it."""
+    for name in setting_names():
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        if name.startswith("T2I_"):
+            monkeypatch.setenv(name, value)
+    return settings()
+
+
+def nginx_size(value: str) -> int:
+    """An nginx size: bytes, or k, m, g of them (powers of 1024)."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    unit = value[-1].lower()
+    return int(value[:-1]) * units[unit] if unit in units else int(value)
+
+
+def ingress_routes(ingress: dict[str, Any], path: str) -> bool:
+    """Whether one of the Ingress's rules takes a request for `path` (Kubernetes' Prefix matches
+    whole path elements)."""
+    for rule in ingress["spec"]["rules"]:
+        for route in rule["http"]["paths"]:
+            if route["pathType"] == "Exact" and path == route["path"]:
+                return True
+            prefix = route["path"].rstrip("/")
+            if route["pathType"] == "Prefix" and (path == prefix or path.startswith(prefix + "/")):
+                return True
+    return False
+
+
+def api_ingress() -> dict[str, Any]:
+    (ingress,) = [doc for doc in manifests("ingress") if doc["kind"] == "Ingress"]
+    return ingress
+
+
+def test_the_ingress_reaches_the_api_service_over_tls_at_the_public_base_url() -> None:
+    docs = manifests("ingress")
+    ingress = api_ingress()["spec"]
+    assert ingress["ingressClassName"]
+    api = manifest("Service", "txt2img-api", docs)
+    ports = {port["name"]: port["port"] for port in api["spec"]["ports"]}
+    for rule in ingress["rules"]:
+        for route in rule["http"]["paths"]:
+            service = route["backend"]["service"]
+            assert service["name"] == api["metadata"]["name"]
+            port = service["port"]
+            assert port.get("name") in ports or port.get("number") in ports.values(), port
+    # The links the API sends (T2I_PUBLIC_BASE_URL) name the host the Ingress serves, over TLS.
+    (container,) = pod_containers(manifest("Deployment", "txt2img-api", docs))
+    public = urlparse(container_env(container, docs)["T2I_PUBLIC_BASE_URL"])
+    assert public.scheme == "https" and public.path in ("", "/")
+    assert [rule["host"] for rule in ingress["rules"]] == [public.hostname]
+    (tls,) = ingress["tls"]
+    assert tls["hosts"] == [public.hostname] and tls["secretName"]
+
+
+def test_the_ingress_streams_events_waits_for_sync_answers_and_takes_input_images(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    docs = manifests("ingress")
+    annotations = api_ingress()["metadata"]["annotations"]
+    (container,) = pod_containers(manifest("Deployment", "txt2img-api", docs))
+    api = settings_from(ApiSettings, container_env(container, docs), monkeypatch)
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    # The OpenAI and AUTOMATIC1111 routes send nothing until the job is done.
+    for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(annotations[f"nginx.ingress.kubernetes.io/{timeout}"]) > api.sync_wait_s
+    # The largest body the API takes: a job with two base64 input images.
+    body = nginx_size(annotations["nginx.ingress.kubernetes.io/proxy-body-size"])
+    assert body >= api.max_body_bytes_with_images
+
+
+def test_the_ingress_routes_every_public_path_and_none_of_the_internal_ones() -> None:
+    from api.app import create_app
+
+    internal = {"/metrics", "/backlog", "/ready"}
+    # Besides the OpenAPI document's paths: the playground and the API reference.
+    pages = {"/", "/playground", "/playground/playground.js", "/docs", "/redoc", "/openapi.json"}
+    paths = set(create_app().openapi()["paths"]) | pages
+    assert internal <= paths
+    ingress = api_ingress()
+    for path in paths:
+        assert ingress_routes(ingress, path) == (path not in internal), path
 
 
 def test_a_stopping_worker_hands_back_its_batch_before_kubernetes_kills_it() -> None:
