@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format redis browser venv clean bench lock lock-cuda
+.PHONY: run test lint format redis browser venv clean bench lock lock-cuda docs
 
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
@@ -42,6 +42,10 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The docs' tables of settings and of the request, rewritten from the code (--check: compare only).
+docs: venv
+	$(PY) scripts/docs_tables.py
 
 # Re-resolve every dependency after a change to pyproject.toml (torch stays at constraints.txt).
 lock: venv
