@@ -1,4 +1,5 @@
-"""The README's OpenAI and AUTOMATIC1111 examples, run as written against a real API and worker."""
+"""The OpenAI and AUTOMATIC1111 examples of docs/integrations.md, run as written against a real API
+and worker."""
 
 import io
 import re
@@ -14,9 +15,9 @@ SECTION = "## OpenAI and AUTOMATIC1111 APIs"
 
 
 def section_examples() -> list[tuple[str, str]]:
-    """The (language, code) of every fenced example in the README's compatibility section."""
-    readme = (REPO_ROOT / "README.md").read_text()
-    section = readme.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    """The (language, code) of every fenced example in the docs' compatibility section."""
+    page = (REPO_ROOT / "docs" / "integrations.md").read_text()
+    section = page.split(SECTION, 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(python|sh)\n(.*?)```", section, re.S)
 
 
