@@ -23,10 +23,11 @@ from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 from redis import Redis
+from redis.connection import parse_url
 from redis.exceptions import AuthenticationError, ResponseError
 
 from shared.probe import PROBES
-from shared.settings import ApiSettings, CoreSettings, WorkerSettings
+from shared.settings import ApiSettings, CoreSettings, WorkerSettings, host_ports
 from tests.support import REPO_ROOT, Process, free_port, port_open, setting_names, wait_until
 
 BIN = Path(sys.executable).parent
@@ -42,9 +43,12 @@ KEDA_MODELS: dict[str, type[BaseModel]] = {
 # The processes our images run, and the health probe that belongs to each.
 ENTRY_POINTS = {"api": "api", "worker": "worker", "worker.webhooks": "webhooks"}
 # The default kustomization, then with each optional component (deploy/k8s/<name>).
-VARIANTS: list[tuple[str, ...]] = [(), ("ingress",)]
+VARIANTS: list[tuple[str, ...]] = [(), ("ingress",), ("sentinel",)]
 # What each component adds.
-COMPONENT_KINDS: dict[tuple[str, ...], set[str]] = {("ingress",): {"Ingress"}}
+COMPONENT_KINDS: dict[tuple[str, ...], set[str]] = {
+    ("ingress",): {"Ingress"},
+    ("sentinel",): {"StatefulSet", "ConfigMap", "NetworkPolicy"},
+}
 
 
 def tool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -140,7 +144,12 @@ def container_env(container: dict[str, Any], docs: Docs | None = None) -> dict[s
         found = find(kind, ref["name"], docs)
         assert found is not None or ref.get("optional"), ref
         env.update(found[field] if found else {})
-    env.update({item["name"]: item["value"] for item in container.get("env", [])})
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = manifest("Secret", ref["name"], docs)["stringData"][ref["key"]]
     return env
 
 
@@ -221,8 +230,9 @@ def keda_validate(doc: dict[str, Any]) -> None:
     assert parsed.model_dump(mode="json", by_alias=True, exclude_unset=True) == doc
 
 
-def test_keda_objects_match_kedas_schemas() -> None:
-    keda = [doc for doc in manifests() if doc["kind"] in KEDA_MODELS]
+@pytest.mark.parametrize("components", VARIANTS)
+def test_keda_objects_match_kedas_schemas(components: tuple[str, ...]) -> None:
+    keda = [doc for doc in manifests(*components) if doc["kind"] in KEDA_MODELS]
     assert "ScaledObject" in {doc["kind"] for doc in keda}
     for doc in keda:
         keda_validate(doc)
@@ -236,9 +246,14 @@ def test_keda_objects_match_kedas_schemas() -> None:
         keda_validate(broken)
 
 
-def test_keda_scales_the_worker_on_its_queues_backlog_from_the_api_from_zero() -> None:
-    scaler = manifest("ScaledObject", "txt2img-worker")["spec"]
-    worker = manifest("Deployment", "txt2img-worker")
+@pytest.mark.parametrize("components", VARIANTS)
+def test_keda_scales_the_worker_on_its_queues_backlog_from_the_api_from_zero(
+    components: tuple[str, ...],
+) -> None:
+    """In every variant: under Sentinel too, the trigger asks the API, which finds the primary."""
+    docs = manifests(*components)
+    scaler = manifest("ScaledObject", "txt2img-worker", docs)["spec"]
+    worker = manifest("Deployment", "txt2img-worker", docs)
     assert scaler["scaleTargetRef"]["name"] == worker["metadata"]["name"]
     assert scaler["minReplicaCount"] == 0
     (trigger,) = scaler["triggers"]
@@ -247,7 +262,7 @@ def test_keda_scales_the_worker_on_its_queues_backlog_from_the_api_from_zero() -
     metadata = trigger["metadata"]
     # The API's Service, in the namespace the API runs in, on its port.
     url = urlparse(metadata["url"])
-    api = manifest("Service", "txt2img-api")
+    api = manifest("Service", "txt2img-api", docs)
     (port,) = api["spec"]["ports"]
     assert url.scheme == "http" and url.path == "/backlog"
     service = f"{api['metadata']['name']}.{api['metadata']['namespace']}"
@@ -258,9 +273,9 @@ def test_keda_scales_the_worker_on_its_queues_backlog_from_the_api_from_zero() -
     (container,) = worker["spec"]["template"]["spec"]["containers"]
     own = {item["name"] for item in container.get("env", [])}
     assert not own & {"T2I_MODEL_ID", "T2I_MODEL_NAME", "T2I_DEFAULT_MODEL", "T2I_QUEUE_NAME"}
-    queue = manifest("ConfigMap", "txt2img-config")["data"]["T2I_QUEUE_NAME"]
+    queue = manifest("ConfigMap", "txt2img-config", docs)["data"]["T2I_QUEUE_NAME"]
     assert metadata["valueLocation"] == f"queues.{queue}.jobs"
-    env = container_env(container)
+    env = container_env(container, docs)
     max_batch = env.get("T2I_MAX_BATCH_IMAGES", str(WorkerSettings().max_batch_images))
     assert metadata["format"] == "json" and metadata["targetValue"] == max_batch
     # One job wakes the first worker.
@@ -352,6 +367,224 @@ def test_the_ingress_routes_every_public_path_and_none_of_the_internal_ones() ->
     ingress = api_ingress()
     for path in paths:
         assert ingress_routes(ingress, path) == (path not in internal), path
+
+
+def redis_conf(path: Path) -> dict[str, list[str]]:
+    """A redis.conf or sentinel.conf: each directive's arguments, the `sentinel` ones by their
+    subcommand (`sentinel monitor`)."""
+    directives = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words and words[0] == "sentinel":
+            words = [f"sentinel {words[1]}", *words[2:]]
+        if words:
+            directives[words[0]] = words[1:]
+    return directives
+
+
+def statefulset_pod_address(host: str, docs: Docs) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(StatefulSet, its Service, ordinal) of a pod's DNS name `<set>-<ordinal>.<service>`."""
+    pod, service_name = host.split(".")
+    set_name, ordinal = pod.rsplit("-", 1)
+    statefulset = manifest("StatefulSet", set_name, docs)
+    service = manifest("Service", service_name, docs)
+    assert statefulset["spec"]["serviceName"] == service_name
+    assert service["spec"]["clusterIP"] == "None", "a DNS name per pod needs a headless Service"
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert 0 <= int(ordinal) < statefulset["spec"]["replicas"], host
+    return statefulset, service, int(ordinal)
+
+
+def service_port(service: dict[str, Any], statefulset: dict[str, Any], port: int) -> None:
+    """`port` is one of the Service's, and the pods listen where it sends it."""
+    (container,) = pod_containers(statefulset)
+    listening = {item["name"]: item["containerPort"] for item in container["ports"]}
+    (target,) = [item["targetPort"] for item in service["spec"]["ports"] if item["port"] == port]
+    assert listening.get(target, target) == port
+
+
+SENTINEL = K8S / "sentinel"
+
+
+def test_under_sentinel_every_process_finds_the_primary_through_sentinels_that_exist() -> None:
+    docs = manifests("sentinel")
+    default = {doc["metadata"]["name"] for doc, _, _ in our_containers()}
+    patched = set()
+    for deployment, container, _ in our_containers(docs):
+        env = container_env(container, docs)
+        addresses = host_ports(env["T2I_REDIS_SENTINELS"])
+        assert env["T2I_REDIS_SENTINEL_MASTER"] and int(env["T2I_REDIS_REPLICA_ACKS"]) >= 1
+        patched.add(deployment["metadata"]["name"])
+    # The API, the GPU workers and the webhook worker all talk to Redis.
+    assert patched == default and len(default) >= 3
+    # Every sentinel pod, each by its name under its headless Service, on the Service's port.
+    ordinals = set()
+    for host, port in addresses:
+        statefulset, service, ordinal = statefulset_pod_address(host, docs)
+        service_port(service, statefulset, port)
+        (container,) = pod_containers(statefulset)
+        assert container["command"][-2:] == ["/etc/redis/sentinel.sh", "/data/sentinel.conf"]
+        ordinals.add(ordinal)
+    assert len(ordinals) == statefulset["spec"]["replicas"] >= 3
+
+
+def test_the_sentinel_set_keeps_the_durability_and_replica_acks_the_service_expects() -> None:
+    docs = manifests("sentinel")
+    (api,) = pod_containers(manifest("Deployment", "txt2img-api", docs))
+    env = container_env(api, docs)
+    redis_set = manifest("StatefulSet", "txt2img-redis", docs)
+    sentinels = manifest("StatefulSet", "txt2img-sentinel", docs)
+    redis, sentinel = redis_conf(SENTINEL / "redis.conf"), redis_conf(SENTINEL / "sentinel.conf")
+    # deploy/redis.conf's durability and refusal to evict, on every Redis of the set.
+    for directive, arguments in redis_conf(REPO_ROOT / "deploy/redis.conf").items():
+        assert redis[directive] == arguments, directive
+    # A replica may be down and the acks the service waits for still come.
+    replicas = redis_set["spec"]["replicas"] - 1
+    acks = int(env["T2I_REDIS_REPLICA_ACKS"])
+    assert 1 <= acks <= replicas - 1
+    assert 1 <= int(redis["min-replicas-to-write"][0]) <= replicas - 1
+    budget = manifest("PodDisruptionBudget", "txt2img-redis", docs)["spec"]
+    assert budget["maxUnavailable"] == 1
+    # Redis refuses writes before the container reaches its memory limit.
+    (container,) = pod_containers(redis_set)
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi") and redis["maxmemory"][0].endswith("gb")
+    assert int(redis["maxmemory"][0][:-2]) < int(limit[:-2])
+    # The sentinels watch the master the services ask for, by a majority of them, and notice a
+    # dead primary well within a job's lease.
+    master, primary, quorum = sentinel["sentinel monitor"]
+    assert primary == "PRIMARY" and master == env["T2I_REDIS_SENTINEL_MASTER"]
+    assert sentinels["spec"]["replicas"] // 2 < int(quorum) <= sentinels["spec"]["replicas"]
+    assert sentinel["sentinel down-after-milliseconds"][0] == master
+    lease_s = float(env.get("T2I_LEASE_S", CoreSettings().lease_s))
+    assert 2 * int(sentinel["sentinel down-after-milliseconds"][1]) / 1000 < lease_s
+    for statefulset in (redis_set, sentinels):
+        (container,) = pod_containers(statefulset)
+        assert container["image"] == compose()["services"]["redis"]["image"]
+        own = container_env(container, docs)
+        # Before any sentinel knows a primary: pod 0 of the Redis set, on its Service's port.
+        host, port = own["FIRST_PRIMARY"].split()
+        first, service, ordinal = statefulset_pod_address(host, docs)
+        assert first is redis_set and ordinal == 0
+        service_port(service, redis_set, int(port))
+        # The password the Redis set requires is the one in T2I_REDIS_URL.
+        assert own["REDIS_PASSWORD"] == parse_url(env["T2I_REDIS_URL"])["password"]
+    assert (
+        container_env(pod_containers(redis_set)[0], docs)["REDIS_SERVICE"]
+        == (redis_set["spec"]["serviceName"])
+    )
+    assert own["SENTINEL_SERVICE"] == sentinels["spec"]["serviceName"]
+
+
+def run_start_script(
+    tmp_path: Path, script: str, env: dict[str, str], reply: str, *args: str
+) -> list[str]:
+    """The redis-server argv a start script of deploy/k8s/sentinel ends in, with every sentinel
+    giving `reply` (none answering when empty)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fakes = {
+        "redis-cli": '[ -n "$FAKE_REPLY" ] || exit 1\nprintf "%s\\n" "$FAKE_REPLY"\n',
+        "redis-server": 'printf "%s\\n" "$@" >"$ARGV_FILE"\n',
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    argv_file = tmp_path / "argv"
+    run_env = {
+        **env,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_REPLY": reply,
+        "ARGV_FILE": str(argv_file),
+    }
+    subprocess.run(["sh", str(SENTINEL / script), *args], env=run_env, check=True, timeout=60)
+    return argv_file.read_text().splitlines()
+
+
+def test_the_sentinel_sets_start_scripts_and_configs_run_as_redis_runs_them(
+    tmp_path: Path,
+) -> None:
+    """The start scripts with a stand-in redis-cli (what the sentinels answer) and redis-server
+    (the argv it gets), then the real redis-server with that argv on loopback: a primary that
+    refuses writes until its replica follows it, and a sentinel watching the primary."""
+    docs = manifests("sentinel")
+    redis_env = container_env(
+        pod_containers(manifest("StatefulSet", "txt2img-redis", docs))[0], docs
+    )
+    sentinel_env = container_env(
+        pod_containers(manifest("StatefulSet", "txt2img-sentinel", docs))[0], docs
+    )
+    password = redis_env["REDIS_PASSWORD"]
+    conf = str(SENTINEL / "redis.conf")
+    auth = ["--requirepass", password, "--masterauth", password, "--replica-announce-ip"]
+
+    def redis_argv(pod: int, reply: str = "") -> list[str]:
+        env = {**redis_env, "HOSTNAME": f"txt2img-redis-{pod}"}
+        return run_start_script(tmp_path, "redis.sh", env, reply)
+
+    first = ["--replicaof", "txt2img-redis-0.txt2img-redis", "6379"]
+    # No sentinel knows a primary yet: pod 0 is it, the others follow it.
+    assert redis_argv(0) == [conf, *auth, "txt2img-redis-0.txt2img-redis"]
+    assert redis_argv(2) == [conf, *auth, "txt2img-redis-2.txt2img-redis", *first]
+    assert redis_argv(2, "ERR no such master") == redis_argv(2)
+    # After a failover pod 0 comes back as a replica of the one the sentinels promoted.
+    promoted = "txt2img-redis-1.txt2img-redis\n6379"
+    assert redis_argv(1, promoted) == [conf, *auth, "txt2img-redis-1.txt2img-redis"]
+    assert redis_argv(0, promoted)[-3:] == ["--replicaof", "txt2img-redis-1.txt2img-redis", "6379"]
+
+    processes = []
+
+    def serve(argv: list[str], name: str, *extra: str) -> int:
+        port = free_port()
+        workdir = tmp_path / name
+        workdir.mkdir()
+        flags = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), *extra]
+        process = Process(name, ["redis-server", *argv, *flags], {}, tmp_path / f"{name}.log")
+        processes.append(process.start())
+        wait_until(lambda: port_open(port), 10, f"{name} on port {port}")
+        return port
+
+    try:
+        primary_port = serve(redis_argv(0), "primary")
+        primary = Redis(port=primary_port, password=password, decode_responses=True)
+        assert primary.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        assert primary.config_get("appendonly")["appendonly"] == "yes"
+        with pytest.raises(ResponseError, match="NOREPLICAS"):
+            primary.set("job", "queued")
+        serve(redis_argv(1, f"127.0.0.1\n{primary_port}"), "replica")
+
+        def good_replicas() -> int:
+            return primary.info("replication").get("min_slaves_good_slaves", 0)
+
+        wait_until(lambda: good_replicas() >= 1, 20, "the replica to follow the primary")
+        # What T2I_REDIS_REPLICA_ACKS=1 waits for.
+        assert primary.set("job", "queued") and primary.wait(1, 5000) >= 1
+        sentinel_conf = tmp_path / "sentinel.conf"
+        env = {**sentinel_env, "HOSTNAME": "txt2img-sentinel-0"}
+        argv = run_start_script(
+            tmp_path, "sentinel.sh", env, f"127.0.0.1\n{primary_port}", str(sentinel_conf)
+        )
+        assert argv == [str(sentinel_conf), "--sentinel"]
+        # A restarted container keeps what its sentinel learnt.
+        kept = sentinel_conf.read_text()
+        assert run_start_script(tmp_path, "sentinel.sh", env, "", str(sentinel_conf)) == argv
+        assert sentinel_conf.read_text() == kept
+        sentinel_port = serve(argv, "sentinel")
+        master_name = sentinel_env["T2I_REDIS_SENTINEL_MASTER"]
+
+        def watched() -> dict[str, Any]:
+            client = Redis(port=sentinel_port, decode_responses=True)
+            return client.sentinel_master(master_name)
+
+        assert (watched()["ip"], watched()["port"]) == ("127.0.0.1", primary_port)
+        assert watched()["quorum"] == 2 and watched()["down-after-milliseconds"] == 5000
+        # It has read the primary's INFO (its run id), which takes the password.
+        wait_until(lambda: bool(watched()["runid"]), 10, "the sentinel to read the primary")
+        assert not watched()["is_disconnected"]
+    finally:
+        for process in processes:
+            process.stop()
 
 
 def test_a_stopping_worker_hands_back_its_batch_before_kubernetes_kills_it() -> None:
