@@ -26,6 +26,7 @@ from redis import Redis
 from redis.connection import parse_url
 from redis.exceptions import AuthenticationError, ResponseError
 
+from shared.keyadmin import build_parser
 from shared.probe import PROBES
 from shared.settings import ApiSettings, CoreSettings, WorkerSettings, host_ports
 from tests.support import REPO_ROOT, Process, free_port, port_open, setting_names, wait_until
@@ -585,6 +586,48 @@ def test_the_sentinel_sets_start_scripts_and_configs_run_as_redis_runs_them(
     finally:
         for process in processes:
             process.stop()
+
+
+@cache
+def first_key_job() -> dict[str, Any]:
+    (job,) = kustomize(K8S / "first-api-key")
+    return job
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_first_key_job_matches_the_kubernetes_schemas(version: str) -> None:
+    assert first_key_job()["kind"] == "Job"
+    kubernetes_validate.validate(first_key_job(), version, strict=True)
+
+
+def test_the_first_key_job_runs_a_keyadmin_create_that_its_parser_accepts() -> None:
+    (container,) = pod_containers(first_key_job())
+    argv = [*container["command"], *container.get("args", [])]
+    assert argv[:3] == ["python", "-m", "shared.keyadmin"]
+    parsed = build_parser().parse_args(argv[3:])
+    assert parsed.action == "create" and parsed.name
+    # The API's image (it has shared/ and the key command), as deploy/k8s names it.
+    (api,) = pod_containers(manifest("Deployment", "txt2img-api"))
+    assert container["image"] == api["image"]
+    namespace = manifest("Deployment", "txt2img-api")["metadata"]["namespace"]
+    assert first_key_job()["metadata"]["namespace"] == namespace
+
+
+@pytest.mark.parametrize("components", VARIANTS)
+def test_the_first_key_job_reaches_the_redis_the_api_uses(components: tuple[str, ...]) -> None:
+    """Applied beside any variant, the Job reads the settings the key command needs (where Redis
+    is, under Sentinel too; the key defaults) as the API does."""
+    docs = manifests(*components)
+    (job,) = pod_containers(first_key_job())
+    (api,) = pod_containers(manifest("Deployment", "txt2img-api", docs))
+    needed = {f"T2I_{name.upper()}" for name in CoreSettings.model_fields}
+    needed |= {"T2I_RATE_LIMIT_PER_MIN", "T2I_MAX_RUNNING_PER_KEY"}
+    job_env, api_env = container_env(job, docs), container_env(api, docs)
+    assert {n: v for n, v in job_env.items() if n in needed} == {
+        n: v for n, v in api_env.items() if n in needed
+    }
+    assert "T2I_REDIS_URL" in job_env
+    assert ("T2I_REDIS_SENTINELS" in job_env) == ("sentinel" in components)
 
 
 def test_a_stopping_worker_hands_back_its_batch_before_kubernetes_kills_it() -> None:
