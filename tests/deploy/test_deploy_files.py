@@ -676,6 +676,34 @@ def test_every_worker_pod_shares_one_model_cache_claim_where_its_settings_point(
     assert claim["storageClassName"], "the operator names a class that offers ReadWriteMany"
 
 
+def compose_duration_s(value: str) -> float:
+    """A Compose duration: `1m30s`, `75s`, `10m`, `1h`..."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)", value)
+    assert parts and "".join(n + u for n, u in parts) == value, value
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_compose_stops_each_process_as_gently_as_kubernetes_does() -> None:
+    """Each process gets the stop grace its Kubernetes pod gets, and the worker hands its
+    running batch back before Docker kills it."""
+    pods = {
+        container.get("command", dockerfile_exec_form(dockerfile, "CMD"))[2]: deployment
+        for deployment, container, dockerfile in our_containers()
+    }
+    services = compose_services_built_here()
+    for name, service in services.items():
+        dockerfile = service["build"]["dockerfile"]
+        module = (service.get("command") or dockerfile_exec_form(dockerfile, "CMD"))[2]
+        pod = pods[module]["spec"]["template"]["spec"]
+        grace_s = compose_duration_s(service["stop_grace_period"])
+        assert grace_s == pod["terminationGracePeriodSeconds"], name
+    worker = services["worker"]
+    shutdown_s = float(worker["environment"]["T2I_SHUTDOWN_GRACE_S"])
+    assert 0 < shutdown_s < compose_duration_s(worker["stop_grace_period"])
+    assert shutdown_s > WorkerSettings().shutdown_grace_s, "the default is for development"
+
+
 def test_the_gpu_worker_gets_a_gpu_and_time_to_finish_its_batches() -> None:
     worker = manifest("Deployment", "txt2img-worker")
     pod = worker["spec"]["template"]["spec"]
