@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -871,3 +872,159 @@ def test_compose_redis_config_is_durable_and_needs_the_password(tmp_path: Path) 
     finally:
         server.stop()
     assert "ports" not in redis, "Redis is never published"
+
+
+SYSTEMD = REPO_ROOT / "deploy/systemd"
+# Each unit and the module it runs.
+SYSTEMD_UNITS = {
+    "txt2img-api.service": "api",
+    "txt2img-webhooks.service": "worker.webhooks",
+    "txt2img-worker@.service": "worker",
+}
+GPU_INSTANCES = [str(gpu) for gpu in range(10)]
+
+
+def systemd_unit(name: str) -> dict[str, list[tuple[str, str]]]:
+    """A unit file's sections, each its (key, value) lines in order (keys like Environment= may
+    repeat, which configparser would fold)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    section = None
+    for line in (SYSTEMD / name).read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        assert not line.endswith("\\"), "no continuation lines"
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            assert section not in sections, section
+            sections[section] = []
+            continue
+        key, equals, value = line.partition("=")
+        assert equals and section is not None, line
+        sections[section].append((key.strip(), value.strip()))
+    return sections
+
+
+def unit_value(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> str:
+    (value,) = [v for k, v in unit[section] if k == key]
+    return value
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """An EnvironmentFile: KEY=VALUE lines, comments and blank lines skipped."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith(("#", ";")):
+            name, _, value = line.partition("=")
+            (env[name.strip()],) = shlex.split(value) or [""]
+    return env
+
+
+def unit_environment(name: str, instance: str = "") -> dict[str, str]:
+    """The unit's Environment= lines, %i as the instance."""
+    env = {}
+    for key, value in systemd_unit(name)["Service"]:
+        if key == "Environment":
+            for assignment in shlex.split(value.replace("%i", instance)):
+                variable, _, setting = assignment.partition("=")
+                env[variable] = setting
+    return env
+
+
+def unit_env(name: str, instance: str = "") -> dict[str, str]:
+    """What the unit's process gets: its Environment= lines, then its EnvironmentFile, which
+    systemd lets win; the shipped example stands in for the installed file."""
+    assert Path(unit_value(systemd_unit(name), "Service", "EnvironmentFile")).name == "txt2img.env"
+    return {**unit_environment(name, instance), **env_file(SYSTEMD / "txt2img.env")}
+
+
+def test_systemd_units_run_our_processes_from_the_checkout_and_always_restart_them() -> None:
+    assert {path.name for path in SYSTEMD.glob("*.service")} == set(SYSTEMD_UNITS)
+    for name, module in SYSTEMD_UNITS.items():
+        unit = systemd_unit(name)
+        service = dict(unit["Service"])
+        # `python -m` finds our packages in the working directory, as in the images (WORKDIR).
+        argv = shlex.split(unit_value(unit, "Service", "ExecStart"))
+        assert argv == [f"{service['WorkingDirectory']}/.venv/bin/python", "-m", module], name
+        assert_accepted(["python", *argv[1:]])
+        # The worker exits on purpose (71) for its supervisor to start it again.
+        assert service["Restart"] == "always" and int(service["RestartSec"]) > 0, name
+        assert unit_value(unit, "Unit", "StartLimitIntervalSec") == "0", "restarts never stop"
+        assert service["KillSignal"] == "SIGTERM" and service["User"] != "root"
+        assert unit_value(unit, "Unit", "PartOf") == "txt2img.target"
+        assert unit_value(unit, "Install", "WantedBy") == "txt2img.target"
+    target = systemd_unit("txt2img.target")
+    assert unit_value(target, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_systemd_units_stop_as_gently_as_kubernetes_and_the_worker_hands_back_in_time() -> None:
+    pods = {
+        container.get("command", dockerfile_exec_form(dockerfile, "CMD"))[2]: deployment
+        for deployment, container, dockerfile in our_containers()
+    }
+    for name, module in SYSTEMD_UNITS.items():
+        timeout_s = int(unit_value(systemd_unit(name), "Service", "TimeoutStopSec"))
+        assert (
+            timeout_s == pods[module]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        )
+        if module == "worker":
+            grace_s = float(unit_env(name, "0")["T2I_SHUTDOWN_GRACE_S"])
+            assert WorkerSettings().shutdown_grace_s < grace_s < timeout_s
+
+
+def test_every_t2i_name_the_systemd_files_set_is_a_real_setting() -> None:
+    settings = setting_names()
+    shipped = env_file(SYSTEMD / "txt2img.env")
+    own = set()
+    for name in SYSTEMD_UNITS:
+        names = {n for n in unit_env(name, "0") if n.startswith("T2I_")}
+        assert names <= settings, f"not settings: {sorted(names - settings)}"
+        own |= set(unit_environment(name, "0"))
+    assert {n for n in shipped if n.startswith("T2I_")} <= settings
+    mentioned = set()
+    for path in SYSTEMD.iterdir():
+        mentioned |= _t2i_names(path.read_text())
+    assert mentioned <= settings, f"not settings: {sorted(mentioned - settings)}"
+    # The env file sets nothing a unit sets for itself: it would override the unit's value.
+    assert not set(shipped) & own
+
+
+def test_each_gpu_worker_instance_gets_its_gpu_and_a_metrics_port_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken = {
+        int(unit_env("txt2img-api.service")["T2I_PORT"]),
+        int(unit_env("txt2img-webhooks.service")["T2I_WEBHOOK_METRICS_PORT"]),
+    }
+    for gpu in GPU_INSTANCES:
+        env = unit_env("txt2img-worker@.service", gpu)
+        assert env["CUDA_VISIBLE_DEVICES"] == gpu
+        worker = settings_from(WorkerSettings, env, monkeypatch)
+        assert worker.device == "cuda"
+        assert worker.metrics_port > 1024 and worker.metrics_port not in taken, gpu
+        taken.add(worker.metrics_port)
+        # The cache the instances share is where the units' CacheDirectory puts it.
+        assert worker.model_cache_dir == Path("/var/cache/txt2img")
+        assert Path(env["HF_HOME"]).is_relative_to(worker.model_cache_dir)
+    unit = systemd_unit("txt2img-worker@.service")
+    assert unit_value(unit, "Service", "CacheDirectory") == "txt2img"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_analyze_accepts_the_units(tmp_path: Path) -> None:
+    """systemd's own parser, on copies that run this virtual environment's Python (it refuses an
+    ExecStart that is not there); any complaint about them fails."""
+    for path in SYSTEMD.iterdir():
+        text = path.read_text().replace("/opt/txt2img/.venv/bin/python", sys.executable)
+        (tmp_path / path.name).write_text(text)
+    units = ["txt2img-api.service", "txt2img-webhooks.service", "txt2img.target"]
+    units += [f"txt2img-worker@{gpu}.service" for gpu in GPU_INSTANCES[:2]]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(str(tmp_path / unit) for unit in units)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    complaints = [line for line in result.stderr.splitlines() if str(tmp_path) in line]
+    assert not complaints, complaints
