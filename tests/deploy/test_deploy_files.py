@@ -1,6 +1,8 @@
 """The deployment files, checked offline with no Docker engine and no cluster: the compose file
 against the Compose specification, the Dockerfiles with hadolint, deploy/k8s rendered by
-kustomize against the Kubernetes schemas and KEDA's; every T2I_* name they set is a setting, every
+kustomize (alone and with each optional component) against the Kubernetes schemas and KEDA's, the
+Sentinel set's scripts and configs with the real redis-server, the systemd units with a small
+parser (and systemd-analyze where it is installed); every T2I_* name they set is a setting, every
 command they run is one our processes accept, and the numbers they repeat agree."""
 
 import copy
@@ -170,6 +172,15 @@ def our_containers(docs: Docs | None = None) -> list[tuple[dict[str, Any], dict[
             image = container["image"].rsplit("/", 1)[-1].split(":")[0]
             found.append((doc, container, DOCKERFILES[image]))
     return found
+
+
+def pod_specs_by_module() -> dict[str, dict[str, Any]]:
+    """The default rendering's pod spec for each of our processes, by the module it runs."""
+    pods = {}
+    for deployment, container, dockerfile in our_containers():
+        module = container.get("command", dockerfile_exec_form(dockerfile, "CMD"))[2]
+        pods[module] = deployment["spec"]["template"]["spec"]
+    return pods
 
 
 def compose_services_built_here() -> dict[str, dict[str, Any]]:
@@ -411,18 +422,22 @@ SENTINEL = K8S / "sentinel"
 
 def test_under_sentinel_every_process_finds_the_primary_through_sentinels_that_exist() -> None:
     docs = manifests("sentinel")
-    default = {doc["metadata"]["name"] for doc, _, _ in our_containers()}
-    patched = set()
+    redis_settings = {}
     for deployment, container, _ in our_containers(docs):
         env = container_env(container, docs)
-        addresses = host_ports(env["T2I_REDIS_SENTINELS"])
-        assert env["T2I_REDIS_SENTINEL_MASTER"] and int(env["T2I_REDIS_REPLICA_ACKS"]) >= 1
-        patched.add(deployment["metadata"]["name"])
-    # The API, the GPU workers and the webhook worker all talk to Redis.
-    assert patched == default and len(default) >= 3
+        redis_settings[deployment["metadata"]["name"]] = (
+            env["T2I_REDIS_SENTINELS"],
+            env["T2I_REDIS_SENTINEL_MASTER"],
+            int(env["T2I_REDIS_REPLICA_ACKS"]),
+        )
+    # The API, the GPU workers and the webhook worker all talk to Redis, the same way.
+    default = {deployment["metadata"]["name"] for deployment, _, _ in our_containers()}
+    assert set(redis_settings) == default and len(default) >= 3
+    ((sentinels, master, acks),) = set(redis_settings.values())
+    assert master and acks >= 1
     # Every sentinel pod, each by its name under its headless Service, on the Service's port.
     ordinals = set()
-    for host, port in addresses:
+    for host, port in host_ports(sentinels):
         statefulset, service, ordinal = statefulset_pod_address(host, docs)
         service_port(service, statefulset, port)
         (container,) = pod_containers(statefulset)
@@ -461,22 +476,21 @@ def test_the_sentinel_set_keeps_the_durability_and_replica_acks_the_service_expe
     assert sentinel["sentinel down-after-milliseconds"][0] == master
     lease_s = float(env.get("T2I_LEASE_S", CoreSettings().lease_s))
     assert 2 * int(sentinel["sentinel down-after-milliseconds"][1]) / 1000 < lease_s
+    # The start scripts name each pod by its Service.
+    own_service = {"txt2img-redis": "REDIS_SERVICE", "txt2img-sentinel": "SENTINEL_SERVICE"}
     for statefulset in (redis_set, sentinels):
         (container,) = pod_containers(statefulset)
         assert container["image"] == compose()["services"]["redis"]["image"]
         own = container_env(container, docs)
+        name = statefulset["metadata"]["name"]
+        assert own[own_service[name]] == statefulset["spec"]["serviceName"]
         # Before any sentinel knows a primary: pod 0 of the Redis set, on its Service's port.
         host, port = own["FIRST_PRIMARY"].split()
         first, service, ordinal = statefulset_pod_address(host, docs)
-        assert first is redis_set and ordinal == 0
+        assert first["metadata"]["name"] == "txt2img-redis" and ordinal == 0
         service_port(service, redis_set, int(port))
         # The password the Redis set requires is the one in T2I_REDIS_URL.
         assert own["REDIS_PASSWORD"] == parse_url(env["T2I_REDIS_URL"])["password"]
-    assert (
-        container_env(pod_containers(redis_set)[0], docs)["REDIS_SERVICE"]
-        == (redis_set["spec"]["serviceName"])
-    )
-    assert own["SENTINEL_SERVICE"] == sentinels["spec"]["serviceName"]
 
 
 def run_start_script(
@@ -688,17 +702,13 @@ def compose_duration_s(value: str) -> float:
 def test_compose_stops_each_process_as_gently_as_kubernetes_does() -> None:
     """Each process gets the stop grace its Kubernetes pod gets, and the worker hands its
     running batch back before Docker kills it."""
-    pods = {
-        container.get("command", dockerfile_exec_form(dockerfile, "CMD"))[2]: deployment
-        for deployment, container, dockerfile in our_containers()
-    }
+    pods = pod_specs_by_module()
     services = compose_services_built_here()
     for name, service in services.items():
         dockerfile = service["build"]["dockerfile"]
         module = (service.get("command") or dockerfile_exec_form(dockerfile, "CMD"))[2]
-        pod = pods[module]["spec"]["template"]["spec"]
         grace_s = compose_duration_s(service["stop_grace_period"])
-        assert grace_s == pod["terminationGracePeriodSeconds"], name
+        assert grace_s == pods[module]["terminationGracePeriodSeconds"], name
     worker = services["worker"]
     shutdown_s = float(worker["environment"]["T2I_SHUTDOWN_GRACE_S"])
     assert 0 < shutdown_s < compose_duration_s(worker["stop_grace_period"])
@@ -958,15 +968,10 @@ def test_systemd_units_run_our_processes_from_the_checkout_and_always_restart_th
 
 
 def test_systemd_units_stop_as_gently_as_kubernetes_and_the_worker_hands_back_in_time() -> None:
-    pods = {
-        container.get("command", dockerfile_exec_form(dockerfile, "CMD"))[2]: deployment
-        for deployment, container, dockerfile in our_containers()
-    }
+    pods = pod_specs_by_module()
     for name, module in SYSTEMD_UNITS.items():
         timeout_s = int(unit_value(systemd_unit(name), "Service", "TimeoutStopSec"))
-        assert (
-            timeout_s == pods[module]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-        )
+        assert timeout_s == pods[module]["terminationGracePeriodSeconds"], name
         if module == "worker":
             grace_s = float(unit_env(name, "0")["T2I_SHUTDOWN_GRACE_S"])
             assert WorkerSettings().shutdown_grace_s < grace_s < timeout_s
