@@ -78,13 +78,13 @@ def create_app() -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loops = [asyncio.create_task(loop(services)) for loop in (run_sweeper, run_reaper)]
+        stop = asyncio.Event()
+        loops = [asyncio.create_task(loop(services, stop)) for loop in (run_sweeper, run_reaper)]
         logging.getLogger(__name__).info("API ready; storage backend %s", storage_config.storage)
         yield
-        for task in loops:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        stop.set()
+        # A round in progress finishes (its Redis calls have timeouts); then the loops return.
+        await asyncio.gather(*loops, return_exceptions=True)
         await services.async_redis.aclose()
 
     # Swagger UI and ReDoc from assets the service serves itself: the docs render offline.

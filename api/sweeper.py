@@ -5,6 +5,7 @@ Every API process runs the loops; a Redis lock lets one of them do each round.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from redis.exceptions import RedisError
 
 from api.deps import Services
 from shared.jobstore import utc_now
+from shared.logs import RepeatedFailures
 from shared.metrics import count_finished
 from shared.schema import JobStatus
 from shared.storage import StorageError, job_prefix
@@ -58,14 +60,21 @@ def sweep_once(services: Services) -> tuple[int, int]:
 
 async def _every(
     services: Services,
+    stop: asyncio.Event,
     name: str,
     lock_key: str,
     interval_s: float,
     action: Callable[[], object],
     on_redis_error: Callable[[], None] = lambda: None,
 ) -> None:
-    """Run `action` every `interval_s` in whichever API process takes the round's lock."""
-    while True:
+    """Run `action` every `interval_s` in whichever API process takes the round's lock, until
+    `stop` is set.
+
+    The loop ends on `stop`, not on cancellation: a cancel that lands while `action` runs in the
+    thread pool is absorbed by the pool's shield, and the loop would go on forever.
+    """
+    failures = RepeatedFailures(log, name)
+    while not stop.is_set():
         try:
             lock_ms = max(1, int(interval_s * 900))
             if await services.async_redis.set(lock_key, "1", nx=True, px=lock_ms):
@@ -74,21 +83,25 @@ async def _every(
                     log.info("%s: %s", name, outcome)
         except RedisError as exc:
             on_redis_error()
-            log.warning("%s: Redis unavailable: %s", name, exc)
-        except Exception:
-            log.exception("%s failed; trying again next interval", name)
-        await asyncio.sleep(interval_s)
+            failures.failed(exc, expected=True)
+        except Exception as exc:
+            failures.failed(exc, expected=False)
+        else:
+            failures.succeeded()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
 
 
-async def run_sweeper(services: Services) -> None:
+async def run_sweeper(services: Services, stop: asyncio.Event) -> None:
     def sweep() -> str:
         expired, deleted = sweep_once(services)
         return f"{expired} jobs expired, {deleted} deleted" if expired or deleted else ""
 
-    await _every(services, "sweeper", _SWEEP_LOCK_KEY, services.api.sweep_interval_s, sweep)
+    interval_s = services.api.sweep_interval_s
+    await _every(services, stop, "sweeper", _SWEEP_LOCK_KEY, interval_s, sweep)
 
 
-async def run_reaper(services: Services) -> None:
+async def run_reaper(services: Services, stop: asyncio.Event) -> None:
     def reap() -> str:
         reaped = reaper.reap_once()
         if not (reaped.requeued or reaped.failed or reaped.resent or reaped.pumped):
@@ -100,4 +113,4 @@ async def run_reaper(services: Services) -> None:
 
     reaper = services.reaper
     interval_s = services.api.reap_interval_s
-    await _every(services, "reaper", _REAP_LOCK_KEY, interval_s, reap, reaper.redis_lost)
+    await _every(services, stop, "reaper", _REAP_LOCK_KEY, interval_s, reap, reaper.redis_lost)
