@@ -243,6 +243,12 @@ class ApiSettings(_T2ISettings):
     env: Environment = Environment.DEVELOPMENT
     host: str = Field(default="127.0.0.1", description="API bind address")
     port: int = Field(default=8000, description="API port")
+    instance: str | None = Field(
+        default=None,
+        max_length=200,
+        description="a name `/health` reports, so whoever started the API can tell it from "
+        "another process on the same port (`make run` sets one per start)",
+    )
     max_pixels_per_job: int = Field(
         default=8 * 512 * 512,
         ge=256 * 256,

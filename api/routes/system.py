@@ -38,8 +38,9 @@ _checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ready-check")
 
 
 @router.get("/health", summary="The API process is alive", responses=error_responses())
-def health() -> dict[str, str]:
-    return {"status": "ok"}
+def health(services: ServicesDep) -> dict[str, str]:
+    instance = services.api.instance
+    return {"status": "ok"} if instance is None else {"status": "ok", "instance": instance}
 
 
 @router.get(
