@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# `make run`: Redis (unless T2I_REDIS_URL already answers), a worker, a webhook worker and the API.
-# Ctrl-C, or SIGTERM to make or its process group, stops everything this script started.
+# `make run`: Redis (unless T2I_REDIS_URL already answers), WORKERS render workers (1 unless set),
+# a webhook worker and the API. Every port is checked before anything starts: a taken one stops
+# it, named. Ctrl-C, or SIGTERM to make or its process group, stops everything this script
+# started; a second Ctrl-C kills it all at once.
 set -euo pipefail
 # Each part in a process group of its own: Ctrl-C reaches this script alone, which stops the
 # services first, while Redis still answers them, and Redis last.
@@ -21,7 +23,7 @@ stop_all() {
     stopping=yes
     trap - EXIT
     # A second Ctrl-C does not wait for the jobs in hand.
-    trap 'for group in "${services[@]}" $redis_pid; do kill -KILL -- "-$group"; done' INT
+    trap 'for group in "${services[@]}" $redis_pid; do kill -KILL -- "-$group" 2>/dev/null || true; done' INT
     if ((${#services[@]})); then
         kill -TERM "${services[@]}" 2>/dev/null || true
         wait_for_exit "${services[@]}"
@@ -46,10 +48,24 @@ redis_answers() {
     "$PY" -c 'import os, redis; redis.Redis.from_url(os.environ["T2I_REDIS_URL"], socket_connect_timeout=1).ping()' 2>/dev/null
 }
 
-if ! redis_answers; then
+workers="${WORKERS:-1}"
+if ! [[ $workers =~ ^[1-9][0-9]?$ ]]; then
+    echo "WORKERS=$workers: give a number of render workers from 1 to 99" >&2
+    exit 2
+fi
+# Before anything starts: a taken port fails here, named, instead of in a process's log.
+metrics_ports=$("$PY" -m shared.ports --workers "$workers") || exit 1
+
+if redis_answers; then
+    echo "txt2img-service: using the Redis that answers at $T2I_REDIS_URL"
+else
     read -r host port < <("$PY" -c 'import os, urllib.parse as u; p = u.urlparse(os.environ["T2I_REDIS_URL"]); print(p.hostname, p.port or 6379)')
     if [[ $host != 127.0.0.1 && $host != localhost ]]; then
         echo "Redis at $T2I_REDIS_URL does not answer, and it is not on this machine to start." >&2
+        exit 1
+    fi
+    if why=$("$PY" -c 'import sys; from shared.ports import port_taken; print(port_taken("127.0.0.1", int(sys.argv[1])) or "")' "$port") && [[ -n $why ]]; then
+        echo "port $port on 127.0.0.1 is taken ($why) by something that is not Redis; set T2I_REDIS_URL to a free port" >&2
         exit 1
     fi
     mkdir -p "$T2I_DATA_DIR/redis"
@@ -76,25 +92,49 @@ if [[ ${T2I_ENV:-development} == development ]]; then
     echo "  export T2I_API_KEY=\$(cat $T2I_DATA_DIR/dev-api-key)"
 fi
 
+# The API reports this at /health: the API that answers is the one started here.
+export T2I_INSTANCE="make-run-$$-$RANDOM"
 "$PY" -m api &
 services+=($!)
 "$PY" -m worker.webhooks &
 services+=($!)
-"$PY" -m worker &
-services+=($!)
+if ((workers > 1)) && [[ -z ${T2I_TORCH_THREADS:-} ]]; then
+    # Workers rendering on this machine's CPUs each take their share of the cores.
+    cores=$(getconf _NPROCESSORS_ONLN)
+    export T2I_TORCH_THREADS=$((cores / workers > 0 ? cores / workers : 1))
+fi
+for metrics_port in $metrics_ports; do
+    T2I_METRICS_PORT=$metrics_port "$PY" -m worker &
+    services+=($!)
+done
 
 api_url="http://${T2I_HOST:-127.0.0.1}:${T2I_PORT:-8000}"
-probe_url="${api_url/\/\/0.0.0.0:/\/\/127.0.0.1:}/ready"
-echo "txt2img-service: starting; ready once a worker has loaded its model..."
-# /ready answers 200 once a worker has loaded and warmed its model and takes jobs.
-until "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-    "$probe_url" 2>/dev/null; do
+echo "txt2img-service: starting $workers worker(s); ready once each has loaded its model..."
+# Ready when the API started here answers, and each worker has loaded and warmed its model and
+# takes jobs (a worker's /ready, or the API's /ready for any worker where workers have none).
+until "$PY" - "$api_url" "$T2I_INSTANCE" $metrics_ports <<'PROBE' 2>/dev/null; do
+import json, sys, urllib.request
+api_url, instance, *ports = sys.argv[1:]
+api_url = api_url.replace("//0.0.0.0:", "//127.0.0.1:")
+with urllib.request.urlopen(f"{api_url}/health", timeout=2) as answer:
+    if json.load(answer).get("instance") != instance:
+        sys.exit(3)
+probes = [f"http://127.0.0.1:{port}/ready" for port in ports if port != "0"] or [f"{api_url}/ready"]
+for probe in probes:
+    urllib.request.urlopen(probe, timeout=2)
+PROBE
+    if (($? == 3)); then
+        echo "${api_url} answers, but not as the API this make run started: is another service on port ${T2I_PORT:-8000}?" >&2
+        exit 1
+    fi
     for part in "${services[@]}" $redis_pid; do
         # A part exited before the service was ready (a model that cannot load, say).
         kill -0 "$part" 2>/dev/null || { wait "$part"; exit $?; }
     done
     sleep 0.5
 done
-echo "txt2img-service ready: API on $api_url (docs at /docs, metrics at /metrics); Ctrl-C stops it."
+webhook_port="${T2I_WEBHOOK_METRICS_PORT:-9102}"
+echo "txt2img-service ready: API on $api_url (docs at /docs, metrics at /metrics); worker" \
+    "metrics on port(s)" $metrics_ports"; webhook worker on $webhook_port; Ctrl-C stops it."
 # When any part exits, stop the rest too.
 wait -n

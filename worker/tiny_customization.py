@@ -109,5 +109,8 @@ def ensure_tiny_controlnet(cache_dir: Path) -> Path:
 if __name__ == "__main__":
     # `make run` with the tiny model: build the tiny adapters, print their registry directory.
     from shared.settings import worker_settings
+    from worker.library_logs import route_library_logs
 
+    # Its progress bars would land between the service's log lines (JSON ones too).
+    route_library_logs()
     print(ensure_tiny_loras(worker_settings().model_cache_dir))

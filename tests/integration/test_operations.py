@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -169,11 +170,41 @@ def submit(client: httpx.Client, prompt: str = "a lighthouse", **extra: object) 
 def test_make_run_says_ready_once_when_its_worker_has_loaded_the_model(running: MakeRun) -> None:
     ready_lines = [line for line in running.stdout().splitlines() if READY_LINE in line]
     assert ready_lines == [
-        f"{READY_LINE}: API on {running.api} (docs at /docs, metrics at /metrics); Ctrl-C stops it."
+        f"{READY_LINE}: API on {running.api} (docs at /docs, metrics at /metrics); worker metrics "
+        f"on port(s) {running.metrics_port}; webhook worker on {running.webhook_metrics_port}; "
+        "Ctrl-C stops it."
     ]
+    # The API that answers is the one this make run started.
+    assert httpx.get(f"{running.api}/health").json()["instance"].startswith("make-run-")
     assert httpx.get(f"{running.api}/ready").status_code == 200
     assert httpx.get(f"{running.worker}/ready").status_code == 200
     assert httpx.get(f"{running.webhooks}/ready").status_code == 200
+
+
+@pytest.mark.parametrize("setting", ["T2I_PORT", "T2I_METRICS_PORT", "T2I_WEBHOOK_METRICS_PORT"])
+def test_a_second_make_run_on_a_taken_port_exits_at_once_naming_it(
+    running: MakeRun, workdir: Path, model_cache: Path, setting: str
+) -> None:
+    taken = {
+        "T2I_PORT": running.api_port,
+        "T2I_METRICS_PORT": running.metrics_port,
+        "T2I_WEBHOOK_METRICS_PORT": running.webhook_metrics_port,
+    }[setting]
+    assert running.process.alive()
+    second = start_make_run(
+        workdir / f"make-run-second-{setting}",
+        model_cache,
+        running.process.env["T2I_REDIS_URL"],
+        **{**ports(), setting: str(taken)},
+    )
+    assert second.process.popen is not None
+    exit_code = second.process.popen.wait(10)
+    assert exit_code != 0
+    assert f"port {taken} on 127.0.0.1 is taken" in second.stderr()
+    assert f"set {setting} to a free port" in second.stderr()
+    assert READY_LINE not in second.stdout()
+    # The first one never noticed.
+    assert httpx.get(f"{running.api}/ready").status_code == 200
 
 
 def test_a_job_moves_the_counters_of_the_api_and_of_each_worker(running: MakeRun) -> None:
@@ -342,19 +373,67 @@ def test_sigterm_to_its_process_group_stops_everything_without_a_traceback(
     assert len(shutdowns) == 2  # the render worker and the webhook worker
 
 
-def test_ctrl_c_stops_make_run_and_the_redis_it_started(tmp_path: Path, model_cache: Path) -> None:
-    """Text logs, the default; Redis started by make run itself and stopped last."""
+def _processes_of(data_dir: Path) -> list[int]:
+    """The live processes started with this T2I_DATA_DIR, whatever their process group."""
+    marker = f"T2I_DATA_DIR={data_dir}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def test_ctrl_c_stops_two_workers_and_the_redis_make_run_started(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """Text logs, the default; two workers, each on its own metrics port; Redis started by make
+    run itself and stopped last."""
     redis_port = free_port()
-    run = start_make_run(tmp_path, model_cache, f"redis://127.0.0.1:{redis_port}/0", **ports())
+    run = start_make_run(
+        tmp_path, model_cache, f"redis://127.0.0.1:{redis_port}/0", WORKERS="2", **ports()
+    )
     try:
         run.wait_ready()
         assert port_open(redis_port)
         first_log_line = run.stderr().splitlines()[0]
         assert " INFO " in first_log_line and not first_log_line.startswith("{")
+        # The next free port after the first worker's, past the webhook worker's.
+        [(first, second)] = re.findall(r"worker metrics on port\(s\) (\d+) (\d+);", run.stdout())
+        assert int(first) == run.metrics_port and int(second) > run.metrics_port
+        for port in (first, second):
+            assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
+        with run.client() as client:
+            [model] = client.get("/v1/models").raise_for_status().json()["data"]
+        assert model["workers"] == 2
     finally:
         run.stop(signal.SIGINT)
     output = run.stdout() + run.stderr()
     assert "Traceback" not in output and " ERROR " not in output
-    assert "warm shutdown" in run.stderr()
-    for port in (redis_port, run.api_port, run.metrics_port, run.webhook_metrics_port):
+    assert run.stderr().count("warm shutdown") == 3  # two render workers, the webhook worker
+    for port in (redis_port, run.api_port, int(first), int(second), run.webhook_metrics_port):
+        assert not port_open(port)
+    assert _processes_of(run.data_dir) == []
+
+
+def test_a_second_ctrl_c_while_it_starts_leaves_nothing_behind(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    redis_port = free_port()
+    run = start_make_run(tmp_path, model_cache, f"redis://127.0.0.1:{redis_port}/0", **ports())
+    # Everything started (each process listens before it is ready), nothing ready yet.
+    every_port = (redis_port, run.api_port, run.metrics_port, run.webhook_metrics_port)
+    try:
+        wait_until(lambda: all(map(port_open, every_port)), 120, "every port of make run")
+    finally:
+        assert run.process.popen is not None
+        os.killpg(run.process.popen.pid, signal.SIGINT)
+        # The second while the first is stopping the services.
+        time.sleep(0.3)
+        os.killpg(run.process.popen.pid, signal.SIGINT)
+        run.process.popen.wait(30)
+    wait_until(lambda: _processes_of(run.data_dir) == [], 10, "every process make run started")
+    for port in every_port:
         assert not port_open(port)
