@@ -5,6 +5,8 @@ import contextvars
 import json
 import logging
 import logging.config
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -109,3 +111,56 @@ def configure_logging(settings: LogSettings) -> None:
     logging.config.dictConfig(logging_config(settings))
     # Library warnings become log lines too, so JSON output stays one object a line.
     logging.captureWarnings(True)
+
+
+class RepeatedFailures:
+    """The log of something that fails the same way again and again (a loop while Redis is down,
+    each request during a storage outage): the first failure of a run is logged (with its
+    traceback unless it is an outage we expect), then one line at most every `every_s` while the
+    failures go on, with how many there were, and one line when it works again. Where nothing
+    reports success (requests), a failure after a quiet `every_s` starts a new run."""
+
+    def __init__(self, logger: logging.Logger, what: str, every_s: float = 60.0) -> None:
+        self._log = logger
+        self._what = what
+        self._every_s = every_s
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._unlogged = 0
+        self._last_logged = 0.0
+        self._last_failure = 0.0
+
+    def failed(self, exc: BaseException, *, expected: bool) -> None:
+        """One failure; `expected`: an outage (no traceback), not a fault in our code."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_failure > self._every_s:
+                self._failures = self._unlogged = 0
+            self._last_failure = now
+            self._failures += 1
+            first = self._failures == 1
+            if not first and now - self._last_logged < self._every_s:
+                self._unlogged += 1
+                return
+            unlogged, self._unlogged, self._last_logged = self._unlogged, 0, now
+        if first:
+            self._log.log(
+                logging.WARNING if expected else logging.ERROR,
+                "%s failed: %s",
+                self._what,
+                exc,
+                exc_info=None if expected else exc,
+            )
+        else:
+            self._log.warning(
+                "%s still failing (%d more times since the last line): %s",
+                self._what,
+                unlogged + 1,
+                exc,
+            )
+
+    def succeeded(self) -> None:
+        with self._lock:
+            failures, self._failures, self._unlogged = self._failures, 0, 0
+        if failures:
+            self._log.info("%s works again after %d failures", self._what, failures)

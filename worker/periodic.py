@@ -4,16 +4,24 @@ import logging
 import threading
 from collections.abc import Callable
 
+from redis.exceptions import RedisError
+
+from shared.logs import RepeatedFailures
+
 log = logging.getLogger(__name__)
+
+# Failures that come from outside (Redis or the network down) and end on their own.
+OUTAGES: tuple[type[Exception], ...] = (RedisError, OSError)
 
 
 class Periodic:
-    """Calls `action` every `interval_s`; a failing round is logged and the next one goes on."""
+    """Calls `action` every `interval_s`; a failing round is logged (rate-limited while the
+    failures go on) and the next one goes on."""
 
     def __init__(self, name: str, interval_s: float, action: Callable[[], None]) -> None:
-        self._name = name
         self._interval_s = interval_s
         self._action = action
+        self._failures = RepeatedFailures(log, name)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -28,6 +36,8 @@ class Periodic:
         while not self._stopped.is_set():
             try:
                 self._action()
-            except Exception:
-                log.exception("%s failed; trying again in %s s", self._name, self._interval_s)
+            except Exception as exc:
+                self._failures.failed(exc, expected=isinstance(exc, OUTAGES))
+            else:
+                self._failures.succeeded()
             self._stopped.wait(self._interval_s)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.logs import logging_config, set_current_job
+from shared.logs import RepeatedFailures, logging_config, set_current_job
 from shared.settings import LogSettings
 
 
@@ -62,3 +62,43 @@ def test_per_request_and_per_task_noise_stays_below_info(captured: io.StringIO) 
     logging.getLogger("celery.worker.strategy").info("Task txt2img.render[...] received")
     logging.getLogger("celery.app.trace").error("Task txt2img.render[...] raised unexpected")
     assert captured.getvalue().count("\n") == 1 and "raised unexpected" in captured.getvalue()
+
+
+def test_a_run_of_failures_logs_the_first_then_a_count_at_most_every_interval(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("shared.logs.time.monotonic", lambda: clock[0])
+    failures = RepeatedFailures(logging.getLogger("t2i.test"), "the reaper", every_s=60)
+    caplog.set_level(logging.INFO, logger="t2i.test")
+    for _ in range(480):  # a minute of failures, eight a second
+        failures.failed(ConnectionError("refused"), expected=True)
+        clock[0] += 0.125
+    failures.failed(ConnectionError("refused"), expected=True)
+    failures.succeeded()
+    failures.failed(KeyError("boom"), expected=False)
+    lines = [(record.levelname, record.getMessage(), record.exc_info) for record in caplog.records]
+    assert lines == [
+        ("WARNING", "the reaper failed: refused", None),
+        ("WARNING", "the reaper still failing (480 more times since the last line): refused", None),
+        ("INFO", "the reaper works again after 481 failures", None),
+        ("ERROR", "the reaper failed: 'boom'", lines[-1][2]),
+    ]
+    assert lines[-1][2] is not None  # a fault in the code keeps its traceback
+
+
+def test_where_nothing_reports_success_a_quiet_interval_starts_a_new_run(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [0.0]
+    monkeypatch.setattr("shared.logs.time.monotonic", lambda: clock[0])
+    failures = RepeatedFailures(logging.getLogger("t2i.test"), "Redis, for requests", every_s=60)
+    caplog.set_level(logging.INFO, logger="t2i.test")
+    failures.failed(ConnectionError("down"), expected=True)
+    failures.failed(ConnectionError("down"), expected=True)
+    clock[0] = 3600.0
+    failures.failed(ConnectionError("down again"), expected=True)
+    assert [record.getMessage() for record in caplog.records] == [
+        "Redis, for requests failed: down",
+        "Redis, for requests failed: down again",
+    ]
