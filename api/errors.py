@@ -12,9 +12,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from shared.errors import HTTP_STATUS, ErrorType, ServiceError
-from shared.storage import StorageError
+from shared.logs import RepeatedFailures
+from shared.storage import MissingObject, StorageError
 
 log = logging.getLogger(__name__)
+# During an outage every request fails the same way: a line per request would bury the rest.
+_REDIS_OUTAGE = RepeatedFailures(log, "Redis, for requests")
+_STORAGE_OUTAGE = RepeatedFailures(log, "the image store, for requests")
 
 _TYPE_BY_STATUS = {status: error_type for error_type, status in HTTP_STATUS.items()}
 
@@ -74,10 +78,12 @@ def as_service_error(request: Request, exc: Exception) -> ServiceError:
     if isinstance(exc, StarletteHTTPException):
         return _http_error(request, exc)
     if isinstance(exc, RedisError):
-        log.warning("Redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+        _REDIS_OUTAGE.failed(exc, expected=True)
         return ServiceError(ErrorType.UNAVAILABLE, "the job store is unavailable; retry shortly")
+    if isinstance(exc, MissingObject):
+        return ServiceError(ErrorType.NOT_FOUND, str(exc))
     if isinstance(exc, StorageError):
-        log.warning("storage failed during %s %s: %s", request.method, request.url.path, exc)
+        _STORAGE_OUTAGE.failed(exc, expected=True)
         return ServiceError(ErrorType.UNAVAILABLE, "the image store is unavailable; retry shortly")
     error_id = uuid.uuid4().hex
     log.error(
@@ -98,6 +104,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _answer(request: Request, exc: Exception) -> JSONResponse:
         return error_response(as_service_error(request, exc))
 
-    handled = (ServiceError, RequestValidationError, StarletteHTTPException, RedisError, Exception)
+    # Each expected kind by name: Starlette hands `Exception` to its outermost middleware, which
+    # answers with the handler and then re-raises, so the server logs a traceback.
+    handled = (
+        ServiceError,
+        RequestValidationError,
+        StarletteHTTPException,
+        RedisError,
+        StorageError,
+        Exception,
+    )
     for kind in handled:
         app.add_exception_handler(kind, _answer)

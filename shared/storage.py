@@ -45,11 +45,20 @@ class StorageError(Exception):
     reach clients (a job's error, /ready); the cause, with the details, goes to the logs."""
 
 
+_MISSING = "the image is no longer stored (deleted after its retention, or lost)"
+_S3_MISSING_CODES = frozenset({"NoSuchKey", "404"})
+
+
+class MissingObject(StorageError):
+    """The store answers, and has no such object (deleted after its retention, or lost)."""
+
+
 class ObjectStorage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
     def get(self, key: str) -> bytes:
-        """The object's bytes; StorageError when it is missing or unreachable."""
+        """The object's bytes; MissingObject when it is not there, StorageError when the store
+        cannot be read."""
 
     def download_url(self, key: str, base_url: str) -> str: ...
 
@@ -91,6 +100,8 @@ class LocalStorage:
     def get(self, key: str) -> bytes:
         try:
             return self.path_for(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise MissingObject(_MISSING) from exc
         except OSError as exc:
             raise StorageError(f"reading {key} failed: {exc.strerror}") from exc
 
@@ -185,6 +196,10 @@ class S3Storage:
     def get(self, key: str) -> bytes:
         try:
             return self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in _S3_MISSING_CODES:
+                raise MissingObject(_MISSING) from exc
+            raise StorageError(f"reading {key} failed: {exc}") from exc
         except Exception as exc:
             raise StorageError(f"reading {key} failed: {exc}") from exc
 

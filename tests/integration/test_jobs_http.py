@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 from redis import Redis
 
+from shared.settings import StorageSettings
+from shared.storage import job_prefix, make_storage
 from tests.conftest import FAIL_PROMPT
 from tests.support import Stack, wait_for_job
 from worker.encoding import read_parameters
@@ -59,6 +61,25 @@ def test_submit_poll_and_download_a_png(any_stack: Stack) -> None:
     parameters = png.info["parameters"]
     assert parameters.startswith("a lighthouse at dusk\n")
     assert "Seed: 1234" in parameters and "Size: 320x256" in parameters
+
+
+def test_an_image_no_longer_stored_is_404_and_logs_no_traceback(
+    any_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with any_stack.client() as client:
+        job = render(client, prompt="a paper boat", seed=3)
+        for name, value in any_stack.env.items():
+            monkeypatch.setenv(name, value)
+        settings = StorageSettings()
+        assert make_storage(settings).delete_prefix(job_prefix(settings.key_prefix, job["id"]))
+        assert any_stack.api is not None
+        logged_before = len(any_stack.api.log_path.read_text().splitlines())
+        response = client.get(f"/v1/jobs/{job['id']}/images/0")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["type"] == "not_found"
+    assert "no longer stored" in response.json()["error"]["message"]
+    logged_since = any_stack.api.log_path.read_text().splitlines()[logged_before:]
+    assert not any("Traceback" in line for line in logged_since), logged_since
 
 
 def test_s3_backend_stores_the_object_under_its_job_key(s3_stack: Stack) -> None:
