@@ -1,4 +1,5 @@
-"""Process-level promises: the API stays free of torch; a worker without a model says why."""
+"""Process-level promises: the API stays free of torch; a worker without a model and a process
+without its port say why and exit at once."""
 
 import socket
 import subprocess
@@ -19,15 +20,17 @@ def test_importing_and_building_the_api_loads_no_torch() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def run_until_it_exits(module: str, **env: str) -> subprocess.CompletedProcess:
-    """A worker started with a setting it cannot work with; no Redis answers it."""
+def run_until_it_exits(
+    module: str, timeout_s: float = 120, **env: str
+) -> subprocess.CompletedProcess:
+    """A process started with a setting it cannot work with; no Redis answers it."""
     return subprocess.run(
         [sys.executable, "-m", module],
         cwd=REPO_ROOT,
         env=service_env(T2I_REDIS_URL="redis://127.0.0.1:1/0", **env),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
     )
 
 
@@ -48,3 +51,36 @@ def test_a_worker_whose_metrics_port_is_taken_exits_naming_the_setting() -> None
         result = run_until_it_exits("worker.webhooks", T2I_WEBHOOK_METRICS_PORT=port)
     assert result.returncode == 2
     assert "T2I_WEBHOOK_METRICS_PORT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_api_whose_port_is_taken_exits_at_once_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run_until_it_exits("api", T2I_PORT=port, timeout_s=10)
+    assert result.returncode == 2
+    assert f"127.0.0.1:{port}" in result.stderr and "set T2I_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_api_that_loses_the_race_for_its_port_still_exits(redis_port: int) -> None:
+    """The port taken between the check and uvicorn's bind: the application has started, and
+    must stop, whatever its housekeeping loops are doing."""
+    code = (
+        "import socket, uvicorn; taken = socket.create_server(('127.0.0.1', 0)); "
+        "uvicorn.run('api.app:create_app', factory=True, port=taken.getsockname()[1])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=service_env(
+            T2I_REDIS_URL=f"redis://127.0.0.1:{redis_port}/10", T2I_REAP_INTERVAL_S="0.01"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode != 0
+    assert "address already in use" in result.stderr
+    assert "Application shutdown complete" in result.stderr
