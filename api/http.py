@@ -38,18 +38,24 @@ def _head_cap() -> tuple[int, bytes]:
 
 class CappedHeadProtocol(HttpToolsProtocol):
     """httptools that answers 431 and closes once a request's head passes T2I_MAX_HEADER_BYTES.
-    A module-level class, so uvicorn can hand it to each of its worker processes."""
+    A module-level class, so uvicorn can hand it to each of its worker processes.
+
+    A head ends only at a line feed, so the parser is fed a head one line at a time: every
+    byte up to the head's end is counted, however the bytes were split into writes (a whole
+    head in one write would otherwise be parsed before it could be measured). A body is fed
+    up to its Content-Length, or line by line when chunked (whose message also ends at a line
+    feed), so a pipelined head after it starts a fresh count at its first byte."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_head_bytes, self._refusal = _head_cap()
         self._in_head = True
-        self._head_ended = False
         self._head_bytes = 0
+        self._body_left: int | None = None
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._head_ended = True
+        self._body_left = _content_length(self.headers)
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -58,15 +64,47 @@ class CappedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            return
-        began_in_head, self._head_ended = self._in_head, False
-        super().data_received(data)
-        # Only chunks that begin and end inside a head count: one that ends the head (and may
-        # hold body), or the last chunk of a large body (which ends the message), does not;
-        # the parser never holds more than one chunk extra.
-        if began_in_head and not self._head_ended:
-            self._head_bytes += len(data)
-            if self._head_bytes > self._max_head_bytes:
-                self.transport.write(self._refusal)
-                self.transport.close()
+        start = 0
+        while start < len(data):
+            if self.transport.is_closing() or self.parser is None:
+                return
+            end = self._piece_end(data, start)
+            if self._in_head:
+                self._head_bytes += end - start
+                if self._head_bytes > self._max_head_bytes:
+                    self.transport.write(self._refusal)
+                    self.transport.close()
+                    return
+            elif self._body_left is not None:
+                self._body_left -= end - start
+            super().data_received(data[start:end])
+            # The parser stops at an upgrade and takes nothing after it.
+            if self.parser is not None and self.parser.should_upgrade():
+                return
+            start = end
+
+    def _piece_end(self, data: bytes, start: int) -> int:
+        """Where the next piece to parse ends: never past a head's end or a body's end."""
+        if self._in_head:
+            # One byte past the cap is enough to refuse; a head with no line feed is not read on.
+            limit = min(len(data), start + self._max_head_bytes - self._head_bytes + 1)
+        elif self._body_left is not None and self._body_left > 0:
+            return min(len(data), start + self._body_left)
+        else:
+            limit = len(data)
+        newline = data.find(b"\n", start, limit)
+        return limit if newline < 0 else newline + 1
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body length a head declares; None when chunked or not a number (the parser decides)."""
+    length = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+    return length

@@ -209,6 +209,65 @@ def test_a_huge_request_header_gets_431_without_the_api_holding_it(local_stack: 
     assert _rss_kib(pid) - before < 5 * 1024
 
 
+_HEAD_CAP = 16 * 1024  # T2I_MAX_HEADER_BYTES's default, which the test stacks keep
+
+
+def _head(size: int) -> bytes:
+    """A GET /health head of exactly `size` bytes that asks the server to close after it."""
+    start, end = b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Padding: ", b"\r\n\r\n"
+    return start + b"x" * (size - len(start) - len(end)) + end
+
+
+def _exchange(stack: Stack, writes: list[bytes]) -> str:
+    """Sends each write on one connection and reads until the server closes it."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", stack.api_port), timeout=10) as sock:
+        # The server may close before taking it all: that is the point.
+        with contextlib.suppress(OSError):
+            for write in writes:
+                sock.sendall(write)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    return received.decode(errors="replace")
+
+
+@pytest.mark.parametrize("size", [_HEAD_CAP + 1, 20 * 1024, 100 * 1024])
+def test_a_head_over_the_cap_in_one_write_gets_431(local_stack: Stack, size: int) -> None:
+    reply = _exchange(local_stack, [_head(size)])
+    assert reply.startswith("HTTP/1.1 431"), reply[:200]
+    assert '"headers_too_large"' in reply
+
+
+def test_a_head_over_the_cap_in_many_small_writes_gets_431(local_stack: Stack) -> None:
+    head = _head(20 * 1024)
+    writes = [head[at : at + 100] for at in range(0, len(head), 100)]
+    reply = _exchange(local_stack, writes)
+    assert reply.startswith("HTTP/1.1 431"), reply[:200]
+    assert '"headers_too_large"' in reply
+
+
+@pytest.mark.parametrize("size", [_HEAD_CAP, _HEAD_CAP - 500])
+def test_a_head_at_or_under_the_cap_is_served(local_stack: Stack, size: int) -> None:
+    in_one = _exchange(local_stack, [_head(size)])
+    head = _head(size)
+    in_pieces = _exchange(local_stack, [head[at : at + 1000] for at in range(0, len(head), 1000)])
+    assert in_one.startswith("HTTP/1.1 200"), in_one[:200]
+    assert in_pieces.startswith("HTTP/1.1 200"), in_pieces[:200]
+
+
+def test_a_pipelined_head_over_the_cap_after_a_body_is_refused(local_stack: Stack) -> None:
+    body = b'{"prompt": "a cat"}'
+    post = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    reply = _exchange(local_stack, [post + _head(20 * 1024)])
+    assert "HTTP/1.1 431" in reply, reply[:400]
+    assert "HTTP/1.1 200" not in reply, reply[:400]
+
+
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "shared.keyadmin", *args],
