@@ -44,16 +44,32 @@ class Target:
     addresses: list[str]
 
 
+# RFC 6052's well-known NAT64 prefix: the last 32 bits are the IPv4 address it is routed to.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses that the network routes an IPv6 address by: the mapped address; a
+    Teredo server and client; a 6to4 router; a NAT64 destination."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.teredo is not None:
+        return list(address.teredo)
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address in _NAT64:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
 def _forbidden_reason(address: IpAddress) -> str | None:
-    if isinstance(address, ipaddress.IPv6Address):
-        embedded = (
-            address.ipv4_mapped
-            or address.sixtofour
-            or (address.teredo[1] if address.teredo else None)
-        )
-        if embedded is not None:
-            reason = _forbidden_reason(embedded)
-            return f"{reason} (embedded in {address})" if reason else None
+    if isinstance(address, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(address)):
+        # Judged by what it reaches: every embedded address must be public. The prefix itself
+        # is not (ipaddress calls all of Teredo's 2001::/32 private and NAT64 reserved).
+        for inner in embedded:
+            if reason := _forbidden_reason(inner):
+                return f"{reason} (embedded in {address})"
+        return None
     for label, forbidden in (
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
