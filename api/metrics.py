@@ -48,6 +48,10 @@ JOBS_SUBMITTED = Counter(
     "txt2img_jobs_submitted_total", "Jobs created by POST /v1/jobs (idempotent replays excluded)"
 )
 
+JOBS_DELETED = Counter(
+    "txt2img_jobs_deleted_total", "Jobs deleted with their images after their retention"
+)
+
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
@@ -92,8 +96,9 @@ class HttpMetrics:
 
 
 class QueueCollector(Collector):
-    """Queue depth, each model's backlog and live workers, read from Redis at scrape time (once,
-    whichever process answers), so every API process reports the same numbers."""
+    """Queue depth, each model's backlog, live workers and the retention backlog, read from Redis
+    at scrape time (once, whichever process answers), so every API process reports the same
+    numbers."""
 
     def __init__(
         self, redis: Redis, store: JobStore, settings: CoreSettings, key_labels: bool = False
@@ -111,6 +116,7 @@ class QueueCollector(Collector):
             workers = live_workers(self._redis, max_age_s, time.time())
             backlog = read_backlog(self._store, self._settings, workers)
             per_key = self._jobs_per_key()
+            past_retention, retention_lag_s = self._store.retention_backlog(time.time())
         except RedisError:
             return
         yield GaugeMetricFamily("txt2img_queue_depth", "Jobs waiting for a worker", value=depth)
@@ -122,6 +128,16 @@ class QueueCollector(Collector):
         for model in sorted({worker.model for worker in workers}):
             alive.add_metric([model], sum(worker.model == model for worker in workers))
         yield alive
+        yield GaugeMetricFamily(
+            "txt2img_retention_backlog_jobs",
+            "Jobs past their retention not yet deleted (0 while the sweeper keeps up)",
+            value=past_retention,
+        )
+        yield GaugeMetricFamily(
+            "txt2img_retention_lag_seconds",
+            "How long past its retention the oldest job not yet deleted is (0: none)",
+            value=retention_lag_s,
+        )
 
     def _jobs_per_key(self) -> dict[str, tuple[int, int]]:
         """(queued, running) of every key with either."""

@@ -766,8 +766,15 @@ class JobStore:
     def queue_depth(self) -> int:
         return self._redis.zcard(QUEUE_KEY)
 
-    def oldest_queued(self, count: int) -> list[str]:
-        return [member.decode() for member in self._redis.zrange(QUEUE_KEY, 0, count - 1)]
+    def oldest_queued(self, count: int, start: int = 0) -> list[str]:
+        members = self._redis.zrange(QUEUE_KEY, start, start + count - 1)
+        return [member.decode() for member in members]
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None]:
+        with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(job_key(job_id))
+            return [_decode(raw) if raw else None for raw in pipe.execute()]
 
     def record_completion(self, job_s: float, now: float) -> None:
         """Feed the throughput figures that queue ETAs come from."""
@@ -794,16 +801,33 @@ class JobStore:
         pairs = [member.decode().rpartition(":") for member in members]
         return [(owner if owner != "-" else None, job_id) for owner, _, job_id in pairs]
 
+    def retention_backlog(self, now: float) -> tuple[int, float]:
+        """(jobs past their retention and not yet deleted, how long past it the oldest is)."""
+        before = now - self.retention_s
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zcount(RETENTION_KEY, "-inf", before)
+            pipe.zrange(RETENTION_KEY, 0, 0, withscores=True)
+            count, oldest = pipe.execute()
+        lag = before - oldest[0][1] if oldest else 0.0
+        return count, max(0.0, lag)
+
     def delete(self, owner: str | None, job_id: str) -> None:
+        self.delete_many([(owner, job_id)])
+
+    def delete_many(self, jobs: list[tuple[str | None, str]]) -> None:
+        """Delete these (owner, job id) jobs and every index entry of theirs, in one round trip."""
+        if not jobs:
+            return
         with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(job_key(job_id), events_key(job_id))
-            pipe.zrem(QUEUE_KEY, job_id)
-            pipe.zrem(LEASES_KEY, job_id)
-            pipe.zrem(DISPATCHED_KEY, job_id)
-            pipe.zrem(index_key(owner), job_id)
-            for status in JobStatus:
-                pipe.zrem(status_index_key(owner, status), job_id)
-            pipe.zrem(RETENTION_KEY, _retention_member(owner, job_id))
+            for owner, job_id in jobs:
+                pipe.delete(job_key(job_id), events_key(job_id))
+                pipe.zrem(QUEUE_KEY, job_id)
+                pipe.zrem(LEASES_KEY, job_id)
+                pipe.zrem(DISPATCHED_KEY, job_id)
+                pipe.zrem(index_key(owner), job_id)
+                for status in JobStatus:
+                    pipe.zrem(status_index_key(owner, status), job_id)
+            pipe.zrem(RETENTION_KEY, *(_retention_member(owner, job_id) for owner, job_id in jobs))
             pipe.execute()
 
 
