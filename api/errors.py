@@ -7,18 +7,36 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import iter_route_contexts
+from redis import exceptions as redis_errors
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from shared.errors import HTTP_STATUS, ErrorType, ServiceError
 from shared.logs import RepeatedFailures
+from shared.redisconn import NotReplicated
 from shared.storage import MissingObject, StorageError
 
 log = logging.getLogger(__name__)
 # During an outage every request fails the same way: a line per request would bury the rest.
 _REDIS_OUTAGE = RepeatedFailures(log, "Redis, for requests")
 _STORAGE_OUTAGE = RepeatedFailures(log, "the image store, for requests")
+
+# Redis away, loading, read-only, full, failing over or short of replicas: a retry may work. Any
+# other RedisError (an argument redis-py cannot send, a script that fails) is a fault in our code.
+_REDIS_OUTAGES = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.InvalidResponse,
+    redis_errors.ReadOnlyError,
+    redis_errors.OutOfMemoryError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.WatchError,
+    NotReplicated,
+)
+# The same, from replies that redis-py raises as a plain ResponseError.
+_OUTAGE_REPLY_CODES = frozenset({"MISCONF", "NOREPLICAS", "MASTERDOWN", "BUSY", "LOADING"})
 
 _TYPE_BY_STATUS = {status: error_type for error_type, status in HTTP_STATUS.items()}
 
@@ -68,6 +86,14 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> ServiceError:
     return ServiceError(error_type, str(exc.detail), headers=headers)
 
 
+def _is_redis_outage(exc: Exception) -> bool:
+    if isinstance(exc, _REDIS_OUTAGES):
+        return True
+    if not isinstance(exc, redis_errors.ResponseError):
+        return False
+    return str(exc).split(" ", 1)[0] in _OUTAGE_REPLY_CODES
+
+
 def as_service_error(request: Request, exc: Exception) -> ServiceError:
     """Any exception as the error the client hears; an unexpected one is logged with an id."""
     if isinstance(exc, ServiceError):
@@ -77,7 +103,7 @@ def as_service_error(request: Request, exc: Exception) -> ServiceError:
         return ServiceError(ErrorType.VALIDATION_ERROR, _first_problem(details), details)
     if isinstance(exc, StarletteHTTPException):
         return _http_error(request, exc)
-    if isinstance(exc, RedisError):
+    if _is_redis_outage(exc):
         _REDIS_OUTAGE.failed(exc, expected=True)
         return ServiceError(ErrorType.UNAVAILABLE, "the job store is unavailable; retry shortly")
     if isinstance(exc, MissingObject):

@@ -275,6 +275,11 @@ return sent
 """
 
 
+def _sha1(script: str) -> str:
+    """The name Redis gives a script (EVALSHA's argument)."""
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
 def _script(body: str, worker_max_age_s: float = DEFAULT_WORKER_MAX_AGE_S) -> str:
     script = _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
     script = script.replace("FINISHED_EVENTS_TTL", str(FINISHED_EVENTS_TTL_S))
@@ -859,9 +864,11 @@ class AsyncJobStore:
         self._worker_max_age_s = worker_max_age_s
         self._create_script = _script(TAKE_TOKEN_LUA + _CREATE, worker_max_age_s)
         self._positions_script = _script(POSITIONS_LUA, worker_max_age_s)
-        # Loaded once, not checked before every call as redis-py's pipelined scripts are.
-        self._create_sha: str | None = None
-        self._positions_sha: str | None = None
+        # Redis names a script by the SHA1 of its text, so these never change and no request waits
+        # on a load (nor sees another unset them): a call that finds the scripts gone (a restart,
+        # a failover, SCRIPT FLUSH) sends their text instead, which loads them again.
+        self._create_sha = _sha1(self._create_script)
+        self._positions_sha = _sha1(self._positions_script)
 
     async def create(
         self,
@@ -885,29 +892,34 @@ class AsyncJobStore:
             lane,
             rate_limit,
         )
-        replies = await self._create_and_read(call)
-        if replies is None:
-            # Redis lost its scripts (a restart, a failover): load them again, once.
-            self._create_sha = self._positions_sha = None
-            replies = await self._create_and_read(call)
-        if replies is None or isinstance(replies[0], Exception):
-            raise replies[0] if replies else NoScriptError("the create script is not loaded")
+        replies = await self._create_and_read(call, by_text=False)
+        if isinstance(replies[0], NoScriptError):
+            # The script did not run, so it can run again.
+            replies = await self._create_and_read(call, by_text=True)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
         created = call.outcome(replies[0])
         if not created.created:
             return created, None
+        if isinstance(replies[1], NoScriptError):
+            # Flushed between the two scripts: the job is stored, only its place is still to read.
+            [replies[1]] = await self.positions([call.job_id])
         return created, JobView(record, replies[1], QueueRates.decode(replies))
 
-    async def _create_and_read(self, call: "_CreateCall") -> list[Any] | None:
-        """The create script's reply, the job's queue position and the queue's rates; None when
-        Redis does not know the script."""
-        if self._create_sha is None:
-            self._create_sha = await self._redis.script_load(self._create_script)
-        positions_sha = await self._positions_sha_loaded()
+    async def _create_and_read(self, call: "_CreateCall", by_text: bool) -> list[Any]:
+        """The create script's reply, the job's queue position and the queue's rates, a reply
+        that failed as its exception; `by_text` sends the scripts themselves, not their hashes."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.evalsha(self._create_sha, len(call.keys), *call.keys, *call.args)
+            if by_text:
+                pipe.eval(self._create_script, len(call.keys), *call.keys, *call.args)
+            else:
+                pipe.evalsha(self._create_sha, len(call.keys), *call.keys, *call.args)
             if self._replica_wait is not None:
                 pipe.execute_command("WAIT", *self._replica_wait)
-            pipe.evalsha(positions_sha, 0, call.job_id)
+            if by_text:
+                pipe.eval(self._positions_script, 0, call.job_id)
+            else:
+                pipe.evalsha(self._positions_sha, 0, call.job_id)
             queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
             replies = await pipe.execute(raise_on_error=False)
         if self._replica_wait is not None:
@@ -918,39 +930,31 @@ class AsyncJobStore:
                 raise NotReplicated(
                     f"{acknowledged} of {self._replica_wait[0]} replicas confirmed the new job"
                 )
-        if any(isinstance(reply, NoScriptError) for reply in replies[:2]):
-            return None
         if not isinstance(replies[1], Exception):
             replies[1] = _position(replies[1][0])
         return replies
-
-    async def _positions_sha_loaded(self) -> str:
-        if self._positions_sha is None:
-            self._positions_sha = await self._redis.script_load(self._positions_script)
-        return self._positions_sha
 
     async def positions(self, job_ids: list[str]) -> list[int | None]:
         """Each queued job's place under the fair order (None once it left the queue)."""
         if not job_ids:
             return []
+        return [_position(reply) for reply in await self._positions_of(job_ids)]
+
+    async def _positions_of(self, job_ids: list[str]) -> list[Any]:
         try:
-            replies = await self._redis.evalsha(await self._positions_sha_loaded(), 0, *job_ids)
+            return await self._redis.evalsha(self._positions_sha, 0, *job_ids)
         except NoScriptError:
-            self._positions_sha = None
-            replies = await self._redis.evalsha(await self._positions_sha_loaded(), 0, *job_ids)
-        return [_position(reply) for reply in replies]
+            return await self._redis.eval(self._positions_script, 0, *job_ids)
 
     async def read(self, job_id: str) -> JobView | None:
         """The job, its queue position and the queue's rates, in one round trip."""
-        positions_sha = await self._positions_sha_loaded()
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(job_key(job_id))
-            pipe.evalsha(positions_sha, 0, job_id)
+            pipe.evalsha(self._positions_sha, 0, job_id)
             queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
             replies = await pipe.execute(raise_on_error=False)
         if isinstance(replies[1], NoScriptError):
-            self._positions_sha = None
-            return await self.read(job_id)
+            replies[1] = await self._positions_of([job_id])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
