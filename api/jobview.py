@@ -1,7 +1,5 @@
 """A job as clients see it: signed image URLs, queue position and ETA."""
 
-import time
-
 from api.deps import Services
 from shared.jobstore import JobView, QueueRates
 from shared.schema import JobOut, JobRecord, JobStatus
@@ -26,5 +24,5 @@ def job_out(record: JobRecord, services: Services, base_url: str) -> JobOut:
     rates = QueueRates(None, None, 0)
     if record.status is JobStatus.QUEUED:
         position = services.store.queue_position(record.id)
-        rates = services.store.queue_rates(time.time(), services.core.worker_heartbeat_max_age_s)
+        rates = services.store.queue_rates(services.core.worker_heartbeat_max_age_s)
     return view_out(JobView(record, position, rates), services, base_url)

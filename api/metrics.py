@@ -113,7 +113,7 @@ class QueueCollector(Collector):
         try:
             depth = self._redis.zcard(QUEUE_KEY)
             max_age_s = self._settings.worker_heartbeat_max_age_s
-            workers = live_workers(self._redis, max_age_s, time.time())
+            workers = live_workers(self._redis, max_age_s)
             backlog = read_backlog(self._store, self._settings, workers)
             per_key = self._jobs_per_key()
             past_retention, retention_lag_s = self._store.retention_backlog(time.time())

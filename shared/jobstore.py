@@ -7,7 +7,6 @@ stream and the record never disagree.
 import hashlib
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +18,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import NoScriptError
 
+from shared.clock import NOW_LUA, redis_now
 from shared.fairshare import (
     BACKLOG_LUA,
     BAND_SIZE,
@@ -128,7 +128,7 @@ redis.call('ZADD', KEYS[5], ARGV[2], ARGV[8])
 append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
 if ARGV[9] == '' then
   -- Sent by the caller: from now on the reaper watches for its message.
-  redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
+  redis.call('ZADD', KEYS[8], now_s(), ARGV[1])
 else
   local rank = string.format('%.0f', tonumber(ARGV[12]) * BAND_SIZE + seq)
   redis.call('HSET', KEYS[1], 'lane', cjson.encode(ARGV[9]), 'rank', rank)
@@ -171,15 +171,18 @@ return {0, current}
 """
 
 # KEYS: job, leases, dispatched, reserved high-water. ARGV: job id, worker (JSON), attempt, lease
-# expiry (epoch s). A worker takes one attempt of a queued job that nobody holds.
+# seconds. A worker takes one attempt of a queued job that nobody holds; the lease runs out that
+# long after now by Redis's clock (the reaper judges it by the same clock).
 # Returns {1}, {0} not queued or missing, {-1} another attempt, {-2} held by a worker.
-_RESERVE = """
+_RESERVE = (
+    NOW_LUA
+    + """
 local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker')
 if fields[1] ~= 'queued' then return {0} end
 if tonumber(fields[2]) ~= tonumber(ARGV[3]) then return {-1} end
 if fields[3] and fields[3] ~= 'null' then return {-2} end
 redis.call('HSET', KEYS[1], 'worker', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[2], now_s() + tonumber(ARGV[4]), ARGV[1])
 local sent = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if sent then
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -189,27 +192,32 @@ if sent then
 end
 return {1}
 """
+)
 
-# KEYS: leases, then the n jobs. ARGV: worker (JSON), lease expiry, then n ids and n attempts.
+# KEYS: leases, then the n jobs. ARGV: worker (JSON), lease seconds, then n ids and n attempts.
 # Returns the ids whose lease this worker no longer holds.
-_RENEW = """
+_RENEW = (
+    NOW_LUA
+    + """
 local n = #KEYS - 1
 local lost = {}
+local lease_until = now_s() + tonumber(ARGV[2])
 for i = 1, n do
   local fields = redis.call('HMGET', KEYS[i + 1], 'status', 'worker', 'attempt')
   local live = fields[1] == 'queued' or fields[1] == 'running'
   if live and fields[2] == ARGV[1] and tonumber(fields[3]) == tonumber(ARGV[i + 2 + n]) then
-    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i + 2])
+    redis.call('ZADD', KEYS[1], lease_until, ARGV[i + 2])
   else
     table.insert(lost, ARGV[i + 2])
   end
 end
 return lost
 """
+)
 
 # KEYS: job, events, queue, leases, dispatched, sequence. ARGV: job id, why ('lapsed': its lease
-# ran out; 'lost': its message never reached a worker, sent before ARGV[5]; 'handed_back' by
-# worker ARGV[5]), now (epoch s), retention s, ARGV[5], most retries, then the failure's fields
+# ran out by Redis's clock; 'lost': its message never reached a worker, sent before ARGV[4];
+# 'handed_back' by worker ARGV[4]), retention s, ARGV[4], most retries, then the failure's fields
 # (error, finished_at, event data) for a job past the cap. Starts the next attempt: queued,
 # nobody's, to be sent again. Returns {1, attempt, sent} (sent: 1 when its fair queue sends it,
 # 0 when the caller must), {2, attempt} failed, {0} left alone.
@@ -219,25 +227,25 @@ if f[1] ~= 'queued' and f[1] ~= 'running' then return {0} end
 local why = ARGV[2]
 if why == 'lapsed' then
   local lease = redis.call('ZSCORE', KEYS[4], ARGV[1])
-  if not lease or tonumber(lease) > tonumber(ARGV[3]) then return {0} end
+  if not lease or tonumber(lease) > now_s() then return {0} end
 elseif why == 'lost' then
   if f[1] ~= 'queued' or (f[3] and f[3] ~= 'null') then return {0} end
   local sent = redis.call('ZSCORE', KEYS[5], ARGV[1])
-  if not sent or tonumber(sent) > tonumber(ARGV[5]) then return {0} end
-elseif f[3] ~= ARGV[5] then
+  if not sent or tonumber(sent) > tonumber(ARGV[4]) then return {0} end
+elseif f[3] ~= ARGV[4] then
   return {0}
 end
 local attempt = tonumber(f[2])
 local retries = tonumber(f[4] or '0')
 if why == 'lapsed' then retries = retries + 1 end
 redis.call('ZREM', KEYS[4], ARGV[1])
-if why == 'lapsed' and retries > tonumber(ARGV[6]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'retries', retries, 'error', ARGV[7],
-             'finished_at', ARGV[8])
+if why == 'lapsed' and retries > tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'retries', retries, 'error', ARGV[6],
+             'finished_at', ARGV[7])
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[5], ARGV[1])
   move_status(KEYS[1], ARGV[1], f[1], 'failed')
-  append_event(KEYS[2], 'failed', ARGV[9], ARGV[4])
+  append_event(KEYS[2], 'failed', ARGV[8], ARGV[3])
   pump(fair_moved(KEYS[1], ARGV[1], f[1], 'failed'))
   return {2, attempt}
 end
@@ -248,7 +256,7 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', attempt, 'retries', r
 redis.call('ZADD', KEYS[3], seq, ARGV[1])
 move_status(KEYS[1], ARGV[1], f[1], 'queued')
 local data = cjson.encode({status = 'queued', attempt = attempt, reason = why})
-append_event(KEYS[2], 'queued', data, ARGV[4])
+append_event(KEYS[2], 'queued', data, ARGV[3])
 local lane = fair_moved(KEYS[1], ARGV[1], f[1], 'requeued')
 if lane then
   -- Back in its key's queue at its old place; sent when its turn comes.
@@ -258,7 +266,7 @@ if lane then
   return {1, attempt, 1}
 end
 -- Its new message joins the back of the broker queue, so its position does too.
-redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[5], now_s(), ARGV[1])
 return {1, attempt, 0}
 """
 
@@ -437,28 +445,57 @@ class QueueRates:
 
     @classmethod
     def decode(cls, replies: list[Any]) -> "QueueRates":
-        """From the replies to the commands `queue_rate_reads` queued, in order."""
-        count, first, last, job_s, workers = replies[-_RATE_READS:]
+        """From the replies to what `queue_rate_reads` queued, the last of them."""
+        count, first, last, job_s, workers = replies[-1]
         rate = None
         if count >= 2 and first and last:
-            span = last[0][1] - first[0][1]
+            span = float(last) - float(first)
             if span > 0:
                 rate = (count - 1) / span
         return cls(rate, float(job_s) if job_s is not None else None, int(workers))
 
 
-_RATE_READS = 5
+# KEYS: completions, stats, workers. ARGV: the window s, the worker max age s. The number of
+# completions in the window and the first and last of their times, never the whole window, and
+# the live workers, all by Redis's clock (completions and heartbeats are written by it).
+_RATES = (
+    NOW_LUA
+    + """
+local now = now_s()
+local since = now - tonumber(ARGV[1])
+local count = redis.call('ZCOUNT', KEYS[1], since, '+inf')
+local first = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+local last = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', since, 'WITHSCORES', 'LIMIT', 0, 1)
+local job_s = redis.call('HGET', KEYS[2], 'job_s')
+local workers = redis.call('ZCOUNT', KEYS[3], now - tonumber(ARGV[2]), '+inf')
+return {count, first[2] or false, last[2] or false, job_s, workers}
+"""
+)
+
+# KEYS: completions, stats. ARGV: a member, the job's seconds, the window s, the average's
+# weight, the time it finished (epoch s; '' for now by Redis's clock).
+_RECORD_COMPLETION = (
+    NOW_LUA
+    + """
+local now = tonumber(ARGV[5]) or now_s()
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+local job_s = tonumber(ARGV[2])
+local previous = tonumber(redis.call('HGET', KEYS[2], 'job_s'))
+if previous then
+  local weight = tonumber(ARGV[4])
+  job_s = (1 - weight) * previous + weight * job_s
+end
+redis.call('HSET', KEYS[2], 'job_s', string.format('%.17g', job_s))
+"""
+)
 
 
-def queue_rate_reads(pipe: Any, now: float, worker_max_age_s: float) -> None:
-    """Queue on `pipe` (sync or async) the reads `QueueRates.decode` takes: the number of recent
-    completions and the first and last of them, never the whole window."""
-    since = now - _THROUGHPUT_WINDOW_S
-    pipe.zcount(COMPLETIONS_KEY, since, "+inf")
-    pipe.zrangebyscore(COMPLETIONS_KEY, since, "+inf", start=0, num=1, withscores=True)
-    pipe.zrevrangebyscore(COMPLETIONS_KEY, "+inf", since, start=0, num=1, withscores=True)
-    pipe.hget(STATS_KEY, "job_s")
-    pipe.zcount(WORKERS_KEY, now - worker_max_age_s, "+inf")
+def queue_rate_reads(pipe: Any, worker_max_age_s: float) -> None:
+    """Queue on `pipe` (sync or async) the one read `QueueRates.decode` takes."""
+    keys = (COMPLETIONS_KEY, STATS_KEY, WORKERS_KEY)
+    # The script's text each time: a pipeline cannot load it first, and it is short.
+    pipe.eval(_RATES, len(keys), *keys, _THROUGHPUT_WINDOW_S, worker_max_age_s)
 
 
 @dataclass(frozen=True)
@@ -549,6 +586,7 @@ class JobStore:
         self._positions = redis.register_script(_script(POSITIONS_LUA, worker_max_age_s))
         self._pump = redis.register_script(_script(_PUMP, worker_max_age_s))
         self._backlog = redis.register_script(_script(BACKLOG_LUA, worker_max_age_s))
+        self._record_completion = redis.register_script(_RECORD_COMPLETION)
 
     def create(
         self,
@@ -603,13 +641,13 @@ class JobStore:
         ).applied
 
     def reserve(
-        self, job_id: str, attempt: int, worker: str, lease_until: float, queue: str = ""
+        self, job_id: str, attempt: int, worker: str, lease_s: float, queue: str = ""
     ) -> Reservation:
-        """Hold one attempt of a queued job for `worker` until `lease_until` (renewed while it
-        is held); `queue` is the broker queue its message came from."""
+        """Hold one attempt of a queued job for `worker` for `lease_s` from now by Redis's clock
+        (renewed while it is held); `queue` is the broker queue its message came from."""
         outcome = self._reserve(
             keys=[job_key(job_id), LEASES_KEY, DISPATCHED_KEY, _reserved_high_key(queue)],
-            args=[job_id, json.dumps(worker), attempt, lease_until],
+            args=[job_id, json.dumps(worker), attempt, lease_s],
         )
         return {
             1: Reservation.RESERVED,
@@ -628,18 +666,24 @@ class JobStore:
             started_at=started_at,
         )
 
-    def renew(self, worker: str, lease_until: float, attempts: dict[str, int]) -> set[str]:
-        """Extend the leases of the jobs `worker` holds; the ids it no longer holds."""
+    def renew(self, worker: str, lease_s: float, attempts: dict[str, int]) -> set[str]:
+        """Extend the leases of the jobs `worker` holds to `lease_s` from now by Redis's clock;
+        the ids it no longer holds."""
         if not attempts:
             return set()
         ids = list(attempts)
         lost = self._renew(
             keys=[LEASES_KEY, *(job_key(job_id) for job_id in ids)],
-            args=[json.dumps(worker), lease_until, *ids, *(attempts[job_id] for job_id in ids)],
+            args=[json.dumps(worker), lease_s, *ids, *(attempts[job_id] for job_id in ids)],
         )
         return {job_id.decode() for job_id in lost}
 
+    def now(self) -> float:
+        """Redis's clock, which every lease, heartbeat and send time is written by."""
+        return redis_now(self._redis)
+
     def lapsed_leases(self, now: float, count: int) -> list[str]:
+        """Jobs whose lease ran out by `now` (Redis's clock: `now()`)."""
         return [m.decode() for m in self._redis.zrangebyscore(LEASES_KEY, "-inf", now, 0, count)]
 
     def unreserved_dispatches(self, sent_before: float, count: int) -> list[tuple[str, float]]:
@@ -663,14 +707,14 @@ class JobStore:
         job_id: str,
         reason: RequeueReason,
         *,
-        now: float,
         max_retries: int,
         worker: str = "",
         sent_before: float = 0.0,
     ) -> Requeued:
         """Start the job's next attempt (queued, to be sent again), if `reason` still holds: a
-        lapsed lease (counted as a retry; past `max_retries` the job fails as `worker_lost`), a
-        message sent before `sent_before` that no worker took, or a hand-back by `worker`."""
+        lease lapsed by Redis's clock (counted as a retry; past `max_retries` the job fails as
+        `worker_lost`), a message sent before `sent_before` that no worker took, or a hand-back
+        by `worker`."""
         finished_at = utc_now()
         error = JobError(
             type=JobErrorType.WORKER_LOST,
@@ -689,7 +733,6 @@ class JobStore:
             args=[
                 job_id,
                 reason.value,
-                now,
                 self.retention_s,
                 json.dumps(worker) if reason is RequeueReason.HANDED_BACK else sent_before,
                 max_retries,
@@ -781,23 +824,23 @@ class JobStore:
                 pipe.hgetall(job_key(job_id))
             return [_decode(raw) if raw else None for raw in pipe.execute()]
 
-    def record_completion(self, job_s: float, now: float) -> None:
-        """Feed the throughput figures that queue ETAs come from."""
-        with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(COMPLETIONS_KEY, {uuid.uuid4().hex: now})
-            pipe.zremrangebyscore(COMPLETIONS_KEY, "-inf", now - _THROUGHPUT_WINDOW_S)
-            pipe.hget(STATS_KEY, "job_s")
-            previous = pipe.execute()[-1]
-        average = (
-            job_s
-            if previous is None
-            else ((1 - _EWMA_WEIGHT) * float(previous) + _EWMA_WEIGHT * job_s)
+    def record_completion(self, job_s: float, finished_at: float | None = None) -> None:
+        """Feed the throughput figures that queue ETAs come from; a job that finished now by
+        Redis's clock unless `finished_at` says when."""
+        self._record_completion(
+            keys=[COMPLETIONS_KEY, STATS_KEY],
+            args=[
+                uuid.uuid4().hex,
+                job_s,
+                _THROUGHPUT_WINDOW_S,
+                _EWMA_WEIGHT,
+                "" if finished_at is None else finished_at,
+            ],
         )
-        self._redis.hset(STATS_KEY, "job_s", average)
 
-    def queue_rates(self, now: float, worker_max_age_s: float) -> "QueueRates":
+    def queue_rates(self, worker_max_age_s: float) -> "QueueRates":
         with self._redis.pipeline(transaction=False) as pipe:
-            queue_rate_reads(pipe, now, worker_max_age_s)
+            queue_rate_reads(pipe, worker_max_age_s)
             return QueueRates.decode(pipe.execute())
 
     def expired_for_retention(self, before: float, count: int) -> list[tuple[str | None, str]]:
@@ -920,7 +963,7 @@ class AsyncJobStore:
                 pipe.eval(self._positions_script, 0, call.job_id)
             else:
                 pipe.evalsha(self._positions_sha, 0, call.job_id)
-            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            queue_rate_reads(pipe, self._worker_max_age_s)
             replies = await pipe.execute(raise_on_error=False)
         if self._replica_wait is not None:
             acknowledged = replies.pop(1)
@@ -951,7 +994,7 @@ class AsyncJobStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(job_key(job_id))
             pipe.evalsha(self._positions_sha, 0, job_id)
-            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            queue_rate_reads(pipe, self._worker_max_age_s)
             replies = await pipe.execute(raise_on_error=False)
         if isinstance(replies[1], NoScriptError):
             replies[1] = await self._positions_of([job_id])
@@ -1017,7 +1060,7 @@ class AsyncJobStore:
 
     async def rates(self) -> QueueRates:
         async with self._redis.pipeline(transaction=False) as pipe:
-            queue_rate_reads(pipe, time.time(), self._worker_max_age_s)
+            queue_rate_reads(pipe, self._worker_max_age_s)
             return QueueRates.decode(await pipe.execute())
 
 

@@ -15,6 +15,7 @@ from celery.exceptions import SecurityWarning
 from celery.signals import worker_ready, worker_shutting_down
 from redis import Redis
 
+from shared.clock import redis_now
 from shared.info import WorkerInfo
 from shared.redisconn import broker_sentinel_options, broker_url
 from shared.settings import CoreSettings
@@ -131,9 +132,9 @@ def render_message(
     )
 
 
-def live_worker_count(redis: Redis, max_age_s: float, now: float) -> int:
-    """Workers whose heartbeat is younger than `max_age_s`."""
-    return int(redis.zcount(WORKERS_KEY, now - max_age_s, "+inf"))
+def live_worker_count(redis: Redis, max_age_s: float) -> int:
+    """Workers whose heartbeat is younger than `max_age_s` by Redis's clock, which stamps them."""
+    return int(redis.zcount(WORKERS_KEY, redis_now(redis) - max_age_s, "+inf"))
 
 
 def worker_info_key(name: str) -> str:
@@ -141,8 +142,10 @@ def worker_info_key(name: str) -> str:
     return _WORKER_INFO_PREFIX + name
 
 
-def live_workers(redis: Redis, max_age_s: float, now: float) -> list[WorkerInfo]:
-    """The workers whose heartbeat is younger than `max_age_s`, as they describe themselves."""
+def live_workers(redis: Redis, max_age_s: float) -> list[WorkerInfo]:
+    """The workers whose heartbeat is younger than `max_age_s` by Redis's clock, as they describe
+    themselves."""
+    now = redis_now(redis)
     seen = redis.zrangebyscore(WORKERS_KEY, now - max_age_s, "+inf", withscores=True)
     if not seen:
         return []
@@ -163,9 +166,9 @@ def worker_model(redis: Redis, name: str) -> str | None:
     return None if raw is None else WorkerInfo.model_validate_json(raw).model
 
 
-def live_models(redis: Redis, max_age_s: float, now: float) -> list[str]:
+def live_models(redis: Redis, max_age_s: float) -> list[str]:
     """The models that workers with a heartbeat younger than `max_age_s` serve, sorted."""
-    return sorted({worker.model for worker in live_workers(redis, max_age_s, now)})
+    return sorted({worker.model for worker in live_workers(redis, max_age_s)})
 
 
 def queue_depth(redis: Redis, queue: str) -> int:

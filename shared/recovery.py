@@ -7,7 +7,6 @@ again; a stale message of an old attempt that shows up later is dropped by the w
 """
 
 import logging
-import time
 from dataclasses import dataclass
 
 from redis import Redis
@@ -61,9 +60,15 @@ class Reaper:
         """Redis could not be reached: workers could not renew their leases meanwhile."""
         self._redis_was_lost = True
 
-    def reap_once(self, now: float | None = None) -> Reaped:
+    def reap_once(self) -> Reaped:
         """One round; raises RedisError when Redis cannot be reached."""
-        now = time.time() if now is None else now
+        try:
+            # Leases and send times are written by Redis's clock, so they are judged by it too:
+            # this machine's clock may be seconds off the workers'.
+            now = self._store.now()
+        except RedisError:
+            self.redis_lost()
+            raise
         if self._redis_was_lost:
             self._leases_trusted_from = now + self._settings.lease_s
             self._redis_was_lost = False
@@ -83,7 +88,6 @@ class Reaper:
             outcome = self._store.requeue(
                 job_id,
                 RequeueReason.LAPSED,
-                now=now,
                 max_retries=self._settings.job_max_retries,
             )
             if outcome.attempt is None:
@@ -131,7 +135,6 @@ class Reaper:
             outcome = self._store.requeue(
                 job_id,
                 RequeueReason.LOST,
-                now=now,
                 max_retries=self._settings.job_max_retries,
                 sent_before=sent_at,
             )

@@ -2,18 +2,29 @@
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from redis import Redis
 from redis.exceptions import RedisError
 
+from shared.clock import NOW_LUA
 from shared.info import WorkerInfo
 from shared.queue import WORKERS_KEY, worker_info_key
 
 log = logging.getLogger(__name__)
 
 _FORGET_AFTER_S = 24 * 3600
+
+# KEYS: the live workers. ARGV: this worker, how long a silent worker is remembered. Stamped by
+# Redis's clock, as every API that judges the age of a heartbeat reads it.
+_BEAT = (
+    NOW_LUA
+    + """
+local now = now_s()
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+"""
+)
 
 
 class Heartbeat:
@@ -31,16 +42,15 @@ class Heartbeat:
         # What /info reports about this worker, read anew for each beat (its modules' dtypes
         # are read off the modules themselves).
         self._info = info
+        self._beat = redis.register_script(_BEAT)
 
     def beat(self) -> None:
-        now = time.time()
         try:
             with self._redis.pipeline(transaction=False) as pipe:
                 if self._info is not None:
                     info = self._info().model_dump_json()
                     pipe.set(worker_info_key(self._name), info, ex=_FORGET_AFTER_S)
-                pipe.zadd(WORKERS_KEY, {self._name: now})
-                pipe.zremrangebyscore(WORKERS_KEY, "-inf", now - _FORGET_AFTER_S)
+                self._beat(keys=[WORKERS_KEY], args=[self._name, _FORGET_AFTER_S], client=pipe)
                 pipe.execute()
             if self._after_beat is not None:
                 self._after_beat()

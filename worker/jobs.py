@@ -162,7 +162,7 @@ class JobRunner:
             return
         attempt = record.attempt if attempt is None else attempt
         reservation = self.store.reserve(
-            job_id, attempt, self.leases.worker_name, self.leases.lease_until(), self.queue
+            job_id, attempt, self.leases.worker_name, self.leases.lease_s, self.queue
         )
         if reservation is not Reservation.RESERVED:
             log.info(
@@ -383,7 +383,7 @@ class JobRunner:
         """Throughput figures and the webhook: the job has ended whether or not these work."""
         try:
             if job_s is not None:
-                self.store.record_completion(job_s, time.time())
+                self.store.record_completion(job_s)
             self.webhooks.job_event(record, status)
         except Exception as exc:
             log.warning("bookkeeping after job %s ended failed: %s", record.id, exc)
@@ -408,7 +408,6 @@ class JobRunner:
             requeued = self.store.requeue(
                 job_id,
                 RequeueReason.HANDED_BACK,
-                now=time.time(),
                 max_retries=0,
                 worker=holder.worker,
             )

@@ -2,7 +2,6 @@
 
 import logging
 import threading
-import time
 
 from shared.jobstore import Holder, JobStore
 
@@ -11,7 +10,10 @@ log = logging.getLogger(__name__)
 
 class LeaseKeeper:
     """Tracks the jobs this worker holds and renews their leases; a job whose lease it no longer
-    holds (it lapsed, or the job was canceled, expired or requeued) is marked lost."""
+    holds (it lapsed, or the job was canceled, expired or requeued) is marked lost.
+
+    A lease runs `lease_s` from each renewal by Redis's clock, never this machine's: the reaper
+    that judges it runs elsewhere."""
 
     def __init__(self, store: JobStore, worker_name: str, lease_s: float) -> None:
         self._store = store
@@ -20,9 +22,6 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}
         self._lost: set[str] = set()
-
-    def lease_until(self) -> float:
-        return time.time() + self.lease_s
 
     def hold(self, job_id: str, attempt: int) -> Holder:
         with self._lock:
@@ -46,7 +45,7 @@ class LeaseKeeper:
         """Extend every held lease; raises RedisError when Redis cannot be reached."""
         with self._lock:
             attempts = dict(self._held)
-        lost = self._store.renew(self.worker_name, self.lease_until(), attempts)
+        lost = self._store.renew(self.worker_name, self.lease_s, attempts)
         with self._lock:
             for job_id in lost:
                 if self._held.get(job_id) == attempts[job_id] and job_id not in self._lost:

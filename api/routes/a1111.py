@@ -3,7 +3,6 @@ SillyTavern, scripts and bots) call, answered in its shapes."""
 
 import base64
 import json
-import time
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -406,7 +405,7 @@ def schedulers(caller: BearerOrBasicCallerDep) -> list[Schedule]:
 
 def _live_models(services: Services) -> list[str]:
     max_age_s = services.core.worker_heartbeat_max_age_s
-    return live_models(services.redis, max_age_s, time.time())
+    return live_models(services.redis, max_age_s)
 
 
 @router.get(

@@ -4,7 +4,6 @@ import logging
 import math
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -159,7 +158,7 @@ def _check_model_served(generation: GenerationRequest, services: Services) -> No
     model = generation.model
     if model is None or model == services.core.deployment_model:
         return
-    served = live_models(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    served = live_models(services.redis, services.core.worker_heartbeat_max_age_s)
     if model not in served:
         raise ServiceError(
             ErrorType.VALIDATION_ERROR,
@@ -173,7 +172,7 @@ def _check_control_served(generation: GenerationRequest, services: Services) -> 
     if generation.control is None:
         return
     model = generation.model or services.core.deployment_model
-    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
     offered = {kind for worker in workers if worker.model == model for kind in worker.control_types}
     if generation.control.type not in offered:
         raise ServiceError(

@@ -79,9 +79,7 @@ def ready(
 def _check_redis(services: Services) -> dict[str, str]:
     try:
         services.redis.ping()
-        workers = live_worker_count(
-            services.redis, services.core.worker_heartbeat_max_age_s, time.time()
-        )
+        workers = live_worker_count(services.redis, services.core.worker_heartbeat_max_age_s)
     except RedisError as exc:
         return {"redis": f"unreachable ({type(exc).__name__})", "workers": "unknown"}
     return {"redis": "ok", "workers": f"{workers} alive" if workers else "none alive"}
@@ -102,7 +100,7 @@ def _check_storage(services: Services) -> str:
     responses=error_responses(503),
 )
 def info(services: ServicesDep) -> ServiceInfo:
-    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
     return ServiceInfo(
         version=SERVICE_VERSION,
         models=sorted({worker.model for worker in workers}),
@@ -119,7 +117,7 @@ def info(services: ServicesDep) -> ServiceInfo:
     responses=error_responses(401, 503),
 )
 def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
-    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
     default = services.core.deployment_model
     counts = Counter(worker.model for worker in workers)
     backlog = read_backlog(services.store, services.core, workers).queues
@@ -147,7 +145,7 @@ def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
     responses=error_responses(503),
 )
 def backlog(services: ServicesDep) -> Backlog:
-    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s, time.time())
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
     return read_backlog(services.store, services.core, workers)
 
 

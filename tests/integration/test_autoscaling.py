@@ -168,7 +168,7 @@ def test_the_backlog_counts_every_job_of_each_lane_through_every_move(
     # The window's job starts; another is sent in its place.
     (first,) = redis_client.zrange(ahead_key(QUEUE), 0, -1)
     holder = Holder("render@a.1", 1)
-    store.reserve(first.decode(), 1, holder.worker, time.time() + 60, QUEUE)
+    store.reserve(first.decode(), 1, holder.worker, 60, QUEUE)
     assert read() == truth() == {QUEUE: (6, 0), OTHER_QUEUE: (2, 0)}
     assert store.admit(first.decode(), holder, utc_now()).applied
     assert read() == truth() == {QUEUE: (5, 1), OTHER_QUEUE: (2, 0)}
@@ -185,7 +185,7 @@ def test_the_backlog_counts_every_job_of_each_lane_through_every_move(
     assert read() == truth() == {QUEUE: (3, 1), OTHER_QUEUE: (2, 0)}
     # A lost worker's job goes back to its queue as a new attempt.
     redis_client.zadd(LEASES_KEY, {first.decode(): 0})
-    requeued = store.requeue(first.decode(), RequeueReason.LAPSED, now=time.time(), max_retries=3)
+    requeued = store.requeue(first.decode(), RequeueReason.LAPSED, max_retries=3)
     assert requeued.requeued
     assert read() == truth() == {QUEUE: (4, 0), OTHER_QUEUE: (2, 0)}
     # A Redis written before the lanes kept their keys: the keys are found once.

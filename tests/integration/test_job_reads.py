@@ -121,7 +121,7 @@ def test_queue_rates_come_from_the_window_ends_and_estimate_per_position(
     for finished_at in (now - 10, now - 6, now - 2):
         store.record_completion(4.0, finished_at)
 
-    rates = store.queue_rates(now, worker_max_age_s=30)
+    rates = store.queue_rates(worker_max_age_s=30)
 
     # Three completions eight seconds apart from first to last: two gaps, 0.25 jobs/s.
     assert rates.rate == 0.25

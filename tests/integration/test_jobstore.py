@@ -8,6 +8,7 @@ from pathlib import Path
 from redis import Redis
 
 from shared.jobstore import (
+    DISPATCHED_KEY,
     LEASES_KEY,
     Holder,
     JobStore,
@@ -51,7 +52,7 @@ def test_only_one_of_many_concurrent_reservations_wins(redis_client: Redis) -> N
     with ThreadPoolExecutor(16) as pool:
         results = list(
             pool.map(
-                lambda n: store.reserve(record.id, 1, f"render@w.{n}", time.time() + 60),
+                lambda n: store.reserve(record.id, 1, f"render@w.{n}", 60),
                 range(32),
             )
         )
@@ -65,7 +66,7 @@ def test_a_terminal_job_never_changes(redis_client: Redis) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
     holder = Holder("render@a.1", 1)
-    store.reserve(record.id, 1, holder.worker, time.time() + 60)
+    store.reserve(record.id, 1, holder.worker, 60)
     assert store.transition(record.id, JobStatus.CANCELED).applied
     late = store.admit(record.id, holder, utc_now())
     assert (late.applied, late.previous) == (False, JobStatus.CANCELED)
@@ -80,7 +81,7 @@ def test_fields_are_written_with_the_transition(redis_client: Redis) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
     started, holder = utc_now(), Holder("render@a.1", 1)
-    store.reserve(record.id, 1, holder.worker, time.time() + 60)
+    store.reserve(record.id, 1, holder.worker, 60)
     assert store.admit(record.id, holder, started).applied
     assert store.update_progress(record.id, holder, step=2, total=4).applied
     job = store.get(record.id)
@@ -124,9 +125,9 @@ def test_every_write_of_an_attempt_is_fenced_on_its_worker_and_attempt(
         Holder("render@b.2", 1),
         Holder("render@a.1", 2),
     )
-    assert store.reserve(record.id, 2, owner.worker, time.time() + 60) is Reservation.OTHER_ATTEMPT
-    assert store.reserve(record.id, 1, owner.worker, time.time() + 60) is Reservation.RESERVED
-    assert store.reserve(record.id, 1, intruder.worker, time.time() + 60) is Reservation.HELD
+    assert store.reserve(record.id, 2, owner.worker, 60) is Reservation.OTHER_ATTEMPT
+    assert store.reserve(record.id, 1, owner.worker, 60) is Reservation.RESERVED
+    assert store.reserve(record.id, 1, intruder.worker, 60) is Reservation.HELD
     assert store.get(record.id).status is JobStatus.QUEUED
     assert not store.admit(record.id, intruder, utc_now()).applied
     assert store.admit(record.id, owner, utc_now()).applied
@@ -141,31 +142,32 @@ def test_every_write_of_an_attempt_is_fenced_on_its_worker_and_attempt(
 def test_a_lapsed_lease_starts_a_new_attempt_until_the_retry_cap(redis_client: Redis) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
-    now = time.time()
     first = Holder("render@killed.1", 1)
-    store.reserve(record.id, 1, first.worker, now + 60)
+    store.reserve(record.id, 1, first.worker, 0.5)
     store.admit(record.id, first, utc_now())
-    assert store.lapsed_leases(now, 10) == []
-    assert not store.requeue(record.id, RequeueReason.LAPSED, now=now, max_retries=1).requeued
+    assert store.lapsed_leases(store.now(), 10) == []
+    assert not store.requeue(record.id, RequeueReason.LAPSED, max_retries=1).requeued
 
-    later = now + 61
-    assert store.lapsed_leases(later, 10) == [record.id]
-    again = store.requeue(record.id, RequeueReason.LAPSED, now=later, max_retries=1)
+    time.sleep(0.6)
+    assert store.lapsed_leases(store.now(), 10) == [record.id]
+    again = store.requeue(record.id, RequeueReason.LAPSED, max_retries=1)
     assert (again.requeued, again.attempt) == (True, 2)
     job = store.get(record.id)
     assert (job.status, job.attempt, job.retries, job.worker) == (JobStatus.QUEUED, 2, 1, None)
     assert store.queue_position(record.id) == 0
     # The lost worker can no longer write, and its old message no longer reserves.
     assert not store.transition(record.id, JobStatus.SUCCEEDED, holder=first).applied
-    assert store.reserve(record.id, 1, "render@b.2", later) is Reservation.OTHER_ATTEMPT
+    assert store.reserve(record.id, 1, "render@b.2", 60) is Reservation.OTHER_ATTEMPT
 
     second = Holder("render@b.2", 2)
-    assert store.reserve(record.id, 2, second.worker, later + 1) is Reservation.RESERVED
-    failed = store.requeue(record.id, RequeueReason.LAPSED, now=later + 2, max_retries=1)
+    # A lease that has run out the moment it is written.
+    assert store.reserve(record.id, 2, second.worker, -1) is Reservation.RESERVED
+    failed = store.requeue(record.id, RequeueReason.LAPSED, max_retries=1)
     assert (failed.failed, failed.attempt) == (True, 2)
     job = store.get(record.id)
     assert job.status is JobStatus.FAILED and job.error.type is JobErrorType.WORKER_LOST
-    assert store.queue_position(record.id) is None and store.lapsed_leases(later + 9, 10) == []
+    later = store.now() + 9
+    assert store.queue_position(record.id) is None and store.lapsed_leases(later, 10) == []
 
 
 def test_renewing_extends_held_leases_and_names_the_jobs_no_longer_held(
@@ -173,15 +175,17 @@ def test_renewing_extends_held_leases_and_names_the_jobs_no_longer_held(
 ) -> None:
     store = JobStore(redis_client, retention_s=600)
     kept, canceled = _queued(store), _queued(store)
-    worker, now = "render@a.1", time.time()
+    worker = "render@a.1"
     for record in (kept, canceled):
-        store.reserve(record.id, 1, worker, now + 5)
+        store.reserve(record.id, 1, worker, 5)
     store.transition(canceled.id, JobStatus.CANCELED)
-    lost = store.renew(worker, now + 50, {kept.id: 1, canceled.id: 1})
+    before = store.now()
+    lost = store.renew(worker, 50, {kept.id: 1, canceled.id: 1})
     assert lost == {canceled.id}
-    assert redis_client.zscore(LEASES_KEY, kept.id) == now + 50
-    assert store.renew("render@other.2", now + 90, {kept.id: 1}) == {kept.id}
-    assert store.renew(worker, now + 90, {kept.id: 2}) == {kept.id}
+    # Fifty seconds from the renewal by Redis's clock.
+    assert before + 50 <= redis_client.zscore(LEASES_KEY, kept.id) <= store.now() + 50
+    assert store.renew("render@other.2", 90, {kept.id: 1}) == {kept.id}
+    assert store.renew(worker, 90, {kept.id: 2}) == {kept.id}
 
 
 def test_a_job_whose_message_never_came_is_found_and_sent_again(redis_client: Redis) -> None:
@@ -189,36 +193,31 @@ def test_a_job_whose_message_never_came_is_found_and_sent_again(redis_client: Re
     passed_over, taken = _queued(store), _queued(store)
     [(first_id, sent_at), (second_id, _)] = store.unreserved_dispatches(time.time() + 1, 10)
     assert (first_id, second_id) == (passed_over.id, taken.id)
-    store.reserve(taken.id, 1, "render@a.1", time.time() + 60)
+    store.reserve(taken.id, 1, "render@a.1", 60)
     assert store.latest_reserved_dispatch() >= sent_at
     assert store.unreserved_dispatches(time.time() + 1, 10) == [(passed_over.id, sent_at)]
     too_early = store.requeue(
-        passed_over.id, RequeueReason.LOST, now=time.time(), max_retries=0, sent_before=sent_at - 1
+        passed_over.id, RequeueReason.LOST, max_retries=0, sent_before=sent_at - 1
     )
     assert not too_early.requeued
-    resent = store.requeue(
-        passed_over.id, RequeueReason.LOST, now=time.time(), max_retries=0, sent_before=sent_at
-    )
+    resent = store.requeue(passed_over.id, RequeueReason.LOST, max_retries=0, sent_before=sent_at)
     assert (resent.requeued, resent.attempt) == (True, 2)
     assert store.get(passed_over.id).retries == 0
     # A reserved job is never taken for lost.
     assert not store.requeue(
-        taken.id, RequeueReason.LOST, now=time.time(), max_retries=0, sent_before=time.time()
+        taken.id, RequeueReason.LOST, max_retries=0, sent_before=time.time()
     ).requeued
 
 
 def test_a_handed_back_job_is_queued_again_without_counting_a_retry(redis_client: Redis) -> None:
     store = JobStore(redis_client, retention_s=600)
     record = _queued(store)
-    store.reserve(record.id, 1, "render@stopping.1", time.time() + 60)
-    other = store.requeue(
-        record.id, RequeueReason.HANDED_BACK, now=time.time(), max_retries=0, worker="render@b.2"
-    )
+    store.reserve(record.id, 1, "render@stopping.1", 60)
+    other = store.requeue(record.id, RequeueReason.HANDED_BACK, max_retries=0, worker="render@b.2")
     assert not other.requeued
     back = store.requeue(
         record.id,
         RequeueReason.HANDED_BACK,
-        now=time.time(),
         max_retries=0,
         worker="render@stopping.1",
     )
@@ -246,7 +245,7 @@ def test_the_reaper_judges_lost_messages_per_model_queue(
         "images",
         Webhooks(redis_client, make_celery(core), WebhookSettings(), 600),
     )
-    start = utc_now() - timedelta(seconds=100)
+    start, sent_from = utc_now() - timedelta(seconds=100), store.now() - 100
 
     def queued(model: str, seconds_later: float) -> JobRecord:
         record = JobRecord(
@@ -256,16 +255,18 @@ def test_the_reaper_judges_lost_messages_per_model_queue(
             request=GenerationRequest(prompt="a cat", seed=1, model=model),
         )
         store.create(record)
+        # Sent that long ago by Redis's clock, which stamps every send.
+        redis_client.zadd(DISPATCHED_KEY, {record.id: sent_from + seconds_later})
         return record
 
     other_queue = render_queue(core, "other")
     waiting = queued("other", 0)
     redis_client.rpush(other_queue, "a message ahead of it")
     later_default = queued("tiny", 50)
-    store.reserve(later_default.id, 1, "render@default.1", time.time() + 60, core.queue_name)
+    store.reserve(later_default.id, 1, "render@default.1", 60, core.queue_name)
     assert reaper.reap_once().resent == 0 and sent == []
 
     later_other = queued("other", 50)
-    store.reserve(later_other.id, 1, "render@other.1", time.time() + 60, other_queue)
+    store.reserve(later_other.id, 1, "render@other.1", 60, other_queue)
     assert reaper.reap_once().resent == 1
     assert sent == [(waiting.id, 2)]

@@ -282,9 +282,9 @@ def test_a_lapsed_lease_is_requeued_and_finished_a_live_one_left_and_a_stale_mes
     redis = Redis.from_url(serial_stack.env["T2I_REDIS_URL"])
     store = JobStore(redis, retention_s=600)
     owner = serial_stack.api_key.split("_")[1]
-    leases = {"render@killed.9": time.time() - 1, "render@elsewhere.1": time.time() + 600}
+    leases = {"render@killed.9": -1, "render@elsewhere.1": 600}
     jobs = {}
-    for worker, lease_until in leases.items():
+    for worker, lease_s in leases.items():
         record = JobRecord(
             id=new_job_id(),
             owner=owner,
@@ -293,7 +293,7 @@ def test_a_lapsed_lease_is_requeued_and_finished_a_live_one_left_and_a_stale_mes
             request=GenerationRequest(prompt=f"held by {worker}", seed=3, **QUICK),
         )
         store.create(record)
-        assert store.reserve(record.id, 1, worker, lease_until) is Reservation.RESERVED
+        assert store.reserve(record.id, 1, worker, lease_s) is Reservation.RESERVED
         assert store.admit(record.id, Holder(worker, 1), utc_now()).applied
         jobs[worker] = record.id
     dead, live = jobs["render@killed.9"], jobs["render@elsewhere.1"]
