@@ -4,7 +4,7 @@ image, image-to-image, inpainting, ControlNet) but run inside the core's one loo
 keeps the modules' dtype, the compiled UNet and the adapters in their slots."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from PIL.Image import Image
 from worker.controlnet import load_controlnets
 from worker.pipeline import Denoising, DiffusionRenderer, JobKind, SpeedLevers, Start, resized
 from worker.render_types import RenderBatch, RenderItem
+from worker.simulated import SimulatedRenderer, is_simulated
 
 
 def _given(image: Image | None) -> Image:
@@ -233,6 +234,9 @@ def load_renderer(
 ) -> DiffusionRenderer:
     """A render core serving every kind of job, with these ControlNets (by control type: a hub
     id or directory, or "tiny"), in the core's dtype on its device."""
+    if is_simulated(model_id):
+        # A benchmark aid (worker/simulated.py): sleeps for the render, loads no model.
+        return cast(DiffusionRenderer, SimulatedRenderer(model_id))
     renderer = DiffusionRenderer.load(model_id, cache_dir, device, levers, **options)
     loaded = load_controlnets(controlnets or {}, cache_dir, renderer.dtype, renderer.device)
     renderer.kinds = standard_kinds(loaded)
