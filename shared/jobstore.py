@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum, StrEnum
 from typing import Any
@@ -28,8 +28,7 @@ from shared.fairshare import (
     fair_lua,
 )
 from shared.queue import WORKERS_KEY
-from shared.ratelimit import TAKE_TOKEN_LUA, bucket_key
-from shared.redisconn import NotReplicated
+from shared.ratelimit import PEEK_TOKENS_LUA, TAKE_TOKEN_LUA, bucket_key
 from shared.schema import (
     ALLOWED_TRANSITIONS,
     TERMINAL_STATES,
@@ -103,17 +102,18 @@ end
 # capacity (0: no limit) and tokens per second, the job's priority band, then field/value pairs.
 # A job with a lane waits in its key's fair queue; the broker gets it when its turn comes.
 # Returns {1, seq, tokens}, {0, existing idempotency value, tokens}, {-1, depth, tokens} when the
-# queue is full, or {-2, 0, tokens} when the bucket is empty (tokens: left in the bucket).
+# queue is full, or {-2, 0, tokens} when the bucket is empty (tokens: left in the bucket; a replay
+# spends none).
 _CREATE = """
 local tokens = ''
+if ARGV[4] ~= '' then
+  local existing = redis.call('GET', KEYS[7])
+  if existing then return {0, existing, tokens} end
+end
 if tonumber(ARGV[10]) > 0 then
   local allowed, left = take_token(KEYS[11], tonumber(ARGV[10]), tonumber(ARGV[11]))
   tokens = tostring(left)
   if allowed == 0 then return {-2, 0, tokens} end
-end
-if ARGV[4] ~= '' then
-  local existing = redis.call('GET', KEYS[7])
-  if existing then return {0, existing, tokens} end
 end
 local depth = redis.call('ZCARD', KEYS[3])
 if depth >= tonumber(ARGV[7]) then return {-1, depth, tokens} end
@@ -136,6 +136,27 @@ else
   pump(fair_enqueue(KEYS[1], ARGV[1]))
 end
 return {1, seq, tokens}
+"""
+
+# KEYS: idempotency key, the owner's rate-limit bucket. ARGV: '1' when the request has an
+# idempotency key, the bucket's capacity (0: no limit) and tokens per second. What a submission
+# may do before its input images are fetched: {0, existing idempotency value, tokens} replays an
+# earlier job and spends nothing; {1, '', tokens} spent a token; {-2, '', tokens} the bucket is
+# empty (tokens: left in the bucket, '' with no limit).
+_ADMIT = """
+local capacity = tonumber(ARGV[2])
+if ARGV[1] == '1' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then
+    local tokens = ''
+    if capacity > 0 then tokens = tostring(peek_tokens(KEYS[2], capacity, tonumber(ARGV[3]))) end
+    return {0, existing, tokens}
+  end
+end
+if capacity == 0 then return {1, '', ''} end
+local allowed, left = take_token(KEYS[2], capacity, tonumber(ARGV[3]))
+if allowed == 0 then return {-2, '', tostring(left)} end
+return {1, '', tostring(left)}
 """
 
 # KEYS: job, events, queue, leases, dispatched. ARGV: job id, event type, event data,
@@ -397,6 +418,17 @@ class Created:
     fingerprint: str
     # Left in the caller's bucket, when a rate limit was spent.
     tokens_left: float | None = None
+    # False when fewer replicas than asked confirmed the new job in time: it is on the primary only.
+    replicated: bool = True
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A submission that may go on: a token spent, or (`earlier` set) none, for the job an earlier
+    POST with the same idempotency key made."""
+
+    tokens_left: float | None
+    earlier: Created | None = None
 
 
 class QueueFull(Exception):
@@ -900,7 +932,8 @@ class AsyncJobStore:
         replica_wait: tuple[int, int] | None = None,
     ) -> None:
         """`replica_wait`: the replicas and milliseconds of the WAIT that follows a new job
-        before it is answered (`redisconn.wait_args`); NotReplicated when it falls short."""
+        before it is answered (`redisconn.wait_args`); `Created.replicated` says whether it was
+        met."""
         self._redis = redis
         self.retention_s = retention_s
         self._replica_wait = replica_wait
@@ -912,6 +945,28 @@ class AsyncJobStore:
         # a failover, SCRIPT FLUSH) sends their text instead, which loads them again.
         self._create_sha = _sha1(self._create_script)
         self._positions_sha = _sha1(self._positions_script)
+        self._admit_script = TAKE_TOKEN_LUA + PEEK_TOKENS_LUA + _ADMIT
+        self._admit_sha = _sha1(self._admit_script)
+
+    async def admit(
+        self, owner: str | None, idempotency_key: str | None, rate_limit: RateLimit
+    ) -> Admitted:
+        """Before anything costly: the job an earlier POST with this idempotency key made, if any
+        (spending no token), or else a token of the caller's bucket spent. Raises RateLimited."""
+        keys = [_idempotency_key(owner, idempotency_key or ""), bucket_key(rate_limit.key_id)]
+        args = ["1" if idempotency_key else "0", rate_limit.per_minute, rate_limit.per_minute / 60]
+        try:
+            reply = await self._redis.evalsha(self._admit_sha, len(keys), *keys, *args)
+        except NoScriptError:
+            reply = await self._redis.eval(self._admit_script, len(keys), *keys, *args)
+        outcome, value, left = reply
+        tokens = float(left) if left else None
+        if outcome == -2:
+            raise RateLimited(float(left))
+        if outcome == 1:
+            return Admitted(tokens)
+        earlier = json.loads(value)
+        return Admitted(tokens, Created(False, earlier["job_id"], earlier["fingerprint"], tokens))
 
     async def create(
         self,
@@ -920,12 +975,12 @@ class AsyncJobStore:
         fingerprint: str,
         max_queue_depth: int,
         lane: str,
-        rate_limit: RateLimit,
+        rate_limit: RateLimit | None,
     ) -> tuple[Created, JobView | None]:
-        """Spend a token of the caller's bucket, store a new queued job in its key's fair queue
-        of `lane` (sent to that broker queue at once if its turn has come), all in one script;
-        in the same round trip, what its answer shows (None unless it was created). Raises
-        RateLimited or QueueFull."""
+        """Spend a token of the caller's bucket (none with no `rate_limit`: `admit` spent it),
+        store a new queued job in its key's fair queue of `lane` (sent to that broker queue at
+        once if its turn has come), all in one script; in the same round trip, what its answer
+        shows (None unless it was created). Raises RateLimited or QueueFull."""
         call = _CreateCall.of(
             record,
             idempotency_key,
@@ -935,23 +990,26 @@ class AsyncJobStore:
             lane,
             rate_limit,
         )
-        replies = await self._create_and_read(call, by_text=False)
+        replies, replicated = await self._create_and_read(call, by_text=False)
         if isinstance(replies[0], NoScriptError):
             # The script did not run, so it can run again.
-            replies = await self._create_and_read(call, by_text=True)
+            replies, replicated = await self._create_and_read(call, by_text=True)
         if isinstance(replies[0], Exception):
             raise replies[0]
         created = call.outcome(replies[0])
         if not created.created:
             return created, None
+        if not replicated:
+            created = replace(created, replicated=False)
         if isinstance(replies[1], NoScriptError):
             # Flushed between the two scripts: the job is stored, only its place is still to read.
             [replies[1]] = await self.positions([call.job_id])
         return created, JobView(record, replies[1], QueueRates.decode(replies))
 
-    async def _create_and_read(self, call: "_CreateCall", by_text: bool) -> list[Any]:
+    async def _create_and_read(self, call: "_CreateCall", by_text: bool) -> tuple[list[Any], bool]:
         """The create script's reply, the job's queue position and the queue's rates, a reply
-        that failed as its exception; `by_text` sends the scripts themselves, not their hashes."""
+        that failed as its exception, and whether the replicas asked for confirmed it; `by_text`
+        sends the scripts themselves, not their hashes."""
         async with self._redis.pipeline(transaction=False) as pipe:
             if by_text:
                 pipe.eval(self._create_script, len(call.keys), *call.keys, *call.args)
@@ -965,17 +1023,17 @@ class AsyncJobStore:
                 pipe.evalsha(self._positions_sha, 0, call.job_id)
             queue_rate_reads(pipe, self._worker_max_age_s)
             replies = await pipe.execute(raise_on_error=False)
+        replicated = True
         if self._replica_wait is not None:
             acknowledged = replies.pop(1)
             if isinstance(acknowledged, Exception):
                 raise acknowledged
-            if acknowledged < self._replica_wait[0] and not isinstance(replies[0], Exception):
-                raise NotReplicated(
-                    f"{acknowledged} of {self._replica_wait[0]} replicas confirmed the new job"
-                )
+            # Short of it the job is still on the primary, which answers for it: refusing it
+            # would make a client without an idempotency key submit it again.
+            replicated = acknowledged >= self._replica_wait[0]
         if not isinstance(replies[1], Exception):
             replies[1] = _position(replies[1][0])
-        return replies
+        return replies, replicated
 
     async def positions(self, job_ids: list[str]) -> list[int | None]:
         """Each queued job's place under the fair order (None once it left the queue)."""

@@ -25,6 +25,18 @@ end
 """
 
 
+# Beside TAKE_TOKEN_LUA: the tokens a bucket holds now, spending none and writing nothing.
+PEEK_TOKENS_LUA = """
+local function peek_tokens(bucket, capacity, rate)
+  local now_parts = redis.call('TIME')
+  local now = tonumber(now_parts[1]) + tonumber(now_parts[2]) / 1e6
+  local tokens = tonumber(redis.call('HGET', bucket, 'tokens') or capacity)
+  local last = tonumber(redis.call('HGET', bucket, 'at') or now)
+  return math.min(capacity, tokens + math.max(0, now - last) * rate)
+end
+"""
+
+
 def bucket_key(key_id: str) -> str:
     return f"t2i:ratelimit:{key_id}"
 

@@ -145,8 +145,8 @@ class CoreSettings(_T2ISettings):
     redis_replica_ack_timeout_s: float = Field(
         default=1.0,
         gt=0,
-        description="how long that `WAIT` may take; a new job short of it is answered `503` (it "
-        "may still run: retry with the same `Idempotency-Key`)",
+        description="how long that `WAIT` may take; a new job short of it is answered `202` with "
+        "`X-Replication: pending` (it exists on the primary, which a failover now could lose)",
     )
 
     @property

@@ -20,6 +20,7 @@ from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
 from shared.jobstore import (
     CasResult,
+    Created,
     JobView,
     QueueFull,
     RateLimit,
@@ -71,6 +72,14 @@ JOB_LINKS = {
 _SUBMITTED_HEADERS = {
     "Location": header("the job's URL, `/v1/jobs/{id}`", required=True),
     **RATE_LIMIT_HEADERS,
+}
+
+_REPLICATION_HEADER = {
+    "X-Replication": header(
+        "`pending` when the job is on the Redis primary but fewer replicas than "
+        "`T2I_REDIS_REPLICA_ACKS` confirmed it in time: it exists and runs all the same, and a "
+        "failover now could lose it"
+    )
 }
 
 
@@ -146,6 +155,8 @@ class Submission:
     # False when an earlier POST with the same Idempotency-Key made the job.
     created: bool
     rate_limit: Decision
+    # False when the job is on the Redis primary only (T2I_REDIS_REPLICA_ACKS not met in time).
+    replicated: bool = True
 
     @property
     def record(self) -> JobRecord:
@@ -237,7 +248,9 @@ async def submit(
     generation: GenerationRequest,
     idempotency_key: str | None = None,
 ) -> Submission:
-    """The one way a job comes to be, whichever API asked: limits, the job record, the queue."""
+    """The one way a job comes to be, whichever API asked: limits, the job record, the queue.
+    What costs little comes first (checks, the idempotency record, the rate limit's token), then
+    fetching and storing input images, which are deleted again unless the job is made."""
     _check_pixel_budget(generation, services.api.max_pixels_per_job)
     _check_priority(generation, caller)
     if generation.webhook is not None:
@@ -247,32 +260,75 @@ async def submit(
         await run_in_threadpool(_check_model_served, generation, services)
     if generation.loras:
         await run_in_threadpool(services.loras.check, generation.loras, services.core.lora_max_rank)
-    inputs: InputImages | None = None
     if generation.control is not None:
         await run_in_threadpool(_check_control_served, generation, services)
+    per_minute = caller.rate_limit_per_min
+    # The fingerprint is of the body as sent, so a retry without a seed matches its original.
+    fingerprint = request_fingerprint(generation)
+    earlier, tokens_left = await _admit(services, caller, idempotency_key, fingerprint)
+    if earlier is not None:
+        return Submission(earlier, False, Decision.of(True, tokens_left, per_minute))
+    inputs: InputImages | None = None
     if generation.init_image is not None or generation.control is not None:
         inputs = await run_in_threadpool(
             read_input_images, generation, services.api, services.webhook_settings
         )
     job_id = new_job_id()
-    # Stored before the job exists, so no worker can take it before its images are there.
-    if inputs is not None:
-        await run_in_threadpool(_store_inputs, services, job_id, inputs)
-    per_minute = caller.rate_limit_per_min
+    created = False
     try:
-        view, created, tokens_left = await _enqueue(
-            services, caller, generation, idempotency_key, job_id, inputs
+        # Stored before the job exists, so no worker can take it before its images are there.
+        if inputs is not None:
+            await run_in_threadpool(_store_inputs, services, job_id, inputs)
+        view, created, replicated = await _enqueue(
+            services, caller, generation, idempotency_key, fingerprint, job_id, inputs
         )
-    except RateLimited as limited:
-        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
-        raise _rate_limited(Decision.of(False, limited.tokens_left, per_minute)) from limited
     except QueueFull as full:
-        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
-        decision = Decision.of(True, full.tokens_left or 0.0, per_minute)
+        decision = Decision.of(True, tokens_left, per_minute)
         raise await _queue_full(services, full.depth, decision) from full
-    if not created and inputs is not None:
-        await run_in_threadpool(_forget_inputs, services, job_id, inputs)
-    return Submission(view, created, Decision.of(True, tokens_left, per_minute))
+    finally:
+        if not created and inputs is not None:
+            await run_in_threadpool(_forget_inputs, services, job_id, inputs)
+    return Submission(view, created, Decision.of(True, tokens_left, per_minute), replicated)
+
+
+async def _admit(
+    services: Services, caller: ApiKey, idempotency_key: str | None, fingerprint: str
+) -> tuple[JobView | None, float]:
+    """The job an earlier POST with this Idempotency-Key made (spending no token), or None with a
+    token spent for a new one; and the tokens left in the caller's bucket."""
+    limit = RateLimit(caller.id, caller.rate_limit_per_min)
+    while True:
+        try:
+            admitted = await services.jobs.admit(caller.id, idempotency_key, limit)
+        except RateLimited as limited:
+            decision = Decision.of(False, limited.tokens_left, caller.rate_limit_per_min)
+            raise _rate_limited(decision) from limited
+        tokens_left = admitted.tokens_left or 0.0
+        if admitted.earlier is None:
+            return None, tokens_left
+        assert idempotency_key is not None
+        earlier = await _earlier_job(
+            services, caller, idempotency_key, admitted.earlier, fingerprint
+        )
+        if earlier is not None:
+            return earlier, tokens_left
+
+
+async def _earlier_job(
+    services: Services, caller: ApiKey, idempotency_key: str, earlier: Created, fingerprint: str
+) -> JobView | None:
+    """The job an idempotency key names, for a request with this body; None (the key forgotten)
+    when the job is past its retention and the key no longer protects anything."""
+    if earlier.fingerprint != fingerprint:
+        raise ServiceError(
+            ErrorType.CONFLICT,
+            "this Idempotency-Key was used with a different request body",
+            {"job_id": earlier.job_id},
+        )
+    view = await services.jobs.read(earlier.job_id)
+    if view is None:
+        await services.jobs.forget_idempotency_key(caller.id, idempotency_key)
+    return view
 
 
 def cancel(services: Services, record: JobRecord) -> CasResult:
@@ -290,11 +346,13 @@ async def _enqueue(
     caller: ApiKey,
     generation: GenerationRequest,
     idempotency_key: str | None,
+    fingerprint: str,
     job_id: str,
     inputs: InputImages | None,
-) -> tuple[JobView, bool, float]:
-    """Spend a token, create the job with its broker message (or find the one this idempotency
-    key made): the job, whether it is new, and the tokens left in the caller's bucket."""
+) -> tuple[JobView, bool, bool]:
+    """Create the job with its broker message, its token already spent (or find the one this
+    idempotency key made since): the job, whether it is new, and whether the replicas asked for
+    hold it."""
     resolved = _resolved(generation, services, caller, inputs)
     record = JobRecord(
         id=job_id,
@@ -303,34 +361,31 @@ async def _enqueue(
         created_at=utc_now(),
         request=resolved,
     )
-    # The fingerprint is of the body as sent, so a retry without a seed matches its original.
-    fingerprint = request_fingerprint(generation)
-    created, view = await services.jobs.create(
-        record,
-        idempotency_key,
-        fingerprint,
-        services.api.max_queue_depth,
-        render_queue(services.core, resolved.model),
-        RateLimit(caller.id, caller.rate_limit_per_min),
-    )
-    tokens_left = created.tokens_left or 0.0
-    if view is None:
-        if created.fingerprint != fingerprint:
-            raise ServiceError(
-                ErrorType.CONFLICT,
-                "this Idempotency-Key was used with a different request body",
-                {"job_id": created.job_id},
-            )
-        earlier = await services.jobs.read(created.job_id)
-        if earlier is None:
-            # The earlier job is past its retention; the key no longer protects anything.
-            assert idempotency_key is not None
-            await services.jobs.forget_idempotency_key(caller.id, idempotency_key)
-            return await _enqueue(services, caller, generation, idempotency_key, job_id, inputs)
-        return earlier, False, tokens_left
+    while True:
+        created, view = await services.jobs.create(
+            record,
+            idempotency_key,
+            fingerprint,
+            services.api.max_queue_depth,
+            render_queue(services.core, resolved.model),
+            None,
+        )
+        if view is not None:
+            break
+        # A concurrent POST with the same key made its job between our admission and now.
+        assert idempotency_key is not None
+        earlier = await _earlier_job(services, caller, idempotency_key, created, fingerprint)
+        if earlier is not None:
+            return earlier, False, True
     JOBS_SUBMITTED.inc()
     log.info("job %s queued", record.id, extra={"job_id": record.id})
-    return view, True, tokens_left
+    if not created.replicated:
+        log.warning(
+            "job %s is on the Redis primary only: no replica confirmed it in time",
+            record.id,
+            extra={"job_id": record.id},
+        )
+    return view, True, created.replicated
 
 
 @router.post(
@@ -338,7 +393,13 @@ async def _enqueue(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     responses={
-        202: {"headers": _SUBMITTED_HEADERS, "links": JOB_LINKS},
+        202: {
+            "headers": {
+                **_SUBMITTED_HEADERS,
+                **_REPLICATION_HEADER,
+            },
+            "links": JOB_LINKS,
+        },
         200: {
             "model": JobOut,
             "description": "finished within `Prefer: wait`, or a replay of an idempotent POST",
@@ -346,6 +407,7 @@ async def _enqueue(
                 **_SUBMITTED_HEADERS,
                 "Idempotent-Replayed": header("`true` when an earlier POST made this job"),
                 "Preference-Applied": header("`wait=N` when the answer waited"),
+                **_REPLICATION_HEADER,
             },
             "links": JOB_LINKS,
         },
@@ -381,6 +443,8 @@ async def create_job(
         view = await services.jobs.read(record.id) or view
     if not created:
         headers["Idempotent-Replayed"] = "true"
+    if not submission.replicated:
+        headers["X-Replication"] = "pending"
     body = view_out(view, services, services.base_url(request))
     finished = view.record.status.is_terminal
     code = status.HTTP_200_OK if finished or not created else status.HTTP_202_ACCEPTED

@@ -197,7 +197,7 @@ def test_the_primary_killed_mid_burst_fails_over_and_every_accepted_job_ends_onc
         promoted_after_s = time.monotonic() - killed_at
         new_primary = failover.group.primary_port()
         # Its supervisor restarts the old primary, as a replica of the new one; until a replica
-        # confirms them, new jobs are answered 503.
+        # confirms them, new jobs are answered 202 with `X-Replication: pending`.
         failover.group.start_server(old_primary, replica_of=new_primary)
         job_ids = submitted.result()
     exits: list[int] = []
