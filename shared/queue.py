@@ -55,7 +55,31 @@ def make_celery(settings: CoreSettings) -> Celery:
             **broker_sentinel_options(settings),
         },
     )
+    check_forgeable(app)
     return app
+
+
+class BrokerSetupError(RuntimeError):
+    """The broker is set up so that the messages the job store's scripts push would reach no
+    worker."""
+
+
+def check_forgeable(app: Celery) -> None:
+    """Refuse a broker set-up that the fair scheduler's scripts do not follow: they push each
+    message, as kombu's Redis transport would, onto a Redis list named after its queue."""
+    scheme = str(app.conf.broker_url or "").split(":", 1)[0]
+    if scheme not in ("redis", "rediss", "sentinel"):
+        raise BrokerSetupError(
+            f"the broker must be Redis (or Redis Sentinel), not {scheme!r}: jobs are sent by "
+            "scripts that push onto the Redis list of the queue"
+        )
+    prefix = (app.conf.broker_transport_options or {}).get("global_keyprefix")
+    if prefix:
+        raise BrokerSetupError(
+            f"broker_transport_options global_keyprefix={prefix!r} is not supported: the job "
+            "store's scripts push messages onto the unprefixed queue list, where a worker with "
+            "the prefix would never look"
+        )
 
 
 # Sends the message for one attempt of a job.
