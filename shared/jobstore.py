@@ -238,10 +238,11 @@ return lost
 
 # KEYS: job, events, queue, leases, dispatched, sequence. ARGV: job id, why ('lapsed': its lease
 # ran out by Redis's clock; 'lost': its message never reached a worker, sent before ARGV[4];
-# 'handed_back' by worker ARGV[4]), retention s, ARGV[4], most retries, then the failure's fields
-# (error, finished_at, event data) for a job past the cap. Starts the next attempt: queued,
-# nobody's, to be sent again. Returns {1, attempt, sent} (sent: 1 when its fair queue sends it,
-# 0 when the caller must), {2, attempt} failed, {0} left alone.
+# 'handed_back' by worker ARGV[4]), retention s, ARGV[4], most retries (lapsed and lost attempts
+# both count), then the failure's fields (error, finished_at, event data) for a job past the
+# cap. Starts the next attempt: queued, nobody's, to be sent again. Returns {1, attempt, sent}
+# (sent: 1 when its fair queue sends it, 0 when the caller must), {2, attempt} failed, {0} left
+# alone.
 _REQUEUE = """
 local f = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'retries')
 if f[1] ~= 'queued' and f[1] ~= 'running' then return {0} end
@@ -258,9 +259,12 @@ elseif f[3] ~= ARGV[4] then
 end
 local attempt = tonumber(f[2])
 local retries = tonumber(f[4] or '0')
-if why == 'lapsed' then retries = retries + 1 end
+-- A message lost on the way counts as much as a lost worker: a job whose every message is lost
+-- must fail in the end, not be sent again forever. A hand-back is a worker stopping cleanly.
+local counted = why == 'lapsed' or why == 'lost'
+if counted then retries = retries + 1 end
 redis.call('ZREM', KEYS[4], ARGV[1])
-if why == 'lapsed' and retries > tonumber(ARGV[5]) then
+if counted and retries > tonumber(ARGV[5]) then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'retries', retries, 'error', ARGV[6],
              'finished_at', ARGV[7])
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -744,13 +748,18 @@ class JobStore:
         sent_before: float = 0.0,
     ) -> Requeued:
         """Start the job's next attempt (queued, to be sent again), if `reason` still holds: a
-        lease lapsed by Redis's clock (counted as a retry; past `max_retries` the job fails as
-        `worker_lost`), a message sent before `sent_before` that no worker took, or a hand-back
-        by `worker`."""
+        lease lapsed by Redis's clock, a message sent before `sent_before` that no worker took
+        (each counted as a retry; past `max_retries` the job fails as `worker_lost`), or a
+        hand-back by `worker`."""
         finished_at = utc_now()
+        lost = (
+            "the job's message never reached a worker"
+            if reason is RequeueReason.LOST
+            else "the job's worker was lost"
+        )
         error = JobError(
             type=JobErrorType.WORKER_LOST,
-            message=f"the job's worker was lost {max_retries + 1} times; it was not retried again",
+            message=f"{lost}; the job was lost {max_retries + 1} times and is not sent again",
         )
         failure = {"status": JobStatus.FAILED.value, "error": error, "finished_at": finished_at}
         outcome = self._requeue(

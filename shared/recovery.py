@@ -74,8 +74,8 @@ class Reaper:
             self._redis_was_lost = False
         try:
             requeued, failed = self._lapsed_leases(now)
-            resent = self._lost_messages(now)
-            return Reaped(requeued, failed, resent, pumped=self._store.pump())
+            resent, lost = self._lost_messages(now)
+            return Reaped(requeued, failed + lost, resent, pumped=self._store.pump())
         except RedisError:
             self.redis_lost()
             raise
@@ -97,9 +97,7 @@ class Reaper:
             self._delete_attempt(job_id, lost_attempt)
             if outcome.failed:
                 log.warning("job %s failed: its worker was lost too many times", job_id)
-                record = self._store.get(job_id)
-                if record is not None:
-                    self._webhooks.job_event(record, JobStatus.FAILED)
+                self._failed(job_id)
                 failed += 1
             elif outcome.requeued:
                 log.warning("job %s: its lease lapsed; sending attempt %d", job_id, outcome.attempt)
@@ -108,15 +106,15 @@ class Reaper:
                 requeued += 1
         return requeued, failed
 
-    def _lost_messages(self, now: float) -> int:
+    def _lost_messages(self, now: float) -> tuple[int, int]:
         """Unreserved jobs sent long enough ago that their message must be gone: a job sent
         later was already reserved (the broker queue is first in, first out), or the queue
-        is empty."""
+        is empty. Each loss counts as a retry; (re-sent, failed)."""
         grace = self._settings.redispatch_after_s
         candidates = self._store.unreserved_dispatches(now - grace, _BATCH)
         if not candidates:
-            return 0
-        resent = 0
+            return 0, 0
+        resent = failed = 0
         # Per broker queue (one per model): (queue empty, latest send time reserved from it).
         queues: dict[str, tuple[bool, float]] = {}
         passed_by: set[str] = set()
@@ -138,12 +136,21 @@ class Reaper:
                 max_retries=self._settings.job_max_retries,
                 sent_before=sent_at,
             )
-            if outcome.requeued and outcome.attempt is not None:
+            if outcome.failed:
+                log.warning("job %s failed: its message was lost too many times", job_id)
+                self._failed(job_id)
+                failed += 1
+            elif outcome.requeued and outcome.attempt is not None:
                 log.warning("job %s lost its message; sending attempt %d", job_id, outcome.attempt)
                 if not outcome.sent:
                     self._send_quietly(job_id, outcome.attempt)
                 resent += 1
-        return resent
+        return resent, failed
+
+    def _failed(self, job_id: str) -> None:
+        record = self._store.get(job_id)
+        if record is not None:
+            self._webhooks.job_event(record, JobStatus.FAILED)
 
     def _send_quietly(self, job_id: str, attempt: int) -> None:
         try:

@@ -302,7 +302,8 @@ class JobErrorType(StrEnum):
     # The image came out with NaN or infinite pixels (a numerical overflow in fp16).
     NUMERICAL_ERROR = "numerical_error"
     STORAGE_ERROR = "storage_error"
-    # Every worker that took the job was lost (killed, hung or cut off) before it finished.
+    # Every worker that took the job was lost (killed, hung or cut off) before it finished, or
+    # its message never reached one, too many times.
     WORKER_LOST = "worker_lost"
     INTERNAL_ERROR = "internal_error"
 
@@ -378,7 +379,8 @@ class JobRecord(BaseModel):
     # fenced on (worker, attempt), so a worker that lost the job can no longer change it.
     worker: str | None = None
     attempt: int = 1
-    # Attempts lost with their worker; past the cap the job fails as `worker_lost`.
+    # Attempts lost with their worker or their message; past the cap the job fails as
+    # `worker_lost`.
     retries: int = 0
     status: JobStatus
     created_at: datetime

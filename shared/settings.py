@@ -113,8 +113,8 @@ class CoreSettings(_T2ISettings):
     job_max_retries: int = Field(
         default=3,
         ge=0,
-        description="how many times a job whose worker was lost goes back to the queue; after "
-        "that it fails as `worker_lost`",
+        description="how many times a job whose worker or message was lost goes back to the "
+        "queue; after that it fails as `worker_lost`",
     )
     redispatch_after_s: float = Field(
         default=10.0,

@@ -200,13 +200,22 @@ def test_a_job_whose_message_never_came_is_found_and_sent_again(redis_client: Re
         passed_over.id, RequeueReason.LOST, max_retries=0, sent_before=sent_at - 1
     )
     assert not too_early.requeued
-    resent = store.requeue(passed_over.id, RequeueReason.LOST, max_retries=0, sent_before=sent_at)
+    resent = store.requeue(passed_over.id, RequeueReason.LOST, max_retries=1, sent_before=sent_at)
     assert (resent.requeued, resent.attempt) == (True, 2)
-    assert store.get(passed_over.id).retries == 0
+    assert store.get(passed_over.id).retries == 1
     # A reserved job is never taken for lost.
     assert not store.requeue(
-        taken.id, RequeueReason.LOST, max_retries=0, sent_before=time.time()
+        taken.id, RequeueReason.LOST, max_retries=1, sent_before=time.time()
     ).requeued
+    # A lost message counts as a retry: past the cap the job fails instead of going out again.
+    failed = store.requeue(
+        passed_over.id, RequeueReason.LOST, max_retries=1, sent_before=time.time() + 1
+    )
+    assert (failed.failed, failed.requeued, failed.attempt) == (True, False, 2)
+    job = store.get(passed_over.id)
+    assert job.status is JobStatus.FAILED and job.error.type is JobErrorType.WORKER_LOST
+    assert "message never reached a worker" in job.error.message
+    assert store.unreserved_dispatches(time.time() + 9, 10) == []
 
 
 def test_a_handed_back_job_is_queued_again_without_counting_a_retry(redis_client: Redis) -> None:
