@@ -2,16 +2,22 @@
 from a URL through the webhooks' SSRF guard, checked with Pillow and stored as PNG before the job
 is queued. Every way an image can be wrong is a 422 here, never a failed job later."""
 
+import asyncio
 import base64
 import binascii
 import hashlib
 import io
 import re
 import warnings
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import httpx
 from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from shared.errors import ErrorType, ServiceError
 from shared.schema import GenerationRequest
@@ -60,17 +66,74 @@ def _invalid(field: str, error: BadImage) -> ServiceError:
     )
 
 
-def _fetch(url: str, api: ApiSettings, webhooks: WebhookSettings) -> bytes:
-    """The bytes at `url`, read from the address the SSRF guard checked, within the byte cap."""
+class ImageFetches:
+    """The input image URL fetches of one API process: at most `T2I_INPUT_IMAGE_FETCHES` at once
+    and `T2I_INPUT_IMAGE_FETCHES_PER_KEY` requests of one key, so one slow client cannot hold
+    every fetch this process may make."""
+
+    def __init__(self, at_once: int, per_key: int) -> None:
+        self._slots = asyncio.Semaphore(at_once)
+        self._per_key = per_key
+        self._in_flight: Counter[str] = Counter()
+
+    @asynccontextmanager
+    async def for_key(self, key_id: str) -> AsyncIterator[None]:
+        """Room for one request of `key_id` to fetch its images; 429 when the key has none."""
+        if self._in_flight[key_id] >= self._per_key:
+            raise ServiceError(
+                ErrorType.RATE_LIMITED,
+                f"this key already has {self._per_key} requests fetching input image URLs; "
+                "retry when one is done, or send the images as base64",
+                headers={"Retry-After": "1"},
+            )
+        self._in_flight[key_id] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[key_id] -= 1
+            if not self._in_flight[key_id]:
+                del self._in_flight[key_id]
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._slots:
+            yield
+
+
+@lru_cache
+def image_fetches(at_once: int, per_key: int) -> ImageFetches:
+    """This process's fetch limits (one per pair of settings)."""
+    return ImageFetches(at_once, per_key)
+
+
+async def _fetch(
+    url: str, api: ApiSettings, webhooks: WebhookSettings, fetches: ImageFetches
+) -> bytes:
+    """The bytes at `url`, read from the address the SSRF guard checked, within the byte cap and
+    one deadline for all of it; on the event loop, so a slow server holds no thread."""
+    deadline = api.input_image_timeout_s
     try:
-        target = check_webhook_url(url, webhooks)
+        async with asyncio.timeout(deadline):
+            async with fetches.slot():
+                return await _fetch_checked(url, api, webhooks)
+    except TimeoutError as exc:
+        raise BadImage(
+            "image_fetch_timeout",
+            f"fetching the image took longer than {deadline:g} s (T2I_INPUT_IMAGE_TIMEOUT_S)",
+        ) from exc
+
+
+async def _fetch_checked(url: str, api: ApiSettings, webhooks: WebhookSettings) -> bytes:
+    try:
+        # It resolves the host name, which only a thread can do without blocking the loop.
+        target = await asyncio.to_thread(check_webhook_url, url, webhooks)
     except WebhookRefused as exc:
         raise BadImage("image_url_refused", f"the URL is refused: {exc}") from exc
     address, headers, extensions = pinned_url(target)
     limit = api.max_input_image_bytes
     try:
-        with (
-            httpx.Client(timeout=api.input_image_timeout_s, follow_redirects=False) as http,
+        async with (
+            httpx.AsyncClient(timeout=api.input_image_timeout_s, follow_redirects=False) as http,
             http.stream("GET", address, headers=headers, extensions=extensions) as response,
         ):
             if response.status_code != 200:
@@ -78,11 +141,13 @@ def _fetch(url: str, api: ApiSettings, webhooks: WebhookSettings) -> bytes:
                     "image_fetch_failed", f"fetching the image answered {response.status_code}"
                 )
             body = bytearray()
-            for chunk in response.iter_bytes():
+            async for chunk in response.aiter_bytes():
                 body.extend(chunk)
                 if len(body) > limit:
                     raise BadImage("image_too_large", f"the image is over {limit} bytes")
             return bytes(body)
+    except httpx.TimeoutException as exc:
+        raise TimeoutError from exc
     except httpx.HTTPError as exc:
         raise BadImage("image_fetch_failed", f"could not fetch the image: {exc}") from exc
 
@@ -125,9 +190,7 @@ def _open(data: bytes, mode: str, max_pixels: int) -> Image.Image:
     return image.convert(mode)
 
 
-def _read(source: str, mode: str, api: ApiSettings, webhooks: WebhookSettings) -> InputImage:
-    limit = api.max_input_image_bytes
-    data = _fetch(source, api, webhooks) if _URL.match(source) else _decode_base64(source, limit)
+def _checked(data: bytes, mode: str, api: ApiSettings) -> InputImage:
     image = _open(data, mode, api.max_input_image_pixels)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -135,29 +198,63 @@ def _read(source: str, mode: str, api: ApiSettings, webhooks: WebhookSettings) -
     return InputImage(buffer.getvalue(), image.width, image.height, digest)
 
 
-def read_input_images(
-    generation: GenerationRequest, api: ApiSettings, webhooks: WebhookSettings
+def _decoded(source: str, mode: str, api: ApiSettings) -> InputImage:
+    return _checked(_decode_base64(source, api.max_input_image_bytes), mode, api)
+
+
+async def _read(
+    field: str,
+    source: str,
+    mode: str,
+    api: ApiSettings,
+    webhooks: WebhookSettings,
+    fetches: ImageFetches,
+) -> InputImage:
+    """One image, checked; decoding is CPU work, so it runs in the thread pool."""
+    try:
+        if _URL.match(source):
+            data = await _fetch(source, api, webhooks, fetches)
+            return await run_in_threadpool(_checked, data, mode, api)
+        return await run_in_threadpool(_decoded, source, mode, api)
+    except BadImage as exc:
+        raise _invalid(field, exc) from exc
+
+
+def _fetches_any_url(generation: GenerationRequest) -> bool:
+    sources = [generation.init_image, generation.mask_image]
+    if generation.control is not None:
+        sources.append(generation.control.image)
+    return any(source is not None and _URL.match(source) for source in sources)
+
+
+async def read_input_images(
+    generation: GenerationRequest, api: ApiSettings, webhooks: WebhookSettings, key_id: str
 ) -> InputImages | None:
     """The request's init, mask and control images, checked; raises a 422 ServiceError for a
-    bad one."""
+    bad one, and a 429 when `key_id` already has its share of URL fetches under way."""
+    fetches = image_fetches(api.input_image_fetches, api.input_image_fetches_per_key)
+    if not _fetches_any_url(generation):
+        return await _read_all(generation, api, webhooks, fetches)
+    async with fetches.for_key(key_id):
+        return await _read_all(generation, api, webhooks, fetches)
+
+
+async def _read_all(
+    generation: GenerationRequest,
+    api: ApiSettings,
+    webhooks: WebhookSettings,
+    fetches: ImageFetches,
+) -> InputImages | None:
     if generation.control is not None:
-        try:
-            control = _read(generation.control.image, "RGB", api, webhooks)
-        except BadImage as exc:
-            raise _invalid("control.image", exc) from exc
+        source = generation.control.image
+        control = await _read("control.image", source, "RGB", api, webhooks, fetches)
         return InputImages(None, None, control)
     if generation.init_image is None:
         return None
-    try:
-        init = _read(generation.init_image, "RGB", api, webhooks)
-    except BadImage as exc:
-        raise _invalid("init_image", exc) from exc
+    init = await _read("init_image", generation.init_image, "RGB", api, webhooks, fetches)
     if generation.mask_image is None:
         return InputImages(init, None)
-    try:
-        mask = _read(generation.mask_image, "L", api, webhooks)
-    except BadImage as exc:
-        raise _invalid("mask_image", exc) from exc
+    mask = await _read("mask_image", generation.mask_image, "L", api, webhooks, fetches)
     if (mask.width, mask.height) != (init.width, init.height):
         raise _invalid(
             "mask_image",

@@ -5,8 +5,10 @@ from typing import Any
 from urllib.parse import quote
 
 from redis import Redis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.connection import parse_url
 from redis.exceptions import RedisError
 from redis.sentinel import Sentinel
@@ -57,19 +59,34 @@ def make_redis(settings: CoreSettings) -> Redis:
     )
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The primary that Sentinel names, through a pool that waits for a free connection."""
+
+
 def make_async_redis(settings: CoreSettings, socket_timeout_s: float) -> AsyncRedis:
+    """A client whose pool holds at most T2I_REDIS_ASYNC_MAX_CONNECTIONS connections: a caller
+    that finds none free waits up to T2I_REDIS_TIMEOUT_S, then gets a ConnectionError (a `503`),
+    so a crowd of blocking reads cannot open connections without bound."""
+    limits = {
+        "max_connections": settings.redis_async_max_connections,
+        "timeout": settings.redis_timeout_s,
+    }
     if not settings.redis_sentinels:
-        return AsyncRedis.from_url(
+        pool = BlockingConnectionPool.from_url(
             settings.redis_url,
             socket_connect_timeout=settings.redis_timeout_s,
             socket_timeout=socket_timeout_s,
+            **limits,
         )
+        return AsyncRedis.from_pool(pool)
     sentinel = AsyncSentinel(
         settings.sentinel_addresses, sentinel_kwargs=_sentinel_kwargs(settings)
     )
     return sentinel.master_for(
         settings.redis_sentinel_master,
         redis_class=AsyncRedis,
+        connection_pool_class=_BlockingSentinelPool,
+        **limits,
         **_server_kwargs(settings, socket_timeout_s),
     )
 

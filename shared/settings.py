@@ -99,6 +99,13 @@ class CoreSettings(_T2ISettings):
         gt=0,
         description="connect and command timeout, so a lost Redis gives a `503` instead of a hang",
     )
+    redis_async_max_connections: int = Field(
+        default=200,
+        ge=1,
+        description="connections to Redis one API process holds at most for SSE streams, "
+        "`Prefer: wait` and the OpenAI and AUTOMATIC1111 waits (each holds one while it "
+        "blocks); a request that finds none free within `T2I_REDIS_TIMEOUT_S` is answered `503`",
+    )
     worker_heartbeat_max_age_s: float = Field(
         default=30.0,
         gt=0,
@@ -344,7 +351,20 @@ class ApiSettings(_T2ISettings):
     input_image_timeout_s: float = Field(
         default=10.0,
         gt=0,
-        description="how long fetching an input image from its URL may take",
+        description="the one deadline of fetching an input image from its URL: resolving, "
+        "connecting, waiting for a free fetch slot and reading the whole body; then `422`",
+    )
+    input_image_fetches: int = Field(
+        default=64,
+        ge=1,
+        description="input image URLs one API process fetches at once; more wait for a slot "
+        "within `T2I_INPUT_IMAGE_TIMEOUT_S`",
+    )
+    input_image_fetches_per_key: int = Field(
+        default=4,
+        ge=1,
+        description="requests of one API key that may fetch input image URLs at once in one API "
+        "process; one more is answered `429 rate_limited`",
     )
 
     @property
@@ -590,11 +610,16 @@ class WebhookSettings(_T2ISettings):
         "even though they are private, loopback or link-local",
     )
     webhook_timeout_s: float = Field(
-        default=10.0, gt=0, description="time limit of one delivery attempt"
+        default=10.0,
+        gt=0,
+        description="the one deadline of a delivery attempt: connecting, sending and reading the "
+        "whole response; then it is retried",
     )
     webhook_retry_delays_s: str = Field(
         default="5,30,120,600,1800,3600,7200,14400,28800,43200",
-        description="seconds before each retry (jitter added): ten retries over about 29 hours",
+        description="seconds before each retry (jitter added): ten retries over about 29 hours; "
+        "a receiver's `Retry-After` may lengthen a wait up to the largest of these, never past "
+        "the sum of them all since the first attempt",
     )
     webhook_secret_overlap_s: float = Field(
         default=24 * 3600,

@@ -1,6 +1,7 @@
 """The webhook worker: a CPU-only Celery worker that signs and sends webhook deliveries, and
 retries them with backoff. `python -m worker.webhooks`. Imports no torch."""
 
+import asyncio
 import json
 import logging
 import os
@@ -111,7 +112,8 @@ class Sender:
         elif status_code == 410:
             self._finish(delivery_id, "gone", **outcome)
         elif status_code is None or status_code in _RETRY_STATUSES:
-            self._retry_or_give_up(delivery_id, attempt, retry_after, outcome)
+            created_at = float(delivery.get("created_at") or time.time())
+            self._retry_or_give_up(delivery_id, attempt, retry_after, created_at, outcome)
         else:
             self._finish(delivery_id, "failed", **outcome)
 
@@ -130,38 +132,56 @@ class Sender:
     def _post(
         self, target: Target, body: str, headers: dict[str, str]
     ) -> tuple[int | None, str | None, float | None]:
-        """(status code, error, Retry-After seconds), connecting to the checked address only."""
-        url, pinned_headers, extensions = pinned_url(target)
+        """(status code, error, Retry-After seconds), connecting to the checked address only, all
+        of it (connecting, sending, the whole response) within T2I_WEBHOOK_TIMEOUT_S."""
         try:
-            with httpx.Client(
-                timeout=self.settings.webhook_timeout_s, follow_redirects=False
-            ) as http:
-                response = http.post(
-                    url,
-                    content=body.encode(),
-                    headers={
-                        **headers,
-                        "content-type": "application/json",
-                        **pinned_headers,
-                        "user-agent": "txt2img-service-webhooks",
-                    },
-                    extensions=extensions,
-                )
-        except httpx.TimeoutException:
+            return asyncio.run(self._post_within_deadline(target, body, headers))
+        except (TimeoutError, httpx.TimeoutException):
             return None, "timed out", None
         except httpx.HTTPError as exc:
             return None, f"{type(exc).__name__}: {exc}", None
+
+    async def _post_within_deadline(
+        self, target: Target, body: str, headers: dict[str, str]
+    ) -> tuple[int | None, str | None, float | None]:
+        url, pinned_headers, extensions = pinned_url(target)
+        deadline = self.settings.webhook_timeout_s
+        async with (
+            asyncio.timeout(deadline),
+            httpx.AsyncClient(timeout=deadline, follow_redirects=False) as http,
+        ):
+            response = await http.post(
+                url,
+                content=body.encode(),
+                headers={
+                    **headers,
+                    "content-type": "application/json",
+                    **pinned_headers,
+                    "user-agent": "txt2img-service-webhooks",
+                },
+                extensions=extensions,
+            )
         return response.status_code, None, _retry_after(response)
 
     def _retry_or_give_up(
-        self, delivery_id: str, attempt: int, retry_after: float | None, outcome: dict
+        self,
+        delivery_id: str,
+        attempt: int,
+        retry_after: float | None,
+        created_at: float,
+        outcome: dict,
     ) -> None:
         delays = self.settings.retry_delays_s
         if attempt > len(delays):
             self._finish(delivery_id, "failed", **outcome)
             return
+        now = time.time()
         delay = delays[attempt - 1] * random.uniform(1 - _JITTER, 1 + _JITTER)
-        due = time.time() + max(delay, retry_after or 0)
+        due = now + delay
+        if retry_after is not None and retry_after > delay:
+            # A receiver may ask for a longer wait, but not one past the retry window.
+            window_end = created_at + sum(delays)
+            due = max(due, min(now + min(retry_after, max(delays)), window_end))
         self.webhooks.record_attempt(
             delivery_id, {**outcome, "at": _now_iso(), "next_attempt_at": _iso(due)}
         )

@@ -270,8 +270,8 @@ async def submit(
         return Submission(earlier, False, Decision.of(True, tokens_left, per_minute))
     inputs: InputImages | None = None
     if generation.init_image is not None or generation.control is not None:
-        inputs = await run_in_threadpool(
-            read_input_images, generation, services.api, services.webhook_settings
+        inputs = await read_input_images(
+            generation, services.api, services.webhook_settings, caller.id
         )
     job_id = new_job_id()
     created = False

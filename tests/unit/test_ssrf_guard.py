@@ -1,10 +1,11 @@
 """The SSRF guard judges an IPv6 address that carries IPv4 addresses by every one it carries."""
 
+import asyncio
 import ipaddress
 
 import pytest
 
-from api.images import BadImage, _fetch
+from api.images import BadImage, ImageFetches, _fetch
 from shared.settings import ApiSettings, WebhookSettings
 from shared.webhooks import WebhookRefused, check_webhook_url
 
@@ -62,6 +63,7 @@ def test_a_public_address_in_any_form_is_accepted(address: str) -> None:
 
 
 def test_an_input_image_url_goes_through_the_same_guard() -> None:
+    fetches = ImageFetches(at_once=1, per_key=1)
     with pytest.raises(BadImage, match="embedded in 2001::7f00:1") as refused:
-        _fetch("http://[2001::7f00:1]/cat.png", ApiSettings(), SETTINGS)
+        asyncio.run(_fetch("http://[2001::7f00:1]/cat.png", ApiSettings(), SETTINGS, fetches))
     assert refused.value.kind == "image_url_refused"
