@@ -21,7 +21,7 @@ from shared.info import SERVICE_VERSION
 from shared.jobstore import AsyncJobStore, JobStore
 from shared.queue import make_celery, render_queue, send_render
 from shared.recovery import Reaper
-from shared.redisconn import make_async_redis, make_redis, wait_args
+from shared.redisconn import end_wait_args, make_async_redis, make_redis, wait_args
 from shared.settings import api_settings, core_settings, storage_settings, webhook_settings
 from shared.storage import make_storage
 from shared.webhooks import Webhooks
@@ -38,7 +38,7 @@ def create_app() -> FastAPI:
     redis = make_redis(core)
     celery = make_celery(core)
     store = JobStore(
-        redis, core.retention_s, core.worker_heartbeat_max_age_s, replica_wait=wait_args(core)
+        redis, core.retention_s, core.worker_heartbeat_max_age_s, replica_wait=end_wait_args(core)
     )
     storage = make_storage(storage_config)
     hooks = Webhooks(redis, celery, hooks_config, core.retention_s)
@@ -70,8 +70,6 @@ def create_app() -> FastAPI:
             lambda job_id, attempt: send_render(
                 celery, render_queue(core, store.model_of(job_id)), job_id, attempt
             ),
-            storage,
-            storage_config.key_prefix,
             hooks,
         ),
     )

@@ -191,6 +191,17 @@ end
 return {0, current}
 """
 
+# KEYS: job. ARGV: status, worker (JSON), attempt. Writes the status it already has, only so the
+# WAIT after it covers the end written earlier (WAIT counts this connection's writes).
+_REWRITE_END = """
+local fields = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt')
+if fields[1] ~= ARGV[1] or fields[2] ~= ARGV[2] or tonumber(fields[3]) ~= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+return 1
+"""
+
 # KEYS: job, leases, dispatched, reserved high-water. ARGV: job id, worker (JSON), attempt, lease
 # seconds. A worker takes one attempt of a queued job that nobody holds; the lease runs out that
 # long after now by Redis's clock (the reaper judges it by the same clock).
@@ -370,6 +381,8 @@ def _encode_fields(fields: dict[str, Any]) -> list[str]:
 class CasResult:
     applied: bool
     previous: JobStatus | None
+    # False when a job's end is on the primary but fewer replicas than asked confirmed it.
+    replicated: bool = True
 
 
 @dataclass(frozen=True)
@@ -623,6 +636,7 @@ class JobStore:
         self._pump = redis.register_script(_script(_PUMP, worker_max_age_s))
         self._backlog = redis.register_script(_script(BACKLOG_LUA, worker_max_age_s))
         self._record_completion = redis.register_script(_RECORD_COMPLETION)
+        self._rewrite_end = redis.register_script(_REWRITE_END)
 
     def create(
         self,
@@ -831,8 +845,29 @@ class JobStore:
                     acknowledged,
                     self._replica_wait[0],
                 )
+                return CasResult(
+                    applied=True, previous=JobStatus(previous.decode()), replicated=False
+                )
         return CasResult(
             applied=bool(applied), previous=JobStatus(previous.decode()) if previous else None
+        )
+
+    def confirm_end(self, job_id: str, status: JobStatus, holder: Holder) -> CasResult | None:
+        """Whether the job ended `status` under this holder (an end whose answer was lost, or
+        that no replica confirmed in time), and whether the replicas asked for hold it now;
+        None when it did not end so."""
+        args = [status.value, json.dumps(holder.worker), holder.attempt]
+        if self._replica_wait is None:
+            ours = self._rewrite_end(keys=[job_key(job_id)], args=args)
+            return CasResult(applied=True, previous=None) if ours else None
+        with self._redis.pipeline(transaction=False) as pipe:
+            self._rewrite_end(keys=[job_key(job_id)], args=args, client=pipe)
+            pipe.execute_command("WAIT", *self._replica_wait)
+            ours, acknowledged = pipe.execute()
+        if not ours:
+            return None
+        return CasResult(
+            applied=True, previous=None, replicated=acknowledged >= self._replica_wait[0]
         )
 
     def queue_position(self, job_id: str) -> int | None:

@@ -4,6 +4,10 @@ Two ways a job is stranded: its worker stopped renewing the lease (killed, hung,
 Redis), or its message never reached a worker (the API died between creating the job and
 sending it, or Redis lost the message). Either way the job starts a new attempt and is sent
 again; a stale message of an old attempt that shows up later is dropped by the worker.
+
+The lost attempt's images stay until the job's retention ends: a lapsed lease may be an end
+that a failover undid (the promoted replica lacked it), and a client may already hold the
+URLs of those images.
 """
 
 import logging
@@ -16,7 +20,6 @@ from shared.jobstore import JobStore, RequeueReason
 from shared.queue import SendRender, queue_depth, render_queue
 from shared.schema import JobStatus
 from shared.settings import CoreSettings
-from shared.storage import ObjectStorage, StorageError, attempt_prefix
 from shared.webhooks import Webhooks
 
 log = logging.getLogger(__name__)
@@ -40,16 +43,12 @@ class Reaper:
         store: JobStore,
         settings: CoreSettings,
         send_render: SendRender,
-        storage: ObjectStorage,
-        key_prefix: str,
         webhooks: Webhooks,
     ) -> None:
         self._redis = redis
         self._store = store
         self._settings = settings
         self._send = send_render
-        self._storage = storage
-        self._key_prefix = key_prefix
         self._webhooks = webhooks
         # Until this reaper has seen Redis for a lease period, a lapsed lease may only mean that
         # workers could not renew while Redis was away (or this process was not watching).
@@ -92,9 +91,6 @@ class Reaper:
             )
             if outcome.attempt is None:
                 continue
-            # The lost attempt may have stored some images before its worker went.
-            lost_attempt = outcome.attempt - 1 if outcome.requeued else outcome.attempt
-            self._delete_attempt(job_id, lost_attempt)
             if outcome.failed:
                 log.warning("job %s failed: its worker was lost too many times", job_id)
                 self._failed(job_id)
@@ -158,9 +154,3 @@ class Reaper:
         except Exception as exc:
             # Unreserved and unsent: the next round finds it again.
             log.warning("could not send job %s: %s", job_id, exc)
-
-    def _delete_attempt(self, job_id: str, attempt: int) -> None:
-        try:
-            self._storage.delete_prefix(attempt_prefix(self._key_prefix, job_id, attempt))
-        except StorageError as exc:
-            log.warning("could not delete attempt %d of job %s: %s", attempt, job_id, exc)

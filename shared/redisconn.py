@@ -118,8 +118,22 @@ def broker_sentinel_options(settings: CoreSettings) -> dict[str, Any]:
 
 
 def wait_args(settings: CoreSettings) -> tuple[int, int] | None:
-    """The arguments of the WAIT that follows a write that must survive a failover; None when
-    replication is left asynchronous."""
-    if settings.redis_replica_acks == 0:
+    """The arguments of the WAIT that follows a new job; None when replication is left
+    asynchronous."""
+    return _wait_for(settings.redis_replica_acks or 0, settings)
+
+
+def end_wait_args(settings: CoreSettings) -> tuple[int, int] | None:
+    """The arguments of the WAIT that follows a job's end. Under Sentinel it waits for a replica
+    unless the operator chose otherwise: an end the promoted replica lacks is rendered again,
+    and its first images and `completed` webhook were already out."""
+    acks = settings.redis_replica_acks
+    if acks is None:
+        acks = 1 if settings.redis_sentinels else 0
+    return _wait_for(acks, settings)
+
+
+def _wait_for(acks: int, settings: CoreSettings) -> tuple[int, int] | None:
+    if acks == 0:
         return None
-    return settings.redis_replica_acks, max(1, round(settings.redis_replica_ack_timeout_s * 1000))
+    return acks, max(1, round(settings.redis_replica_ack_timeout_s * 1000))

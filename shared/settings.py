@@ -142,12 +142,13 @@ class CoreSettings(_T2ISettings):
     redis_sentinel_password: str | None = Field(
         default=None, description="the sentinels' own password, when they require one"
     )
-    redis_replica_acks: int = Field(
-        default=0,
+    redis_replica_acks: int | None = Field(
+        default=None,
         ge=0,
         description="replicas that must hold a new job before it is answered `202`, and a job's "
-        "end before its worker moves on (Redis `WAIT`), so that a failover cannot undo either; "
-        "0 leaves replication asynchronous",
+        "end before its worker moves on (Redis `WAIT`, the end written again until they do), so "
+        "that a failover cannot undo either; 0 leaves replication asynchronous; unset: 0, except "
+        "that with `T2I_REDIS_SENTINELS` a job's end waits for one replica",
     )
     redis_replica_ack_timeout_s: float = Field(
         default=1.0,

@@ -178,6 +178,27 @@ def _attempts_of(delivery_id: str) -> str:
     return f"{_DELIVERY_PREFIX}{delivery_id}:attempts"
 
 
+def _completed_of(job_id: str) -> str:
+    return f"t2i:job:{job_id}:webhooks:completed"
+
+
+# KEYS: delivery, the job's deliveries, and for a once-per-job event its marker. ARGV: delivery
+# id, retention seconds, then the delivery's fields. Returns the id of the delivery that stands:
+# an earlier one of a once-per-job event, or this one.
+_CREATE_DELIVERY = """
+if KEYS[3] then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier then return earlier end
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return ARGV[1]
+"""
+
+
 class Webhooks:
     """Delivery records and their attempts; enqueues sends on the webhook queue."""
 
@@ -188,6 +209,7 @@ class Webhooks:
         self._celery = celery
         self._settings = settings
         self._retention_s = retention_s
+        self._create_delivery = redis.register_script(_CREATE_DELIVERY)
 
     def job_event(self, record: JobRecord, status: JobStatus | None = None) -> str | None:
         """Enqueue the webhook a job's new state calls for, if it asked for one."""
@@ -203,23 +225,24 @@ class Webhooks:
             return None
         assert record.request.webhook is not None
         delivery_id = "msg_" + uuid.uuid4().hex
-        with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                _delivery_key(delivery_id),
-                mapping={
-                    "job_id": record.id,
-                    "owner": record.owner or "",
-                    "event": event,
-                    "url": record.request.webhook.url,
-                    "status": "pending",
-                    "attempts": 0,
-                    "created_at": time.time(),
-                },
-            )
-            pipe.expire(_delivery_key(delivery_id), self._retention_s)
-            pipe.rpush(_deliveries_of(record.id), delivery_id)
-            pipe.expire(_deliveries_of(record.id), self._retention_s)
-            pipe.execute()
+        fields = {
+            "job_id": record.id,
+            "owner": record.owner or "",
+            "event": event,
+            "url": record.request.webhook.url,
+            "status": "pending",
+            "attempts": 0,
+            "created_at": time.time(),
+        }
+        keys = [_delivery_key(delivery_id), _deliveries_of(record.id)]
+        if event == "completed":
+            # A job ends once, even when its end is written twice: an end that a Redis failover
+            # undid is rendered and ended again.
+            keys.append(_completed_of(record.id))
+        args = [delivery_id, self._retention_s, *(x for pair in fields.items() for x in pair)]
+        standing = self._create_delivery(keys=keys, args=args).decode()
+        if standing != delivery_id:
+            return None
         self.send_now(delivery_id)
         return delivery_id
 

@@ -16,7 +16,7 @@ from shared.jobstore import JobStore
 from shared.logs import configure_logging
 from shared.loras import LoraRegistry
 from shared.queue import consume, make_celery, render_queue, send_render
-from shared.redisconn import make_redis, wait_args
+from shared.redisconn import end_wait_args, make_redis
 from shared.settings import (
     core_settings,
     log_settings,
@@ -156,7 +156,7 @@ def main() -> int:
     redis = make_redis(core)
     app = make_celery(core)
     store = JobStore(
-        redis, core.retention_s, core.worker_heartbeat_max_age_s, replica_wait=wait_args(core)
+        redis, core.retention_s, core.worker_heartbeat_max_age_s, replica_wait=end_wait_args(core)
     )
     cancels = CancelWatcher(redis, store)
     cancels.start()

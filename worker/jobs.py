@@ -348,8 +348,9 @@ class JobRunner:
         self, current: _Attempt, status: JobStatus, expected: JobStatus | None = None, **fields: Any
     ) -> CasResult:
         """Write how the attempt ended, retrying while Redis is unreachable (a restart, a
-        failover) for as long as the lease would last: a finished render is not redone because
-        its end could not be written for a moment."""
+        failover) or no replica confirms the end (`redisconn.end_wait_args`) for as long as the
+        lease would last: a finished render is not redone, nor its end undone by a failover,
+        because its end could not be written for a moment."""
         give_up_at = time.monotonic() + self.leases.lease_s
         retried = False
         while True:
@@ -357,6 +358,11 @@ class JobRunner:
                 result = self.store.transition(
                     current.job_id, status, expected=expected, holder=current.holder, **fields
                 )
+                if retried and not result.applied and result.previous is status:
+                    # The write before landed and only its answer, or its replica's, was lost.
+                    confirmed = self.store.confirm_end(current.job_id, status, current.holder)
+                    if confirmed is not None:
+                        result = CasResult(True, expected, confirmed.replicated)
             except (RedisConnectionError, RedisTimeoutError) as exc:
                 if time.monotonic() >= give_up_at:
                     raise
@@ -369,14 +375,15 @@ class JobRunner:
                 retried = True
                 time.sleep(_END_WRITE_RETRY_DELAY_S)
                 continue
-            if retried and not result.applied and result.previous is status:
-                # The write before the outage landed and only its answer was lost.
-                record = self.store.get(current.job_id)
-                if record is not None and (record.worker, record.attempt) == (
-                    current.holder.worker,
-                    current.holder.attempt,
-                ):
-                    return CasResult(applied=True, previous=expected)
+            if result.applied and not result.replicated and time.monotonic() < give_up_at:
+                log.warning(
+                    "no replica confirmed that job %s %s yet; writing it again",
+                    current.job_id,
+                    status.value,
+                )
+                retried = True
+                time.sleep(_END_WRITE_RETRY_DELAY_S)
+                continue
             return result
 
     def _after_finish(self, record: JobRecord, status: JobStatus, job_s: float | None) -> None:

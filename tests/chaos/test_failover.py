@@ -3,6 +3,8 @@ API accepted ends, each rendered and stored once; clients see 503 (never 500) wh
 can confirm a job, and retry with their idempotency key."""
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ from redis.exceptions import RedisError
 from redis.sentinel import Sentinel
 
 from shared.apikeys import ApiKeyStore
-from shared.jobstore import index_key
+from shared.jobstore import index_key, job_key
 from tests.chaos.conftest import (
     BUCKET,
     Cluster,
@@ -220,3 +222,65 @@ def test_the_primary_killed_mid_burst_fails_over_and_every_accepted_job_ends_onc
     for record in records:
         assert succeeded_events(failover, record.id) == 1
         assert len(renders_of(failover, record.id)) == 1, record.id
+
+
+@dataclass
+class SentinelOnlyCluster(FailoverCluster):
+    """The sentinels named and T2I_REDIS_REPLICA_ACKS left unset, as an operator who sets up
+    Sentinel and nothing more runs it."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {key: value for key, value in super().env.items() if key != "T2I_REDIS_REPLICA_ACKS"}
+        return {
+            **env,
+            "T2I_REDIS_REPLICA_ACK_TIMEOUT_S": "0.2",
+            "T2I_WEBHOOK_ALLOWLIST": "127.0.0.1",
+        }
+
+
+def test_under_sentinel_a_job_ends_only_once_a_replica_holds_its_end(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """With its replica stopped, the primary has the job's end but the worker writes it again
+    and announces nothing (no `completed` webhook) until the replica, running again, holds it."""
+    s3, endpoint = start_s3_server(tmp_path)
+    proxy = TcpProxy(int(endpoint.rpartition(":")[2]))
+    proxy.accept()
+    cluster = SentinelOnlyCluster(
+        tmp_path, model_cache, 0, s3, endpoint, proxy, api_port=free_port()
+    )
+    try:
+        cluster.s3_client().create_bucket(Bucket=BUCKET)
+        cluster.start_redis()
+        _, cluster.api_key = ApiKeyStore(cluster.redis()).create("ends", 1_000)
+        cluster.start_api()
+        cluster.start_ready_worker()
+        assert cluster.group is not None
+        primary = cluster.group.primary_port()
+        [replica_port] = [port for port in cluster.group.servers if port != primary]
+        replica = cluster.group.servers[replica_port].popen
+        assert replica is not None
+        redis = cluster.redis()
+        os.kill(replica.pid, signal.SIGSTOP)
+        try:
+            job_id = cluster.submit(
+                "an end a replica must hold",
+                webhook={"url": f"http://127.0.0.1:{free_port()}/hooks"},
+            )
+            wait_until(lambda: redis.hget(job_key(job_id), "status") == b"succeeded", 60, "the end")
+            wait_until(
+                lambda: len(cluster.log_lines(f"no replica confirmed that job {job_id}")) >= 3,
+                30,
+                "the end written again",
+            )
+            assert redis.llen(f"t2i:job:{job_id}:webhooks") == 0
+        finally:
+            os.kill(replica.pid, signal.SIGCONT)
+        wait_until(
+            lambda: redis.llen(f"t2i:job:{job_id}:webhooks") == 1, 30, "the completed webhook"
+        )
+        on_replica = Redis(port=replica_port, socket_timeout=5).hget(job_key(job_id), "status")
+        assert on_replica == b"succeeded"
+    finally:
+        cluster.stop()

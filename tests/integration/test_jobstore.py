@@ -3,7 +3,6 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
 
 from redis import Redis
 
@@ -21,7 +20,6 @@ from shared.queue import make_celery, render_queue
 from shared.recovery import Reaper
 from shared.schema import GenerationRequest, JobErrorType, JobRecord, JobStatus
 from shared.settings import CoreSettings, WebhookSettings
-from shared.storage import LocalStorage
 from shared.webhooks import Webhooks
 from tests.support import wait_until
 from worker.cancel import CancelWatcher
@@ -236,9 +234,7 @@ def test_a_handed_back_job_is_queued_again_without_counting_a_retry(redis_client
     assert [entry for entry, _ in store.unreserved_dispatches(time.time() + 1, 10)] == [record.id]
 
 
-def test_the_reaper_judges_lost_messages_per_model_queue(
-    redis_client: Redis, tmp_path: Path
-) -> None:
+def test_the_reaper_judges_lost_messages_per_model_queue(redis_client: Redis) -> None:
     """A job waiting behind a busy model's queue is not taken for lost because another model's
     worker reserved later jobs; once its own model's worker passes it over, it is."""
     url = "redis://{host}:{port}/{db}".format(**redis_client.connection_pool.connection_kwargs)
@@ -250,8 +246,6 @@ def test_the_reaper_judges_lost_messages_per_model_queue(
         store,
         core,
         lambda job_id, attempt: sent.append((job_id, attempt)),
-        LocalStorage(tmp_path, "secret", 60),
-        "images",
         Webhooks(redis_client, make_celery(core), WebhookSettings(), 600),
     )
     start, sent_from = utc_now() - timedelta(seconds=100), store.now() - 100

@@ -1,5 +1,6 @@
 """Signed webhooks with retries, the SSRF guard at submit, and JSON-only Celery workers."""
 
+import json
 import socket
 import time
 
@@ -10,7 +11,10 @@ from redis import Redis
 from standardwebhooks import Webhook
 from txt2img.webhooks import WebhookVerificationError, verify
 
+from shared.fairshare import inflight_key, lane_keys_key
+from shared.jobstore import LEASES_KEY, index_key, job_key, status_index_key
 from shared.queue import RENDER_TASK
+from shared.schema import JobStatus
 from shared.webhooks import DELIVER_TASK
 from tests.support import Stack, WebhookReceiver, wait_for_job, wait_until
 
@@ -199,3 +203,74 @@ def test_the_workers_refuse_a_pickled_message(webhook_stack: Stack, queue: str, 
     with webhook_stack.client() as client:
         after = client.post("/v1/jobs", json={"prompt": "still serving", **QUICK}).json()
         assert wait_for_job(client, after["id"])["status"] == "succeeded"
+
+
+def _running_snapshot(redis: Redis, job_id: str) -> dict[bytes, bytes]:
+    """The job's record while it runs: what a replica that missed its end still holds."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        snapshot = redis.hgetall(job_key(job_id))
+        if snapshot.get(b"status") == b"running":
+            return snapshot
+        time.sleep(0.002)
+    raise TimeoutError(f"job {job_id} was never seen running")
+
+
+def _undo_the_end(redis: Redis, job_id: str, snapshot: dict[bytes, bytes]) -> None:
+    """What a failover to a replica that missed the job's end leaves: the record as it ran,
+    under a lease that has lapsed by now, in the owner's index of running jobs and among its
+    key's jobs in flight."""
+    owner, lane = json.loads(snapshot[b"owner"]), json.loads(snapshot[b"lane"])
+    score = redis.zscore(index_key(owner), job_id)
+    assert score is not None
+    with redis.pipeline(transaction=True) as pipe:
+        pipe.sadd(inflight_key(lane, owner), job_id)
+        pipe.sadd(lane_keys_key(lane), owner or "-")
+        pipe.delete(job_key(job_id))
+        pipe.hset(job_key(job_id), mapping=snapshot)
+        pipe.zadd(LEASES_KEY, {job_id: 0})
+        pipe.zrem(status_index_key(owner, JobStatus.SUCCEEDED), job_id)
+        pipe.zadd(status_index_key(owner, JobStatus.RUNNING), {job_id: score})
+        pipe.execute()
+
+
+def test_an_end_undone_by_a_failover_keeps_its_images_and_completes_once(
+    webhook_stack: Stack,
+) -> None:
+    """The reaper starts the job again and it ends again, but the URLs the client was given
+    for the first attempt's images keep working, and `completed` is sent once."""
+    redis = Redis.from_url(webhook_stack.env["T2I_REDIS_URL"])
+    with WebhookReceiver() as receiver, webhook_stack.client() as client:
+        response = client.post(
+            "/v1/jobs",
+            json={
+                "prompt": "an end a failover undid",
+                "width": 256,
+                "height": 256,
+                "num_inference_steps": 12,
+                "webhook": {"url": receiver.url},
+            },
+        )
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        snapshot = _running_snapshot(redis, job_id)
+        first = wait_for_job(client, job_id)
+        receiver.wait_for(1)
+        first_urls = [image["url"] for image in first["images"]]
+        assert first["status"] == "succeeded" and first_urls
+
+        _undo_the_end(redis, job_id, snapshot)
+        wait_until(
+            lambda: client.get(f"/v1/jobs/{job_id}").json()["attempt"] == 2,
+            30,
+            "the reaper to start attempt 2",
+        )
+        second = wait_for_job(client, job_id)
+        # Every retry delay of this stack: a second `completed` would have arrived.
+        time.sleep(2.5)
+        statuses = [client.get(url).status_code for url in first_urls]
+        hooks = [w for w in receiver.received if b'"job.completed"' in w.body]
+        events = [delivery["event"] for delivery in deliveries(client, job_id)]
+    assert second["status"] == "succeeded"
+    assert len(hooks) == 1 and events == ["completed"]
+    assert statuses == [200] * len(first_urls)

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from shared.redisconn import broker_sentinel_options, broker_url, wait_args
+from shared.redisconn import broker_sentinel_options, broker_url, end_wait_args, wait_args
 from shared.settings import CoreSettings, LogSettings, StorageSettings, WorkerSettings
 
 
@@ -77,6 +77,21 @@ def test_without_sentinels_the_broker_is_the_redis_url_and_writes_wait_for_no_re
         1,
         250,
     )
+    assert end_wait_args(settings) is None
+
+
+def test_under_sentinel_a_jobs_end_waits_for_a_replica_unless_the_operator_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("T2I_REDIS_SENTINELS", "s1:26379")
+    monkeypatch.setenv("T2I_REDIS_REPLICA_ACK_TIMEOUT_S", "0.5")
+    settings = CoreSettings()
+    assert end_wait_args(settings) == (1, 500)
+    assert wait_args(settings) is None
+    monkeypatch.setenv("T2I_REDIS_REPLICA_ACKS", "0")
+    assert end_wait_args(CoreSettings()) is None
+    monkeypatch.setenv("T2I_REDIS_REPLICA_ACKS", "2")
+    assert end_wait_args(CoreSettings()) == wait_args(CoreSettings()) == (2, 500)
 
 
 @pytest.mark.parametrize("sentinels", ["s1", "s1:port", ":26379", "s1:26379,s2"])
