@@ -2,8 +2,13 @@
 
 Compatible jobs (same size, steps, scheduler and guidance) that wait together ride in one
 pipeline call, each with its own prompts and seeds, so each gets the images it would get alone.
+
+A job is admitted (its admission callback: a Redis round trip) as it joins a batch, but on an
+admission thread: the batch starts rendering at once, a job whose admission fails leaves it, and
+a job's images are handed out only once it was admitted. So the GPU never waits on Redis.
 """
 
+import contextlib
 import logging
 import queue
 import threading
@@ -11,7 +16,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -46,8 +51,8 @@ class _BatchAbandoned(Exception):
 class RenderJob:
     """One job's images, with how to report its progress and how to tell it was canceled.
 
-    `on_admit` runs on the executor thread when the job joins a batch, before it renders; it
-    returns False when the job must not render after all.
+    `on_admit` runs on the executor's admission thread when the job joins a batch, while the
+    batch renders; it returns False when the job must not have its images after all.
     """
 
     batch: RenderBatch
@@ -73,6 +78,8 @@ class _Work:
     key: BatchKey
     arrived: float = field(default_factory=time.monotonic)
     future: Future[RenderOutcome] = field(default_factory=Future)
+    # Done once the job is admitted; its exception says why it was not.
+    admission: Future[None] = field(default_factory=Future)
 
     @property
     def size(self) -> int:
@@ -112,6 +119,8 @@ class GpuExecutor:
         self._wait_s = batch_wait_s
         self._stall_s = stall_s
         self._queue: queue.Queue[_Work | None] = queue.Queue()
+        # Jobs that joined a batch, for the admission thread; None once shut down.
+        self._to_admit: queue.Queue[_Work | None] = queue.Queue()
         # Jobs taken off the queue that did not fit the batch being gathered, oldest first.
         self._held: deque[_Work] = deque()
         # Jobs admitted in the current round of the loop, failed together if the loop breaks.
@@ -131,7 +140,11 @@ class GpuExecutor:
         self._thread = threading.Thread(
             target=self._run, args=(warm_up,), name="gpu-executor", daemon=True
         )
+        self._admitter = threading.Thread(
+            target=self._admit_joined, name="gpu-admission", daemon=True
+        )
         self._thread.start()
+        self._admitter.start()
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Return once the warm-up is done; raise what it raised."""
@@ -155,6 +168,8 @@ class GpuExecutor:
         self._queue.put(None)
         self._admitting.set()
         self._thread.join()
+        self._to_admit.put(None)
+        self._admitter.join()
 
     def pause(self) -> None:
         """Admit no new batch until `resume`; the batch rendering now goes on."""
@@ -170,10 +185,10 @@ class GpuExecutor:
         self._admitting.set()
 
     def healthy(self) -> bool:
-        """The loop is alive and, when busy, showed life within the stall deadline."""
+        """Both loops are alive and the GPU's, when busy, showed life within the stall deadline."""
         beat = self._busy_since_beat
         stalled = beat is not None and time.monotonic() - beat > self._stall_s
-        return self._thread.is_alive() and not stalled
+        return self._thread.is_alive() and self._admitter.is_alive() and not stalled
 
     def _show_life(self) -> None:
         self._busy_since_beat = time.monotonic()
@@ -199,8 +214,7 @@ class GpuExecutor:
                 # A bug in a round of the loop fails the jobs of that round, not the worker.
                 log.exception("the GPU executor loop failed; failing the jobs it had admitted")
                 for work in self._in_hand:
-                    if not work.future.done():
-                        work.future.set_exception(exc)
+                    _settle(work, exc)
 
     def _next(self) -> _Work | None:
         """The oldest job not yet rendered, waiting for one; None once shut down and drained."""
@@ -240,8 +254,8 @@ class GpuExecutor:
         return self._queue.get()
 
     def _admit(self, work: _Work) -> bool:
-        """Start the job unless it was canceled while it waited, the executor is handing its
-        jobs back, or its admission callback refuses it."""
+        """Start the job unless it was canceled while it waited or the executor is handing its
+        jobs back; its admission callback runs on the admission thread meanwhile."""
         if not work.future.set_running_or_notify_cancel():
             return False
         if self._handing_back:
@@ -250,17 +264,29 @@ class GpuExecutor:
         if work.job.is_canceled():
             work.future.set_exception(RenderCanceled())
             return False
-        if work.job.on_admit is not None:
+        if work.job.on_admit is None:
+            work.admission.set_result(None)
+        else:
+            self._to_admit.put(work)
+        self._in_hand.append(work)
+        return True
+
+    def _admit_joined(self) -> None:
+        """The admission loop: each job's admission callback, in the order the jobs joined."""
+        while True:
+            work = self._to_admit.get()
+            if work is None:
+                return
+            assert work.job.on_admit is not None
             try:
                 admitted = work.job.on_admit()
             except Exception as exc:
-                work.future.set_exception(exc)
-                return False
-            if not admitted:
-                work.future.set_exception(NotAdmitted())
-                return False
-        self._in_hand.append(work)
-        return True
+                work.admission.set_exception(exc)
+                continue
+            if admitted:
+                work.admission.set_result(None)
+            else:
+                work.admission.set_exception(NotAdmitted())
 
     def _gather(self, first: _Work) -> list[_Work]:
         """`first` and the compatible jobs that fit with it: those already waiting, then those
@@ -312,6 +338,12 @@ class GpuExecutor:
         return sum(member.pixels for member in group) + per_image > self._max_pixels
 
     def _render_group(self, group: list[_Work]) -> None:
+        # Jobs already refused leave before the call; the others' admission goes on meanwhile.
+        for work in [work for work in group if _refused(work) is not None]:
+            group.remove(work)
+            _settle(work)
+        if not group:
+            return
         batch_id = uuid.uuid4().hex[:16]
         batch = merge([work.job for work in group])
         live = list(group)
@@ -319,11 +351,14 @@ class GpuExecutor:
 
         def finish(work: _Work, exc: BaseException) -> None:
             live.remove(work)
-            work.future.set_exception(exc)
+            _settle(work, exc)
 
         def on_step(step: int, total: int) -> None:
             self._show_life()
             for work in list(live):
+                if _refused(work) is not None:
+                    finish(work, NotAdmitted())
+                    continue
                 try:
                     if work.job.on_step is not None:
                         work.job.on_step(step, total)
@@ -376,9 +411,9 @@ class GpuExecutor:
                 continue
             failed = next((image for image in mine if isinstance(image, Exception)), None)
             if failed is not None:
-                work.future.set_exception(failed)
+                _settle(work, failed)
             else:
-                work.future.set_result(RenderOutcome(mine, batch_id, len(batch.items), render_s))
+                _settle(work, RenderOutcome(mine, batch_id, len(batch.items), render_s))
 
     def _render_in_halves(self, batch_id: str, live: list[_Work]) -> None:
         half = len(live) // 2
@@ -391,6 +426,30 @@ class GpuExecutor:
             torch.cuda.empty_cache()
         self._render_group(live[:half])
         self._render_group(live[half:])
+
+
+def _refused(work: _Work) -> BaseException | None:
+    """Why the job was not admitted, once its admission answered that it was not."""
+    return work.admission.exception() if work.admission.done() else None
+
+
+def _settle(work: _Work, outcome: RenderOutcome | BaseException | None = None) -> None:
+    """Hand the job its outcome once its admission answered (now, or later on the admission
+    thread): a job that was not admitted gets why instead."""
+
+    def settle(admission: Future[None]) -> None:
+        refused = admission.exception()
+        # A job may be settled twice (a loop that broke after handing out its outcome): the
+        # first outcome stands.
+        with contextlib.suppress(InvalidStateError):
+            if refused is not None:
+                work.future.set_exception(refused)
+            elif isinstance(outcome, BaseException):
+                work.future.set_exception(outcome)
+            elif outcome is not None:
+                work.future.set_result(outcome)
+
+    work.admission.add_done_callback(settle)
 
 
 def _without_traceback(exc: BaseException) -> BaseException:

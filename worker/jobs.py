@@ -60,6 +60,11 @@ log = logging.getLogger(__name__)
 
 _MAX_ERROR_MESSAGE = 500
 _END_WRITE_RETRY_DELAY_S = 0.25
+# Admission rides out a Redis blip (a restart, a failover, a pause) for this long, with backoff;
+# after that the job is handed back rather than left to lapse as if its worker were lost.
+_ADMISSION_RETRY_S = 4.0
+_ADMISSION_FIRST_DELAY_S = 0.1
+_ADMISSION_MAX_DELAY_S = 1.0
 
 
 class FaultHooks(Protocol):
@@ -76,6 +81,10 @@ class RenderError(Exception):
 
 class AdmissionError(Exception):
     """Admitting the job to a batch failed for a reason other than Redis being unreachable."""
+
+
+class AdmissionUnreachable(Exception):
+    """Redis could not be reached to admit the job, even after retrying for a while."""
 
 
 class WorkerStopping(Exception):
@@ -177,6 +186,13 @@ class JobRunner:
             log.info("job %s attempt %d ended here: canceled or no longer ours", job_id, attempt)
         except HandedBack:
             self._hand_back(job_id, current.holder)
+        except AdmissionUnreachable as exc:
+            log.warning(
+                "could not admit job %s attempt %d, handing it back: %s", job_id, attempt, exc
+            )
+            # Retried for as long as the lease would last (it is renewed meanwhile): a blip is
+            # not a lost worker, and costs the job no retry.
+            self._hand_back(job_id, current.holder, retry_s=self.leases.lease_s)
         except RedisError as exc:
             # Its lease lapses and the reaper starts a new attempt.
             log.warning("lost Redis during job %s attempt %d: %s", job_id, attempt, exc)
@@ -188,17 +204,39 @@ class JobRunner:
             self.leases.release(job_id)
 
     def _admit(self, current: _Attempt) -> bool:
-        """On the executor thread, as the job joins a batch: from now on it is `running`."""
+        """On the executor's admission thread, as the job reaches the executor: from now on it
+        is `running`. Retried while Redis is unreachable; raises AdmissionUnreachable when it
+        stays so."""
         record, started_at = current.record, utc_now()
-        try:
-            if self.faults is not None:
-                self.faults.on_admission(record.request.prompt)
-            admitted = self.store.admit(record.id, current.holder, started_at).applied
-        except RedisError as exc:
-            log.warning("could not admit job %s: %s", record.id, exc)
-            return False
-        except Exception as exc:
-            raise AdmissionError(str(exc)) from exc
+        give_up_at = time.monotonic() + _ADMISSION_RETRY_S
+        delay = _ADMISSION_FIRST_DELAY_S
+        retried = False
+        while True:
+            try:
+                if self.faults is not None:
+                    self.faults.on_admission(record.request.prompt)
+                result = self.store.admit(record.id, current.holder, started_at)
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() + delay > give_up_at:
+                    raise AdmissionUnreachable(str(exc)) from exc
+                log.warning("could not admit job %s (%s); retrying", record.id, exc)
+                retried = True
+                time.sleep(delay)
+                delay = min(2 * delay, _ADMISSION_MAX_DELAY_S)
+                continue
+            except RedisError as exc:
+                log.warning("could not admit job %s: %s", record.id, exc)
+                return False
+            except Exception as exc:
+                raise AdmissionError(str(exc)) from exc
+            break
+        admitted = result.applied
+        if retried and not admitted and result.previous is JobStatus.RUNNING:
+            # The write before the blip may have landed with only its answer lost.
+            try:
+                admitted = self._holds(record.id, current.holder)
+            except RedisError as exc:
+                raise AdmissionUnreachable(str(exc)) from exc
         if admitted:
             current.started_at = started_at
             metrics.job_started(record.created_at, started_at)
@@ -206,6 +244,13 @@ class JobRunner:
                 f"{record.id}:started", lambda: self.webhooks.job_event(record, JobStatus.RUNNING)
             )
         return admitted
+
+    def _holds(self, job_id: str, holder: Holder) -> bool:
+        record = self.store.get(job_id)
+        return record is not None and (record.worker, record.attempt) == (
+            holder.worker,
+            holder.attempt,
+        )
 
     def _write_progress(self, current: _Attempt, step: int, total: int, eta_s: float) -> None:
         record = current.record
@@ -272,6 +317,7 @@ class JobRunner:
             NotAdmitted,
             HandedBack,
             AdmissionError,
+            AdmissionUnreachable,
             torch.OutOfMemoryError,
             NonFiniteImage,
         ):
@@ -409,15 +455,24 @@ class JobRunner:
         for job_id, holder in self.leases.held().items():
             self._hand_back(job_id, holder)
 
-    def _hand_back(self, job_id: str, holder: Holder) -> None:
-        """A stopping worker gives a job back to the queue as a new attempt."""
+    def _hand_back(self, job_id: str, holder: Holder, retry_s: float = 0.0) -> None:
+        """A stopping worker gives a job back to the queue as a new attempt; while Redis is
+        unreachable it tries again for up to `retry_s`."""
+        give_up_at = time.monotonic() + retry_s
         try:
-            requeued = self.store.requeue(
-                job_id,
-                RequeueReason.HANDED_BACK,
-                max_retries=0,
-                worker=holder.worker,
-            )
+            while True:
+                try:
+                    requeued = self.store.requeue(
+                        job_id,
+                        RequeueReason.HANDED_BACK,
+                        max_retries=0,
+                        worker=holder.worker,
+                    )
+                    break
+                except (RedisConnectionError, RedisTimeoutError):
+                    if time.monotonic() >= give_up_at:
+                        raise
+                    time.sleep(_END_WRITE_RETRY_DELAY_S)
             if not requeued.requeued or requeued.attempt is None:
                 return
             log.info("handed back job %s as attempt %d", job_id, requeued.attempt)

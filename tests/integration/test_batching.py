@@ -302,7 +302,7 @@ def test_a_round_of_the_loop_that_breaks_fails_its_jobs_and_the_executor_goes_on
         executor.shutdown()
 
 
-def test_admission_runs_on_the_executor_thread_and_a_refused_job_never_renders(
+def test_admission_runs_on_its_own_thread_and_a_refused_job_gets_no_images(
     executor: GpuExecutor, recorder: Recorder
 ) -> None:
     threads: list[str] = []
@@ -326,10 +326,35 @@ def test_admission_runs_on_the_executor_thread_and_a_refused_job_never_renders(
         refused.result(timeout=60)
     with pytest.raises(RuntimeError, match="admission failed"):
         failed.result(timeout=60)
-    assert outcomes([admitted])[0].render_s > 0
-    assert threads == ["gpu-executor"]
-    rendered = {i.prompt for call in recorder.calls for i in call.items}
-    assert not rendered & {"refused", "exploded"}
+    [outcome] = outcomes([admitted])
+    assert outcome.render_s > 0 and len(outcome.images) == 1
+    assert threads == ["gpu-admission"]
+
+
+def test_a_batch_renders_while_the_admission_of_one_of_its_jobs_waits(
+    executor: GpuExecutor, recorder: Recorder
+) -> None:
+    # The admission stands for a Redis round trip that hangs (a paused server).
+    redis_back = threading.Event()
+
+    def admit_when_redis_is_back() -> bool:
+        return redis_back.wait(60)
+
+    try:
+        release = hold_gpu(executor)
+        admitted = executor.submit(RenderJob(job(item(1))))
+        waiting = executor.submit(RenderJob(job(item(2)), on_admit=admit_when_redis_is_back))
+        release.set()
+        assert admitted.result(timeout=20).batch_images == 2
+        assert not waiting.done()
+        # The GPU goes on with other work meanwhile.
+        [later] = outcomes([executor.submit(RenderJob(job(item(3), size=32)))])
+        assert later.batch_images == 1 and not waiting.done()
+    finally:
+        redis_back.set()
+    outcome = waiting.result(timeout=60)
+    assert outcome.batch_id == admitted.result().batch_id and len(outcome.images) == 1
+    assert len(recorder.calls) == 3
 
 
 def test_batch_keys_are_computed_on_the_submitting_thread(renderer: DiffusionRenderer) -> None:
