@@ -28,11 +28,11 @@ from functools import lru_cache
 from celery import Celery
 
 from shared.apikeys import KEY_INDEX, RECORD_PREFIX
+from shared.keys import JOB_PREFIX
 from shared.queue import WORKERS_KEY, render_message, worker_info_key
 
 FAIR_PREFIX = "t2i:fair:"
 LANES_KEY = FAIR_PREFIX + "lanes"
-JOB_PREFIX = "t2i:job:"
 # Interactive jobs of a key go before its batch jobs; within a band, arrival order.
 PRIORITY_BANDS = {"interactive": 0, "batch": 1}
 BAND_SIZE = 10**13

@@ -27,6 +27,7 @@ from shared.fairshare import (
     PRIORITY_BANDS,
     fair_lua,
 )
+from shared.keys import JOB_PREFIX, job_key
 from shared.queue import WORKERS_KEY
 from shared.ratelimit import PEEK_TOKENS_LUA, TAKE_TOKEN_LUA, bucket_key
 from shared.schema import (
@@ -61,7 +62,6 @@ EVENTS_MAXLEN = 1000
 FINISHED_EVENTS_TTL_S = 600
 TERMINAL_EVENTS = frozenset(status.value for status in TERMINAL_STATES)
 PROGRESS_EVENT = "progress"
-_JOB_PREFIX = "t2i:job:"
 _INDEX_PREFIX = "t2i:jobs:"
 _IDEMPOTENCY_PREFIX = "t2i:idem:"
 _THROUGHPUT_WINDOW_S = 120.0
@@ -330,7 +330,7 @@ def _script(body: str, worker_max_age_s: float = DEFAULT_WORKER_MAX_AGE_S) -> st
     script = script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL).replace("INDEX_PREFIX", _INDEX_PREFIX)
     script = script.replace("DISPATCHED_KEY", DISPATCHED_KEY).replace("QUEUE_KEY", QUEUE_KEY)
     script = script.replace("LANES_KEY", LANES_KEY).replace("BAND_SIZE", str(BAND_SIZE))
-    script = script.replace("JOB_PREFIX", _JOB_PREFIX)
+    script = script.replace("JOB_PREFIX", JOB_PREFIX)
     # Put in front untouched: the message template it brings must not be rewritten.
     return fair_lua(worker_max_age_s, DISPATCHED_KEY) + script
 
@@ -343,12 +343,8 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def job_key(job_id: str) -> str:
-    return _JOB_PREFIX + job_id
-
-
 def events_key(job_id: str) -> str:
-    return f"{_JOB_PREFIX}{job_id}:events"
+    return f"{job_key(job_id)}:events"
 
 
 def index_key(owner: str | None) -> str:

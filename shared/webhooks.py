@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 from redis import Redis
 
+from shared.keys import job_key
 from shared.schema import JobRecord, JobStatus, WebhookEvent
 from shared.settings import WebhookSettings
 
@@ -171,7 +172,7 @@ def _delivery_key(delivery_id: str) -> str:
 
 
 def _deliveries_of(job_id: str) -> str:
-    return f"t2i:job:{job_id}:webhooks"
+    return f"{job_key(job_id)}:webhooks"
 
 
 def _attempts_of(delivery_id: str) -> str:
@@ -179,7 +180,7 @@ def _attempts_of(delivery_id: str) -> str:
 
 
 def _completed_of(job_id: str) -> str:
-    return f"t2i:job:{job_id}:webhooks:completed"
+    return f"{job_key(job_id)}:webhooks:completed"
 
 
 # KEYS: delivery, the job's deliveries, and for a once-per-job event its marker. ARGV: delivery
