@@ -27,6 +27,7 @@ from shared.jobstore import utc_now
 from shared.logs import RepeatedFailures
 from shared.metrics import count_finished
 from shared.schema import JobStatus
+from shared.scripts import load_script
 from shared.storage import StorageError, job_prefix
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,7 @@ _SWEEP_HOLD_S = 10.0
 # Storage deletes in flight at once, so that the store's latency does not bound throughput.
 _DELETE_THREADS = 8
 
-# KEYS: the lock. ARGV: the holder's token, the lock's new time to live in ms (0: delete it).
-_SET_TTL = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if tonumber(ARGV[2]) > 0 then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return redis.call('DEL', KEYS[1])
-"""
+_SET_TTL = load_script("round_lock_ttl")
 
 
 class RoundLock:

@@ -18,18 +18,12 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import NoScriptError
 
-from shared.clock import NOW_LUA, redis_now
-from shared.fairshare import (
-    BACKLOG_LUA,
-    BAND_SIZE,
-    LANES_KEY,
-    POSITIONS_LUA,
-    PRIORITY_BANDS,
-    fair_lua,
-)
-from shared.keys import JOB_PREFIX, job_key
+from shared.apikeys import KEY_INDEX
+from shared.clock import redis_now
+from shared.fairshare import BAND_SIZE, LANES_KEY, PRIORITY_BANDS, fair_constants
+from shared.keys import job_key
 from shared.queue import WORKERS_KEY
-from shared.ratelimit import PEEK_TOKENS_LUA, TAKE_TOKEN_LUA, bucket_key
+from shared.ratelimit import bucket_key
 from shared.schema import (
     ALLOWED_TRANSITIONS,
     TERMINAL_STATES,
@@ -39,6 +33,7 @@ from shared.schema import (
     JobRecord,
     JobStatus,
 )
+from shared.scripts import load_script
 
 log = logging.getLogger(__name__)
 
@@ -69,270 +64,42 @@ _THROUGHPUT_WINDOW_S = 120.0
 DEFAULT_WORKER_MAX_AGE_S = 30.0
 _EWMA_WEIGHT = 0.2
 
-_EVENT = """
-local function is_terminal(status)
-  return status == 'succeeded' or status == 'failed' or status == 'canceled' or status == 'expired'
-end
-local function append_event(stream, event_type, data, ttl)
-  redis.call('XADD', stream, 'MAXLEN', '~', ARGV_MAXLEN, '*', 'type', event_type, 'data', data)
-  if is_terminal(event_type) then ttl = math.min(tonumber(ttl), FINISHED_EVENTS_TTL) end
-  redis.call('EXPIRE', stream, ttl)
-end
--- The owner's index per status follows the job; its score is the job's place in the owner's
--- index. The key is derived from the record's owner, which the caller does not know (a
--- single-node or Sentinel Redis, never Cluster, so undeclared keys are fine).
-local function move_status(job, job_id, from, to)
-  if from == to then return end
-  local owner = redis.call('HGET', job, 'owner')
-  if not owner then return end
-  owner = cjson.decode(owner)
-  if owner == cjson.null then owner = '-' end
-  local index = 'INDEX_PREFIX' .. owner
-  local score = redis.call('ZSCORE', index, job_id)
-  if not score then return end
-  redis.call('ZREM', index .. ':' .. from, job_id)
-  redis.call('ZADD', index .. ':' .. to, score, job_id)
-end
-"""
-
-# KEYS: job, events, queue, owner's index, retention, sequence, idempotency key, dispatched,
-# owner's queued index, broker queue (its lane), the owner's rate-limit bucket. ARGV: job id,
-# created (epoch s), retention s, idempotency value ('' for none), idempotency TTL, event data,
-# max queue depth, retention member, the lane ('' to send its message separately), the bucket's
-# capacity (0: no limit) and tokens per second, the job's priority band, then field/value pairs.
-# A job with a lane waits in its key's fair queue; the broker gets it when its turn comes.
-# Returns {1, seq, tokens}, {0, existing idempotency value, tokens}, {-1, depth, tokens} when the
-# queue is full, or {-2, 0, tokens} when the bucket is empty (tokens: left in the bucket; a replay
-# spends none).
-_CREATE = """
-local tokens = ''
-if ARGV[4] ~= '' then
-  local existing = redis.call('GET', KEYS[7])
-  if existing then return {0, existing, tokens} end
-end
-if tonumber(ARGV[10]) > 0 then
-  local allowed, left = take_token(KEYS[11], tonumber(ARGV[10]), tonumber(ARGV[11]))
-  tokens = tostring(left)
-  if allowed == 0 then return {-2, 0, tokens} end
-end
-local depth = redis.call('ZCARD', KEYS[3])
-if depth >= tonumber(ARGV[7]) then return {-1, depth, tokens} end
-if ARGV[4] ~= '' then redis.call('SET', KEYS[7], ARGV[4], 'EX', ARGV[5]) end
-local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], unpack(ARGV, 13))
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[3], seq, ARGV[1])
-redis.call('ZADD', KEYS[4], seq, ARGV[1])
-redis.call('ZADD', KEYS[9], seq, ARGV[1])
-redis.call('ZADD', KEYS[5], ARGV[2], ARGV[8])
-append_event(KEYS[2], 'queued', ARGV[6], ARGV[3])
-if ARGV[9] == '' then
-  -- Sent by the caller: from now on the reaper watches for its message.
-  redis.call('ZADD', KEYS[8], now_s(), ARGV[1])
-else
-  local rank = string.format('%.0f', tonumber(ARGV[12]) * BAND_SIZE + seq)
-  redis.call('HSET', KEYS[1], 'lane', cjson.encode(ARGV[9]), 'rank', rank)
-  redis.call('SADD', 'LANES_KEY', ARGV[9])
-  pump(fair_enqueue(KEYS[1], ARGV[1]))
-end
-return {1, seq, tokens}
-"""
-
-# KEYS: idempotency key, the owner's rate-limit bucket. ARGV: '1' when the request has an
-# idempotency key, the bucket's capacity (0: no limit) and tokens per second. What a submission
-# may do before its input images are fetched: {0, existing idempotency value, tokens} replays an
-# earlier job and spends nothing; {1, '', tokens} spent a token; {-2, '', tokens} the bucket is
-# empty (tokens: left in the bucket, '' with no limit).
-_ADMIT = """
-local capacity = tonumber(ARGV[2])
-if ARGV[1] == '1' then
-  local existing = redis.call('GET', KEYS[1])
-  if existing then
-    local tokens = ''
-    if capacity > 0 then tokens = tostring(peek_tokens(KEYS[2], capacity, tonumber(ARGV[3]))) end
-    return {0, existing, tokens}
-  end
-end
-if capacity == 0 then return {1, '', ''} end
-local allowed, left = take_token(KEYS[2], capacity, tonumber(ARGV[3]))
-if allowed == 0 then return {-2, '', tostring(left)} end
-return {1, '', tostring(left)}
-"""
-
-# KEYS: job, events, queue, leases, dispatched. ARGV: job id, event type, event data,
-# retention s, fence worker and attempt ('' for no fence), n, the n states the job may be in, then
-# field/value pairs. A status change takes the job off the queue; a terminal one ends its lease.
-# Returns {1, previous} when written, {0, previous} when not, {0, false} when the job is missing.
-_COMPARE_AND_SET = """
-local current = redis.call('HGET', KEYS[1], 'status')
-if not current then return {0, false} end
-if ARGV[5] ~= '' then
-  local holder = redis.call('HMGET', KEYS[1], 'worker', 'attempt')
-  if holder[1] ~= ARGV[5] or tonumber(holder[2]) ~= tonumber(ARGV[6]) then return {0, current} end
-end
-local n = tonumber(ARGV[7])
-for i = 8, n + 7 do
-  if ARGV[i] == current then
-    if #ARGV > n + 7 then redis.call('HSET', KEYS[1], unpack(ARGV, n + 8)) end
-    if ARGV[2] ~= 'progress' then
-      redis.call('ZREM', KEYS[3], ARGV[1])
-      move_status(KEYS[1], ARGV[1], current, ARGV[2])
-      pump(fair_moved(KEYS[1], ARGV[1], current, ARGV[2]))
-    end
-    if is_terminal(ARGV[2]) then
-      redis.call('ZREM', KEYS[4], ARGV[1])
-      redis.call('ZREM', KEYS[5], ARGV[1])
-    end
-    if ARGV[2] == 'canceled' then redis.call('PUBLISH', 'CANCEL_CHANNEL', ARGV[1]) end
-    append_event(KEYS[2], ARGV[2], ARGV[3], ARGV[4])
-    return {1, current}
-  end
-end
-return {0, current}
-"""
-
-# KEYS: job. ARGV: status, worker (JSON), attempt. Writes the status it already has, only so the
-# WAIT after it covers the end written earlier (WAIT counts this connection's writes).
-_REWRITE_END = """
-local fields = redis.call('HMGET', KEYS[1], 'status', 'worker', 'attempt')
-if fields[1] ~= ARGV[1] or fields[2] ~= ARGV[2] or tonumber(fields[3]) ~= tonumber(ARGV[3]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-return 1
-"""
-
-# KEYS: job, leases, dispatched, reserved high-water. ARGV: job id, worker (JSON), attempt, lease
-# seconds. A worker takes one attempt of a queued job that nobody holds; the lease runs out that
-# long after now by Redis's clock (the reaper judges it by the same clock).
-# Returns {1}, {0} not queued or missing, {-1} another attempt, {-2} held by a worker.
-_RESERVE = (
-    NOW_LUA
-    + """
-local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker')
-if fields[1] ~= 'queued' then return {0} end
-if tonumber(fields[2]) ~= tonumber(ARGV[3]) then return {-1} end
-if fields[3] and fields[3] ~= 'null' then return {-2} end
-redis.call('HSET', KEYS[1], 'worker', ARGV[2])
-redis.call('ZADD', KEYS[2], now_s() + tonumber(ARGV[4]), ARGV[1])
-local sent = redis.call('ZSCORE', KEYS[3], ARGV[1])
-if sent then
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  if tonumber(sent) > tonumber(redis.call('GET', KEYS[4]) or '0') then
-    redis.call('SET', KEYS[4], sent)
-  end
-end
-return {1}
-"""
-)
-
-# KEYS: leases, then the n jobs. ARGV: worker (JSON), lease seconds, then n ids and n attempts.
-# Returns the ids whose lease this worker no longer holds.
-_RENEW = (
-    NOW_LUA
-    + """
-local n = #KEYS - 1
-local lost = {}
-local lease_until = now_s() + tonumber(ARGV[2])
-for i = 1, n do
-  local fields = redis.call('HMGET', KEYS[i + 1], 'status', 'worker', 'attempt')
-  local live = fields[1] == 'queued' or fields[1] == 'running'
-  if live and fields[2] == ARGV[1] and tonumber(fields[3]) == tonumber(ARGV[i + 2 + n]) then
-    redis.call('ZADD', KEYS[1], lease_until, ARGV[i + 2])
-  else
-    table.insert(lost, ARGV[i + 2])
-  end
-end
-return lost
-"""
-)
-
-# KEYS: job, events, queue, leases, dispatched, sequence. ARGV: job id, why ('lapsed': its lease
-# ran out by Redis's clock; 'lost': its message never reached a worker, sent before ARGV[4];
-# 'handed_back' by worker ARGV[4]), retention s, ARGV[4], most retries (lapsed and lost attempts
-# both count), then the failure's fields (error, finished_at, event data) for a job past the
-# cap. Starts the next attempt: queued, nobody's, to be sent again. Returns {1, attempt, sent}
-# (sent: 1 when its fair queue sends it, 0 when the caller must), {2, attempt} failed, {0} left
-# alone.
-_REQUEUE = """
-local f = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'worker', 'retries')
-if f[1] ~= 'queued' and f[1] ~= 'running' then return {0} end
-local why = ARGV[2]
-if why == 'lapsed' then
-  local lease = redis.call('ZSCORE', KEYS[4], ARGV[1])
-  if not lease or tonumber(lease) > now_s() then return {0} end
-elseif why == 'lost' then
-  if f[1] ~= 'queued' or (f[3] and f[3] ~= 'null') then return {0} end
-  local sent = redis.call('ZSCORE', KEYS[5], ARGV[1])
-  if not sent or tonumber(sent) > tonumber(ARGV[4]) then return {0} end
-elseif f[3] ~= ARGV[4] then
-  return {0}
-end
-local attempt = tonumber(f[2])
-local retries = tonumber(f[4] or '0')
--- A message lost on the way counts as much as a lost worker: a job whose every message is lost
--- must fail in the end, not be sent again forever. A hand-back is a worker stopping cleanly.
-local counted = why == 'lapsed' or why == 'lost'
-if counted then retries = retries + 1 end
-redis.call('ZREM', KEYS[4], ARGV[1])
-if counted and retries > tonumber(ARGV[5]) then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'retries', retries, 'error', ARGV[6],
-             'finished_at', ARGV[7])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  move_status(KEYS[1], ARGV[1], f[1], 'failed')
-  append_event(KEYS[2], 'failed', ARGV[8], ARGV[3])
-  pump(fair_moved(KEYS[1], ARGV[1], f[1], 'failed'))
-  return {2, attempt}
-end
-attempt = attempt + 1
-local seq = redis.call('INCR', KEYS[6])
-redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', attempt, 'retries', retries,
-           'worker', 'null', 'started_at', 'null', 'progress', 'null')
-redis.call('ZADD', KEYS[3], seq, ARGV[1])
-move_status(KEYS[1], ARGV[1], f[1], 'queued')
-local data = cjson.encode({status = 'queued', attempt = attempt, reason = why})
-append_event(KEYS[2], 'queued', data, ARGV[3])
-local lane = fair_moved(KEYS[1], ARGV[1], f[1], 'requeued')
-if lane then
-  -- Back in its key's queue at its old place; sent when its turn comes.
-  redis.call('ZREM', KEYS[5], ARGV[1])
-  fair_enqueue(KEYS[1], ARGV[1])
-  pump(lane)
-  return {1, attempt, 1}
-end
--- Its new message joins the back of the broker queue, so its position does too.
-redis.call('ZADD', KEYS[5], now_s(), ARGV[1])
-return {1, attempt, 0}
-"""
+# The job store's scripts that pass a job through the fair queues, with the constants of each
+# one's own text; every one also carries the fair-share and event fragments.
+_FAIR_SCRIPTS: dict[str, dict[str, str | int]] = {
+    "create_job": {"LANES_KEY": LANES_KEY, "BAND_SIZE": BAND_SIZE},
+    "compare_and_set": {"CANCEL_CHANNEL": CANCEL_CHANNEL},
+    "requeue": {},
+    "positions": {"QUEUE_KEY": QUEUE_KEY},
+    "pump": {"LANES_KEY": LANES_KEY},
+    "backlog": {"LANES_KEY": LANES_KEY, "APIKEY_INDEX": KEY_INDEX},
+}
+_EVENT_CONSTANTS = {
+    "EVENTS_MAXLEN": EVENTS_MAXLEN,
+    "FINISHED_EVENTS_TTL": FINISHED_EVENTS_TTL_S,
+    "INDEX_PREFIX": _INDEX_PREFIX,
+}
+_ADMIT = load_script("admit")
+_REWRITE_END = load_script("rewrite_end")
+_RESERVE = load_script("reserve")
+_RENEW = load_script("renew_leases")
+_RATES = load_script("queue_rates")
+_RECORD_COMPLETION = load_script("record_completion")
 
 
-# Fills every lane's window; returns how many jobs it sent.
-_PUMP = """
-local sent = 0
-for _, lane in ipairs(redis.call('SMEMBERS', 'LANES_KEY')) do
-  local before = redis.call('ZCARD', fair_key(lane, 'ahead'))
-  pump(lane)
-  sent = sent + redis.call('ZCARD', fair_key(lane, 'ahead')) - before
-end
-return sent
-"""
+def fair_scripts(worker_max_age_s: float = DEFAULT_WORKER_MAX_AGE_S) -> dict[str, str]:
+    """The scripts that pass jobs through the fair queues, by file name, for a dispatch window
+    that counts workers heard from within `worker_max_age_s`."""
+    fair = fair_constants(worker_max_age_s, DISPATCHED_KEY)
+    return {
+        name: load_script(name, **fair, **_EVENT_CONSTANTS, **own)
+        for name, own in _FAIR_SCRIPTS.items()
+    }
 
 
 def _sha1(script: str) -> str:
     """The name Redis gives a script (EVALSHA's argument)."""
     return hashlib.sha1(script.encode()).hexdigest()
-
-
-def _script(body: str, worker_max_age_s: float = DEFAULT_WORKER_MAX_AGE_S) -> str:
-    script = _EVENT.replace("ARGV_MAXLEN", str(EVENTS_MAXLEN)) + body
-    script = script.replace("FINISHED_EVENTS_TTL", str(FINISHED_EVENTS_TTL_S))
-    script = script.replace("CANCEL_CHANNEL", CANCEL_CHANNEL).replace("INDEX_PREFIX", _INDEX_PREFIX)
-    script = script.replace("DISPATCHED_KEY", DISPATCHED_KEY).replace("QUEUE_KEY", QUEUE_KEY)
-    script = script.replace("LANES_KEY", LANES_KEY).replace("BAND_SIZE", str(BAND_SIZE))
-    script = script.replace("JOB_PREFIX", JOB_PREFIX)
-    # Put in front untouched: the message template it brings must not be rewritten.
-    return fair_lua(worker_max_age_s, DISPATCHED_KEY) + script
 
 
 def new_job_id() -> str:
@@ -500,42 +267,6 @@ class QueueRates:
         return cls(rate, float(job_s) if job_s is not None else None, int(workers))
 
 
-# KEYS: completions, stats, workers. ARGV: the window s, the worker max age s. The number of
-# completions in the window and the first and last of their times, never the whole window, and
-# the live workers, all by Redis's clock (completions and heartbeats are written by it).
-_RATES = (
-    NOW_LUA
-    + """
-local now = now_s()
-local since = now - tonumber(ARGV[1])
-local count = redis.call('ZCOUNT', KEYS[1], since, '+inf')
-local first = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-local last = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', since, 'WITHSCORES', 'LIMIT', 0, 1)
-local job_s = redis.call('HGET', KEYS[2], 'job_s')
-local workers = redis.call('ZCOUNT', KEYS[3], now - tonumber(ARGV[2]), '+inf')
-return {count, first[2] or false, last[2] or false, job_s, workers}
-"""
-)
-
-# KEYS: completions, stats. ARGV: a member, the job's seconds, the window s, the average's
-# weight, the time it finished (epoch s; '' for now by Redis's clock).
-_RECORD_COMPLETION = (
-    NOW_LUA
-    + """
-local now = tonumber(ARGV[5]) or now_s()
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
-local job_s = tonumber(ARGV[2])
-local previous = tonumber(redis.call('HGET', KEYS[2], 'job_s'))
-if previous then
-  local weight = tonumber(ARGV[4])
-  job_s = (1 - weight) * previous + weight * job_s
-end
-redis.call('HSET', KEYS[2], 'job_s', string.format('%.17g', job_s))
-"""
-)
-
-
 def queue_rate_reads(pipe: Any, worker_max_age_s: float) -> None:
     """Queue on `pipe` (sync or async) the one read `QueueRates.decode` takes."""
     keys = (COMPLETIONS_KEY, STATS_KEY, WORKERS_KEY)
@@ -623,14 +354,15 @@ class JobStore:
         self._redis = redis
         self.retention_s = retention_s
         self._replica_wait = replica_wait
-        self._create = redis.register_script(_script(TAKE_TOKEN_LUA + _CREATE, worker_max_age_s))
-        self._cas = redis.register_script(_script(_COMPARE_AND_SET, worker_max_age_s))
+        scripts = fair_scripts(worker_max_age_s)
+        self._create = redis.register_script(scripts["create_job"])
+        self._cas = redis.register_script(scripts["compare_and_set"])
         self._reserve = redis.register_script(_RESERVE)
         self._renew = redis.register_script(_RENEW)
-        self._requeue = redis.register_script(_script(_REQUEUE, worker_max_age_s))
-        self._positions = redis.register_script(_script(POSITIONS_LUA, worker_max_age_s))
-        self._pump = redis.register_script(_script(_PUMP, worker_max_age_s))
-        self._backlog = redis.register_script(_script(BACKLOG_LUA, worker_max_age_s))
+        self._requeue = redis.register_script(scripts["requeue"])
+        self._positions = redis.register_script(scripts["positions"])
+        self._pump = redis.register_script(scripts["pump"])
+        self._backlog = redis.register_script(scripts["backlog"])
         self._record_completion = redis.register_script(_RECORD_COMPLETION)
         self._rewrite_end = redis.register_script(_REWRITE_END)
 
@@ -978,14 +710,15 @@ class AsyncJobStore:
         self.retention_s = retention_s
         self._replica_wait = replica_wait
         self._worker_max_age_s = worker_max_age_s
-        self._create_script = _script(TAKE_TOKEN_LUA + _CREATE, worker_max_age_s)
-        self._positions_script = _script(POSITIONS_LUA, worker_max_age_s)
+        scripts = fair_scripts(worker_max_age_s)
+        self._create_script = scripts["create_job"]
+        self._positions_script = scripts["positions"]
         # Redis names a script by the SHA1 of its text, so these never change and no request waits
         # on a load (nor sees another unset them): a call that finds the scripts gone (a restart,
         # a failover, SCRIPT FLUSH) sends their text instead, which loads them again.
         self._create_sha = _sha1(self._create_script)
         self._positions_sha = _sha1(self._positions_script)
-        self._admit_script = TAKE_TOKEN_LUA + PEEK_TOKENS_LUA + _ADMIT
+        self._admit_script = _ADMIT
         self._admit_sha = _sha1(self._admit_script)
 
     async def admit(

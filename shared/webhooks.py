@@ -21,6 +21,7 @@ from redis import Redis
 
 from shared.keys import job_key
 from shared.schema import JobRecord, JobStatus, WebhookEvent
+from shared.scripts import load_script
 from shared.settings import WebhookSettings
 
 DELIVER_TASK = "txt2img.webhook.deliver"
@@ -183,21 +184,7 @@ def _completed_of(job_id: str) -> str:
     return f"{job_key(job_id)}:webhooks:completed"
 
 
-# KEYS: delivery, the job's deliveries, and for a once-per-job event its marker. ARGV: delivery
-# id, retention seconds, then the delivery's fields. Returns the id of the delivery that stands:
-# an earlier one of a once-per-job event, or this one.
-_CREATE_DELIVERY = """
-if KEYS[3] then
-  local earlier = redis.call('GET', KEYS[3])
-  if earlier then return earlier end
-  redis.call('SET', KEYS[3], ARGV[1], 'EX', ARGV[2])
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-redis.call('RPUSH', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return ARGV[1]
-"""
+_CREATE_DELIVERY = load_script("create_delivery")
 
 
 class Webhooks:

@@ -7,24 +7,15 @@ from collections.abc import Callable
 from redis import Redis
 from redis.exceptions import RedisError
 
-from shared.clock import NOW_LUA
 from shared.info import WorkerInfo
 from shared.queue import WORKERS_KEY, worker_info_key
+from shared.scripts import load_script
 
 log = logging.getLogger(__name__)
 
 _FORGET_AFTER_S = 24 * 3600
 
-# KEYS: the live workers. ARGV: this worker, how long a silent worker is remembered. Stamped by
-# Redis's clock, as every API that judges the age of a heartbeat reads it.
-_BEAT = (
-    NOW_LUA
-    + """
-local now = now_s()
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-"""
-)
+_BEAT = load_script("heartbeat")
 
 
 class Heartbeat:
