@@ -14,19 +14,22 @@ import pytest
 from redis import Redis
 
 from tests.conftest import _stack_env
-from tests.support import Process, Stack, wait_for_job, wait_until
+from tests.support import Process, Stack, start_redis, wait_for_job, wait_until
 
 MAX_RETRIES = 2
 QUICK = {"prompt": "a lost message", "width": 256, "height": 256, "num_inference_steps": 1}
 
 
 @pytest.fixture(scope="module")
-def lossy_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[Stack]:
+def lossy_stack(workdir: Path, model_cache: Path) -> Iterator[Stack]:
     stack_dir = workdir / "lossy-stack"
     stack_dir.mkdir()
+    # A Redis of its own: a worker of another module's stack on a shared server would take the
+    # messages this module means to lose.
+    redis, redis_port = start_redis(stack_dir / "redis")
     env = _stack_env(
         redis_port,
-        7,
+        0,
         stack_dir,
         model_cache,
         T2I_REDISPATCH_AFTER_S="0.5",
@@ -36,6 +39,7 @@ def lossy_stack(redis_port: int, workdir: Path, model_cache: Path) -> Iterator[S
     stack = Stack(env, stack_dir, with_worker=False).start()
     yield stack
     stack.stop()
+    redis.stop()
 
 
 class MessageThief:
