@@ -17,8 +17,9 @@ from api.openapi import install_openapi, operation_id
 from api.routes import a1111, jobs, openai, playground, system, webhooks
 from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore, CachedKeys
+from shared.asyncstore import AsyncJobStore
 from shared.info import SERVICE_VERSION
-from shared.jobstore import AsyncJobStore, JobStore
+from shared.jobstore import JobStore
 from shared.queue import make_celery, render_queue, send_render
 from shared.recovery import Reaper
 from shared.redisconn import end_wait_args, make_async_redis, make_redis, wait_args

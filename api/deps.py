@@ -16,8 +16,9 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from shared.apikeys import ApiKey, ApiKeyStore, CachedKeys
+from shared.asyncstore import AsyncJobStore, JobView
 from shared.errors import ErrorType, ServiceError
-from shared.jobstore import AsyncJobStore, JobStore, JobView
+from shared.jobstore import JobStore
 from shared.loras import LoraRegistry
 from shared.recovery import Reaper
 from shared.schema import JobRecord

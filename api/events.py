@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 from api.deps import CallerDep, Services, ServicesDep
 from api.jobview import view_out
 from api.openapi import error_responses
-from shared.jobstore import events_key, job_key
+from shared.keys import events_key, job_key
 from shared.schema import TERMINAL_STATES, JobStatus
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """A job as clients see it: signed image URLs, queue position and ETA."""
 
 from api.deps import Services
-from shared.jobstore import JobView, QueueRates
+from shared.asyncstore import JobView
+from shared.rates import QueueRates
 from shared.schema import JobOut, JobRecord, JobStatus
 from shared.views import public_job
 

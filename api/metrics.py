@@ -28,7 +28,8 @@ from api.openapi import error_responses
 from shared.apikeys import KEY_INDEX
 from shared.backlog import read_backlog
 from shared.info import Backlog
-from shared.jobstore import QUEUE_KEY, JobStore, status_index_key
+from shared.jobstore import JobStore
+from shared.keys import QUEUE_KEY, status_index_key
 from shared.queue import live_workers
 from shared.schema import JobStatus
 from shared.settings import CoreSettings

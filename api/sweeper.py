@@ -23,9 +23,9 @@ from redis.exceptions import RedisError
 
 from api.deps import Services
 from api.metrics import JOBS_DELETED
-from shared.jobstore import utc_now
 from shared.logs import RepeatedFailures
 from shared.metrics import count_finished
+from shared.records import utc_now
 from shared.schema import JobStatus
 from shared.scripts import load_script
 from shared.storage import StorageError, job_prefix

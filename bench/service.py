@@ -21,18 +21,11 @@ import psutil
 from redis import Redis
 
 from shared.apikeys import ApiKeyStore
-from shared.jobstore import (
-    FINISHED_EVENTS_TTL_S,
-    RETENTION_KEY,
-    JobStore,
-    events_key,
-    index_key,
-    job_key,
-    new_job_id,
-    status_index_key,
-    utc_now,
-)
+from shared.jobscripts import FINISHED_EVENTS_TTL_S
+from shared.jobstore import JobStore
+from shared.keys import RETENTION_KEY, events_key, index_key, job_key, status_index_key
 from shared.queue import WORKERS_KEY
+from shared.records import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from tests.support import (
     REPO_ROOT,

@@ -18,7 +18,7 @@ Each lane also keeps the set of keys with jobs waiting or in flight in it, so wh
 reads (the jobs waiting and running per lane) costs a read per such key, not a scan.
 
 The scripts are shared/lua/fragments/fair.lua, pasted into the job store's scripts
-(shared/jobstore.py), which know the job's state change they come with, and the positions and
+(shared/jobscripts.py), which know the job's state change they come with, and the positions and
 backlog scripts beside them in shared/lua/.
 """
 

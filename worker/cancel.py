@@ -10,7 +10,8 @@ import threading
 from redis import Redis
 from redis.exceptions import RedisError
 
-from shared.jobstore import CANCEL_CHANNEL, JobStore
+from shared.jobstore import JobStore
+from shared.keys import CANCEL_CHANNEL
 from shared.schema import JobStatus
 
 log = logging.getLogger(__name__)

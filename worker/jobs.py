@@ -21,9 +21,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.infotext import parameters_text
-from shared.jobstore import CasResult, Holder, JobStore, RequeueReason, Reservation, utc_now
+from shared.jobstore import CasResult, Holder, JobStore, RequeueReason, Reservation
 from shared.metrics import count_finished
 from shared.queue import SendRender
+from shared.records import utc_now
 from shared.schema import (
     CONTENT_TYPES,
     BatchInfo,

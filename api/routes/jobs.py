@@ -17,21 +17,14 @@ from api.jobview import job_out, view_out
 from api.metrics import JOBS_SUBMITTED
 from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
 from shared.apikeys import ApiKey
+from shared.asyncstore import JobView
 from shared.errors import ErrorType, ServiceError
-from shared.jobstore import (
-    CasResult,
-    Created,
-    JobView,
-    QueueFull,
-    RateLimit,
-    RateLimited,
-    new_job_id,
-    request_fingerprint,
-    utc_now,
-)
+from shared.jobscripts import Created, QueueFull, RateLimit, RateLimited
+from shared.jobstore import CasResult
 from shared.metrics import count_finished
 from shared.queue import live_models, live_workers, render_queue
 from shared.ratelimit import Decision
+from shared.records import new_job_id, request_fingerprint, utc_now
 from shared.schema import (
     CONTENT_TYPES,
     MAX_SEED,

@@ -21,7 +21,8 @@ from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from shared.apikeys import ApiKeyStore
-from shared.jobstore import LEASES_KEY, QUEUE_KEY, JobStore, events_key
+from shared.jobstore import JobStore
+from shared.keys import LEASES_KEY, QUEUE_KEY, events_key
 from shared.queue import WORKERS_KEY
 from shared.schema import JobRecord, JobStatus
 from tests.support import (

@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from redis.sentinel import Sentinel
 
 from shared.apikeys import ApiKeyStore
-from shared.jobstore import index_key, job_key
+from shared.keys import index_key, job_key
 from tests.chaos.conftest import (
     BUCKET,
     Cluster,

@@ -10,7 +10,7 @@ from functools import partial
 import httpx
 import pytest
 
-from shared.jobstore import new_job_id, utc_now
+from shared.records import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from tests.chaos.conftest import SMALL, Cluster, assert_all_succeeded
 from tests.support import wait_until

@@ -21,15 +21,10 @@ from redis import Redis
 from shared.apikeys import ApiKeyStore, PoolShare
 from shared.fairshare import FAIR_PREFIX, ahead_key, lane_keys_key
 from shared.info import WorkerInfo
-from shared.jobstore import (
-    LEASES_KEY,
-    Holder,
-    JobStore,
-    RequeueReason,
-    new_job_id,
-    utc_now,
-)
+from shared.jobstore import Holder, JobStore, RequeueReason
+from shared.keys import LEASES_KEY
 from shared.queue import WORKERS_KEY, worker_info_key
+from shared.records import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from tests.conftest import run_stack
 from tests.support import REPO_ROOT, Process, Stack, wait_until

@@ -10,20 +10,12 @@ import time
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from shared.jobstore import (
-    FINISHED_EVENTS_TTL_S,
-    AsyncJobStore,
-    JobPage,
-    JobStore,
-    RateLimit,
-    events_key,
-    job_key,
-    new_job_id,
-    request_fingerprint,
-    status_index_key,
-    utc_now,
-)
+from shared.asyncstore import AsyncJobStore, JobPage
+from shared.jobscripts import FINISHED_EVENTS_TTL_S, RateLimit
+from shared.jobstore import JobStore
+from shared.keys import events_key, job_key, status_index_key
 from shared.queue import make_celery, send_render
+from shared.records import new_job_id, request_fingerprint, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from shared.settings import CoreSettings
 

@@ -6,17 +6,10 @@ from datetime import timedelta
 
 from redis import Redis
 
-from shared.jobstore import (
-    DISPATCHED_KEY,
-    LEASES_KEY,
-    Holder,
-    JobStore,
-    RequeueReason,
-    Reservation,
-    new_job_id,
-    utc_now,
-)
+from shared.jobstore import Holder, JobStore, RequeueReason, Reservation
+from shared.keys import DISPATCHED_KEY, LEASES_KEY
 from shared.queue import make_celery, render_queue
+from shared.records import new_job_id, utc_now
 from shared.recovery import Reaper
 from shared.schema import GenerationRequest, JobErrorType, JobRecord, JobStatus
 from shared.settings import CoreSettings, WebhookSettings

@@ -9,8 +9,9 @@ import httpx
 import pytest
 from redis import Redis
 
-from shared.jobstore import Holder, JobStore, Reservation, new_job_id, utc_now
+from shared.jobstore import Holder, JobStore, Reservation
 from shared.queue import make_celery, send_render
+from shared.records import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from shared.settings import CoreSettings
 from tests.conftest import FAIL_PROMPT

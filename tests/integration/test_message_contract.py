@@ -15,8 +15,9 @@ import pytest
 from redis import Redis
 
 from shared.fairshare import ahead_key
-from shared.jobstore import JobStore, new_job_id, utc_now
+from shared.jobstore import JobStore
 from shared.queue import RENDER_TASK, BrokerSetupError, check_forgeable, make_celery
+from shared.records import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from shared.settings import CoreSettings
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from shared.jobstore import LEASES_KEY
+from shared.keys import LEASES_KEY
 from tests.conftest import run_stack
 from tests.support import Stack, start_redis, wait_for_job, wait_until
 

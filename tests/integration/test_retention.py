@@ -15,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from api.sweeper import RoundLock, sweep_once
-from shared.jobstore import QUEUE_KEY, RETENTION_KEY, JobStore, new_job_id, utc_now
+from shared.jobstore import JobStore
+from shared.keys import QUEUE_KEY, RETENTION_KEY
 from shared.queue import make_celery
+from shared.records import new_job_id, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from shared.settings import CoreSettings, StorageSettings, WebhookSettings
 from shared.storage import LocalStorage, image_key, make_storage

@@ -7,13 +7,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis as AsyncRedis
 
-from shared.jobstore import (
-    AsyncJobStore,
-    RateLimit,
-    new_job_id,
-    request_fingerprint,
-    utc_now,
-)
+from shared.asyncstore import AsyncJobStore
+from shared.jobscripts import RateLimit
+from shared.records import new_job_id, request_fingerprint, utc_now
 from shared.schema import GenerationRequest, JobRecord, JobStatus
 from tests.support import start_redis
 

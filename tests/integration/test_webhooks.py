@@ -12,7 +12,7 @@ from standardwebhooks import Webhook
 from txt2img.webhooks import WebhookVerificationError, verify
 
 from shared.fairshare import inflight_key, lane_keys_key
-from shared.jobstore import LEASES_KEY, index_key, job_key, status_index_key
+from shared.keys import LEASES_KEY, index_key, job_key, status_index_key
 from shared.queue import RENDER_TASK
 from shared.schema import JobStatus
 from shared.webhooks import DELIVER_TASK

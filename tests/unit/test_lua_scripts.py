@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from shared.jobstore import fair_scripts
+from shared.jobscripts import fair_scripts
 from shared.scripts import FRAGMENT_DIR, LUA_DIR, ScriptError, load_script
 
 ROOT = Path(__file__).resolve().parents[2]
