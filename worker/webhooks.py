@@ -80,6 +80,12 @@ class Sender:
         if delivery is None or delivery["status"] in {"delivered", "gone"}:
             return
         set_current_job(delivery["job_id"])
+        try:
+            self._attempt(delivery_id, delivery)
+        finally:
+            set_current_job(None)
+
+    def _attempt(self, delivery_id: str, delivery: dict[str, str]) -> None:
         body = delivery.get("body")
         if body is None:
             body = self._body(delivery)
@@ -221,10 +227,7 @@ def requeue_due(webhooks: Webhooks) -> None:
 def register_webhook_task(app: Celery, sender: Sender) -> None:
     @app.task(name=DELIVER_TASK)
     def deliver(delivery_id: str) -> None:
-        try:
-            sender.deliver(delivery_id)
-        finally:
-            set_current_job(None)
+        sender.deliver(delivery_id)
 
 
 def main() -> int:

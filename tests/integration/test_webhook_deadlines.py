@@ -2,6 +2,7 @@
 sending and reading the whole response, and a `Retry-After` is capped by the retry schedule."""
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from redis import Redis
 
 from shared.apikeys import ApiKeyStore
 from shared.jobstore import JobStore
+from shared.logs import JobIdFilter
 from shared.queue import make_celery
 from shared.settings import CoreSettings, WebhookSettings
 from shared.storage import LocalStorage
@@ -123,6 +125,10 @@ def test_a_receiver_that_drips_its_response_is_cut_at_the_deadline(
         receiver.close()
     # Every byte came within the per-read timeout; only the overall deadline stops it.
     assert took < DEADLINE_S + 1.5, f"the attempt took {took:.1f} s"
+    # The delivery's job id does not stay on the lines this thread logs after it.
+    after = logging.makeLogRecord({})
+    JobIdFilter().filter(after)
+    assert after.job_id is None
     assert receiver.posts == 1
     [attempt] = [json.loads(raw) for raw in redis_client.lrange(_attempts_of(delivery_id), 0, -1)]
     assert attempt["error"] == "timed out"
