@@ -39,38 +39,13 @@ import httpx
 import psutil
 from redis import Redis
 
+from bench import service
+from bench.service import tree_cpu_s
 from shared.apikeys import ApiKeyStore
-from shared.queue import WORKERS_KEY
-from tests.support import (
-    REPO_ROOT,
-    Process,
-    api_answers,
-    free_port,
-    service_env,
-    start_redis,
-    wait_until,
-)
+from tests.support import REPO_ROOT
 
 RESULTS_FILE = REPO_ROOT / "bench" / "results" / "control_plane.json"
 TERMINAL = {"succeeded", "failed", "canceled", "expired"}
-
-
-def _tree_cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes and all their descendants."""
-    total = 0.0
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            processes = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for process in processes:
-            try:
-                times = process.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-    return total
 
 
 class Counters:
@@ -83,44 +58,27 @@ class Counters:
         self.commands = sum(entry["calls"] for entry in stats.values())
         self.command_usec = sum(entry["usec"] for entry in stats.values())
         self.by_command = {name.removeprefix("cmdstat_"): entry for name, entry in stats.items()}
-        self.api_cpu_s = _tree_cpu_s([api_pid])
-        self.workers_cpu_s = _tree_cpu_s(worker_pids)
+        self.api_cpu_s = tree_cpu_s(api_pid)
+        self.workers_cpu_s = sum(tree_cpu_s(pid) for pid in worker_pids)
         self.own_cpu_s = time.process_time()
         self.at = time.monotonic()
 
 
-class Cluster:
-    """One redis-server, the API (its processes) and simulated-render workers, on loopback."""
+class Cluster(service.Cluster):
+    """The service benchmark's cluster, its workers' renders simulated, with `args.keys` keys."""
 
     def __init__(self, workdir: Path, args: argparse.Namespace) -> None:
-        self.workdir = workdir
-        self.redis_process, self.redis_port = start_redis(workdir / "redis")
-        self.api_port = free_port()
-        self.env = service_env(
-            T2I_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
-            T2I_PORT=str(self.api_port),
-            T2I_API_PROCESSES=str(args.api_processes),
+        super().__init__(
+            workdir,
+            args.api_processes,
             T2I_MODEL_ID=f"simulated:{args.render_s}",
-            T2I_MODEL_CACHE_DIR=str(workdir / "models"),
-            T2I_DATA_DIR=str(workdir / "data"),
             T2I_STORAGE="local",
-            T2I_MAX_QUEUE_DEPTH="1000000",
             T2I_SAFETY_CHECKER="false",
-            T2I_TORCH_THREADS="1",
             T2I_LOG_LEVEL="WARNING",
         )
-        self.api = Process(
-            "api", [sys.executable, "-m", "api"], self.env, workdir / "api.log"
-        ).start()
-        self.workers: list[Process] = []
-        wait_until(lambda: api_answers(self.api, self.base_url), 60, "the API")
         self.keys = [
             ApiKeyStore(self.redis()).create(f"bench-{n}", 10**9)[1] for n in range(args.keys)
         ]
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
 
     def redis(self) -> Redis:
         return Redis(port=self.redis_port, decode_responses=True)
@@ -131,25 +89,7 @@ class Cluster:
         return Counters(self.redis(), self.api.popen.pid, pids)
 
     def scale_to(self, count: int) -> None:
-        while len(self.workers) < count:
-            name = f"worker-{len(self.workers)}"
-            self.workers.append(
-                Process(
-                    name, [sys.executable, "-m", "worker"], self.env, self.workdir / f"{name}.log"
-                ).start()
-            )
-
-        def all_ready() -> bool:
-            for worker in self.workers:
-                if not worker.alive():
-                    raise RuntimeError(f"{worker.name} exited:\n{worker.log_tail()}")
-            return self.redis().zcard(WORKERS_KEY) >= count
-
-        wait_until(all_ready, 300, f"{count} workers")
-
-    def stop(self) -> None:
-        for process in [self.api, *self.workers, self.redis_process]:
-            process.stop()
+        self.add_workers(count - len(self.workers))
 
 
 def _clients(cluster: Cluster, concurrency: int) -> list[httpx.AsyncClient]:

@@ -54,7 +54,7 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
-def _tree_cpu_s(pid: int) -> float:
+def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and all its descendants."""
     root = psutil.Process(pid)
     total = 0.0
@@ -70,7 +70,8 @@ def _tree_cpu_s(pid: int) -> float:
 class Cluster:
     """One redis-server, one API (its processes) and any number of workers, on loopback."""
 
-    def __init__(self, workdir: Path, api_processes: int) -> None:
+    def __init__(self, workdir: Path, api_processes: int, **env: str) -> None:
+        """`env`: the model and other settings of this benchmark's services."""
         self.workdir = workdir
         self.redis_process, self.redis_port = start_redis(workdir / "redis")
         self.api_port = free_port()
@@ -78,14 +79,12 @@ class Cluster:
             T2I_REDIS_URL=f"redis://127.0.0.1:{self.redis_port}/0",
             T2I_PORT=str(self.api_port),
             T2I_API_PROCESSES=str(api_processes),
-            T2I_MODEL_ID="tiny",
             T2I_MODEL_CACHE_DIR=str(workdir / "models"),
             T2I_DATA_DIR=str(workdir / "data"),
             T2I_MAX_QUEUE_DEPTH="1000000",
-            T2I_HEARTBEAT_INTERVAL_S="1",
-            T2I_WORKER_HEARTBEAT_MAX_AGE_S="5",
             # Each worker process renders on one CPU thread: N workers on N cores is fair.
             T2I_TORCH_THREADS="1",
+            **env,
         )
         self.api = Process(
             "api", [sys.executable, "-m", "api"], self.env, workdir / "api.log"
@@ -166,13 +165,13 @@ async def _load(
     async with _client(cluster, concurrency) as client:
         # Connections (client to API, API to Redis) and the key's cache warm at this concurrency.
         await asyncio.gather(*(request(client) for _ in range(concurrency)))
-        gateway_before = _tree_cpu_s(cluster.api.popen.pid)  # type: ignore[union-attr]
+        gateway_before = tree_cpu_s(cluster.api.popen.pid)  # type: ignore[union-attr]
         own_before = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(caller(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         own_cpu = time.process_time() - own_before
-        gateway_cpu = _tree_cpu_s(cluster.api.popen.pid) - gateway_before  # type: ignore[union-attr]
+        gateway_cpu = tree_cpu_s(cluster.api.popen.pid) - gateway_before  # type: ignore[union-attr]
     return {
         "requests": total,
         "per_s": round(total / elapsed, 1),
@@ -376,7 +375,7 @@ async def _scaling_round(cluster: Cluster, jobs: int) -> dict[str, Any]:
     finish, and the CPU the workers and this load generator spent meanwhile."""
     count = len(cluster.workers)
     own_before = time.process_time()
-    workers_before = sum(_tree_cpu_s(w.popen.pid) for w in cluster.workers)  # type: ignore[union-attr]
+    workers_before = sum(tree_cpu_s(w.popen.pid) for w in cluster.workers)  # type: ignore[union-attr]
     async with _client(cluster, 8) as client:
         submitted = await asyncio.gather(
             *(client.post("/v1/jobs", json=SCALING_JOB) for _ in range(jobs))
@@ -384,7 +383,7 @@ async def _scaling_round(cluster: Cluster, jobs: int) -> dict[str, Any]:
         finished = await _wait_all(client, [answer.json()["id"] for answer in submitted])
     own_cpu = time.process_time() - own_before
     workers_cpu = (
-        sum(_tree_cpu_s(w.popen.pid) for w in cluster.workers)  # type: ignore[union-attr]
+        sum(tree_cpu_s(w.popen.pid) for w in cluster.workers)  # type: ignore[union-attr]
         - workers_before
     )
     if failed := [job for job in finished if job["status"] != "succeeded"]:
@@ -474,7 +473,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "api_processes": args.api_processes,
     }
     with tempfile.TemporaryDirectory(prefix="t2i-bench-") as workdir:
-        cluster = Cluster(Path(workdir), args.api_processes)
+        cluster = Cluster(
+            Path(workdir),
+            args.api_processes,
+            T2I_MODEL_ID="tiny",
+            T2I_HEARTBEAT_INTERVAL_S="1",
+            T2I_WORKER_HEARTBEAT_MAX_AGE_S="5",
+        )
         phases = args.phases.split(",")
         try:
             if "gateway" in phases:
