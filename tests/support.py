@@ -295,6 +295,39 @@ def read_sse(
     return events
 
 
+class ImageServer:
+    """A loopback HTTP server with one image at /init.png; it counts the requests it sees."""
+
+    def __init__(self, body: bytes) -> None:
+        self.port = free_port()
+        self.requests = 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.requests += 1
+                found = self.path == "/init.png"
+                self.send_response(200 if found else 404)
+                self.send_header("content-length", str(len(body) if found else 0))
+                self.end_headers()
+                if found:
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/init.png"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 @dataclass
 class ReceivedWebhook:
     headers: dict[str, str]

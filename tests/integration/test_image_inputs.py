@@ -6,9 +6,7 @@ image mean something: with a low strength the result stays near it, with strengt
 
 import base64
 import io
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 from PIL import Image
 from redis import Redis
 
-from tests.support import Stack, free_port, wait_for_job
+from tests.support import ImageServer, Stack, wait_for_job
 from worker.encoding import read_parameters
 
 SIZE = 256
@@ -124,44 +122,18 @@ def test_image_jobs_batch_like_text_jobs_and_each_image_is_the_one_it_gets_alone
     assert np.abs(pixels(pair[0]) - pixels(pair[1])).max() > 0
 
 
-class _ImageServer:
-    """A loopback HTTP server with one image at /init.png."""
-
-    def __init__(self, body: bytes) -> None:
-        self.port = free_port()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                found = self.path == "/init.png"
-                self.send_response(200 if found else 404)
-                self.send_header("content-length", str(len(body) if found else 0))
-                self.end_headers()
-                if found:
-                    self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @pytest.fixture(scope="module")
-def image_server() -> Iterator[_ImageServer]:
-    server = _ImageServer(encoded(smooth_image(7)))
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer(encoded(smooth_image(7)))
     yield server
     server.close()
 
 
 def test_an_init_image_url_is_fetched_when_the_ssrf_guard_allows_its_host(
-    webhook_stack: Stack, image_server: _ImageServer
+    webhook_stack: Stack, image_server: ImageServer
 ) -> None:
     # The webhook stack allow-lists 127.0.0.1 for the SSRF guard, as an operator would.
-    url = f"http://127.0.0.1:{image_server.port}/init.png"
+    url = image_server.url
     with webhook_stack.client() as client:
         job, [file] = render(client, init_image=url, strength=0.1)
     original = np.asarray(smooth_image(7), dtype=np.int16)

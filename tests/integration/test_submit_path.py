@@ -4,16 +4,14 @@ answered as made even when no replica confirms it."""
 
 import base64
 import io
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from redis import Redis
 
-from tests.support import Stack, free_port, service_env, start_redis, wait_for_job
+from tests.support import ImageServer, Stack, service_env, start_redis, wait_for_job
 
 QUICK = {"width": 256, "height": 256, "num_inference_steps": 2}
 
@@ -63,48 +61,19 @@ def test_a_replay_spends_no_token_and_new_jobs_still_count(local_stack: Stack) -
     assert third.json()["error"]["type"] == "rate_limited"
 
 
-class _CountingImageServer:
-    """A loopback HTTP server that serves one PNG and counts the requests it sees."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.requests = 0
-        body = _png()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests += 1
-                self.send_response(200)
-                self.send_header("content-type", "image/png")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
 @pytest.fixture
-def counting_server() -> Iterator[_CountingImageServer]:
-    server = _CountingImageServer()
+def counting_server() -> Iterator[ImageServer]:
+    server = ImageServer(_png())
     yield server
     server.close()
 
 
 def test_a_key_over_its_limit_costs_no_image_fetch(
-    webhook_stack: Stack, counting_server: _CountingImageServer
+    webhook_stack: Stack, counting_server: ImageServer
 ) -> None:
     # The webhook stack allow-lists 127.0.0.1 for the SSRF guard, input image URLs included.
     key = webhook_stack.create_key("one a minute", rate_limit_per_min=1)
-    url = f"http://127.0.0.1:{counting_server.port}/init.png"
+    url = counting_server.url
     with webhook_stack.client(key) as client:
         spent = client.post("/v1/jobs", json={"prompt": "the one token", **QUICK})
         assert spent.status_code == 202, spent.text
