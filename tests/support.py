@@ -18,7 +18,8 @@ from redis import Redis
 from txt2img.settings import ClientSettings
 
 from shared.apikeys import ApiKeyStore
-from shared.schema import SafetyAction
+from shared.records import new_job_id, utc_now
+from shared.schema import GenerationRequest, JobRecord, JobStatus, SafetyAction
 from shared.settings import _T2ISettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -293,6 +294,17 @@ def read_sse(
                     break
             fields = {}
     return events
+
+
+def queued_record(owner: str | None) -> JobRecord:
+    """A new queued job of `owner`, as the store's tests create them."""
+    return JobRecord(
+        id=new_job_id(),
+        owner=owner,
+        status=JobStatus.QUEUED,
+        created_at=utc_now(),
+        request=GenerationRequest(prompt="a cat", seed=1),
+    )
 
 
 class ImageServer:

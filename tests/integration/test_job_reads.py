@@ -15,22 +15,13 @@ from shared.jobscripts import FINISHED_EVENTS_TTL_S, RateLimit
 from shared.jobstore import JobStore
 from shared.keys import events_key, job_key, status_index_key
 from shared.queue import make_celery, send_render
-from shared.records import new_job_id, request_fingerprint, utc_now
-from shared.schema import GenerationRequest, JobRecord, JobStatus
+from shared.records import request_fingerprint, utc_now
+from shared.schema import JobStatus
 from shared.settings import CoreSettings
+from tests.support import queued_record
 
 OWNER = "abcdef012345"
 RETENTION_S = 3600
-
-
-def _record(owner: str | None = OWNER) -> JobRecord:
-    return JobRecord(
-        id=new_job_id(),
-        owner=owner,
-        status=JobStatus.QUEUED,
-        created_at=utc_now(),
-        request=GenerationRequest(prompt="a cat", seed=1),
-    )
 
 
 def _async_store(redis: Redis) -> AsyncJobStore:
@@ -56,7 +47,7 @@ def test_a_status_listing_reads_its_own_index_and_is_never_empty_while_matches_r
     redis_client: Redis,
 ) -> None:
     store = JobStore(redis_client, RETENTION_S)
-    created = [_record() for _ in range(300)]
+    created = [queued_record(OWNER) for _ in range(300)]
     for record in created:
         store.create(record)
     # The oldest three finish; hundreds of newer queued jobs lie between them and the head.
@@ -77,7 +68,7 @@ def test_every_listing_page_is_full_until_the_last_and_all_jobs_appear_once(
     redis_client: Redis,
 ) -> None:
     store = JobStore(redis_client, RETENTION_S)
-    created = [_record() for _ in range(25)]
+    created = [queued_record(OWNER) for _ in range(25)]
     for record in created:
         store.create(record)
     gone = created[10]
@@ -92,7 +83,7 @@ def test_every_listing_page_is_full_until_the_last_and_all_jobs_appear_once(
 
 def test_a_requeued_or_deleted_job_moves_between_status_indexes(redis_client: Redis) -> None:
     store = JobStore(redis_client, RETENTION_S)
-    record = _record()
+    record = queued_record(OWNER)
     store.create(record)
     store.transition(record.id, JobStatus.RUNNING)
     running = status_index_key(OWNER, JobStatus.RUNNING)
@@ -125,7 +116,7 @@ def test_a_finished_jobs_events_outlive_it_only_briefly_and_its_record_stays(
     redis_client: Redis,
 ) -> None:
     store = JobStore(redis_client, RETENTION_S)
-    record = _record()
+    record = queued_record(OWNER)
     store.create(record)
     store.transition(record.id, JobStatus.RUNNING)
     assert redis_client.ttl(events_key(record.id)) > FINISHED_EVENTS_TTL_S
@@ -147,7 +138,7 @@ def _pushed(redis: Redis, queue: str) -> dict:
 def test_the_created_jobs_message_is_the_one_celery_would_publish(redis_client: Redis) -> None:
     kwargs = redis_client.connection_pool.connection_kwargs
     celery = make_celery(CoreSettings(redis_url=f"redis://127.0.0.1:{kwargs['port']}/15"))
-    record = _record()
+    record = queued_record(OWNER)
 
     async def create() -> None:
         store = _async_store(redis_client)

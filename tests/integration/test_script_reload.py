@@ -9,9 +9,8 @@ from redis.asyncio import Redis as AsyncRedis
 
 from shared.asyncstore import AsyncJobStore
 from shared.jobscripts import RateLimit
-from shared.records import new_job_id, request_fingerprint, utc_now
-from shared.schema import GenerationRequest, JobRecord, JobStatus
-from tests.support import start_redis
+from shared.records import request_fingerprint
+from tests.support import queued_record, start_redis
 
 
 @pytest.fixture
@@ -20,16 +19,6 @@ def redis_port(tmp_path: Path) -> Iterator[int]:
     process, port = start_redis(tmp_path / "redis")
     yield port
     process.stop()
-
-
-def _record(owner: str) -> JobRecord:
-    return JobRecord(
-        id=new_job_id(),
-        owner=owner,
-        status=JobStatus.QUEUED,
-        created_at=utc_now(),
-        request=GenerationRequest(prompt="a cat", seed=1),
-    )
 
 
 def test_concurrent_creates_and_reads_succeed_while_the_scripts_are_flushed(
@@ -49,7 +38,7 @@ def test_concurrent_creates_and_reads_succeed_while_the_scripts_are_flushed(
                 await asyncio.sleep(0)
 
         async def create(owner: str) -> None:
-            record = _record(owner)
+            record = queued_record(owner)
             created, view = await store.create(
                 record,
                 None,
