@@ -47,6 +47,9 @@ class ApiKey:
     share: PoolShare = PoolShare()
     # Stricter than the deployment's T2I_SAFETY_ACTION, or None to follow it.
     safety_action: SafetyAction | None = None
+    # Set by the operator only: this key's images carry no invisible watermark (they are still
+    # signed with a C2PA manifest).
+    watermark_exempt: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class ApiKeyStore:
         rate_limit_per_min: int,
         share: PoolShare | None = None,
         safety_action: SafetyAction | None = None,
+        watermark_exempt: bool = False,
     ) -> tuple[ApiKey, str]:
         """A new key; the plain key is returned once and never stored."""
         share = share or PoolShare()
@@ -107,15 +111,22 @@ class ApiKeyStore:
                     "webhook_secret": new_webhook_secret(),
                     **share.fields(),
                     "safety_action": safety_action or "",
+                    "watermark_exempt": int(watermark_exempt),
                 },
             )
             pipe.sadd(KEY_INDEX, key_id)
             pipe.execute()
-        key = ApiKey(key_id, name, rate_limit_per_min, created_at, share, safety_action)
+        key = ApiKey(
+            key_id, name, rate_limit_per_min, created_at, share, safety_action, watermark_exempt
+        )
         return key, plain
 
     def update(
-        self, key_id: str, rate_limit_per_min: int | None = None, share: PoolShare | None = None
+        self,
+        key_id: str,
+        rate_limit_per_min: int | None = None,
+        share: PoolShare | None = None,
+        watermark_exempt: bool | None = None,
     ) -> ApiKey | None:
         """Change a key's limits; None when there is no such key. API processes see the change
         within their auth cache's lifetime, the scheduler at once."""
@@ -124,6 +135,8 @@ class ApiKeyStore:
         fields: dict[str, str | int] = dict(share.fields()) if share else {}
         if rate_limit_per_min is not None:
             fields["rate_limit_per_min"] = rate_limit_per_min
+        if watermark_exempt is not None:
+            fields["watermark_exempt"] = int(watermark_exempt)
         if fields:
             self._redis.hset(RECORD_PREFIX + key_id, mapping=fields)
         return self.get(key_id)
@@ -236,6 +249,7 @@ def _decode(key_id: str, record: dict[bytes, bytes]) -> ApiKey:
         created_at=datetime.fromisoformat(record[b"created_at"].decode()),
         share=share,
         safety_action=_safety_action(record.get(b"safety_action", b"").decode()),
+        watermark_exempt=record.get(b"watermark_exempt") == b"1",
     )
 
 

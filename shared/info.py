@@ -7,7 +7,8 @@ from pydantic import BaseModel, Field
 
 from shared.schema import GenerationRequest, Scheduler
 
-SERVICE_VERSION = version("txt2img-service")
+SERVICE_NAME = "txt2img-service"
+SERVICE_VERSION = version(SERVICE_NAME)
 SCHEDULERS: list[str] = list(get_args(Scheduler))
 _REQUEST_FIELDS = GenerationRequest.model_json_schema()["properties"]
 

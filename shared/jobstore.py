@@ -37,7 +37,9 @@ from shared.keys import (
     reserved_high_key,
     retention_member,
     status_index_key,
+    watermark_key,
 )
+from shared.provenance import WatermarkPayload
 from shared.rates import THROUGHPUT_WINDOW_S, QueueRates, queue_rate_reads
 from shared.records import decode_record, encode_fields, utc_now
 from shared.schema import (
@@ -154,6 +156,11 @@ class JobStore:
             record, idempotency_key, fingerprint, max_queue_depth, self.retention_s, lane
         )
         return call.outcome(self._create(keys=call.keys, args=call.args))
+
+    def remember_watermark(self, job_id: str) -> None:
+        """Map the part of the id a watermark carries back to the job, while the job is kept."""
+        prefix = WatermarkPayload.of(job_id, 0).job_id_prefix
+        self._redis.set(watermark_key(prefix), job_id, ex=self.retention_s)
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self._redis.hgetall(job_key(job_id))

@@ -31,9 +31,10 @@ def _describe(key: ApiKey) -> str:
     share = key.share
     cap = share.max_running or "no cap"
     safety = f", safety action {key.safety_action}" if key.safety_action else ""
+    exempt = ", no watermark" if key.watermark_exempt else ""
     return (
         f"{key.rate_limit_per_min} jobs/min, weight {share.weight}, max running {cap}, "
-        f"priorities {','.join(share.priorities)}{safety}"
+        f"priorities {','.join(share.priorities)}{safety}{exempt}"
     )
 
 
@@ -52,13 +53,16 @@ def create(
     max_running: int | None = None,
     priorities: tuple[Priority, ...] = PRIORITIES,
     safety_action: SafetyAction | None = None,
+    watermark_exempt: bool = False,
 ) -> str:
     """Create a key and print it alone on the last line; it is never shown again."""
     store, _ = _store()
     settings = api_settings()
     limit = rate_limit_per_min or settings.rate_limit_per_min
     cap = settings.max_running_per_key if max_running is None else max_running
-    key, plain = store.create(name, limit, PoolShare(weight, cap, priorities), safety_action)
+    key, plain = store.create(
+        name, limit, PoolShare(weight, cap, priorities), safety_action, watermark_exempt
+    )
     print(f"created key {key.id} ({key.name!r}, {_describe(key)})")
     print("keep it now: it is stored only as a hash and cannot be shown again")
     print(plain)
@@ -71,6 +75,7 @@ def update(
     weight: int | None,
     max_running: int | None,
     priorities: tuple[Priority, ...] | None,
+    watermark_exempt: bool | None = None,
 ) -> None:
     """Change what is given of a key's limits; the rest stays."""
     store, _ = _store()
@@ -82,7 +87,7 @@ def update(
         max_running=key.share.max_running if max_running is None else max_running,
         priorities=key.share.priorities if priorities is None else priorities,
     )
-    updated = store.update(key_id, rate_limit_per_min, share)
+    updated = store.update(key_id, rate_limit_per_min, share, watermark_exempt)
     assert updated is not None
     print(f"updated key {key_id}: {_describe(updated)}")
 
@@ -131,9 +136,17 @@ def _run(args: argparse.Namespace) -> int:
                 args.max_running,
                 args.priorities or PRIORITIES,
                 args.safety_action,
+                args.watermark_exempt or False,
             )
         elif args.action == "update":
-            update(args.key_id, args.rate_limit, args.weight, args.max_running, args.priorities)
+            update(
+                args.key_id,
+                args.rate_limit,
+                args.weight,
+                args.max_running,
+                args.priorities,
+                args.watermark_exempt,
+            )
         elif args.action == "list":
             list_keys()
         elif args.action == "revoke":
@@ -162,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--rate-limit", type=int, help="jobs per minute (default: $T2I_RATE_LIMIT_PER_MIN)"
     )
     _share_arguments(create_parser, creating=True)
+    _watermark_argument(create_parser)
     create_parser.add_argument(
         "--safety-action",
         choices=SAFETY_ACTIONS,
@@ -171,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     update_parser.add_argument("key_id", help="the id `list` shows")
     update_parser.add_argument("--rate-limit", type=int, help="jobs per minute")
     _share_arguments(update_parser, creating=False)
+    _watermark_argument(update_parser)
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke_parser = actions.add_parser("revoke", help="revoke a key by its id")
     revoke_parser.add_argument("key_id", help="the id `list` shows")
@@ -195,6 +210,16 @@ def _non_negative(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError("must be 0 or more")
     return number
+
+
+def _watermark_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--watermark-exempt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="this key's images carry no invisible watermark (still a signed C2PA manifest); "
+        "--no-watermark-exempt marks them again",
+    )
 
 
 def _share_arguments(parser: argparse.ArgumentParser, creating: bool) -> None:

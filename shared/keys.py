@@ -61,3 +61,8 @@ def reserved_high_key(queue: str) -> str:
 def retention_member(owner: str | None, job_id: str) -> str:
     """A job's member of `RETENTION_KEY`."""
     return f"{owner or '-'}:{job_id}"
+
+
+def watermark_key(job_id_prefix: str) -> str:
+    """The job whose id starts with this prefix, as an invisible watermark names it."""
+    return f"t2i:watermark:{job_id_prefix}"

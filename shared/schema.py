@@ -324,6 +324,21 @@ class ImageSafety(BaseModel):
     reason: Literal["nsfw_content"] | None = None
 
 
+class ImageProvenance(BaseModel):
+    """The marks a stored image carries, saying where it came from (docs/provenance.md)."""
+
+    c2pa_manifest: bool = Field(
+        description="signed C2PA Content Credentials are embedded in the file"
+    )
+    development_signer: bool = Field(
+        default=False,
+        description="the manifest is signed with a development certificate, not the operator's",
+    )
+    watermark: bool = Field(
+        description="an invisible watermark naming this job and image is in the pixels"
+    )
+
+
 class StoredImage(BaseModel):
     """An image as the worker records it: a storage key, never a URL; no key when filtered."""
 
@@ -333,6 +348,7 @@ class StoredImage(BaseModel):
     seed: int
     content_type: str
     safety: ImageSafety | None = None
+    provenance: ImageProvenance | None = None
 
     @property
     def filtered(self) -> bool:
@@ -347,6 +363,9 @@ class ImageOut(BaseModel):
     content_type: str
     filtered: bool = Field(default=False, description="blocked by the safety checker")
     safety: ImageSafety | None = None
+    provenance: ImageProvenance | None = Field(
+        default=None, description="the marks applied to the stored image; null when filtered"
+    )
 
 
 class Progress(BaseModel):
@@ -392,6 +411,8 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     timings: Timings = Field(default_factory=Timings)
     batch: BatchInfo | None = None
+    # False where the operator exempted the job's API key from the invisible watermark.
+    watermark: bool = True
 
     def waited_longer_than(self, seconds: float, now: datetime) -> bool:
         """Whether a job still queued at `now` has outwaited the queue timeout."""

@@ -664,6 +664,46 @@ class WebhookSettings(_T2ISettings):
         return self
 
 
+class ProvenanceSettings(_T2ISettings):
+    """Where images say they came from: the signed C2PA manifest and the invisible watermark
+    (docs/provenance.md)."""
+
+    env: Environment = Environment.DEVELOPMENT
+    provenance: bool = Field(
+        default=True,
+        description="workers embed an invisible watermark (the job and image) in every image and "
+        "sign a C2PA manifest into every stored file; `false` turns both off, and is logged at "
+        "start",
+    )
+    provenance_prompt: bool = Field(
+        default=False,
+        description="the C2PA manifest also carries the prompt and negative prompt; off, since "
+        "prompts can be private",
+    )
+    c2pa_cert: str | None = Field(
+        default=None,
+        description="the signing certificate chain, PEM, leaf first: a file path, or the PEM "
+        "text itself (from a secret); unset in development: a development chain made in "
+        "`T2I_MODEL_CACHE_DIR` on first start; unset in production: the worker refuses to start",
+    )
+    c2pa_key: str | None = Field(
+        default=None,
+        description="the private key of `T2I_C2PA_CERT`'s leaf, PEM: a file path or the PEM text",
+    )
+    c2pa_tsa_url: str | None = Field(
+        default=None,
+        description="an RFC 3161 timestamp authority the signature is timestamped by; unset: none "
+        "(the manifest is valid while the certificate is)",
+    )
+    verify_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="uploads `POST /v1/provenance/verify` checks at once per API process (each "
+        "takes a CPU core for up to a second); more wait their turn",
+    )
+
+
 class LogSettings(_T2ISettings):
     """How every service process logs."""
 
@@ -705,6 +745,11 @@ def webhook_settings() -> WebhookSettings:
 @lru_cache
 def worker_settings() -> WorkerSettings:
     return WorkerSettings()
+
+
+@lru_cache
+def provenance_settings() -> ProvenanceSettings:
+    return ProvenanceSettings()
 
 
 @lru_cache

@@ -20,11 +20,12 @@ def public_job(
             content_type=image.content_type,
             filtered=image.filtered,
             safety=image.safety,
+            provenance=image.provenance,
         )
         for image in record.images
     ]
     return JobOut(
-        **record.model_dump(exclude={"images", "owner", "worker", "retries"}),
+        **record.model_dump(exclude={"images", "owner", "worker", "retries", "watermark"}),
         images=images,
         queue_position=queue_position,
         eta_s=eta_s,

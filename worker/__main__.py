@@ -11,6 +11,7 @@ from dataclasses import asdict
 import torch
 from celery.signals import worker_shutting_down
 
+from shared.content_credentials import CredentialsError
 from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
 from shared.logs import configure_logging
@@ -20,6 +21,7 @@ from shared.redisconn import end_wait_args, make_redis
 from shared.settings import (
     core_settings,
     log_settings,
+    provenance_settings,
     storage_settings,
     webhook_settings,
     worker_settings,
@@ -43,6 +45,7 @@ from worker.pipeline import (
     limit_torch_threads,
     resolve_device,
 )
+from worker.provenance import load_marker
 from worker.reporter import Reporter
 from worker.safety import SafetyChecker
 from worker.supervisor import Supervisor
@@ -101,6 +104,19 @@ def main() -> int:
     )
     served_model = settings.model_name or core.model_id
     queue = render_queue(core, served_model)
+    try:
+        # Before the model loads: a worker that cannot sign refuses to start at once.
+        marker = load_marker(
+            provenance_settings(),
+            core.model_id,
+            lambda: model_source(
+                core.model_id, settings.model_cache_dir, settings.single_file_config
+            ),
+            settings.model_cache_dir,
+        )
+    except CredentialsError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         renderer = load_renderer(
             core.model_id,
@@ -187,6 +203,7 @@ def main() -> int:
         queue_timeout_s=core.queue_timeout_s,
         progress_interval_s=settings.progress_interval_s,
         faults=faults,
+        marker=marker,
         png_compress_level=settings.png_compress_level,
     )
     install_runner(runner)

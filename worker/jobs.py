@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -52,6 +53,7 @@ from worker.executor import (
     RenderOutcome,
 )
 from worker.leases import LeaseKeeper
+from worker.provenance import Marker
 from worker.render_types import NonFiniteImage, RenderBatch
 from worker.reporter import Reporter
 from worker.safety import SafetyChecker, Verdict, apply_action
@@ -151,6 +153,7 @@ class JobRunner:
     queue_timeout_s: float
     progress_interval_s: float
     faults: FaultHooks | None
+    marker: Marker
     png_compress_level: int = 1
     stopping: bool = False
 
@@ -341,11 +344,19 @@ class JobRunner:
         verdicts = self._check_safety(outcome.images, request.safety_action or "block")
         images = zip(outcome.images, verdicts, request.image_seeds(), strict=True)
         for index, (image, verdict, seed) in enumerate(images):
-            key = None
+            key = provenance = None
             if verdict.image is not None:
                 key = image_key(self.key_prefix, record.id, holder.attempt, index, extension)
                 parameters = parameters_text(request, seed, self.model_name, verdict.safety)
-                data = encode_image(verdict.image, extension, parameters, self.png_compress_level)
+                encode = partial(
+                    encode_image,
+                    output_format=extension,
+                    parameters=parameters,
+                    png_compress_level=self.png_compress_level,
+                )
+                data, provenance = self.marker.mark(
+                    verdict.image, record, index, CONTENT_TYPES[extension], encode
+                )
                 self.uploads.put(key, data, CONTENT_TYPES[extension])
             stored.append(
                 StoredImage(
@@ -355,8 +366,11 @@ class JobRunner:
                     seed=seed,
                     content_type=CONTENT_TYPES[extension],
                     safety=verdict.safety,
+                    provenance=provenance,
                 )
             )
+        if any(image.provenance and image.provenance.watermark for image in stored):
+            self._remember_watermark(record.id)
         upload_s = time.monotonic() - upload_started
         timings = Timings(
             queued_s=round((current.started_at - record.created_at).total_seconds(), 4),
@@ -390,6 +404,14 @@ class JobRunner:
             outcome.batch_id,
         )
         self._after_finish(record, JobStatus.SUCCEEDED, outcome.render_s + upload_s)
+
+    def _remember_watermark(self, job_id: str) -> None:
+        """Let `POST /v1/provenance/verify` find this job from its images' watermark."""
+        try:
+            self.store.remember_watermark(job_id)
+        except RedisError as exc:
+            # The images stay marked; verify then says only that this service made them.
+            log.warning("could not index job %s by its watermark: %s", job_id, exc)
 
     def _record_end(
         self, current: _Attempt, status: JobStatus, expected: JobStatus | None = None, **fields: Any

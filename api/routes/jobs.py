@@ -353,6 +353,7 @@ async def _enqueue(
         status=JobStatus.QUEUED,
         created_at=utc_now(),
         request=resolved,
+        watermark=not caller.watermark_exempt,
     )
     while True:
         created, view = await services.jobs.create(
