@@ -14,7 +14,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.metrics import HttpMetrics, QueueCollector, metrics_router
 from api.openapi import install_openapi, operation_id
-from api.routes import a1111, jobs, openai, playground, system, webhooks
+from api.routes import a1111, jobs, openai, playground, provenance, system, webhooks
 from api.sweeper import run_reaper, run_sweeper
 from shared.apikeys import ApiKeyStore, CachedKeys
 from shared.asyncstore import AsyncJobStore
@@ -28,7 +28,7 @@ from shared.storage import make_storage
 from shared.webhooks import Webhooks
 
 # The routes whose bodies may carry input images.
-IMAGE_PATHS = frozenset({"/v1/jobs", "/sdapi/v1/img2img"})
+IMAGE_PATHS = frozenset({"/v1/jobs", "/sdapi/v1/img2img", "/v1/provenance/verify"})
 
 
 def create_app() -> FastAPI:
@@ -105,12 +105,13 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(events.router)
     app.include_router(webhooks.router)
+    app.include_router(provenance.router)
     app.include_router(system.router)
     app.include_router(metrics_router(QueueCollector(redis, store, core, api.metrics_key_labels)))
     app.include_router(openai.router)
     app.include_router(a1111.router)
     app.include_router(playground.router)
-    install_openapi(app)
+    install_openapi(app, body_models=[provenance.VerifyRequest])
     app.add_middleware(
         BodySizeLimit,
         max_bytes=api.max_body_bytes,

@@ -265,3 +265,24 @@ async def _read_all(
             ),
         )
     return InputImages(init, mask)
+
+
+def decode_upload(source: str, api: ApiSettings) -> bytes:
+    """An uploaded image's bytes from base64 or a data: URL, within `T2I_MAX_INPUT_IMAGE_BYTES`."""
+    try:
+        return _decode_base64(source, api.max_input_image_bytes)
+    except BadImage as exc:
+        raise _invalid("image", exc) from exc
+
+
+def open_upload(data: bytes, api: ApiSettings) -> Image.Image:
+    """An uploaded image in RGB, refused like an input image: PNG, JPEG or WebP only, within the
+    byte cap and, from its header before any pixel is decoded, the pixel cap."""
+    try:
+        if len(data) > api.max_input_image_bytes:
+            raise BadImage(
+                "image_too_large", f"the image is over {api.max_input_image_bytes} bytes"
+            )
+        return _open(data, "RGB", api.max_input_image_pixels)
+    except BadImage as exc:
+        raise _invalid("image", exc) from exc

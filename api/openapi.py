@@ -100,9 +100,11 @@ def _declares_fastapi_422(operation: dict[str, Any]) -> bool:
     return schema.get("$ref") == _FASTAPI_422
 
 
-def install_openapi(app: FastAPI) -> None:
+def install_openapi(app: FastAPI, body_models: Sequence[type[BaseModel]] = ()) -> None:
     """Serve the document FastAPI derives, with parameters that never take `null` and without
-    the 422 answer FastAPI adds where a route declares none: none of ours has that shape."""
+    the 422 answer FastAPI adds where a route declares none: none of ours has that shape.
+    `body_models`: request bodies a route reads itself (to take more than JSON), which its
+    `openapi_extra` names by `#/components/schemas/<name>`."""
     derive = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -113,9 +115,11 @@ def install_openapi(app: FastAPI) -> None:
                     parameter["schema"] = _without_null(parameter["schema"])
                 if _declares_fastapi_422(operation):
                     del operation["responses"]["422"]
-        schemas = document.get("components", {}).get("schemas", {})
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)
+        for model in body_models:
+            schemas.setdefault(model.__name__, model.model_json_schema())
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -17,7 +17,13 @@ from shared.jobscripts import (
     decode_position,
     fair_scripts,
 )
-from shared.keys import idempotency_claim_key, index_key, job_key, status_index_key
+from shared.keys import (
+    idempotency_claim_key,
+    index_key,
+    job_key,
+    status_index_key,
+    watermark_key,
+)
 from shared.ratelimit import bucket_key
 from shared.rates import QueueRates, queue_rate_reads
 from shared.records import decode_record
@@ -204,6 +210,11 @@ class AsyncJobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._redis.hgetall(job_key(job_id))
         return decode_record(raw) if raw else None
+
+    async def watermarked_job(self, job_id_prefix: str) -> str | None:
+        """The job a watermark names, while it is kept."""
+        found = await self._redis.get(watermark_key(job_id_prefix))
+        return found.decode() if found else None
 
     async def forget_idempotency_key(self, owner: str | None, idempotency_key: str) -> None:
         await self._redis.delete(idempotency_claim_key(owner, idempotency_key))

@@ -19,7 +19,15 @@ from txt2img.errors import (
     ValidationError,
     WaitTimeout,
 )
-from txt2img.models import ImageOut, JobError, JobList, JobOut, JobStatus, Progress
+from txt2img.models import (
+    ImageOut,
+    JobError,
+    JobList,
+    JobOut,
+    JobStatus,
+    Progress,
+    Verification,
+)
 from txt2img.version import __version__
 
 __all__ = [
@@ -46,6 +54,7 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "ValidationError",
+    "Verification",
     "WaitTimeout",
     "__version__",
 ]

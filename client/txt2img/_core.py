@@ -27,6 +27,7 @@ from txt2img.models import (
     OutputFormat,
     Progress,
     Scheduler,
+    Verification,
 )
 from txt2img.settings import ClientSettings
 from txt2img.version import __version__
@@ -101,9 +102,12 @@ class RequestSpec:
     json: Any = None
     params: dict[str, Any] | None = None
     timeout: httpx.Timeout | None = None
+    files: dict[str, tuple[str, bytes]] | None = None
 
     def build(self, http: httpx.Client | httpx.AsyncClient) -> httpx.Request:
         kwargs: dict[str, Any] = {"headers": self.headers, "json": self.json, "params": self.params}
+        if self.files is not None:
+            kwargs["files"] = self.files
         if self.timeout is not None:
             kwargs["timeout"] = self.timeout
         return http.build_request(self.method, self.url, **kwargs)
@@ -177,6 +181,16 @@ class Requests:
         path = self.events_path.format(job_id=job_id)
         return RequestSpec("GET", path, headers, timeout=timeout)
 
+    def verify(self, image: str | Path | bytes) -> RequestSpec:
+        """A multipart upload of the image (a path, or its bytes) to check its provenance."""
+        if isinstance(image, bytes):
+            name, data = "image", image
+        else:
+            name, data = Path(image).name, Path(image).read_bytes()
+        return RequestSpec(
+            "POST", "/v1/provenance/verify", self._headers(), files={"image": (name, data)}
+        )
+
     @staticmethod
     def download(image: str | ImageOut) -> RequestSpec:
         # A plain GET: the URL is signed, and S3 refuses a presigned URL with an Authorization.
@@ -207,6 +221,10 @@ def parse_job(response: httpx.Response) -> JobOut:
 
 def parse_list(response: httpx.Response) -> JobList:
     return JobList.model_validate_json(checked(response).content)
+
+
+def parse_verification(response: httpx.Response) -> Verification:
+    return Verification.model_validate_json(checked(response).content)
 
 
 def connection_error(exc: httpx.TransportError, base_url: str) -> APIConnectionError:

@@ -26,10 +26,11 @@ from txt2img._core import (
     image_paths,
     parse_job,
     parse_list,
+    parse_verification,
     succeeded,
 )
 from txt2img.errors import Txt2ImgError, WaitTimeout
-from txt2img.models import ImageOut, JobList, JobOut, JobStatus
+from txt2img.models import ImageOut, JobList, JobOut, JobStatus, Verification
 
 log = logging.getLogger("txt2img")
 
@@ -157,6 +158,11 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         return [await self.download(image, to) for image, to in zip(stored, paths, strict=True)]
 
     # Last, so that `list` in the annotations above is still the builtin.
+    async def verify(self, image: str | Path | bytes) -> Verification:
+        """Check an image file (a path, or its bytes): its signed Content Credentials, and
+        whether its invisible watermark names one of this key's jobs."""
+        return parse_verification(await self._send(self._requests.verify(image)))
+
     async def list(
         self, status: JobStatus | str | None = None, limit: int = 20, cursor: str | None = None
     ) -> JobList:

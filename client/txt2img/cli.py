@@ -1,4 +1,5 @@
-"""The `txt2img` command: generate images, and read, list or cancel jobs."""
+"""The `txt2img` command: generate images, read, list or cancel jobs, and verify an image's
+provenance."""
 
 import argparse
 import contextlib
@@ -18,6 +19,8 @@ from txt2img.version import __version__
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 FORMAT_BY_SUFFIX: dict[str, str] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 EXIT_ERROR = 1
+# `verify`: the check ran, and found neither a valid manifest nor this service's watermark.
+EXIT_UNMARKED = 3
 EXIT_INTERRUPTED = 130
 
 Command = Callable[[Client, argparse.Namespace], int]
@@ -122,6 +125,20 @@ def run_list(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_verify(client: Client, args: argparse.Namespace) -> int:
+    verification = client.verify(Path(args.file))
+    if args.json:
+        print(verification.model_dump_json(indent=2))
+    else:
+        print(f"{args.file}: {verification.summary}")
+        claims = verification.c2pa.claims
+        for name in ("model_id", "model_sha256", "job_id", "image_index", "digital_source_type"):
+            if claims.get(name) is not None:
+                print(f"  {name}: {claims[name]}")
+    marked = (verification.c2pa.present and verification.c2pa.valid) or verification.watermark.found
+    return 0 if marked else EXIT_UNMARKED
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, unless its help already says what happens without it."""
 
@@ -214,11 +231,24 @@ def _add_list(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(command=run_list)
 
 
+def _add_verify(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(
+        commands,
+        "verify",
+        "check an image's signed Content Credentials and invisible watermark; exits 0 when it "
+        f"carries either, {EXIT_UNMARKED} when neither",
+    )
+    parser.add_argument("file", help="a PNG, JPEG or WebP image")
+    parser.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    parser.set_defaults(command=run_verify)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_generate,
     _add_status,
     _add_cancel,
     _add_list,
+    _add_verify,
 ]
 
 
@@ -237,7 +267,8 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; the exit status is 0 on success, 1 on any error, 130 when interrupted."""
+    """Run the CLI; the exit status is 0 on success, 1 on any error, 130 when interrupted
+    (`verify`: 3 for an image with no mark of the service)."""
     args = build_parser().parse_args(argv)
     command: Command = args.command
     try:

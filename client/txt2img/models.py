@@ -54,6 +54,14 @@ class ImageSafety(Answer):
     reason: str | None = None
 
 
+class ImageProvenance(Answer):
+    """The marks a stored image carries: signed Content Credentials and the invisible watermark."""
+
+    c2pa_manifest: bool
+    development_signer: bool = False
+    watermark: bool
+
+
 class ImageOut(Answer):
     url: str | None = Field(default=None, description="None when the image was filtered")
     width: int
@@ -62,6 +70,7 @@ class ImageOut(Answer):
     content_type: str
     filtered: bool = False
     safety: ImageSafety | None = None
+    provenance: ImageProvenance | None = None
 
 
 class JobError(Answer):
@@ -138,3 +147,35 @@ class JobList(Answer):
     data: list[JobOut]
     next_cursor: str | None = None
     key: KeyUsage | None = None
+
+
+class ManifestCheck(Answer):
+    """What the server read of an image's C2PA manifest."""
+
+    present: bool
+    valid: bool
+    validation_state: str | None = None
+    failures: list[str] = Field(default_factory=list)
+    signer: str | None = None
+    development_signer: bool = False
+    claim_generator: str | None = None
+    claims: dict[str, Any] = Field(default_factory=dict)
+
+
+class WatermarkCheck(Answer):
+    """Whether the image's pixels carry the service's watermark, and whose job made it."""
+
+    found: bool
+    # "your_job" (then job_id and image_index say which) or "this_service".
+    made_by: str | None = None
+    job_id: str | None = None
+    image_index: int | None = None
+    confidence: float | None = None
+
+
+class Verification(Answer):
+    """`POST /v1/provenance/verify`'s answer."""
+
+    c2pa: ManifestCheck
+    watermark: WatermarkCheck
+    summary: str
