@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint format redis browser venv clean bench lock lock-cuda docs
+.PHONY: run test lint format redis browser venv clean bench lock lock-cuda docs dev-credentials
 
 PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
@@ -42,6 +42,11 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# A development C2PA signing chain and key in data/c2pa/, for a trial with docker compose (.env);
+# never for production (docs/provenance.md).
+dev-credentials: venv
+	$(PY) -c 'import pathlib, shared.content_credentials as c; print(*c.make_development_credentials(pathlib.Path("data/c2pa")), sep="\n")'
 
 # The docs' tables of settings and of the request, rewritten from the code (--check: compare only).
 docs: venv
