@@ -227,13 +227,23 @@ class Stack:
             return False
 
     def create_key(
-        self, name: str, rate_limit_per_min: int, safety_action: SafetyAction | None = None
+        self,
+        name: str,
+        rate_limit_per_min: int,
+        safety_action: SafetyAction | None = None,
+        watermark_exempt: bool = False,
     ) -> str:
+        """A new API key; `watermark_exempt` for tests that compare the pixels of two jobs (each
+        job's watermark is its own)."""
         redis = Redis.from_url(self.env["T2I_REDIS_URL"])
         try:
-            return ApiKeyStore(redis).create(name, rate_limit_per_min, safety_action=safety_action)[
-                1
-            ]
+            _, plain = ApiKeyStore(redis).create(
+                name,
+                rate_limit_per_min,
+                safety_action=safety_action,
+                watermark_exempt=watermark_exempt,
+            )
+            return plain
         finally:
             redis.close()
 

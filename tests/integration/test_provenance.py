@@ -16,10 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from redis import Redis
 
 from shared import watermark
-from shared.apikeys import ApiKeyStore
 from shared.content_credentials import read_manifest
 from shared.provenance import WatermarkPayload
 from tests.conftest import run_stack
@@ -58,12 +56,7 @@ def other_key(stack: Stack) -> str:
 
 @pytest.fixture(scope="module")
 def exempt_key(stack: Stack) -> str:
-    redis = Redis.from_url(stack.env["T2I_REDIS_URL"])
-    try:
-        store = ApiKeyStore(redis)
-        return store.create("no watermark", 100_000, watermark_exempt=True)[1]
-    finally:
-        redis.close()
+    return stack.create_key("no watermark", 100_000, watermark_exempt=True)
 
 
 def b64(path: Path) -> str:
