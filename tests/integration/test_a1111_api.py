@@ -212,8 +212,9 @@ def test_img2img_and_inpainting_start_from_the_given_image(sdapi: httpx.Client) 
         mode = "inpaint" if extra else "img2img"
         assert f"Denoising strength: 0.5, Mode: {mode}" in image.info["parameters"]
         if extra:
-            # Outside the mask, the starting image itself.
-            assert image.convert("RGB").getpixel((5, 5)) == (200, 40, 40)
+            # Outside the mask, the starting image, but for the watermark's few levels.
+            kept = image.convert("RGB").getpixel((5, 5))
+            assert max(abs(a - b) for a, b in zip(kept, (200, 40, 40), strict=True)) <= 4
 
 
 def test_img2img_refuses_a_strength_too_low_for_its_steps(sdapi: httpx.Client) -> None:
