@@ -113,6 +113,12 @@ def _small_a1111_img2img(body: dict[str, Any]) -> None:
         body["denoising_strength"] = 1.0
 
 
+def _real_image(body: dict[str, Any]) -> None:
+    """An image to verify, base64."""
+    if isinstance(body.get("image"), str):
+        body["image"] = INIT_IMAGE
+
+
 _BY_PATH = {
     "/v1/jobs": _submittable,
     "/v1/images/generations": _small_openai_render,
@@ -123,6 +129,16 @@ _BY_PATH = {
 
 @schemathesis.hook
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
+    if case.operation.path == "/v1/provenance/verify":
+        # A negative case's image stays as generated: the route must refuse it.
+        meta = case.meta
+        positive = meta is None or all(
+            mode == "positive"
+            for mode in [meta.generation.mode, *(part.mode for part in meta.components.values())]
+        )
+        if positive and isinstance(case.body, dict):
+            _real_image(case.body)
+        return
     adjust = _BY_PATH.get(case.operation.path)
     if (
         adjust is not None
