@@ -50,6 +50,8 @@ from worker.render_types import (
     AdapterSet,
     BatchKey,
     NonFiniteImage,
+    PreviewAsk,
+    PreviewCallback,
     RenderBatch,
     RenderedImages,
     RenderItem,
@@ -61,6 +63,8 @@ __all__ = [
     "AdapterSet",
     "BatchKey",
     "NonFiniteImage",
+    "PreviewAsk",
+    "PreviewCallback",
     "RenderBatch",
     "RenderItem",
     "RenderedImages",
@@ -203,21 +207,43 @@ class FinishedSteps:
         return finished
 
 
-class StepReporter:
-    """Hands `on_step` each denoising step once it has finished on the device: call `step_end`
-    after each step is launched, and `finish` after the last."""
+# A step's previews, made once the step has finished on the device: {item index: image}.
+PendingPreviews = Callable[[], dict[int, Image]]
 
-    def __init__(self, device: torch.device, on_step: StepCallback | None, total: int) -> None:
+
+class StepReporter:
+    """Hands `on_step` each denoising step once it has finished on the device, and then
+    `on_preview` that step's previews: call `step_end` after each step is launched (with the
+    step's previews, their copy to the host already queued), and `finish` after the last."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        on_step: StepCallback | None,
+        total: int,
+        on_preview: PreviewCallback | None = None,
+    ) -> None:
         self._steps = FinishedSteps.on(device)
         self._on_step = on_step
+        self._on_preview = on_preview
         self._total = total
+        self._launched = 0
+        # Previews of steps launched but not reported yet, by step.
+        self._previews: dict[int, PendingPreviews] = {}
 
     def _report(self, finished: list[int]) -> None:
-        if self._on_step is not None:
-            for step in finished:
+        for step in finished:
+            if self._on_step is not None:
                 self._on_step(step, self._total)
+            previews = self._previews.pop(step, None)
+            if previews is not None and self._on_preview is not None:
+                self._on_preview(step, self._total, previews())
 
-    def step_end(self) -> None:
+    def step_end(self, previews: PendingPreviews | None = None) -> None:
+        self._launched += 1
+        if previews is not None:
+            # Queued before the step's end is marked: the step's event covers their copy.
+            self._previews[self._launched] = previews
         self._report(self._steps.launched())
 
     def finish(self) -> None:
@@ -441,6 +467,8 @@ class DiffusionRenderer:
         # Counting is meant to run past the model's window: no warning that it does.
         self._counting_tokenizer.model_max_length = int(1e30)
         self._counting_lock = threading.Lock()
+        # Latents to preview RGB (weight, bias), fitted at the first preview asked.
+        self._preview_weights: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -550,16 +578,28 @@ class DiffusionRenderer:
             raise UnknownAdapter("this worker serves no LoRA adapters (T2I_LORA_DIR is unset)")
 
     @torch.inference_mode()
-    def render(self, batch: RenderBatch, on_step: StepCallback | None = None) -> RenderedImages:
+    def render(
+        self,
+        batch: RenderBatch,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> RenderedImages:
         """One denoising loop for the whole batch; image i depends only on item i and the
-        batch's shared settings. An image whose pixels came out non-finite is a NonFiniteImage."""
+        batch's shared settings. An image whose pixels came out non-finite is a NonFiniteImage.
+        Items that ask for a preview get one through `on_preview` at the steps they ask for,
+        once each such step has finished on the device."""
         self._activate_adapters(batch.loras)
         try:
-            return self._render(batch, on_step)
+            return self._render(batch, on_step, on_preview)
         finally:
             SLOTS.on = False
 
-    def _render(self, batch: RenderBatch, on_step: StepCallback | None) -> RenderedImages:
+    def _render(
+        self,
+        batch: RenderBatch,
+        on_step: StepCallback | None,
+        on_preview: PreviewCallback | None = None,
+    ) -> RenderedImages:
         kind = self._kind(batch)
         scheduler = self.scheduler(batch.scheduler)
         chunks = self.prompt_chunks(batch)
@@ -567,7 +607,7 @@ class DiffusionRenderer:
         host, stepping = self._generators(items)
         embeddings = self._embeddings(items, chunks, batch.guided)
         plan = kind.start(Start(self, batch, items, scheduler, host))
-        latents = self._denoise(plan, embeddings, scheduler, stepping, batch, on_step)
+        latents = self._denoise(plan, embeddings, scheduler, stepping, batch, on_step, on_preview)
         pixels = self.decode(latents)
         if plan.finish is not None:
             pixels = plan.finish(pixels)
@@ -581,8 +621,16 @@ class DiffusionRenderer:
         generators: list[torch.Generator],
         batch: RenderBatch,
         on_step: StepCallback | None,
+        on_preview: PreviewCallback | None = None,
     ) -> torch.Tensor:
-        steps = StepReporter(self.device, on_step, len(plan.timesteps))
+        steps = StepReporter(self.device, on_step, len(plan.timesteps), on_preview)
+        # The batch's own items that ask for previews (never the padding); none without a
+        # callback, and then nothing below runs for previews.
+        asks = {
+            index: item.preview
+            for index, item in enumerate(batch.items)
+            if item.preview is not None and on_preview is not None
+        }
         step_arguments = _step_arguments(scheduler, generators)
         unet = self.pipeline.unet
         latents = plan.latents
@@ -614,9 +662,73 @@ class DiffusionRenderer:
                 latents = latents.to(self.dtype)
             if plan.after_step is not None:
                 latents = plan.after_step(index, latents)
-            steps.step_end()
+            due = [row for row, ask in asks.items() if ask.due(index + 1)] if asks else []
+            steps.step_end(self._previews(latents, due, asks, batch) if due else None)
         steps.finish()
         return latents
+
+    def _previews(
+        self,
+        latents: torch.Tensor,
+        rows: list[int],
+        asks: dict[int, PreviewAsk],
+        batch: RenderBatch,
+    ) -> PendingPreviews:
+        """Queue the previews of the items at `rows` (in order) from their latents: mapped to
+        8-bit RGB on the device at latent resolution, and on CUDA copied to pinned host memory
+        without waiting. The images are made by the returned function, to be called once the
+        step has finished on the device; only then are the host bytes complete."""
+        weight, bias = self._preview_map()
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            chosen = latents[rows[0] : rows[-1] + 1]
+        else:
+            # Slices and a concatenation: indexing with a list would copy it to the device.
+            chosen = torch.cat([latents[row : row + 1] for row in rows])
+        rgb = torch.einsum("bchw,cd->bhwd", chosen.float(), weight) + bias
+        as_bytes = (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
+        if as_bytes.device.type == "cuda":
+            host = torch.empty(as_bytes.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(as_bytes, non_blocking=True)
+        else:
+            host = as_bytes.cpu()
+        sizes = {row: asks[row].size(batch.width, batch.height) for row in rows}
+
+        def images() -> dict[int, Image]:
+            arrays = host.numpy()
+            return {
+                row: PILImage.fromarray(array).resize(sizes[row], PILImage.Resampling.BOX)
+                for row, array in zip(rows, arrays, strict=True)
+            }
+
+        return images
+
+    def _preview_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear map from latents to RGB in [0, 1] (a weight per latent channel and colour,
+        and a bias per colour, float32 on the device), fitted at the first preview by least
+        squares against the model's own VAE: a few random latents decoded, their pixels
+        averaged over the VAE's scale (one latent pixel's block). Fits any VAE roughly; a VAE
+        whose decode is linear (the tiny model's) exactly."""
+        if self._preview_weights is not None:
+            return self._preview_weights
+        vae = self.pipeline.vae
+        channels = vae.config.latent_channels
+        generator = torch.Generator("cpu").manual_seed(0)
+        latents = torch.randn((2, channels, 16, 16), generator=generator)
+        on_device = latents.to(self.device, self.dtype)
+        decoded = vae.decode(on_device / vae.config.scaling_factor, return_dict=False)[0]
+        # Not clamped: the map is fitted where the decoder is linear, and clamped when applied.
+        pixels = torch.nn.functional.avg_pool2d(
+            decoded.float() / 2 + 0.5, self.pipeline.vae_scale_factor
+        )
+        inputs = on_device.float().cpu().permute(0, 2, 3, 1).reshape(-1, channels)
+        targets = pixels.cpu().permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
+        design = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)
+        solution = torch.linalg.lstsq(design, targets).solution
+        residual = (design @ solution - targets).square().mean().sqrt()
+        log.info("preview map fitted to the VAE; RMS residual %.4f of full scale", residual)
+        weight, bias = solution[:channels], solution[channels]
+        self._preview_weights = (weight.to(self.device), bias.to(self.device))
+        return self._preview_weights
 
     def _generators(
         self, items: Sequence[RenderItem]
@@ -752,7 +864,7 @@ class DiffusionRenderer:
         count = len(batch.items)
         costs = self.render_costs.get((batch.width, batch.height), {})
         padding = cheapest_count(count, costs, compiled) - count
-        filler = replace(batch.items[-1], prompt="", negative_prompt="", seed=0)
+        filler = replace(batch.items[-1], prompt="", negative_prompt="", seed=0, preview=None)
         return batch.items + (filler,) * padding
 
     def warm_up(
@@ -792,7 +904,7 @@ class DiffusionRenderer:
     def _render_with_slots_on(self, batch: RenderBatch) -> RenderedImages:
         assert self.loras is not None
         with self.loras.on():
-            return self._render(batch, None)
+            return self._render(batch, None, None)
 
     def _warm_up(
         self, width: int, height: int, compiled_counts: Iterable[int], max_images: int

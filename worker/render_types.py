@@ -11,6 +11,9 @@ from shared.schema import GenerationRequest, Scheduler
 
 # Called after each denoising step has finished on the device, with (steps done, total steps).
 StepCallback = Callable[[int, int], None]
+# Called after a step at which some images were asked a preview, once the step has finished on
+# the device: (steps done, total steps, {item index within the batch: RGB preview}).
+PreviewCallback = Callable[[int, int, dict[int, Image]], None]
 # (name, scale) of each LoRA adapter of a batch, sorted by name: what jobs must share to batch.
 AdapterSet = tuple[tuple[str, float], ...]
 # What must be equal for two jobs to share a pipeline call.
@@ -32,6 +35,30 @@ RenderedImages = list[Image | NonFiniteImage]
 
 
 @dataclass(frozen=True)
+class PreviewAsk:
+    """A small preview of an image while it renders: after steps N, 2N, 3N, ... (1-based, as
+    `StepCallback` counts them; the last step too when it is a multiple of N)."""
+
+    every_n_steps: int
+    # The preview's longest side in pixels; the aspect ratio is kept and it is never larger than
+    # the image.
+    max_size: int
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1 or self.max_size < 1:
+            raise ValueError("a preview needs every_n_steps >= 1 and max_size >= 1")
+
+    def due(self, step: int) -> bool:
+        """Whether a preview is due after `step` (1-based)."""
+        return step % self.every_n_steps == 0
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """The preview's (width, height) for an image of `width` x `height`."""
+        scale = min(1.0, self.max_size / max(width, height))
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@dataclass(frozen=True)
 class RenderItem:
     """One image: its own prompt, negative prompt and seed, and for image-to-image its starting
     image (and for inpainting its mask), or for ControlNet its control map."""
@@ -42,6 +69,8 @@ class RenderItem:
     init_image: Image | None = None
     mask_image: Image | None = None
     control_image: Image | None = None
+    # A preview every few steps while it renders; None for none.
+    preview: PreviewAsk | None = None
 
 
 @dataclass(frozen=True)
@@ -69,10 +98,17 @@ class RenderBatch:
         init_image: Image | None = None,
         mask_image: Image | None = None,
         control_image: Image | None = None,
+        preview: PreviewAsk | None = None,
     ) -> "RenderBatch":
         items = tuple(
             RenderItem(
-                request.prompt, request.negative_prompt, seed, init_image, mask_image, control_image
+                request.prompt,
+                request.negative_prompt,
+                seed,
+                init_image,
+                mask_image,
+                control_image,
+                preview,
             )
             for seed in request.image_seeds()
         )
