@@ -22,11 +22,24 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL.Image import Image
 
-from worker.render_types import BatchKey, RenderBatch, RenderedImages, StepCallback, batch_key
+from worker.render_types import (
+    BatchKey,
+    PreviewCallback,
+    RenderBatch,
+    RenderedImages,
+    StepCallback,
+    batch_key,
+)
 
 log = logging.getLogger(__name__)
 
-RenderFunction = Callable[[RenderBatch, StepCallback | None], RenderedImages]
+# (batch, on_step, on_preview). The executor passes `on_preview` only to a batch with items that
+# ask for previews, so a render function that knows nothing of previews serves the others.
+RenderFunction = Callable[
+    [RenderBatch, StepCallback | None, PreviewCallback | None], RenderedImages
+]
+# A job's previews: (step, total steps, the previews of its own items, in item order).
+JobPreviewCallback = Callable[[int, int, list[Image]], None]
 # Runs before the first job; may return work to do later, whenever no job is waiting.
 WarmUp = Callable[[], Iterable[Callable[[], object]] | None]
 
@@ -53,12 +66,17 @@ class RenderJob:
 
     `on_admit` runs on the executor's admission thread when the job joins a batch, while the
     batch renders; it returns False when the job must not have its images after all.
+
+    `on_preview` runs on the GPU thread, for a job still live, after a step at which its items
+    (those that ask, `RenderItem.preview`) got previews. Previews are best effort: what it
+    raises is logged and fails nothing. Keep it quick; the next step waits for it.
     """
 
     batch: RenderBatch
     on_step: StepCallback | None = None
     is_canceled: Callable[[], bool] = lambda: False
     on_admit: Callable[[], bool] | None = None
+    on_preview: JobPreviewCallback | None = None
 
 
 @dataclass(frozen=True)
@@ -372,9 +390,34 @@ class GpuExecutor:
             if not live:
                 raise _BatchAbandoned()
 
+        offsets: dict[int, int] = {}
+        offset = 0
+        for work in group:
+            offsets[id(work)] = offset
+            offset += work.size
+
+        def on_preview(step: int, total: int, previews: dict[int, Image]) -> None:
+            for work in list(live):
+                if work.job.on_preview is None or _refused(work) is not None:
+                    continue
+                start = offsets[id(work)]
+                mine = [previews[i] for i in range(start, start + work.size) if i in previews]
+                if not mine:
+                    continue
+                try:
+                    work.job.on_preview(step, total, mine)
+                except Exception:
+                    log.debug("a job's preview callback failed at step %d", step, exc_info=True)
+
+        wants_previews = any(item.preview is not None for item in batch.items) and any(
+            work.job.on_preview is not None for work in group
+        )
         out_of_memory = False
         try:
-            images = self._render(batch, on_step)
+            if wants_previews:
+                images = self._render(batch, on_step, on_preview)
+            else:
+                images = self._render(batch, on_step)  # type: ignore[call-arg]
             render_s = time.monotonic() - started
         except _BatchAbandoned:
             log.info("batch %s stopped: every job in it was canceled", batch_id)

@@ -5,7 +5,7 @@ import threading
 from dataclasses import dataclass
 
 from worker.executor import RenderFunction
-from worker.render_types import RenderBatch, StepCallback
+from worker.render_types import PreviewCallback, RenderBatch, StepCallback
 
 # The render never returns: the executor is hung and the worker must exit.
 HANG_RENDER = "debug:hang-render"
@@ -40,12 +40,16 @@ class Faults:
         if self.fail_prompt is None and not self.enabled:
             return render
 
-        def faulty_render(batch: RenderBatch, on_step: StepCallback | None) -> list:
+        def faulty_render(
+            batch: RenderBatch,
+            on_step: StepCallback | None,
+            on_preview: PreviewCallback | None = None,
+        ) -> list:
             prompts = {item.prompt for item in batch.items}
             if self.fail_prompt in prompts:
                 raise RuntimeError(f"injected failure for prompt {self.fail_prompt!r}")
             if self.enabled and HANG_RENDER in prompts:
                 threading.Event().wait()
-            return render(batch, on_step)
+            return render(batch, on_step, on_preview)
 
         return faulty_render

@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector
 from shared.metrics import count_finished
 from shared.schema import JobStatus, Timings
 from worker.executor import RenderFunction
-from worker.render_types import RenderBatch, RenderedImages, StepCallback
+from worker.render_types import PreviewCallback, RenderBatch, RenderedImages, StepCallback
 
 # Seconds: from a blink to an hour in the queue; a fraction of a second to minutes of render.
 _QUEUED_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -63,12 +63,16 @@ def job_succeeded(timings: Timings) -> None:
 def instrument(render: RenderFunction) -> RenderFunction:
     """`render`, counting each call, its images and its duration (failed calls included)."""
 
-    def counted(batch: RenderBatch, on_step: StepCallback | None) -> RenderedImages:
+    def counted(
+        batch: RenderBatch,
+        on_step: StepCallback | None,
+        on_preview: PreviewCallback | None = None,
+    ) -> RenderedImages:
         PIPELINE_CALLS.inc()
         PIPELINE_CALL_IMAGES.observe(len(batch.items))
         started = time.monotonic()
         try:
-            return render(batch, on_step)
+            return render(batch, on_step, on_preview)
         finally:
             PIPELINE_CALL_SECONDS.observe(time.monotonic() - started)
 

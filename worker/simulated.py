@@ -11,7 +11,14 @@ import torch
 from PIL import Image
 
 from worker.pipeline import SpeedLevers
-from worker.render_types import BatchKey, RenderBatch, RenderedImages, StepCallback, batch_key
+from worker.render_types import (
+    BatchKey,
+    PreviewCallback,
+    RenderBatch,
+    RenderedImages,
+    StepCallback,
+    batch_key,
+)
 
 PREFIX = "simulated:"
 
@@ -48,7 +55,13 @@ class SimulatedRenderer:
     ) -> list[Callable[[], object]]:
         return []
 
-    def render(self, batch: RenderBatch, on_step: StepCallback | None = None) -> RenderedImages:
+    def render(
+        self,
+        batch: RenderBatch,
+        on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
+    ) -> RenderedImages:
+        """Sleeps through the steps; previews are not simulated (`on_preview` is never called)."""
         steps = batch.num_inference_steps
         step_s = self.seconds_per_image * len(batch.items) / max(steps, 1)
         for step in range(steps):
