@@ -1,0 +1,247 @@
+"""Live previews from the render core at step boundaries, with the real tiny pipeline on this
+CPU: which steps and items get one, that they match the image they preview (the tiny model's
+passthrough VAE makes the fitted latent-to-RGB map exact), that they change nothing else, and
+that the GPU executor hands each job of a batch its own."""
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from worker.executor import GpuExecutor, RenderCanceled, RenderJob
+from worker.kinds import load_renderer
+from worker.pipeline import DiffusionRenderer, SpeedLevers
+from worker.render_types import PreviewAsk, RenderBatch, RenderItem
+
+# The last preview against the final image at the preview's size, in mean absolute levels.
+# Measured 0.04 (the passthrough VAE's decode is linear, so the fitted map is exact up to
+# rounding); the margin covers rounding of another torch build.
+LAST_PREVIEW_MEAN_DIFF = 1.0
+# The same in bfloat16, compiled: 8 bits of mantissa in the latents the map reads.
+LAST_PREVIEW_MEAN_DIFF_BF16 = 3.0
+
+
+def batch(*items: RenderItem, size: int, steps: int, guidance: float = 7.5) -> RenderBatch:
+    return RenderBatch(
+        items=items,
+        width=size,
+        height=size,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        scheduler="dpmpp_2m",
+    )
+
+
+def mean_difference(preview: Image.Image, final: Image.Image) -> float:
+    reference = final.resize(preview.size, Image.Resampling.BOX)
+    return float(np.abs(np.asarray(preview, np.int16) - np.asarray(reference, np.int16)).mean())
+
+
+@dataclass
+class Previews:
+    """What on_preview was called with, in order."""
+
+    calls: list[tuple[int, int, dict]] = field(default_factory=list)
+
+    def __call__(self, step: int, total: int, images: dict) -> None:
+        self.calls.append((step, total, images))
+
+
+@pytest.fixture(scope="module")
+def renderer(model_cache: Path) -> DiffusionRenderer:
+    return load_renderer("tiny", model_cache, "cpu")
+
+
+@dataclass
+class Rendered:
+    images: list
+    previews: Previews
+    unet_calls: int
+
+
+@pytest.fixture(scope="module")
+def rendered(renderer: DiffusionRenderer) -> dict[str, Rendered]:
+    """One 8-step batch at 256x256 rendered without any preview asked, then with previews for
+    its first item every 2 steps at 64 pixels; the other item asks none. Without previews first:
+    the core must not even fit its preview map then. Unguided: half the UNet's work, on a CPU."""
+    asking = batch(
+        RenderItem("a lighthouse", "", 11, preview=PreviewAsk(2, 64)),
+        RenderItem("a harbour", "", 12),
+        size=256,
+        steps=8,
+        guidance=1.0,
+    )
+    plain = replace(asking, items=tuple(replace(item, preview=None) for item in asking.items))
+    calls = [0]
+
+    def count(*_: object) -> None:
+        calls[0] += 1
+
+    hook = renderer.pipeline.unet.register_forward_pre_hook(count)
+    results = {}
+    try:
+        for name, render in [("off", plain), ("on", asking)]:
+            calls[0] = 0
+            previews = Previews()
+            images = renderer.render(render, None, previews)
+            results[name] = Rendered(images, previews, calls[0])
+            if name == "off":
+                assert renderer._preview_weights is None, "previews off fitted the preview map"
+    finally:
+        hook.remove()
+    return results
+
+
+def test_an_item_gets_its_previews_at_its_steps_and_the_last_matches_the_image(
+    rendered: dict[str, Rendered],
+) -> None:
+    on = rendered["on"]
+    firsts = [(step, total, images[0]) for step, total, images in on.previews.calls if 0 in images]
+    assert [(step, total) for step, total, _ in firsts] == [(2, 8), (4, 8), (6, 8), (8, 8)]
+    for _, _, preview in firsts:
+        assert preview.mode == "RGB"
+        assert preview.size == (64, 64)
+    assert mean_difference(firsts[-1][2], on.images[0]) <= LAST_PREVIEW_MEAN_DIFF
+    # Earlier previews show an image still changing.
+    assert mean_difference(firsts[0][2], on.images[0]) > LAST_PREVIEW_MEAN_DIFF
+
+
+def test_items_of_one_batch_get_only_the_previews_they_ask_for(
+    rendered: dict[str, Rendered],
+) -> None:
+    on = rendered["on"]
+    assert [(step, sorted(images)) for step, _, images in on.previews.calls] == [
+        (2, [0]),
+        (4, [0]),
+        (6, [0]),
+        (8, [0]),
+    ]
+
+
+def test_previews_do_not_change_the_images(rendered: dict[str, Rendered]) -> None:
+    for with_previews, without in zip(rendered["on"].images, rendered["off"].images, strict=True):
+        assert np.array_equal(np.asarray(with_previews), np.asarray(without))
+
+
+def test_with_no_preview_asked_nothing_is_called_and_the_unet_runs_as_often(
+    rendered: dict[str, Rendered],
+) -> None:
+    assert rendered["off"].previews.calls == []
+    assert rendered["off"].unet_calls == rendered["on"].unet_calls == 8
+
+
+@pytest.fixture
+def executor(renderer: DiffusionRenderer) -> Iterator[GpuExecutor]:
+    executor = GpuExecutor(renderer.render, max_batch_images=8, batch_wait_s=0.5)
+    yield executor
+    executor.shutdown()
+
+
+class JobPreviews:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[int, int, list]] = []
+        self.thread: set[str] = set()
+        self.fail = fail
+
+    def __call__(self, step: int, total: int, images: list) -> None:
+        self.calls.append((step, total, images))
+        self.thread.add(threading.current_thread().name)
+        if self.fail:
+            raise RuntimeError("a preview callback that breaks")
+
+
+def test_jobs_batched_together_each_get_their_own_previews(executor: GpuExecutor) -> None:
+    """Five items of four jobs in one batch; the items that ask are not one run of rows (the
+    third job asks none), and the last job asks at another pace, and size."""
+    ask = PreviewAsk(1, 32)
+    first, second, broken = JobPreviews(), JobPreviews(), JobPreviews(fail=True)
+    jobs = [
+        RenderJob(batch(RenderItem("red", "", 1, preview=ask), size=64, steps=3), on_preview=first),
+        RenderJob(
+            batch(
+                RenderItem("green", "", 2, preview=ask),
+                RenderItem("blue", "", 3, preview=ask),
+                size=64,
+                steps=3,
+            ),
+            on_preview=second,
+        ),
+        # A job that asks none, and one whose callback raises: neither disturbs the others.
+        RenderJob(batch(RenderItem("grey", "", 4), size=64, steps=3), on_preview=JobPreviews()),
+        RenderJob(
+            batch(RenderItem("black", "", 5, preview=PreviewAsk(2, 16)), size=64, steps=3),
+            on_preview=broken,
+        ),
+    ]
+    futures = [executor.submit(job) for job in jobs]
+    outcomes = [future.result(timeout=120) for future in futures]
+    assert {outcome.batch_id for outcome in outcomes} == {outcomes[0].batch_id}
+    assert [outcome.batch_images for outcome in outcomes] == [5, 5, 5, 5]
+
+    for previews, outcome in [(first, outcomes[0]), (second, outcomes[1])]:
+        assert [(step, total) for step, total, _ in previews.calls] == [(1, 3), (2, 3), (3, 3)]
+        assert previews.thread == {"gpu-executor"}
+        last = previews.calls[-1][2]
+        assert len(last) == len(outcome.images)
+        for preview, image in zip(last, outcome.images, strict=True):
+            assert preview.size == (32, 32)
+            assert mean_difference(preview, image) <= LAST_PREVIEW_MEAN_DIFF
+    assert [(step, len(images)) for step, _, images in broken.calls] == [(2, 1)]
+    assert broken.calls[0][2][0].size == (16, 16)
+    assert jobs[2].on_preview.calls == []  # type: ignore[union-attr]
+    # Each job has its own pictures, not its neighbour's.
+    assert mean_difference(first.calls[-1][2][0], outcomes[1].images[0]) > 5
+
+
+def test_a_job_canceled_mid_render_gets_no_more_previews(executor: GpuExecutor) -> None:
+    ask = PreviewAsk(1, 16)
+    canceled = threading.Event()
+
+    def on_step(step: int, total: int) -> None:
+        if step == 2:
+            canceled.set()
+
+    doomed, kept = JobPreviews(), JobPreviews()
+    doomed_job = RenderJob(
+        batch(RenderItem("doomed", "", 1, preview=ask), size=64, steps=5),
+        on_step=on_step,
+        is_canceled=canceled.is_set,
+        on_preview=doomed,
+    )
+    kept_job = RenderJob(
+        batch(RenderItem("kept", "", 2, preview=ask), size=64, steps=5), on_preview=kept
+    )
+    futures = [executor.submit(doomed_job), executor.submit(kept_job)]
+    with pytest.raises(RenderCanceled):
+        futures[0].result(timeout=120)
+    assert futures[1].result(timeout=120).batch_images == 2
+    # Canceled as step 2 was reported: its preview of step 2 and later never came.
+    assert [step for step, _, _ in doomed.calls] == [1]
+    assert [step for step, _, _ in kept.calls] == [1, 2, 3, 4, 5]
+
+
+def test_previews_in_bfloat16_with_the_unet_compiled_cause_no_recompile(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    renderer = load_renderer("tiny", model_cache, "cpu", dtype="bfloat16")
+    renderer.apply(SpeedLevers(compile=True), tmp_path_factory.mktemp("previews") / "inductor")
+    renderer.warm_up(64, 64, compiled_counts=(1,), max_images=1)
+    previous = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        previews = Previews()
+        one = batch(RenderItem("a kite", "", 21, preview=PreviewAsk(1, 64)), size=64, steps=3)
+        [image] = renderer.render(one, None, previews)
+    finally:
+        torch._dynamo.config.error_on_recompile = previous
+    assert renderer.recompiles == 0
+    assert [step for step, _, _ in previews.calls] == [1, 2, 3]
+    assert set(renderer.module_dtypes().values()) == {"bfloat16"}
+    last = previews.calls[-1][2][0]
+    assert last.size == (64, 64)
+    assert mean_difference(last, image) <= LAST_PREVIEW_MEAN_DIFF_BF16
