@@ -4,7 +4,7 @@ passthrough VAE makes the fitted latent-to-RGB map exact), that they change noth
 that the GPU executor hands each job of a batch its own."""
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.unit.test_finished_steps import DeviceClock
 from worker.executor import GpuExecutor, RenderCanceled, RenderJob
 from worker.kinds import load_renderer
-from worker.pipeline import DiffusionRenderer, SpeedLevers
+from worker.pipeline import DiffusionRenderer, FinishedSteps, SpeedLevers, StepReporter
 from worker.render_types import PreviewAsk, RenderBatch, RenderItem
 
 # The last preview against the final image at the preview's size, in mean absolute levels.
@@ -245,3 +246,34 @@ def test_previews_in_bfloat16_with_the_unet_compiled_cause_no_recompile(
     last = previews.calls[-1][2][0]
     assert last.size == (64, 64)
     assert mean_difference(last, image) <= LAST_PREVIEW_MEAN_DIFF_BF16
+
+
+def test_on_a_device_a_steps_previews_are_made_only_once_the_step_finished() -> None:
+    """As on CUDA: the host queues steps ahead; a step's previews (their copy queued before the
+    step's event) are read from the host only once that event completed, after its progress."""
+    clock = DeviceClock()
+    seen: list[tuple[str, int]] = []
+    reporter = StepReporter(
+        torch.device("cpu"),
+        lambda step, total: seen.append(("step", step)),
+        4,
+        lambda step, total, images: seen.append(("preview", step)),
+    )
+    reporter._steps = FinishedSteps(clock.event, lag=2)
+
+    def previews(step: int) -> Callable[[], dict]:
+        def make() -> dict:
+            assert clock.finished >= step, "preview read before its step finished"
+            return {0: Image.new("RGB", (1, 1))}
+
+        return make
+
+    reporter.step_end(None)
+    reporter.step_end(previews(2))
+    assert seen == []  # both queued, the device still busy
+    clock.finished = 2
+    reporter.step_end(None)
+    assert seen == [("step", 1), ("step", 2), ("preview", 2)]
+    reporter.step_end(previews(4))
+    reporter.finish()
+    assert seen[3:] == [("step", 3), ("step", 4), ("preview", 4)]
