@@ -31,7 +31,7 @@ _UNAVAILABLE = {
     "type": "unavailable",
     "message": "the job store is unavailable; reconnect with Last-Event-ID to resume",
 }
-EVENT_NAMES = ["queued", "position", "running", "progress", *sorted(_TERMINAL), "error"]
+EVENT_NAMES = ["queued", "position", "running", "progress", "preview", *sorted(_TERMINAL), "error"]
 # One Server-Sent Event, as clients (and the fuzz tests) decode the stream.
 EVENT_SCHEMA = {
     "type": "object",
@@ -105,15 +105,27 @@ async def _stream(
 ) -> AsyncIterator[str]:
     base_url = services.base_url(request)
     last_position: int | None = None
+    last_preview_step = 0
     last_sent = time.monotonic()
     while not await request.is_disconnected():
         events = await _read(services, job_id, after, _BLOCK_MS)
-        for event_id, event_type, data in events:
+        latest_marker = max(
+            (index for index, event in enumerate(events) if event[1] == "preview"), default=-1
+        )
+        for index, (event_id, event_type, data) in enumerate(events):
             after = event_id
             if event_type in _TERMINAL:
                 yield await _terminal_event(services, job_id, event_id, base_url)
                 return
-            if event_type == "progress":
+            if event_type == "preview":
+                # The stream marks each preview; only the latest image is kept, so a client
+                # that fell behind gets that one, once.
+                preview = await services.jobs.preview(job_id) if index == latest_marker else None
+                if preview is None or preview.step <= last_preview_step:
+                    continue
+                last_preview_step = preview.step
+                data = preview.model_dump(mode="json")
+            elif event_type == "progress":
                 data = data.get("progress", data)
             yield sse(event_id, event_type, data)
             last_sent = time.monotonic()
@@ -150,7 +162,9 @@ async def _terminal_event(services: Services, job_id: str, event_id: str, base_u
     summary="Stream a job's events (Server-Sent Events)",
     description=(
         "Events: `queued`, `position` (queue position and ETA, while queued), `running`, "
-        "`progress` (step, total, eta_s), then one terminal event (`succeeded`, `failed`, "
+        "`progress` (step, total, eta_s), `preview` (with the request's `preview`: step, total, "
+        "width, height and the image as a data: URL; the latest only, for a client that fell "
+        "behind), then one terminal event (`succeeded`, `failed`, "
         "`canceled` or `expired`) whose data is the whole job, after which the stream ends. "
         "Reconnect with `Last-Event-ID` to resume."
     ),

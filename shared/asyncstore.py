@@ -21,13 +21,14 @@ from shared.keys import (
     idempotency_claim_key,
     index_key,
     job_key,
+    preview_key,
     status_index_key,
     watermark_key,
 )
 from shared.ratelimit import bucket_key
 from shared.rates import QueueRates, queue_rate_reads
 from shared.records import decode_record
-from shared.schema import JobRecord, JobStatus
+from shared.schema import JobRecord, JobStatus, PreviewOut
 from shared.scripts import load_script
 
 _ADMIT = load_script("admit")
@@ -210,6 +211,11 @@ class AsyncJobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self._redis.hgetall(job_key(job_id))
         return decode_record(raw) if raw else None
+
+    async def preview(self, job_id: str) -> PreviewOut | None:
+        """The running job's latest live preview, if it has one."""
+        found = await self._redis.get(preview_key(job_id))
+        return PreviewOut.model_validate_json(found) if found else None
 
     async def watermarked_job(self, job_id_prefix: str) -> str | None:
         """The job a watermark names, while it is kept."""

@@ -18,6 +18,7 @@ from redis import Redis
 from shared.clock import redis_now
 from shared.jobscripts import (
     DEFAULT_WORKER_MAX_AGE_S,
+    EVENTS_MAXLEN,
     CreateCall,
     Created,
     decode_position,
@@ -34,6 +35,7 @@ from shared.keys import (
     events_key,
     index_key,
     job_key,
+    preview_key,
     reserved_high_key,
     retention_member,
     status_index_key,
@@ -49,6 +51,7 @@ from shared.schema import (
     JobErrorType,
     JobRecord,
     JobStatus,
+    PreviewOut,
 )
 from shared.scripts import load_script
 
@@ -61,6 +64,10 @@ _REWRITE_END = load_script("rewrite_end")
 _RESERVE = load_script("reserve")
 _RENEW = load_script("renew_leases")
 _RECORD_COMPLETION = load_script("record_completion")
+_WRITE_PREVIEW = load_script("write_preview")
+# A preview outlives its job's last step by this much at most: a running job replaces it far
+# sooner, and a finished one no longer shows it.
+PREVIEW_TTL_S = 300
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,7 @@ class JobStore:
         self._pump = redis.register_script(scripts["pump"])
         self._backlog = redis.register_script(scripts["backlog"])
         self._record_completion = redis.register_script(_RECORD_COMPLETION)
+        self._write_preview = redis.register_script(_WRITE_PREVIEW)
         self._rewrite_end = redis.register_script(_REWRITE_END)
 
     def create(
@@ -314,6 +322,24 @@ class JobStore:
             job_id, [JobStatus.RUNNING], PROGRESS_EVENT, {"progress": progress}, holder
         )
 
+    def write_preview(self, job_id: str, holder: Holder, preview: PreviewOut) -> bool:
+        """Keep the job's latest preview and mark it in its events, only while the job runs
+        under this holder."""
+        marker = {"step": preview.step, "total": preview.total}
+        written = self._write_preview(
+            keys=[job_key(job_id), events_key(job_id), preview_key(job_id)],
+            args=[
+                json.dumps(holder.worker),
+                holder.attempt,
+                preview.model_dump_json(),
+                json.dumps(marker),
+                PREVIEW_TTL_S,
+                EVENTS_MAXLEN,
+                self.retention_s,
+            ],
+        )
+        return written == 1
+
     def _compare_and_set(
         self,
         job_id: str,
@@ -450,7 +476,7 @@ class JobStore:
             return
         with self._redis.pipeline(transaction=True) as pipe:
             for owner, job_id in jobs:
-                pipe.delete(job_key(job_id), events_key(job_id))
+                pipe.delete(job_key(job_id), events_key(job_id), preview_key(job_id))
                 pipe.zrem(QUEUE_KEY, job_id)
                 pipe.zrem(LEASES_KEY, job_id)
                 pipe.zrem(DISPATCHED_KEY, job_id)

@@ -38,6 +38,11 @@ def events_key(job_id: str) -> str:
     return f"{job_key(job_id)}:events"
 
 
+def preview_key(job_id: str) -> str:
+    """A running job's latest live preview (JSON), replaced by each new one."""
+    return f"{JOB_PREFIX}{job_id}:preview"
+
+
 def index_key(owner: str | None) -> str:
     """The owner's jobs, scored by their number in arrival order."""
     return f"{INDEX_PREFIX}{owner or '-'}"

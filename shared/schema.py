@@ -130,6 +130,25 @@ class ControlSpec(BaseModel):
     )
 
 
+PreviewFormat = Literal["webp", "jpeg"]
+
+
+class PreviewSpec(BaseModel):
+    """Live previews: a small image of the render so far, every few steps, in the job's event
+    stream (`preview` events), on `GET /v1/jobs/{id}` while it runs, and on A1111's progress
+    route. Best effort: a preview a slow client or Redis cannot take in time is dropped."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    every_n_steps: Steps = Field(
+        default=5, description="a preview after steps N, 2N, 3N... (the last when a multiple)"
+    )
+    format: PreviewFormat = Field(default="webp", description="`webp` or `jpeg`")
+    max_size: Annotated[int, Field(ge=32, le=512), WHOLE_FLOATS_AS_INT] = Field(
+        default=256, description="the preview's longest side in pixels"
+    )
+
+
 class GenerationRequest(BaseModel):
     """What a client asks for. The defaults are SD 1.5's usual ones (512x512, guidance 7.5), with
     DPM-Solver++ in 25 steps instead of PNDM in 50. `width x height x num_images` may not exceed
@@ -216,6 +235,11 @@ class GenerationRequest(BaseModel):
     )
     control: ControlSpec | None = Field(
         default=None, description="ControlNet conditioning; not with `init_image`"
+    )
+    preview: PreviewSpec | None = Field(
+        default=None,
+        description="live previews while the job renders (each of the job's images side by "
+        "side); absent: none, and no cost",
     )
 
     @field_validator("loras")
@@ -374,6 +398,16 @@ class Progress(BaseModel):
     eta_s: float | None = None
 
 
+class PreviewOut(BaseModel):
+    """The latest live preview of a running job."""
+
+    step: int
+    total: int
+    width: int
+    height: int
+    image: str = Field(description="a data: URL (`data:image/webp;base64,...`)")
+
+
 class Timings(BaseModel):
     queued_s: float | None = Field(
         default=None, description="from submission until a GPU batch admitted the job"
@@ -438,6 +472,9 @@ class JobOut(BaseModel):
         default=None, description="estimated seconds until the job finishes, while not terminal"
     )
     progress: Progress | None = None
+    preview: PreviewOut | None = Field(
+        default=None, description="while running, with `preview` asked: the latest preview"
+    )
     images: list[ImageOut]
     error: JobError | None
     timings: Timings

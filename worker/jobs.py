@@ -53,6 +53,7 @@ from worker.executor import (
     RenderOutcome,
 )
 from worker.leases import LeaseKeeper
+from worker.previews import PreviewWriter
 from worker.provenance import Marker
 from worker.render_types import NonFiniteImage, RenderBatch
 from worker.reporter import Reporter
@@ -313,6 +314,7 @@ class JobRunner:
             ),
             is_canceled=lambda: self._no_longer_ours(current.job_id),
             on_admit=lambda: self._admit(current),
+            on_preview=self._previews(current),
         )
         try:
             return self.executor.submit(job).result()
@@ -328,6 +330,17 @@ class JobRunner:
             raise
         except Exception as exc:
             raise RenderError(str(exc)) from exc
+
+    def _previews(self, current: _Attempt) -> PreviewWriter | None:
+        spec = current.record.request.preview
+        if spec is None:
+            return None
+        return PreviewWriter(
+            self.reporter,
+            f"{current.job_id}:preview",
+            spec,
+            lambda preview: self.store.write_preview(current.job_id, current.holder, preview),
+        )
 
     def _render_and_store(self, current: _Attempt) -> None:
         record, holder, request = current.record, current.holder, current.record.request

@@ -98,8 +98,9 @@ class RenderBatch:
         init_image: Image | None = None,
         mask_image: Image | None = None,
         control_image: Image | None = None,
-        preview: PreviewAsk | None = None,
     ) -> "RenderBatch":
+        asked = request.preview
+        preview = None if asked is None else PreviewAsk(asked.every_n_steps, asked.max_size)
         items = tuple(
             RenderItem(
                 request.prompt,

@@ -25,6 +25,7 @@ from shared.schema import (
     InputImage,
     JobStatus,
     NegativePrompt,
+    PreviewSpec,
     Prompt,
     Scheduler,
     Steps,
@@ -130,6 +131,8 @@ class Txt2ImgRequest(BaseModel):
             seed=None if self.seed == -1 else self.seed,
             num_images=self.batch_size * self.n_iter,
             output_format="png",
+            # What /progress shows as `current_image`, as A1111's live previews do.
+            preview=A1111_PREVIEW,
         )
 
     def _scheduler(self) -> Scheduler:
@@ -261,6 +264,10 @@ class A1111Error(BaseModel):
     detail: str
     body: str = ""
     errors: Any = Field(default=None, description="the fields at fault, for a validation error")
+
+
+# A1111's live preview setting for its routes' jobs: a small JPEG every 5 steps.
+A1111_PREVIEW = PreviewSpec(every_n_steps=5, format="jpeg", max_size=256)
 
 
 def a1111_error(error: ServiceError) -> JSONResponse:
@@ -440,7 +447,9 @@ def options(services: ServicesDep, caller: BearerOrBasicCallerDep) -> Options:
 async def progress(
     services: ServicesDep,
     caller: BearerOrBasicCallerDep,
-    skip_current_image: Annotated[bool, Query(description="accepted and ignored")] = False,
+    skip_current_image: Annotated[
+        bool, Query(description="true: no `current_image`, the latest preview")
+    ] = False,
 ) -> ProgressAnswer:
     newest = (await services.jobs.page(caller.id, _PROGRESS_WINDOW, None, None)).jobs
     waiting = [job for job in newest if not job.status.is_terminal]
@@ -450,9 +459,15 @@ async def progress(
     if running is not None and running.progress is not None:
         step, total = running.progress.step, running.progress.total
         eta_s = running.progress.eta_s or 0.0
+    current_image = None
+    if running is not None and running.request.preview is not None and not skip_current_image:
+        preview = await services.jobs.preview(running.id)
+        # A1111 sends the image as plain base64, not a data: URL.
+        current_image = preview.image.split(",", 1)[1] if preview else None
     return ProgressAnswer(
         progress=round(step / total, 4) if total else 0.0,
         eta_relative=eta_s,
+        current_image=current_image,
         state=ProgressState(
             job=running.id if running else "",
             job_count=len(waiting),

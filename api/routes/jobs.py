@@ -489,7 +489,11 @@ async def get_job(
     job_id: str, services: ServicesDep, caller: CallerDep, request: Request
 ) -> JobOut:
     view = await services.owned_view(job_id, caller)
-    return view_out(view, services, services.base_url(request))
+    job = view_out(view, services, services.base_url(request))
+    if job.status is JobStatus.RUNNING and job.request.preview is not None:
+        # Read only for a running job that asked for previews: no cost to any other read.
+        job.preview = await services.jobs.preview(job_id)
+    return job
 
 
 @router.post(
