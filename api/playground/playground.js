@@ -69,6 +69,7 @@ async function buildRequest() {
     scheduler: $("scheduler").value || "dpmpp_2m",
   };
   if ($("seed").value !== "") body.seed = number("seed");
+  if (number("preview-every") > 0) body.preview = { every_n_steps: number("preview-every") };
   if ($("model").value) body.model = $("model").value;
   if ($("lora").value) body.loras = [{ name: $("lora").value, scale: number("lora-scale") }];
   const controlFile = $("control-image").files[0];
@@ -116,6 +117,7 @@ function showJob(job) {
   showStatus(job.status, job.queue_position);
   showProgress(job.progress);
   if (job.error) $("error").textContent = `${job.error.type}: ${job.error.message}`;
+  if (TERMINAL.has(job.status)) $("preview").hidden = true;
   if (job.status === "succeeded") {
     $("images").replaceChildren(
       ...job.images.map((image) => {
@@ -136,6 +138,11 @@ function handleEvent(name, data) {
   else if (name === "progress") {
     showStatus("running");
     showProgress(data);
+  } else if (name === "preview") {
+    // The render so far: it sharpens as the steps go by.
+    $("preview").src = data.image;
+    $("preview").dataset.step = data.step;
+    $("preview").hidden = false;
   } else if (TERMINAL.has(name)) showJob(data);
   else if (name === "error") $("error").textContent = data.message || JSON.stringify(data);
 }
@@ -169,6 +176,8 @@ async function submit(event) {
   if (stream) stream.abort();
   $("error").textContent = "";
   $("images").replaceChildren();
+  $("preview").hidden = true;
+  $("preview").removeAttribute("src");
   $("progress").value = 0;
   $("progress-text").textContent = "";
   localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());

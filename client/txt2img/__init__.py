@@ -25,6 +25,7 @@ from txt2img.models import (
     JobList,
     JobOut,
     JobStatus,
+    Preview,
     Progress,
     Verification,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "JobStatus",
     "NotFound",
     "PayloadTooLarge",
+    "Preview",
     "Progress",
     "RateLimited",
     "ServerError",

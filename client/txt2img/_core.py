@@ -25,6 +25,7 @@ from txt2img.models import (
     JobOut,
     JobStatus,
     OutputFormat,
+    Preview,
     Progress,
     Scheduler,
     Verification,
@@ -42,6 +43,7 @@ POLL_INTERVAL_S = (0.2, 2.0)
 TERMINAL_EVENTS = frozenset(status.value for status in TERMINAL_STATES)
 
 ProgressCallback = Callable[[Progress], object]
+PreviewCallback = Callable[[Preview], object]
 
 
 class GenerationFields(TypedDict, total=False):
@@ -68,6 +70,8 @@ class GenerationFields(TypedDict, total=False):
     # LoRA adapters, [{"name": ..., "scale": ...}], and ControlNet, {"type": ..., "image": ...}.
     loras: list[dict[str, Any]]
     control: dict[str, Any]
+    # Live previews: {"every_n_steps": 5, "format": "webp", "max_size": 256}.
+    preview: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,10 @@ class Event:
     @property
     def progress(self) -> Progress | None:
         return Progress.model_validate(self.data) if self.event == "progress" else None
+
+    @property
+    def preview(self) -> Preview | None:
+        return Preview.model_validate(self.data) if self.event == "preview" else None
 
 
 @dataclass
@@ -347,12 +355,25 @@ class Waiter:
     """Follows one job to its end from events or polls, reporting progress once per change."""
 
     def __init__(
-        self, job_id: str, timeout_s: float | None, on_progress: ProgressCallback | None
+        self,
+        job_id: str,
+        timeout_s: float | None,
+        on_progress: ProgressCallback | None,
+        on_preview: PreviewCallback | None = None,
     ) -> None:
         self.deadline = Deadline(job_id, timeout_s)
         self._on_progress = on_progress
+        self._on_preview = on_preview
         self._last: Progress | None = None
+        self._last_preview_step = 0
         self._polls = 0
+
+    def _show(self, preview: Preview | None) -> None:
+        if preview is None or self._on_preview is None:
+            return
+        if preview.step > self._last_preview_step:
+            self._last_preview_step = preview.step
+            self._on_preview(preview)
 
     def _report(self, progress: Progress | None) -> None:
         if progress is None or self._on_progress is None:
@@ -367,6 +388,7 @@ class Waiter:
     def on_event(self, event: Event) -> JobOut | None:
         """The final job if `event` ends the wait."""
         self._report(event.progress)
+        self._show(event.preview)
         job = event.job
         if job is not None:
             self._report(job.progress)
@@ -375,6 +397,7 @@ class Waiter:
     def on_job(self, job: JobOut) -> bool:
         """Whether a polled job is final."""
         self._report(job.progress)
+        self._show(job.preview)
         return job.status.is_terminal
 
     def poll_delay(self) -> float:

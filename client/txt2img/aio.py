@@ -16,6 +16,7 @@ from txt2img._core import (
     Event,
     EventStream,
     GenerationFields,
+    PreviewCallback,
     ProgressCallback,
     Requests,
     RequestSpec,
@@ -106,9 +107,10 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         on_progress: ProgressCallback | None = None,
         *,
         use_sse: bool = True,
+        on_preview: PreviewCallback | None = None,
     ) -> JobOut:
         """The job once it has ended, followed by its event stream, or by polling without one."""
-        waiter = Waiter(job_id, timeout_s, on_progress)
+        waiter = Waiter(job_id, timeout_s, on_progress, on_preview)
         if use_sse:
             stream = EventStream(self._requests, job_id, None, waiter.deadline)
             try:
@@ -129,6 +131,7 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         prompt: str,
         *,
         on_progress: ProgressCallback | None = None,
+        on_preview: PreviewCallback | None = None,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
         use_sse: bool = True,
@@ -137,7 +140,9 @@ class AsyncClient(BaseClient[httpx.AsyncClient]):
         """Submit and wait; `JobFailed` if the job ends other than succeeded."""
         job = await self.submit(prompt, idempotency_key=idempotency_key, **fields)
         if not job.status.is_terminal:
-            job = await self.wait(job.id, timeout_s, on_progress, use_sse=use_sse)
+            job = await self.wait(
+                job.id, timeout_s, on_progress, use_sse=use_sse, on_preview=on_preview
+            )
         return succeeded(job)
 
     async def download(self, image: str | ImageOut, path: str | Path) -> Path:

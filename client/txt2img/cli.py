@@ -9,10 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO, cast
 
-from txt2img._core import GenerationFields
+from txt2img._core import GenerationFields, atomic_file
 from txt2img.client import Client
 from txt2img.errors import Conflict, JobFailed, Txt2ImgError
-from txt2img.models import OUTPUT_FORMATS, SCHEDULERS, JobOut, JobStatus, Progress
+from txt2img.models import OUTPUT_FORMATS, SCHEDULERS, JobOut, JobStatus, Preview, Progress
 from txt2img.settings import DEFAULT_API_URL
 from txt2img.version import __version__
 
@@ -33,13 +33,15 @@ class ProgressBar:
         self.stream = stream
         self.width = width
         self.drawn = False
+        # Said after the bar: where the latest live preview was saved.
+        self.note = ""
 
     def __call__(self, progress: Progress) -> None:
         total = max(progress.total, 1)
         filled = round(self.width * min(progress.step, total) / total)
         eta = f" eta {progress.eta_s:.1f}s" if progress.eta_s is not None else ""
         bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {progress.step}/{progress.total}{eta}   ")
+        self.stream.write(f"\r[{bar}] {progress.step}/{progress.total}{eta}{self.note}   ")
         self.stream.flush()
         self.drawn = True
 
@@ -65,10 +67,29 @@ def _generation_fields(args: argparse.Namespace) -> GenerationFields:
         "num_images": args.num_images,
         "output_format": output_format,
         "priority": args.priority,
+        "preview": _preview_spec(args),
     }
     return cast(
         GenerationFields, {name: value for name, value in pairs.items() if value is not None}
     )
+
+
+def _preview_spec(args: argparse.Namespace) -> dict[str, object] | None:
+    if args.preview is None:
+        return None
+    jpeg = Path(args.preview).suffix.lower() in (".jpg", ".jpeg")
+    return {"every_n_steps": args.preview_every, "format": "jpeg" if jpeg else "webp"}
+
+
+def _preview_saver(path: Path, bar: ProgressBar) -> Callable[[Preview], None]:
+    """Writes each newer live preview over `path`, and says so after the progress bar."""
+
+    def save(preview: Preview) -> None:
+        with atomic_file(path) as file:
+            file.write(preview.data)
+        bar.note = f" preview {path} (step {preview.step})"
+
+    return save
 
 
 def _output_path(args: argparse.Namespace, job: JobOut) -> Path:
@@ -88,7 +109,8 @@ def run_generate(client: Client, args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr)
     show_bar = not args.quiet and sys.stderr.isatty()
     try:
-        job = client.wait(job.id, args.timeout, bar if show_bar else None)
+        on_preview = None if args.preview is None else _preview_saver(Path(args.preview), bar)
+        job = client.wait(job.id, args.timeout, bar if show_bar else None, on_preview=on_preview)
     except KeyboardInterrupt:
         bar.finish()
         with contextlib.suppress(Conflict):
@@ -194,6 +216,15 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         "--timeout",
         type=float,
         help="give up waiting after this many seconds (default: wait until the job ends)",
+    )
+    parser.add_argument(
+        "--preview",
+        metavar="FILE",
+        help="ask for live previews and keep the latest in FILE (.webp, or .jpg for JPEG) while "
+        "the job renders (default: none)",
+    )
+    parser.add_argument(
+        "--preview-every", type=int, default=5, help="with --preview: a preview every N steps"
     )
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
     parser.add_argument(

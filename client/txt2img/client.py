@@ -16,6 +16,7 @@ from txt2img._core import (
     Event,
     EventStream,
     GenerationFields,
+    PreviewCallback,
     ProgressCallback,
     Requests,
     RequestSpec,
@@ -104,9 +105,10 @@ class Client(BaseClient[httpx.Client]):
         on_progress: ProgressCallback | None = None,
         *,
         use_sse: bool = True,
+        on_preview: PreviewCallback | None = None,
     ) -> JobOut:
         """The job once it has ended, followed by its event stream, or by polling without one."""
-        waiter = Waiter(job_id, timeout_s, on_progress)
+        waiter = Waiter(job_id, timeout_s, on_progress, on_preview)
         if use_sse:
             stream = EventStream(self._requests, job_id, None, waiter.deadline)
             try:
@@ -127,6 +129,7 @@ class Client(BaseClient[httpx.Client]):
         prompt: str,
         *,
         on_progress: ProgressCallback | None = None,
+        on_preview: PreviewCallback | None = None,
         timeout_s: float | None = None,
         idempotency_key: str | None = None,
         use_sse: bool = True,
@@ -135,7 +138,7 @@ class Client(BaseClient[httpx.Client]):
         """Submit and wait; `JobFailed` if the job ends other than succeeded."""
         job = self.submit(prompt, idempotency_key=idempotency_key, **fields)
         if not job.status.is_terminal:
-            job = self.wait(job.id, timeout_s, on_progress, use_sse=use_sse)
+            job = self.wait(job.id, timeout_s, on_progress, use_sse=use_sse, on_preview=on_preview)
         return succeeded(job)
 
     def download(self, image: str | ImageOut, path: str | Path) -> Path:

@@ -1,6 +1,7 @@
 """The API's answers as the client reads them. Fields the client does not know are ignored, so a
 server that adds some never breaks a client already deployed."""
 
+import base64
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, get_args
@@ -73,6 +74,26 @@ class ImageOut(Answer):
     provenance: ImageProvenance | None = None
 
 
+class Preview(Answer):
+    """A live preview of a running job: its images so far, side by side, small."""
+
+    step: int
+    total: int
+    width: int
+    height: int
+    # A data: URL, e.g. "data:image/webp;base64,...".
+    image: str
+
+    @property
+    def content_type(self) -> str:
+        return self.image[len("data:") :].split(";", 1)[0]
+
+    @property
+    def data(self) -> bytes:
+        """The image file's bytes."""
+        return base64.b64decode(self.image.split(",", 1)[1])
+
+
 class JobError(Answer):
     type: str
     message: str
@@ -113,6 +134,8 @@ class JobRequest(Answer):
     loras: list[dict[str, Any]] = Field(default_factory=list)
     # Its image, once stored, by its SHA-256.
     control: dict[str, Any] | None = None
+    # Live previews: {"every_n_steps": ..., "format": ..., "max_size": ...}.
+    preview: dict[str, Any] | None = None
 
 
 class JobOut(Answer):
@@ -127,6 +150,8 @@ class JobOut(Answer):
     queue_position: int | None = None
     eta_s: float | None = None
     progress: Progress | None = None
+    # While running, with previews asked for: the latest one.
+    preview: Preview | None = None
     images: list[ImageOut] = Field(default_factory=list)
     error: JobError | None = None
     timings: Timings = Field(default_factory=Timings)

@@ -25,6 +25,7 @@ from txt2img import (
     JobFailed,
     JobStatus,
     NotFound,
+    Preview,
     Progress,
     Unauthorized,
     ValidationError,
@@ -88,6 +89,22 @@ def test_wait_follows_the_event_stream_with_rising_progress(client: Client) -> N
     assert events[-1].job is not None and events[-1].job.id == job.id
     progress = [event.progress for event in events if event.progress is not None]
     assert progress and progress[-1].step == 40
+
+
+def test_generate_hands_each_newer_preview_to_on_preview(client: Client) -> None:
+    seen: list[Preview] = []
+    job = client.generate(
+        "a red kite",
+        **{**SMALL, "num_inference_steps": 40},
+        preview={"every_n_steps": 4, "format": "jpeg", "max_size": 64},
+        on_preview=seen.append,
+    )
+    assert job.status is JobStatus.SUCCEEDED and job.preview is None
+    steps = [preview.step for preview in seen]
+    assert steps and steps == sorted(set(steps)) and all(step % 4 == 0 for step in steps)
+    for preview in seen:
+        assert preview.content_type == "image/jpeg" and preview.total == 40
+        assert Image.open(io.BytesIO(preview.data)).size == (preview.width, preview.height)
 
 
 def test_events_resume_after_a_last_event_id(client: Client) -> None:
@@ -333,6 +350,23 @@ def test_cli_generate_draws_a_progress_bar_on_a_terminal(
     job_line, saved_line = stdout.splitlines()
     assert job_line.startswith("job ") and saved_line == f"saved {output}"
     assert "\r[" in terminal and "4/4" in terminal and "Traceback" not in terminal
+
+
+def test_cli_generate_keeps_the_latest_preview_in_a_file_and_says_so(
+    local_stack: Stack, tmp_path: Path
+) -> None:
+    output, preview = tmp_path / "cat.png", tmp_path / "now.webp"
+    status, _, terminal = run_cli_on_a_terminal(
+        local_stack,
+        *("generate", "a cat", "-o", str(output), "-W", "256", "-H", "256", "-s", "40"),
+        *("--preview", str(preview), "--preview-every", "4"),
+    )
+    assert status == 0, terminal
+    assert image_size(preview)[0] == "WEBP" and image_size(output) == ("PNG", (256, 256))
+    assert f"preview {preview} (step " in terminal
+    job = run_cli(local_stack, "list", "--limit", "1").stdout.split()[0]
+    request = json.loads(run_cli(local_stack, "status", job).stdout)["request"]
+    assert request["preview"] == {"every_n_steps": 4, "format": "webp", "max_size": 256}
 
 
 def test_cli_generate_into_a_log_file_writes_no_progress_bar(

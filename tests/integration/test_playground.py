@@ -129,3 +129,35 @@ def test_the_playground_submits_shows_progress_and_the_image_and_cancels(
     assert curl.startswith(f"curl -sS -X POST '{customization_stack.base_url}/v1/jobs'")
     assert '"prompt":"a red kite over the sea"' in curl and '"name":"tiny-style"' in curl
     assert text(browser, "error") == ""
+
+
+def test_the_playground_shows_the_image_sharpening_as_it_renders(
+    customization_stack: Stack, browser: WebDriver
+) -> None:
+    browser.get(f"{customization_stack.base_url}/playground")
+    fill(browser, "api-key", customization_stack.api_key)
+    fill(browser, "prompt", "a lighthouse at dusk")
+    fill(browser, "width", "512")
+    fill(browser, "height", "512")
+    fill(browser, "steps", "12")
+    fill(browser, "preview-every", "2")
+    # Every preview the page shows, as it shows it.
+    browser.execute_script(
+        """
+        window.previewsShown = [];
+        const preview = document.getElementById("preview");
+        new MutationObserver(() => {
+          if (preview.src) window.previewsShown.push([Number(preview.dataset.step), preview.src]);
+        }).observe(preview, { attributes: true, attributeFilter: ["src"] });
+        """
+    )
+    browser.find_element(By.ID, "submit").click()
+    wait_for_text(browser, "status", "succeeded")
+    shown = browser.execute_script("return window.previewsShown;")
+    steps = [step for step, _ in shown]
+    assert len(shown) >= 2 and steps == sorted(steps) and set(steps) <= {2, 4, 6, 8, 10, 12}
+    assert len({source for _, source in shown}) == len(shown), "each preview is a new image"
+    assert all(source.startswith("data:image/webp;base64,") for _, source in shown)
+    # Once the job has succeeded, the images replace the preview.
+    assert not browser.find_element(By.ID, "preview").is_displayed()
+    assert browser.find_element(By.CSS_SELECTOR, "#images img")

@@ -145,8 +145,10 @@ def test_cli_defaults_are_the_servers_and_the_format_follows_the_suffix() -> Non
     }
     server_defaults = GenerationRequest(prompt="a cat").model_dump(exclude=unset)
     defaults = _generation_fields(parser.parse_args(["generate", "a cat"]))
-    assert {**defaults, "seed": None, "output_format": "png"} == server_defaults
+    # Without --preview the CLI asks for none, as the server's default is.
+    assert {**defaults, "seed": None, "output_format": "png", "preview": None} == server_defaults
     assert "seed" not in defaults and "output_format" not in defaults
+    assert "preview" not in defaults
     args = parser.parse_args(["generate", "a cat", "-o", "cat.JPG", "-W", "256", "--seed", "0"])
     fields = _generation_fields(args)
     assert (fields["width"], fields["seed"], fields["output_format"]) == (256, 0, "jpeg")
