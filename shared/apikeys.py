@@ -50,6 +50,8 @@ class ApiKey:
     # Set by the operator only: this key's images carry no invisible watermark (they are still
     # signed with a C2PA manifest).
     watermark_exempt: bool = False
+    # Live previews every this many steps for the key's jobs that do not say (None: none).
+    preview_every_n_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class ApiKeyStore:
         share: PoolShare | None = None,
         safety_action: SafetyAction | None = None,
         watermark_exempt: bool = False,
+        preview_every_n_steps: int | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key; the plain key is returned once and never stored."""
         share = share or PoolShare()
@@ -112,12 +115,20 @@ class ApiKeyStore:
                     **share.fields(),
                     "safety_action": safety_action or "",
                     "watermark_exempt": int(watermark_exempt),
+                    "preview_every_n_steps": preview_every_n_steps or 0,
                 },
             )
             pipe.sadd(KEY_INDEX, key_id)
             pipe.execute()
         key = ApiKey(
-            key_id, name, rate_limit_per_min, created_at, share, safety_action, watermark_exempt
+            key_id,
+            name,
+            rate_limit_per_min,
+            created_at,
+            share,
+            safety_action,
+            watermark_exempt,
+            preview_every_n_steps or None,
         )
         return key, plain
 
@@ -127,6 +138,7 @@ class ApiKeyStore:
         rate_limit_per_min: int | None = None,
         share: PoolShare | None = None,
         watermark_exempt: bool | None = None,
+        preview_every_n_steps: int | None = None,
     ) -> ApiKey | None:
         """Change a key's limits; None when there is no such key. API processes see the change
         within their auth cache's lifetime, the scheduler at once."""
@@ -137,6 +149,9 @@ class ApiKeyStore:
             fields["rate_limit_per_min"] = rate_limit_per_min
         if watermark_exempt is not None:
             fields["watermark_exempt"] = int(watermark_exempt)
+        if preview_every_n_steps is not None:
+            # 0 turns the key's default off.
+            fields["preview_every_n_steps"] = preview_every_n_steps
         if fields:
             self._redis.hset(RECORD_PREFIX + key_id, mapping=fields)
         return self.get(key_id)
@@ -250,6 +265,7 @@ def _decode(key_id: str, record: dict[bytes, bytes]) -> ApiKey:
         share=share,
         safety_action=_safety_action(record.get(b"safety_action", b"").decode()),
         watermark_exempt=record.get(b"watermark_exempt") == b"1",
+        preview_every_n_steps=int(record.get(b"preview_every_n_steps", 0)) or None,
     )
 
 

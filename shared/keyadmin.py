@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from shared.apikeys import ApiKey, ApiKeyStore, PoolShare
 from shared.redisconn import make_redis
-from shared.schema import PRIORITIES, SAFETY_ACTIONS, Priority, SafetyAction
+from shared.schema import MAX_STEPS, PRIORITIES, SAFETY_ACTIONS, Priority, SafetyAction
 from shared.settings import Environment, api_settings, core_settings
 
 PROG = "txt2img-keys"
@@ -32,9 +32,11 @@ def _describe(key: ApiKey) -> str:
     cap = share.max_running or "no cap"
     safety = f", safety action {key.safety_action}" if key.safety_action else ""
     exempt = ", no watermark" if key.watermark_exempt else ""
+    every = key.preview_every_n_steps
+    previews = f", previews every {every} steps" if every else ""
     return (
         f"{key.rate_limit_per_min} jobs/min, weight {share.weight}, max running {cap}, "
-        f"priorities {','.join(share.priorities)}{safety}{exempt}"
+        f"priorities {','.join(share.priorities)}{safety}{exempt}{previews}"
     )
 
 
@@ -54,6 +56,7 @@ def create(
     priorities: tuple[Priority, ...] = PRIORITIES,
     safety_action: SafetyAction | None = None,
     watermark_exempt: bool = False,
+    preview_every_n_steps: int | None = None,
 ) -> str:
     """Create a key and print it alone on the last line; it is never shown again."""
     store, _ = _store()
@@ -61,7 +64,12 @@ def create(
     limit = rate_limit_per_min or settings.rate_limit_per_min
     cap = settings.max_running_per_key if max_running is None else max_running
     key, plain = store.create(
-        name, limit, PoolShare(weight, cap, priorities), safety_action, watermark_exempt
+        name,
+        limit,
+        PoolShare(weight, cap, priorities),
+        safety_action,
+        watermark_exempt,
+        preview_every_n_steps,
     )
     print(f"created key {key.id} ({key.name!r}, {_describe(key)})")
     print("keep it now: it is stored only as a hash and cannot be shown again")
@@ -76,6 +84,7 @@ def update(
     max_running: int | None,
     priorities: tuple[Priority, ...] | None,
     watermark_exempt: bool | None = None,
+    preview_every_n_steps: int | None = None,
 ) -> None:
     """Change what is given of a key's limits; the rest stays."""
     store, _ = _store()
@@ -87,7 +96,9 @@ def update(
         max_running=key.share.max_running if max_running is None else max_running,
         priorities=key.share.priorities if priorities is None else priorities,
     )
-    updated = store.update(key_id, rate_limit_per_min, share, watermark_exempt)
+    updated = store.update(
+        key_id, rate_limit_per_min, share, watermark_exempt, preview_every_n_steps
+    )
     assert updated is not None
     print(f"updated key {key_id}: {_describe(updated)}")
 
@@ -137,6 +148,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.priorities or PRIORITIES,
                 args.safety_action,
                 args.watermark_exempt or False,
+                args.preview_every,
             )
         elif args.action == "update":
             update(
@@ -146,6 +158,7 @@ def _run(args: argparse.Namespace) -> int:
                 args.max_running,
                 args.priorities,
                 args.watermark_exempt,
+                args.preview_every,
             )
         elif args.action == "list":
             list_keys()
@@ -176,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _share_arguments(create_parser, creating=True)
     _watermark_argument(create_parser)
+    _preview_argument(create_parser)
     create_parser.add_argument(
         "--safety-action",
         choices=SAFETY_ACTIONS,
@@ -186,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     update_parser.add_argument("--rate-limit", type=int, help="jobs per minute")
     _share_arguments(update_parser, creating=False)
     _watermark_argument(update_parser)
+    _preview_argument(update_parser)
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke_parser = actions.add_parser("revoke", help="revoke a key by its id")
     revoke_parser.add_argument("key_id", help="the id `list` shows")
@@ -219,6 +234,23 @@ def _watermark_argument(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="this key's images carry no invisible watermark (still a signed C2PA manifest); "
         "--no-watermark-exempt marks them again",
+    )
+
+
+def _preview_steps(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_STEPS}")
+    return number
+
+
+def _preview_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preview-every",
+        type=_preview_steps,
+        metavar="N",
+        help="live previews every N steps for this key's jobs that ask for none themselves "
+        "(0: none, the default)",
     )
 
 

@@ -38,7 +38,8 @@ WHOLE_FLOATS_AS_INT = BeforeValidator(_integral)
 Prompt = Annotated[str, Field(min_length=1, max_length=2000, pattern=r"\S")]
 NegativePrompt = Annotated[str, Field(max_length=2000)]
 Dimension = Annotated[int, Field(ge=256, le=1024, multiple_of=8), WHOLE_FLOATS_AS_INT]
-Steps = Annotated[int, Field(ge=1, le=150), WHOLE_FLOATS_AS_INT]
+MAX_STEPS = 150
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS), WHOLE_FLOATS_AS_INT]
 GuidanceScale = Annotated[float, Field(ge=0, le=20)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED), WHOLE_FLOATS_AS_INT]
 ImageCount = Annotated[int, Field(ge=1, le=8), WHOLE_FLOATS_AS_INT]

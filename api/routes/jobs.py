@@ -34,6 +34,7 @@ from shared.schema import (
     JobRecord,
     JobStatus,
     KeyUsage,
+    PreviewSpec,
     strictest,
 )
 from shared.storage import StorageError, input_key, job_prefix
@@ -206,6 +207,8 @@ def _resolved(
     }
     if generation.seed is None:
         update["seed"] = secrets.randbelow(MAX_SEED + 1)
+    if generation.preview is None and caller.preview_every_n_steps:
+        update["preview"] = PreviewSpec(every_n_steps=caller.preview_every_n_steps)
     if inputs is not None:
         if inputs.init is not None:
             update["init_image"] = f"sha256:{inputs.init.sha256}"

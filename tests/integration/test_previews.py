@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import webuiapi
 from PIL import Image
+from redis import Redis
 
+from shared.apikeys import ApiKeyStore
 from tests.conftest import run_stack
 from tests.support import SseEvent, Stack, start_redis, wait_for_job, wait_until
 
@@ -198,3 +200,18 @@ def test_a1111_progress_has_the_running_jobs_current_image(stack: Stack) -> None
             for job in running:
                 client.post(f"/v1/jobs/{job['id']}/cancel")
         rendering.join(120)
+
+
+def test_a_keys_default_asks_for_previews_for_jobs_that_do_not_say(stack: Stack) -> None:
+    redis = Redis.from_url(stack.env["T2I_REDIS_URL"])
+    try:
+        _, key = ApiKeyStore(redis).create("previews", 100_000, preview_every_n_steps=2)
+    finally:
+        redis.close()
+    body = {key: value for key, value in PREVIEWED.items() if key != "preview"}
+    with stack.client(key) as client:
+        job = wait_for_job(client, submit(client, body)["id"])
+        own = wait_for_job(client, submit(client, {**body, "preview": None})["id"])
+    assert job["request"]["preview"] == {"every_n_steps": 2, "format": "webp", "max_size": 256}
+    # An explicit null is the key's default too: absent and null are the same request.
+    assert own["request"]["preview"] == job["request"]["preview"]
