@@ -438,6 +438,12 @@ class WorkerSettings(_T2ISettings):
         '`{"canny": "lllyasviel/sd-controlnet-canny"}` (hub ids or directories); `"tiny"` is '
         "the tiny model's",
     )
+    preview_vae: str | None = Field(
+        default=None,
+        description="a tiny autoencoder (diffusers' `AutoencoderTiny`, e.g. `madebyollin/taesd` "
+        "for SD 1.5: a hub id or directory) that decodes live previews; unset: a linear map from "
+        "latents to colours fitted to the model's VAE; `tiny`: the tiny model's",
+    )
     concurrency: int | None = Field(
         default=None,
         ge=1,

@@ -128,6 +128,7 @@ def main() -> int:
             max_batch_pixels=settings.max_batch_pixels,
             decode_slice_pixels=settings.decode_slice_pixels,
             controlnets=settings.controlnets,
+            preview_vae=settings.preview_vae,
         )
         safety = _safety_checker(core.model_id, renderer.device, renderer.dtype)
         if core.lora_dir is not None:

@@ -230,14 +230,19 @@ def load_renderer(
     levers: SpeedLevers | None = None,
     *,
     controlnets: dict[str, str] | None = None,
+    preview_vae: str | None = None,
     **options: Any,
 ) -> DiffusionRenderer:
     """A render core serving every kind of job, with these ControlNets (by control type: a hub
-    id or directory, or "tiny"), in the core's dtype on its device."""
+    id or directory, or "tiny"), in the core's dtype on its device; previews decoded by the
+    tiny autoencoder `preview_vae` (a hub id or directory, or "tiny"), or where None, by a
+    linear map fitted to the model's VAE."""
     if is_simulated(model_id):
         # A benchmark aid (worker/simulated.py): sleeps for the render, loads no model.
         return cast(DiffusionRenderer, SimulatedRenderer(model_id))
-    renderer = DiffusionRenderer.load(model_id, cache_dir, device, levers, **options)
+    renderer = DiffusionRenderer.load(
+        model_id, cache_dir, device, levers, preview_vae=preview_vae, **options
+    )
     loaded = load_controlnets(controlnets or {}, cache_dir, renderer.dtype, renderer.device)
     renderer.kinds = standard_kinds(loaded)
     return renderer

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import diffusers
 import torch
 from diffusers import (
+    AutoencoderTiny,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -45,7 +46,7 @@ from shared.loras import LoraRegistry
 from shared.schema import Scheduler
 from shared.settings import DEFAULT_MODEL_ID
 from worker.lora_slots import SLOTS, LoraSlots, UnknownAdapter
-from worker.models import load_pipeline, model_source
+from worker.models import ModelLoadError, load_pipeline, model_source
 from worker.render_types import (
     AdapterSet,
     BatchKey,
@@ -58,6 +59,7 @@ from worker.render_types import (
     StepCallback,
     batch_key,
 )
+from worker.tiny_preview import TINY_PREVIEW_VAE_ID
 
 __all__ = [
     "AdapterSet",
@@ -373,6 +375,28 @@ def limit_torch_threads(threads: int) -> None:
     torch.set_num_interop_threads(threads)
 
 
+def load_preview_vae(
+    source: str, cache_dir: Path, dtype: torch.dtype, device: torch.device
+) -> AutoencoderTiny:
+    """The tiny autoencoder that decodes previews (a hub id or directory, or "tiny" for the tiny
+    offline one), in `dtype` on `device`."""
+    location = source
+    if source == TINY_PREVIEW_VAE_ID:
+        # Imported only where asked for: it builds a test model.
+        from worker.tiny_preview import ensure_tiny_preview_vae
+
+        location = str(ensure_tiny_preview_vae(cache_dir))
+    try:
+        vae = AutoencoderTiny.from_pretrained(location, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load T2I_PREVIEW_VAE={source!r}: {exc}\n"
+            "Point it at a local AutoencoderTiny directory, or unset it for the linear previews."
+        ) from exc
+    log.info("previews decoded by the tiny autoencoder %s", location)
+    return vae.to(device).eval()
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -438,6 +462,7 @@ class DiffusionRenderer:
         kinds: Sequence[JobKind] = (),
         decode_slice_pixels: int = DEFAULT_DECODE_SLICE_PIXELS,
         max_batch_pixels: int | None = None,
+        preview_vae: AutoencoderTiny | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.model_name = model_name
@@ -467,8 +492,10 @@ class DiffusionRenderer:
         # Counting is meant to run past the model's window: no warning that it does.
         self._counting_tokenizer.model_max_length = int(1e30)
         self._counting_lock = threading.Lock()
-        # Latents to preview RGB (weight, bias), fitted at the first preview asked.
+        # Latents to preview RGB (weight, bias), fitted at the first preview asked; unused when
+        # a tiny autoencoder decodes the previews.
         self._preview_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.preview_vae = preview_vae
 
     @property
     def device(self) -> torch.device:
@@ -488,8 +515,11 @@ class DiffusionRenderer:
         single_file_config: str = DEFAULT_MODEL_ID,
         dtype: str = "auto",
         kinds: Sequence[JobKind] = (),
+        preview_vae: str | None = None,
         **options: Any,
     ) -> "DiffusionRenderer":
+        """`preview_vae`: a tiny autoencoder (hub id or directory, or "tiny") that decodes
+        previews; None: a linear map fitted to the model's VAE."""
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         source = model_source(model_id, cache_dir, single_file_config)
@@ -497,6 +527,8 @@ class DiffusionRenderer:
         pipeline.to(target)
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s on %s (%s)", model_id, target, torch_dtype)
+        if preview_vae is not None:
+            options["preview_vae"] = load_preview_vae(preview_vae, cache_dir, torch_dtype, target)
         renderer = cls(pipeline, model_name=model_id, kinds=kinds, **options)
         if levers is not None:
             renderer.apply(levers, cache_dir / "inductor")
@@ -541,6 +573,8 @@ class DiffusionRenderer:
             "vae": self.pipeline.vae,
             "text_encoder": self.pipeline.text_encoder,
         }
+        if self.preview_vae is not None:
+            modules["preview_vae"] = self.preview_vae
         for kind in self.kinds:
             modules.update(kind.modules())
         return {name: dtype_name(module.dtype) for name, module in sorted(modules.items())}
@@ -674,24 +708,29 @@ class DiffusionRenderer:
         asks: dict[int, PreviewAsk],
         batch: RenderBatch,
     ) -> PendingPreviews:
-        """Queue the previews of the items at `rows` (in order) from their latents: mapped to
-        8-bit RGB on the device at latent resolution, and on CUDA copied to pinned host memory
-        without waiting. The images are made by the returned function, to be called once the
-        step has finished on the device; only then are the host bytes complete."""
-        weight, bias = self._preview_map()
+        """Queue the previews of the items at `rows` (in order) from their latents: made 8-bit
+        RGB on the device (by the linear map at latent resolution, or decoded by the tiny
+        autoencoder and averaged down to the largest preview asked), and on CUDA copied to
+        pinned host memory without waiting. The images are made by the returned function, to be
+        called once the step has finished on the device; only then are the host bytes
+        complete."""
         if rows == list(range(rows[0], rows[-1] + 1)):
             chosen = latents[rows[0] : rows[-1] + 1]
         else:
             # Slices and a concatenation: indexing with a list would copy it to the device.
             chosen = torch.cat([latents[row : row + 1] for row in rows])
-        rgb = torch.einsum("bchw,cd->bhwd", chosen.float(), weight) + bias
+        sizes = {row: asks[row].size(batch.width, batch.height) for row in rows}
+        if self.preview_vae is not None:
+            rgb = self._preview_decode(chosen, max(sizes.values(), key=lambda s: s[0] * s[1]))
+        else:
+            weight, bias = self._preview_map()
+            rgb = torch.einsum("bchw,cd->bhwd", chosen.float(), weight) + bias
         as_bytes = (rgb.clamp(0, 1) * 255).round().to(torch.uint8)
         if as_bytes.device.type == "cuda":
             host = torch.empty(as_bytes.shape, dtype=torch.uint8, pin_memory=True)
             host.copy_(as_bytes, non_blocking=True)
         else:
             host = as_bytes.cpu()
-        sizes = {row: asks[row].size(batch.width, batch.height) for row in rows}
 
         def images() -> dict[int, Image]:
             arrays = host.numpy()
@@ -701,6 +740,23 @@ class DiffusionRenderer:
             }
 
         return images
+
+    def _preview_decode(self, latents: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """`latents` decoded by the tiny autoencoder, as RGB in [0, 1] (float32, batch x height
+        x width x colour), averaged down to `size` (width, height) where the decode is larger.
+
+        The latents go in as diffusers' pipelines hand a VAE swapped for an AutoencoderTiny:
+        divided by its own `scaling_factor` (1.0 for TAESD), not the model VAE's (0.18215 for
+        SD 1.5): TAESD was trained on the diffusion model's latents as they are, already
+        scaled. Its decoder clamps them itself and gives pixels in [-1, 1]."""
+        vae = self.preview_vae
+        assert vae is not None
+        scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+        pixels = vae.decode(scaled, return_dict=False)[0].float()
+        width, height = size
+        if pixels.shape[-1] > width or pixels.shape[-2] > height:
+            pixels = torch.nn.functional.adaptive_avg_pool2d(pixels, (height, width))
+        return (pixels / 2 + 0.5).permute(0, 2, 3, 1)
 
     def _preview_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The linear map from latents to RGB in [0, 1] (a weight per latent channel and colour,
