@@ -1,7 +1,8 @@
 """Live previews from the render core at step boundaries, with the real tiny pipeline on this
 CPU: which steps and items get one, that they match the image they preview (the tiny model's
 passthrough VAE makes the fitted latent-to-RGB map exact), that they change nothing else, and
-that the GPU executor hands each job of a batch its own."""
+that the GPU executor hands each job of a batch its own; and previews decoded by a tiny
+autoencoder (T2I_PREVIEW_VAE=tiny: a random AutoencoderTiny, TAESD's architecture)."""
 
 import threading
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shared.settings import WorkerSettings
 from tests.unit.test_finished_steps import DeviceClock
 from worker.executor import GpuExecutor, RenderCanceled, RenderJob
 from worker.kinds import load_renderer
@@ -65,19 +67,23 @@ class Rendered:
     unet_calls: int
 
 
+# The batch most tests render: 8 steps at 256x256, its first item asking for a preview every 2
+# steps at 64 pixels, the other none. Unguided: half the UNet's work, on a CPU.
+ASKING = batch(
+    RenderItem("a lighthouse", "", 11, preview=PreviewAsk(2, 64)),
+    RenderItem("a harbour", "", 12),
+    size=256,
+    steps=8,
+    guidance=1.0,
+)
+PLAIN = replace(ASKING, items=tuple(replace(item, preview=None) for item in ASKING.items))
+
+
 @pytest.fixture(scope="module")
 def rendered(renderer: DiffusionRenderer) -> dict[str, Rendered]:
-    """One 8-step batch at 256x256 rendered without any preview asked, then with previews for
-    its first item every 2 steps at 64 pixels; the other item asks none. Without previews first:
-    the core must not even fit its preview map then. Unguided: half the UNet's work, on a CPU."""
-    asking = batch(
-        RenderItem("a lighthouse", "", 11, preview=PreviewAsk(2, 64)),
-        RenderItem("a harbour", "", 12),
-        size=256,
-        steps=8,
-        guidance=1.0,
-    )
-    plain = replace(asking, items=tuple(replace(item, preview=None) for item in asking.items))
+    """ASKING rendered without any preview asked, then with them. Without previews first: the
+    core must not even fit its preview map then."""
+    asking, plain = ASKING, PLAIN
     calls = [0]
 
     def count(*_: object) -> None:
@@ -134,6 +140,98 @@ def test_with_no_preview_asked_nothing_is_called_and_the_unet_runs_as_often(
 ) -> None:
     assert rendered["off"].previews.calls == []
     assert rendered["off"].unet_calls == rendered["on"].unet_calls == 8
+
+
+def test_the_linear_map_is_the_default(renderer: DiffusionRenderer) -> None:
+    assert WorkerSettings().preview_vae is None
+    assert renderer.preview_vae is None
+    assert renderer._preview_weights is not None  # fitted by the render with previews
+    assert "preview_vae" not in renderer.module_dtypes()
+
+
+@dataclass
+class TinyAutoencoderRender:
+    renderer: DiffusionRenderer
+    images: list
+    previews: Previews
+    # The latents the tiny autoencoder's decoder was given at each preview, and those the
+    # model's VAE decoded the images from.
+    decoded: list[torch.Tensor]
+    final_latents: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def tiny_autoencoder(model_cache: Path) -> TinyAutoencoderRender:
+    """ASKING rendered by a core whose previews the tiny autoencoder decodes."""
+    renderer = load_renderer("tiny", model_cache, "cpu", preview_vae="tiny")
+    assert renderer.preview_vae is not None
+    decoded: list[torch.Tensor] = []
+    finals: list[torch.Tensor] = []
+    hook = renderer.preview_vae.decoder.register_forward_pre_hook(
+        lambda _, inputs: decoded.append(inputs[0].clone())
+    )
+    decode = renderer.decode
+
+    def keep_latents(latents: torch.Tensor) -> torch.Tensor:
+        finals.append(latents.clone())
+        return decode(latents)
+
+    renderer.decode = keep_latents  # type: ignore[method-assign]
+    try:
+        previews = Previews()
+        images = renderer.render(ASKING, None, previews)
+    finally:
+        hook.remove()
+        del renderer.decode
+    return TinyAutoencoderRender(renderer, images, previews, decoded, finals[0])
+
+
+def test_the_tiny_autoencoder_previews_an_item_at_its_steps_at_its_size(
+    tiny_autoencoder: TinyAutoencoderRender,
+) -> None:
+    calls = tiny_autoencoder.previews.calls
+    assert [(step, total, sorted(images)) for step, total, images in calls] == [
+        (2, 8, [0]),
+        (4, 8, [0]),
+        (6, 8, [0]),
+        (8, 8, [0]),
+    ]
+    for _, _, images in calls:
+        assert images[0].mode == "RGB"
+        assert images[0].size == (64, 64)
+    # A random decoder, but not a blank one, and the previews change as the image does.
+    first, last = (np.asarray(calls[index][2][0], np.int16) for index in (0, -1))
+    assert last.std() > 0
+    assert np.abs(first - last).mean() > 0
+    # The linear map was never needed.
+    assert tiny_autoencoder.renderer._preview_weights is None
+
+
+def test_the_tiny_autoencoder_decodes_only_the_rows_due_from_the_latents_as_they_are(
+    tiny_autoencoder: TinyAutoencoderRender,
+) -> None:
+    """Only the asking row is decoded, at each step due; the latents go in as the UNet made
+    them, divided by the autoencoder's own scaling factor (1.0, as TAESD's), never the model
+    VAE's: at the last step they are the latents the image was decoded from."""
+    decoded = tiny_autoencoder.decoded
+    assert len(decoded) == 4
+    assert {tuple(latents.shape) for latents in decoded} == {(1, 4, 32, 32)}
+    vae = tiny_autoencoder.renderer.preview_vae
+    assert vae is not None and vae.config.scaling_factor == 1.0
+    assert torch.equal(decoded[-1], tiny_autoencoder.final_latents[0:1])
+
+
+def test_the_tiny_autoencoder_does_not_change_the_images(
+    tiny_autoencoder: TinyAutoencoderRender, rendered: dict[str, Rendered]
+) -> None:
+    for with_previews, without in zip(tiny_autoencoder.images, rendered["off"].images, strict=True):
+        assert np.array_equal(np.asarray(with_previews), np.asarray(without))
+
+
+def test_the_tiny_autoencoder_is_listed_with_its_dtype(
+    tiny_autoencoder: TinyAutoencoderRender,
+) -> None:
+    assert tiny_autoencoder.renderer.module_dtypes()["preview_vae"] == "float32"
 
 
 @pytest.fixture
@@ -246,6 +344,27 @@ def test_previews_in_bfloat16_with_the_unet_compiled_cause_no_recompile(
     last = previews.calls[-1][2][0]
     assert last.size == (64, 64)
     assert mean_difference(last, image) <= LAST_PREVIEW_MEAN_DIFF_BF16
+
+
+def test_tiny_autoencoder_previews_in_bfloat16_with_the_unet_compiled_cause_no_recompile(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    renderer = load_renderer("tiny", model_cache, "cpu", dtype="bfloat16", preview_vae="tiny")
+    renderer.apply(SpeedLevers(compile=True), tmp_path_factory.mktemp("taesd") / "inductor")
+    renderer.warm_up(64, 64, compiled_counts=(1,), max_images=1)
+    previous = torch._dynamo.config.error_on_recompile
+    torch._dynamo.config.error_on_recompile = True
+    try:
+        previews = Previews()
+        one = batch(RenderItem("a kite", "", 21, preview=PreviewAsk(1, 32)), size=64, steps=3)
+        renderer.render(one, None, previews)
+    finally:
+        torch._dynamo.config.error_on_recompile = previous
+    assert renderer.recompiles == 0
+    assert [step for step, _, _ in previews.calls] == [1, 2, 3]
+    assert renderer.module_dtypes()["preview_vae"] == "bfloat16"
+    assert set(renderer.module_dtypes().values()) == {"bfloat16"}
+    assert previews.calls[-1][2][0].size == (32, 32)
 
 
 def test_on_a_device_a_steps_previews_are_made_only_once_the_step_finished() -> None:
