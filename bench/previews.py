@@ -1,5 +1,6 @@
 """What live previews cost the render core: the tiny model's throughput on this CPU with previews
-off, every 5 steps and every step, in one run.
+off, every 5 steps and every step, and every 5 steps decoded by the tiny autoencoder (the random
+AutoencoderTiny of T2I_PREVIEW_VAE=tiny, on a second core of the same model), in one run.
 
 Each round renders the same batch (`--images` images of `--size` pixels, `--steps` steps, guided,
 dpmpp_2m) once per setting, the settings' order rotating from round to round so a drift of the
@@ -29,7 +30,9 @@ from worker.render_types import PreviewAsk, RenderBatch, RenderItem
 
 RESULTS_FILE = REPO_ROOT / "bench" / "results" / "previews.json"
 # The preview settings: every how many steps (None: off).
-SETTINGS: dict[str, int | None] = {"off": None, "every_5": 5, "every_step": 1}
+SETTINGS: dict[str, int | None] = {"off": None, "every_5": 5, "every_step": 1, "taesd": 5}
+# The settings whose previews the tiny autoencoder decodes, not the linear map.
+TINY_AUTOENCODER_SETTINGS = {"taesd"}
 PREVIEW_SIZE = 64
 
 
@@ -61,16 +64,21 @@ def timed(renderer: DiffusionRenderer, batch: RenderBatch) -> tuple[float, int]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     renderer = load_renderer("tiny", args.cache_dir, "cpu")
+    decoding = load_renderer("tiny", args.cache_dir, "cpu", preview_vae="tiny")
+    renderers = {
+        name: decoding if name in TINY_AUTOENCODER_SETTINGS else renderer for name in SETTINGS
+    }
     batches = {name: job(args, every) for name, every in SETTINGS.items()}
     # Warm: kernels chosen for the shape, and the preview map fitted.
     timed(renderer, batches["every_step"])
+    timed(decoding, batches["taesd"])
     seconds: dict[str, list[float]] = {name: [] for name in SETTINGS}
     previews: dict[str, int] = {}
     names = list(SETTINGS)
     for round_ in range(args.rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            elapsed, count = timed(renderer, batches[name])
+            elapsed, count = timed(renderers[name], batches[name])
             seconds[name].append(elapsed)
             previews[name] = count
     throughput = {name: args.images / statistics.median(values) for name, values in seconds.items()}
@@ -95,6 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "guidance_scale": 7.5,
             "scheduler": "dpmpp_2m",
             "preview_max_size": PREVIEW_SIZE,
+            "taesd": "the tiny random AutoencoderTiny (8 channels, 1 block a stage)",
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
