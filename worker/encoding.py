@@ -2,6 +2,8 @@
 
 import io
 
+import piexif
+import piexif.helper
 from PIL import Image as PILImage
 from PIL.Image import Image
 from PIL.PngImagePlugin import PngInfo
@@ -21,11 +23,12 @@ def encode_image(
         info.add_text("parameters", parameters)
         image.save(buffer, format="PNG", pnginfo=info, compress_level=png_compress_level)
     else:
-        exif = PILImage.Exif()
-        # EXIF UserComment: an 8-byte charset header, then the text.
-        exif.get_ifd(_EXIF_IFD)[_EXIF_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+        # EXIF UserComment, as A1111 writes it and its PNG Info reads it: type UNDEFINED, an
+        # 8-byte charset header, then the text in UTF-16 (Pillow would write type BYTE).
+        comment = piexif.helper.UserComment.dump(parameters, encoding="unicode")
+        exif = piexif.dump({"Exif": {piexif.ExifIFD.UserComment: comment}})
         pil_format = "JPEG" if output_format == "jpeg" else "WEBP"
-        image.save(buffer, format=pil_format, quality=92, exif=exif.tobytes())
+        image.save(buffer, format=pil_format, quality=92, exif=exif)
     return buffer.getvalue()
 
 

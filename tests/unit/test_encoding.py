@@ -1,5 +1,7 @@
 import io
 
+import piexif
+import piexif.helper
 import pytest
 from PIL import Image
 
@@ -36,3 +38,12 @@ def test_the_png_level_trades_size_for_time_and_keeps_the_pixels() -> None:
     assert len(small) < len(fast)
     for data in (fast, small):
         assert Image.open(io.BytesIO(data)).tobytes() == gradient.tobytes()
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_piexif_reads_the_parameters_as_a1111s_png_info_does(output_format: str) -> None:
+    text = "ünïcode prompt\nSteps: 3, Seed: 9"
+    data = encode_image(Image.new("RGB", (32, 16), "teal"), output_format, text)
+    comment = piexif.load(data)["Exif"][piexif.ExifIFD.UserComment]
+    assert isinstance(comment, bytes) and comment.startswith(b"UNICODE\0")
+    assert piexif.helper.UserComment.load(comment) == text
