@@ -26,6 +26,10 @@ EXIT_INTERRUPTED = 130
 Command = Callable[[Client, argparse.Namespace], int]
 
 
+class Interrupted(Exception):
+    """Ctrl-C while following a job, after canceling it."""
+
+
 class ProgressBar:
     """A one-line progress bar, redrawn in place on `stream`."""
 
@@ -102,27 +106,54 @@ def run_generate(client: Client, args: argparse.Namespace) -> int:
     job = client.submit(
         args.prompt, idempotency_key=args.idempotency_key, **_generation_fields(args)
     )
-    print(f"job {job.id}", flush=True)
     if args.no_wait:
+        # Alone on stdout, so that J=$(txt2img generate ... --no-wait) passes it on.
+        print(job.model_dump_json(indent=2) if args.json else job.id, flush=True)
         return 0
+    print(f"job {job.id}", flush=True)
+    _save(client, _follow(client, job.id, args), args)
+    return 0
+
+
+def _follow(client: Client, job_id: str, args: argparse.Namespace) -> JobOut:
+    """The job once it has ended, with a progress bar on a terminal; Ctrl-C cancels it."""
     # Only a terminal redraws a line in place; in a log file the bar would be noise.
     bar = ProgressBar(sys.stderr)
     show_bar = not args.quiet and sys.stderr.isatty()
+    preview = getattr(args, "preview", None)
     try:
-        on_preview = None if args.preview is None else _preview_saver(Path(args.preview), bar)
-        job = client.wait(job.id, args.timeout, bar if show_bar else None, on_preview=on_preview)
+        on_preview = None if preview is None else _preview_saver(Path(preview), bar)
+        job = client.wait(job_id, args.timeout, bar if show_bar else None, on_preview=on_preview)
     except KeyboardInterrupt:
         bar.finish()
         with contextlib.suppress(Conflict):
-            client.cancel(job.id)
-        print(f"txt2img: interrupted; canceled job {job.id}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+            client.cancel(job_id)
+        raise Interrupted(f"interrupted; canceled job {job_id}") from None
     finally:
         bar.finish()
     if job.status is not JobStatus.SUCCEEDED:
         raise JobFailed(job)
+    return job
+
+
+def _save(client: Client, job: JobOut, args: argparse.Namespace) -> None:
     for path in client.download_all(job, _output_path(args, job)):
         print(f"saved {path}", flush=True)
+
+
+def run_wait(client: Client, args: argparse.Namespace) -> int:
+    job = _follow(client, args.job_id, args)
+    print(f"job {job.id} {job.status.value}", flush=True)
+    return 0
+
+
+def run_download(client: Client, args: argparse.Namespace) -> int:
+    job = client.get(args.job_id)
+    if not job.status.is_terminal:
+        raise Txt2ImgError(f"job {job.id} is {job.status.value}: `txt2img wait {job.id}` first")
+    if job.status is not JobStatus.SUCCEEDED:
+        raise JobFailed(job)
+    _save(client, job, args)
     return 0
 
 
@@ -226,7 +257,8 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preview-every", type=int, default=5, help="with --preview: a preview every N steps"
     )
-    parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    parser.add_argument("--no-wait", action="store_true", help="print the job id alone and return")
+    parser.add_argument("--json", action="store_true", help="with --no-wait: print the job")
     parser.add_argument(
         "-q",
         "--quiet",
@@ -240,6 +272,30 @@ def _add_status(commands: argparse._SubParsersAction) -> None:
     parser = _subparser(commands, "status", "print a job as JSON")
     parser.add_argument("job_id", help="the id `generate` printed")
     parser.set_defaults(command=run_status)
+
+
+def _add_wait(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "wait", "wait for a job to end; exits 1 unless it succeeded")
+    parser.add_argument("job_id", help="the id `generate` printed")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        help="give up waiting after this many seconds (default: wait until the job ends)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(command=run_wait)
+
+
+def _add_download(commands: argparse._SubParsersAction) -> None:
+    parser = _subparser(commands, "download", "save the images of a succeeded job")
+    parser.add_argument("job_id", help="the id `generate` printed")
+    parser.add_argument(
+        "-o",
+        "--output",
+        help="file to write (several images: NAME_0.EXT, NAME_1.EXT...) (default: "
+        "JOB_ID.EXT in the current directory)",
+    )
+    parser.set_defaults(command=run_download)
 
 
 def _add_cancel(commands: argparse._SubParsersAction) -> None:
@@ -277,6 +333,8 @@ def _add_verify(commands: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_generate,
     _add_status,
+    _add_wait,
+    _add_download,
     _add_cancel,
     _add_list,
     _add_verify,
@@ -310,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         reason = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
         print(f"txt2img: error: {reason}", file=sys.stderr)
+    except Interrupted as exc:
+        print(f"txt2img: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("txt2img: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

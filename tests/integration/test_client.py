@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pty
+import shlex
 import socket
 import subprocess
 import sys
@@ -417,6 +418,36 @@ def test_cli_generate_several_images_takes_the_format_from_the_suffix(
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert [image_size(tmp_path / name)[0] for name in ("dog_0.jpg", "dog_1.jpg")] == ["JPEG"] * 2
+
+
+def test_cli_no_wait_prints_the_bare_id_for_wait_and_download(
+    local_stack: Stack, tmp_path: Path
+) -> None:
+    txt2img = shlex.join(CLI)
+    script = (
+        f'J=$({txt2img} generate "a fox" -W 256 -H 256 -s 3 --no-wait) '
+        f'&& {txt2img} wait "$J" && {txt2img} download "$J" -o fox.png && echo "id=$J"'
+    )
+    result = subprocess.run(
+        ["bash", "-c", script],
+        env=service_env(T2I_API_URL=local_stack.base_url, T2I_API_KEY=local_stack.api_key),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().splitlines()[-1].removeprefix("id=")
+    assert f"job {job_id} succeeded" in result.stdout and "saved fox.png" in result.stdout
+    assert image_size(tmp_path / "fox.png") == ("PNG", (256, 256))
+
+    long_job = ("generate", "a fox", "-W", "1024", "-H", "1024", "-s", "150")
+    printed = run_cli(local_stack, *long_job, "--no-wait", "--json")
+    job = json.loads(printed.stdout)
+    assert printed.returncode == 0 and job["status"] in ("queued", "running")
+    early = run_cli(local_stack, "download", job["id"], cwd=tmp_path)
+    assert early.returncode == 1 and f"txt2img wait {job['id']}" in early.stderr
+    assert run_cli(local_stack, "cancel", job["id"]).returncode == 0
 
 
 def test_cli_status_and_cancel(local_stack: Stack, client: Client) -> None:
