@@ -1,18 +1,29 @@
-"""OpenAI's Images API, `POST /v1/images/generations`: a job through the one job path, answered
-once it has finished, in OpenAI's shapes (errors included), so the `openai` SDKs work unchanged."""
+"""OpenAI's Images API, `POST /v1/images/generations`, `edits` and `variations`: a job through the
+one job path, answered once it has finished, in OpenAI's shapes (errors included), so the `openai`
+SDKs work unchanged."""
 
 import base64
-from typing import Annotated, Any, Literal
+import io
+import math
+import re
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+from starlette.datastructures import FormData, UploadFile
 
-from api.compat import DialectRoute, generate
-from api.deps import CallerDep, ServicesDep
+from api.compat import DialectRoute, Finished, generate
+from api.deps import CallerDep, Services, ServicesDep
+from api.images import open_upload
 from api.openapi import RATE_LIMIT_HEADERS, error_responses
+from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
+from shared.queue import live_models
 from shared.schema import (
     WHOLE_FLOATS_AS_INT,
     GenerationRequest,
@@ -25,12 +36,28 @@ from shared.schema import (
     Seed,
     Steps,
 )
+from shared.settings import ApiSettings
 
-_DIMENSIONS = "|".join(str(pixels) for pixels in range(256, 1025, 64))
-SIZE_PATTERN = rf"^(auto|({_DIMENSIONS})x({_DIMENSIONS}))$"
+# Any `WIDTHxHEIGHT` (1 to 99999 pixels a side) or `auto`; `fitted_size` maps it to a size the
+# workers render.
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1024, 8
 DEFAULT_SIZE = "512x512"
+SIZE_RULE = (
+    f"`WIDTHxHEIGHT` in pixels, any sides, or `auto`. A size the workers cannot render is mapped "
+    f"to the nearest one they can, keeping the aspect ratio: scaled down until the longer side is "
+    f"at most {MAX_SIDE} and width x height x n fits the pixel budget (`T2I_MAX_PIXELS_PER_JOB`), "
+    f"or up until the shorter side is {MIN_SIDE}, then each side rounded down to a multiple of "
+    f"{SIDE_STEP} and kept within {MIN_SIDE}..{MAX_SIDE} (e.g. 1536x1024 -> 1024x680). The "
+    f"answer's `size` is the size rendered"
+)
+# `model` picks the served model it names; any other name (dall-e-2, gpt-image-1...) renders with
+# the deployment's default.
+MODEL_RULE = (
+    "a model a live worker serves (`GET /v1/models`) renders the job; any other name, OpenAI's "
+    "`dall-e-2`, `dall-e-3`, `gpt-image-1` included, renders with the deployment's default model"
+)
 IGNORED_FIELDS = (
-    "model",
     "quality",
     "style",
     "background",
@@ -72,16 +99,15 @@ class ImageGenerationRequest(BaseModel):
     n: ImageCount | None = Field(default=None, description="how many images (default 1)")
     size: str | None = Field(
         default=None,
-        pattern=SIZE_PATTERN,
-        description=f"`WIDTHxHEIGHT`, each a multiple of 64 from 256 to 1024; `auto` or absent: "
-        f"{DEFAULT_SIZE}",
+        json_schema_extra={"pattern": SIZE_PATTERN},
+        description=f"{SIZE_RULE}; `auto` or absent: {DEFAULT_SIZE}",
     )
     response_format: Literal["url", "b64_json"] | None = Field(
         default=None,
         description="`url` (default): signed download URLs; `b64_json`: the image files, base64",
     )
     output_format: OutputFormat | None = Field(default=None, description="default png")
-    model: str | None = Field(default=None, description=f"{_IGNORED}: the workers' model renders")
+    model: str | None = Field(default=None, description=MODEL_RULE)
     quality: str | None = Field(default=None, description=_IGNORED)
     style: str | None = Field(default=None, description=_IGNORED)
     background: str | None = Field(default=None, description=f"{_IGNORED}: images are opaque")
@@ -103,6 +129,11 @@ class ImageGenerationRequest(BaseModel):
     scheduler: Scheduler = "dpmpp_2m"
     seed: Seed | None = Field(default=None, description="absent: the server picks one")
 
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str | None) -> str | None:
+        return checked_size(size)
+
     @field_validator("stream", mode="before")
     @classmethod
     def _only_false(cls, stream: object) -> object:
@@ -111,9 +142,9 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError("only false: streamed answers are not offered")
         return stream
 
-    def generation(self) -> GenerationRequest:
+    def generation(self, budget: int, model: str | None) -> GenerationRequest:
         size = self.size if self.size not in (None, "auto") else DEFAULT_SIZE
-        width, height = (int(pixels) for pixels in size.split("x"))
+        width, height = fitted_size(parsed_size(size), self.n or 1, budget)
         return GenerationRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -125,7 +156,50 @@ class ImageGenerationRequest(BaseModel):
             seed=self.seed,
             num_images=self.n or 1,
             output_format=self.output_format or "png",
+            model=model,
         )
+
+
+def checked_size(size: str | None) -> str | None:
+    """The size as sent, or a human message (no regular expression) when it is not one."""
+    if size is not None and not re.fullmatch(SIZE_PATTERN, size):
+        raise PydanticCustomError(
+            "invalid_size",
+            "'{size}' is not a size: send `auto` or WIDTHxHEIGHT in pixels, e.g. 1024x1024 "
+            "(each side 1 to 99999; any size is mapped to the nearest one rendered)",
+            {"size": size[:40]},
+        )
+    return size
+
+
+def parsed_size(size: str) -> tuple[int, int]:
+    width, height = size.split("x")
+    return int(width), int(height)
+
+
+def fitted_size(size: tuple[int, int], n: int, budget: int) -> tuple[int, int]:
+    """The nearest size the workers render (see SIZE_RULE)."""
+    width, height = size
+    scale = min(1.0, MAX_SIDE / max(width, height), math.sqrt(budget / n / (width * height)))
+    scale = max(scale, MIN_SIDE / min(width, height))
+
+    def side(pixels: int) -> int:
+        # The epsilon keeps a side scaled to exactly 1024 from flooring to 1016.
+        rounded = math.floor(pixels * scale / SIDE_STEP + 1e-9) * SIDE_STEP
+        return min(MAX_SIDE, max(MIN_SIDE, rounded))
+
+    return side(width), side(height)
+
+
+async def served_model(services: Services, name: str | None) -> str | None:
+    """The model `name` names when it is served (see MODEL_RULE), else None: the default."""
+    if name is None:
+        return None
+    if name == services.core.deployment_model:
+        return name
+    max_age_s = services.core.worker_heartbeat_max_age_s
+    served = await run_in_threadpool(live_models, services.redis, max_age_s)
+    return name if name in served else None
 
 
 class GeneratedImage(BaseModel):
@@ -208,9 +282,31 @@ async def create_image(
     caller: CallerDep,
     request: Request,
 ) -> JSONResponse:
-    generation = body.generation()
+    model = await served_model(services, body.model)
+    generation = body.generation(services.api.max_pixels_per_job, model)
+    return await _render(services, request, caller, generation, body.response_format)
+
+
+async def _render(
+    services: Services,
+    request: Request,
+    caller: ApiKey,
+    generation: GenerationRequest,
+    response_format: str | None,
+) -> JSONResponse:
+    """The job rendered, answered as OpenAI's images response."""
     finished = await generate(services, request, caller, generation)
-    if body.response_format == "b64_json":
+    return await _answer(services, request, finished, generation, response_format)
+
+
+async def _answer(
+    services: Services,
+    request: Request,
+    finished: Finished,
+    generation: GenerationRequest,
+    response_format: str | None,
+) -> JSONResponse:
+    if response_format == "b64_json":
         files = await run_in_threadpool(finished.images, services)
         data = [GeneratedImage(b64_json=base64.b64encode(file).decode()) for file in files]
     else:
@@ -228,4 +324,271 @@ async def create_image(
     )
     return JSONResponse(
         answer.model_dump(mode="json", exclude_none=True), headers=finished.rate_limit.headers()
+    )
+
+
+# Edits and variations: multipart uploads, as the `openai` SDK sends them.
+_MULTIPART = "multipart/form-data"
+_FILE_PARTS = ("image", "image[]", "mask")
+# OpenAI's upload fields that change nothing here (`stream` is checked: only false).
+IGNORED_UPLOAD_FIELDS = (
+    "background",
+    "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "input_fidelity",
+    "markup",
+    "moderation",
+    "output_compression",
+    "partial_images",
+    "quality",
+    "safety_identifier",
+    "style",
+    "svg",
+    "user",
+)
+EDIT_STRENGTH = 1.0
+VARIATION_STRENGTH = 0.6
+VARIATION_PROMPT = "an image"
+
+
+_Fields = TypeVar("_Fields", bound=BaseModel)
+
+
+class _UploadFields(BaseModel):
+    """An upload's text fields: OpenAI's and Stable Diffusion's own, from strings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n: ImageCount | None = None
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: OutputFormat | None = None
+    model: str | None = None
+    stream: Literal["false", "False"] | None = None
+    negative_prompt: NegativePrompt = ""
+    num_inference_steps: Steps = 25
+    guidance_scale: GuidanceScale = 7.5
+    scheduler: Scheduler = "dpmpp_2m"
+    seed: Seed | None = None
+    strength: Annotated[float, Field(gt=0, le=1)] | None = None
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, size: str | None) -> str | None:
+        return checked_size(size)
+
+
+class _EditFields(_UploadFields):
+    prompt: Prompt
+
+
+class _VariationFields(_UploadFields):
+    prompt: Prompt = VARIATION_PROMPT
+
+
+def _invalid(field: str, message: str, kind: str = "value_error") -> ServiceError:
+    return ServiceError(
+        ErrorType.VALIDATION_ERROR,
+        f"{field}: {message}",
+        [{"loc": ["body", field], "msg": message, "type": kind}],
+    )
+
+
+def _validated(model: type[_Fields], values: dict[str, Any]) -> _Fields:
+    """The fields validated, an error naming the field OpenAI's way."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        errors = [{**error, "loc": ("body", *error["loc"])} for error in exc.errors()]
+        raise RequestValidationError(errors) from exc
+
+
+async def _upload(request: Request) -> FormData:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != _MULTIPART:
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR,
+            f"send the request as {_MULTIPART} (the `openai` SDK does), not "
+            f"{content_type or 'no content type'}",
+        )
+    return await request.form(max_files=20, max_fields=64)
+
+
+async def _file(form: FormData, field: str, api: ApiSettings) -> bytes | None:
+    """The file part's bytes (`image` may come as several `image[]`: the first is taken)."""
+    parts = form.getlist(field) or (form.getlist(f"{field}[]") if field == "image" else [])
+    if not parts:
+        return None
+    part = parts[0]
+    if not isinstance(part, UploadFile):
+        raise _invalid(field, f"the {field} must be a file part, not a text field")
+    return await part.read(api.max_input_image_bytes + 1)
+
+
+async def _required_image(form: FormData, api: ApiSettings) -> bytes:
+    image = await _file(form, "image", api)
+    if image is None:
+        raise _invalid("image", "send the image as the multipart file part `image`", "missing")
+    return image
+
+
+def _text_fields(form: FormData) -> dict[str, Any]:
+    return {
+        name: value
+        for name, value in form.items()
+        if name not in _FILE_PARTS and name not in IGNORED_UPLOAD_FIELDS
+    }
+
+
+def _opened(field: str, data: bytes, api: ApiSettings) -> tuple[Image.Image, Image.Image | None]:
+    """The upload in RGB (checked like any input image) and its alpha channel, if it has one."""
+    try:
+        rgb = open_upload(data, api)
+    except ServiceError as exc:
+        if field == "image":
+            raise
+        message = exc.message.removeprefix("image: ")
+        raise _invalid(field, message) from exc
+    with Image.open(io.BytesIO(data)) as raw:
+        has_alpha = raw.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in raw.info
+        alpha = raw.convert("RGBA").getchannel("A") if has_alpha else None
+    return rgb, alpha
+
+
+def _png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _edit_inputs(
+    image: bytes, mask: bytes | None, api: ApiSettings
+) -> tuple[str, str, tuple[int, int]]:
+    """The init image and our mask (white repaints) as data URLs, and the image's size. OpenAI's
+    mask marks what to edit with fully transparent pixels; without a mask, the image's own."""
+    rgb, alpha = _opened("image", image, api)
+    if mask is not None:
+        _, alpha = _opened("mask", mask, api)
+        if alpha is None:
+            raise _invalid(
+                "mask",
+                "the mask has no alpha channel: send a PNG whose fully transparent pixels mark "
+                "where to edit",
+            )
+        if alpha.size != rgb.size:
+            raise _invalid(
+                "mask",
+                f"the mask is {alpha.width}x{alpha.height}, the image {rgb.width}x{rgb.height}; "
+                "they must be the same size",
+            )
+        field = "mask"
+    elif alpha is None:
+        raise _invalid(
+            "mask",
+            "send a mask (a PNG whose fully transparent pixels mark where to edit), or an image "
+            "with transparent pixels: this image has no alpha channel",
+            "missing",
+        )
+    else:
+        field = "image"
+    repaint = alpha.point(lambda level: 255 if level == 0 else 0)
+    if repaint.getbbox() is None:
+        raise _invalid(field, "no pixel is fully transparent, so there is nothing to edit")
+    return _png_data_url(rgb), _png_data_url(repaint), rgb.size
+
+
+def _variation_input(image: bytes, api: ApiSettings) -> tuple[str, tuple[int, int]]:
+    rgb, _ = _opened("image", image, api)
+    return _png_data_url(rgb), rgb.size
+
+
+async def _image_job(
+    services: Services,
+    request: Request,
+    caller: ApiKey,
+    fields: _UploadFields,
+    prompt: str,
+    images: tuple[str, str | None, tuple[int, int]],
+    strength: float,
+) -> JSONResponse:
+    init, mask, image_size = images
+    n = fields.n or 1
+    size = parsed_size(fields.size) if fields.size not in (None, "auto") else image_size
+    width, height = fitted_size(size, n, services.api.max_pixels_per_job)
+    model = await served_model(services, fields.model)
+    generation = _validated(
+        GenerationRequest,
+        {
+            "prompt": prompt,
+            "negative_prompt": fields.negative_prompt,
+            "width": width,
+            "height": height,
+            "num_inference_steps": fields.num_inference_steps,
+            "guidance_scale": fields.guidance_scale,
+            "scheduler": fields.scheduler,
+            "seed": fields.seed,
+            "num_images": n,
+            "output_format": fields.output_format or "png",
+            "model": model,
+            "init_image": init,
+            "mask_image": mask,
+            "strength": fields.strength or strength,
+        },
+    )
+    return await _render(services, request, caller, generation, fields.response_format)
+
+
+_UPLOAD_ERRORS = error_responses(400, 401, 409, 413, 429, 503, 504, model=OpenAIError)
+_UPLOAD_FIELDS = (
+    "`n`, `size` (as for generations; absent or `auto`: the image's own size, mapped the same "
+    "way), `response_format`, `output_format`, `model`, and Stable Diffusion's `negative_prompt`, "
+    "`num_inference_steps`, `guidance_scale`, `scheduler`, `seed` and `strength`"
+)
+
+
+@router.post(
+    "/v1/images/edits",
+    # Not in the OpenAPI document: a generated multipart body cannot carry a real image.
+    include_in_schema=False,
+    response_model=ImagesResponse,
+    responses={200: {"headers": RATE_LIMIT_HEADERS}, **_UPLOAD_ERRORS},
+    summary="Edit an image: inpainting (OpenAI Images API)",
+    description=(
+        "OpenAI's `images.edit`, multipart: `image` (or several `image[]`: the first is used), "
+        "`mask` (a PNG whose fully transparent pixels mark where to edit; absent: the image's "
+        f"own transparent pixels), `prompt`, {_UPLOAD_FIELDS}. Inpainting at strength "
+        f"{EDIT_STRENGTH:g} unless `strength` says otherwise."
+    ),
+)
+async def edit_image(services: ServicesDep, caller: CallerDep, request: Request) -> JSONResponse:
+    form = await _upload(request)
+    fields = _validated(_EditFields, _text_fields(form))
+    image = await _required_image(form, services.api)
+    mask = await _file(form, "mask", services.api)
+    inputs = await run_in_threadpool(_edit_inputs, image, mask, services.api)
+    return await _image_job(services, request, caller, fields, fields.prompt, inputs, EDIT_STRENGTH)
+
+
+@router.post(
+    "/v1/images/variations",
+    include_in_schema=False,
+    response_model=ImagesResponse,
+    responses={200: {"headers": RATE_LIMIT_HEADERS}, **_UPLOAD_ERRORS},
+    summary="Variations of an image (OpenAI Images API)",
+    description=(
+        f"OpenAI's `images.create_variation`, multipart: `image`, {_UPLOAD_FIELDS}. "
+        f"Image-to-image at strength {VARIATION_STRENGTH:g} with the prompt "
+        f"{VARIATION_PROMPT!r}; `prompt` and `strength` may say otherwise."
+    ),
+)
+async def create_variation(
+    services: ServicesDep, caller: CallerDep, request: Request
+) -> JSONResponse:
+    form = await _upload(request)
+    fields = _validated(_VariationFields, _text_fields(form))
+    image = await _required_image(form, services.api)
+    init, size = await run_in_threadpool(_variation_input, image, services.api)
+    return await _image_job(
+        services, request, caller, fields, fields.prompt, (init, None, size), VARIATION_STRENGTH
     )

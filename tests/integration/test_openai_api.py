@@ -10,9 +10,12 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.support import Stack, wait_for_job
+from tests.support import REPO_ROOT, Stack, wait_for_job
 
 SD_SETTINGS = {"num_inference_steps": 3, "guidance_scale": 6.0, "scheduler": "euler_a"}
+PHOTO = REPO_ROOT / "examples" / "photo.png"
+# White over the area to repaint, black elsewhere, no alpha: our own masks' convention.
+MASK = REPO_ROOT / "examples" / "mask.png"
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -83,16 +86,18 @@ def test_url_answers_link_to_the_images(client: openai.OpenAI) -> None:
 
 
 def test_a_bad_request_raises_bad_request_error_naming_the_field(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as unsupported_size:
-        client.images.generate(prompt="a cat", size="1792x1024")
-    error = unsupported_size.value
+    with pytest.raises(openai.BadRequestError) as malformed_size:
+        client.images.generate(prompt="a cat", size="big")
+    error = malformed_size.value
     assert error.status_code == 400
     assert (error.type, error.param, error.code) == (
         "invalid_request_error",
         "size",
         "validation_error",
     )
-    assert "size" in error.message
+    # A human message, not the pattern the schema declares.
+    assert "'big' is not a size: send `auto` or WIDTHxHEIGHT" in error.message
+    assert not any(sign in error.message for sign in ("^", "[0-9]", "$"))
 
     with pytest.raises(openai.BadRequestError) as unknown_field:
         client.images.generate(prompt="a cat", extra_body={"num_inference_stepz": 3})
@@ -162,3 +167,128 @@ def test_a_job_not_done_in_time_is_canceled_and_answered_504(serial_stack: Stack
             http.post(f"/v1/jobs/{blocker['id']}/cancel")
     assert raised.value.status_code == 504 and raised.value.code == "timeout"
     assert (job["request"]["prompt"], job["status"]) == ("behind a long render", "canceled")
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def repainted_area() -> np.ndarray:
+    return np.asarray(Image.open(MASK).convert("L")) >= 128
+
+
+def openai_mask() -> bytes:
+    """OpenAI's convention: fully transparent where to edit, opaque elsewhere."""
+    alpha = np.where(repainted_area(), 0, 255).astype(np.uint8)
+    rgba = Image.new("RGBA", Image.open(PHOTO).size, (0, 0, 0, 255))
+    rgba.putalpha(Image.fromarray(alpha))
+    return png(rgba)
+
+
+@pytest.fixture
+def unmarked(local_stack: Stack) -> Iterator[openai.OpenAI]:
+    """A client whose key's images carry no watermark: their pixels compare exactly."""
+    key = local_stack.create_key("no watermark", 100_000, watermark_exempt=True)
+    with openai.OpenAI(base_url=f"{local_stack.base_url}/v1", api_key=key, max_retries=0) as client:
+        yield client
+
+
+def assert_edited(result: openai.types.ImagesResponse) -> None:
+    assert result.size == "512x512"
+    [image] = result.data or []
+    edited = pixels(decoded(base64.b64decode(image.b64_json or "")))
+    difference = np.abs(edited - pixels(Image.open(PHOTO))).max(axis=2)
+    repaint = repainted_area()
+    # Lossless PNG, no resizing, no watermark: the kept area is the photo itself.
+    assert difference[~repaint].max() == 0
+    assert difference[repaint].mean() > 0.1 * 255
+
+
+def test_an_edit_repaints_where_the_mask_is_transparent_and_keeps_the_rest(
+    unmarked: openai.OpenAI,
+) -> None:
+    result = unmarked.images.edit(
+        image=("photo.png", PHOTO.read_bytes(), "image/png"),
+        mask=("mask.png", openai_mask(), "image/png"),
+        prompt="a red balloon",
+        response_format="b64_json",
+        model="dall-e-2",
+    )
+    assert_edited(result)
+
+
+def test_an_edit_without_a_mask_repaints_the_images_transparent_pixels(
+    unmarked: openai.OpenAI,
+) -> None:
+    photo = Image.open(PHOTO).convert("RGBA")
+    photo.putalpha(Image.open(io.BytesIO(openai_mask())).getchannel("A"))
+    result = unmarked.images.edit(
+        image=[("photo.png", png(photo), "image/png")],
+        prompt="a red balloon",
+        response_format="b64_json",
+    )
+    assert_edited(result)
+
+
+def test_an_edit_needs_a_mask_or_transparent_pixels(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as no_mask:
+        client.images.edit(image=PHOTO.read_bytes(), prompt="a red balloon")
+    assert no_mask.value.param == "mask"
+    assert "send a mask" in no_mask.value.message
+    with pytest.raises(openai.BadRequestError) as opaque_mask:
+        client.images.edit(image=PHOTO.read_bytes(), mask=MASK.read_bytes(), prompt="a balloon")
+    assert opaque_mask.value.param == "mask"
+    assert "no alpha channel" in opaque_mask.value.message
+    with pytest.raises(openai.BadRequestError) as not_an_image:
+        client.images.edit(image=b"not an image", mask=openai_mask(), prompt="a balloon")
+    assert not_an_image.value.param == "image"
+
+
+def test_variations_are_images_of_the_size_asked_for(client: openai.OpenAI) -> None:
+    result = client.images.create_variation(
+        image=("photo.png", PHOTO.read_bytes(), "image/png"),
+        n=2,
+        size="256x256",
+        response_format="b64_json",
+        model="dall-e-2",
+    )
+    assert (result.size, len(result.data or [])) == ("256x256", 2)
+    images = [decoded(base64.b64decode(image.b64_json or "")) for image in result.data or []]
+    assert [image.size for image in images] == [(256, 256)] * 2
+    assert "Denoising strength: 0.6" in images[0].info["parameters"]
+
+    # Without a size, the image's own.
+    [url] = client.images.create_variation(image=PHOTO.read_bytes()).data or []
+    assert decoded(httpx.get(url.url or "", timeout=10).content).size == (512, 512)
+
+
+def test_a_size_the_workers_cannot_render_is_mapped_to_the_nearest_one(
+    client: openai.OpenAI,
+) -> None:
+    result = client.images.generate(
+        prompt="a wide harbour",
+        size="1536x1024",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 1},
+    )
+    assert result.size == "1024x680"
+    [image] = result.data or []
+    assert decoded(base64.b64decode(image.b64_json or "")).size == (1024, 680)
+
+
+def test_model_selects_a_served_model_and_openais_names_the_default(
+    local_stack: Stack, client: openai.OpenAI
+) -> None:
+    with local_stack.client() as http:
+        models = http.get("/v1/models").json()["data"]
+    [served] = [model["id"] for model in models if model["workers"]]
+    for name in (served, "gpt-image-1"):
+        result = client.images.generate(
+            prompt="a kite", size="256x256", model=name, extra_body={"num_inference_steps": 1}
+        )
+        assert result.data
+        with local_stack.client() as http:
+            [job] = http.get("/v1/jobs", params={"limit": 1}).json()["data"]
+        assert job["request"]["model"] == served
