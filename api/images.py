@@ -286,3 +286,13 @@ def open_upload(data: bytes, api: ApiSettings) -> Image.Image:
         return _open(data, "RGB", api.max_input_image_pixels)
     except BadImage as exc:
         raise _invalid("image", exc) from exc
+
+
+def upload_as_base64(part: str, data: bytes, api: ApiSettings) -> str:
+    """A multipart file part as the base64 a JSON request would carry, refused at once when it is
+    over `T2I_MAX_INPUT_IMAGE_BYTES`; the rest of an input image's checks (the pixel cap from the
+    header, the decompression bomb, PNG/JPEG/WebP only) follow on the JSON request's way."""
+    limit = api.max_input_image_bytes
+    if len(data) > limit:
+        raise _invalid(part, BadImage("image_too_large", f"the image is over {limit} bytes"))
+    return base64.b64encode(data).decode()

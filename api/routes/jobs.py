@@ -1,18 +1,24 @@
 """Submit, read, list and cancel jobs."""
 
+import json
 import logging
 import math
 import re
 import secrets
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.datastructures import FormData, UploadFile
+from starlette.types import Message
 
-from api.deps import CallerDep, Services, ServicesDep
+from api.deps import CallerDep, Services, ServicesDep, authenticate
 from api.events import wait_until_terminal
-from api.images import InputImages, read_input_images
+from api.images import InputImages, read_input_images, upload_as_base64
 from api.jobview import job_out, view_out
 from api.metrics import JOBS_SUBMITTED
 from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
@@ -37,6 +43,7 @@ from shared.schema import (
     PreviewSpec,
     strictest,
 )
+from shared.settings import ApiSettings
 from shared.storage import StorageError, input_key, job_prefix
 from shared.webhooks import WebhookRefused, check_webhook_url
 
@@ -385,8 +392,149 @@ async def _enqueue(
     return view, True, created.replicated
 
 
-@router.post(
-    "",
+_MULTIPART = "multipart/form-data"
+# A multipart request's file parts, and where each goes in the JSON request.
+_IMAGE_PARTS = {
+    "init_image": ("init_image",),
+    "mask_image": ("mask_image",),
+    "control_image": ("control", "image"),
+}
+_REQUEST_PARTS = ("request", "json")
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def _bad_part(part: str, message: str, kind: str) -> ServiceError:
+    return ServiceError(
+        ErrorType.VALIDATION_ERROR,
+        f"{part}: {message}",
+        [{"loc": ["body", part], "msg": message, "type": kind}],
+    )
+
+
+async def _request_part(form: FormData, api: ApiSettings) -> dict[str, Any]:
+    """The JSON request from the `request` (or `json`) part, a text field or a file."""
+    named = [name for name in _REQUEST_PARTS if name in form]
+    if not named:
+        raise _bad_part(
+            "request",
+            "a multipart request needs the part `request` with the JSON request",
+            "missing",
+        )
+    if len(named) > 1 or len(form.getlist(named[0])) > 1:
+        raise _bad_part(named[0], "send one `request` (or `json`) part", "too_many_parts")
+    part = form[named[0]]
+    text = await part.read(api.max_body_bytes + 1) if isinstance(part, UploadFile) else part
+    try:
+        body = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad_part(named[0], f"not JSON: {exc}", "json_invalid") from exc
+    if not isinstance(body, dict):
+        raise _bad_part(named[0], "the JSON request must be an object", "model_type")
+    return body
+
+
+async def _multipart_body(form: FormData, api: ApiSettings) -> bytes:
+    """The JSON request a multipart one stands for, its file parts in it as base64."""
+    for name in form:
+        if name not in _IMAGE_PARTS and name not in _REQUEST_PARTS:
+            expected = ", ".join(f"`{part}`" for part in [*_REQUEST_PARTS, *_IMAGE_PARTS])
+            raise _bad_part(name, f"not a part this route reads ({expected})", "extra_forbidden")
+    body = await _request_part(form, api)
+    for part, (*parents, field) in _IMAGE_PARTS.items():
+        if part not in form:
+            continue
+        uploads = form.getlist(part)
+        if len(uploads) > 1 or not isinstance(uploads[0], UploadFile):
+            raise _bad_part(part, "send the image as one file part", "image_invalid")
+        data = await uploads[0].read(api.max_input_image_bytes + 1)
+        target = body
+        for parent in parents:
+            target = target.get(parent)
+            if not isinstance(target, dict):
+                raise _bad_part(part, f"needs a `{parent}` object in the `request` part", "missing")
+        target[field] = upload_as_base64(part, data, api)
+    return json.dumps(body).encode()
+
+
+def _as_json(request: Request, body: bytes) -> Request:
+    """The same request, its body the JSON request `body`."""
+    headers = [
+        (name, value)
+        for name, value in request.scope["headers"]
+        if name not in (b"content-type", b"content-length")
+    ]
+    headers += [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            # The upload is read: what comes next is the client going away.
+            return await request.receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request({**request.scope, "headers": headers}, receive)
+
+
+def _name_parts(error: ServiceError) -> None:
+    """An error about the control image names its part, `control_image`."""
+    if not isinstance(error.details, list):
+        return
+    for detail in error.details:
+        if isinstance(detail, dict) and detail.get("loc") == ["body", "control", "image"]:
+            detail["loc"] = ["body", "control_image"]
+            error.message = error.message.replace("control.image:", "control_image:", 1)
+
+
+class _JobsRoute(APIRoute):
+    """`POST /v1/jobs` also takes multipart/form-data: its `request` (or `json`) part holds the
+    JSON request and its file parts `init_image`, `mask_image` and `control_image` the images.
+    The images are checked for the byte cap here and sent on as base64 in the JSON request, which
+    then takes exactly the JSON route's way: the same checks, the same job, the same answer.
+
+    The OpenAPI document declares only the JSON body (docs/api.md describes the multipart form):
+    the OpenAPI fuzzing cannot tell an image part from any binary string."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle_json = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            if _media_type(request) != _MULTIPART:
+                return await handle_json(request)
+            services: Services = request.app.state.services
+            # Credentials first, as on the JSON route: no stranger learns how a form is read.
+            scheme, token = get_authorization_scheme_param(request.headers.get("authorization"))
+            presented = token if scheme.lower() == "bearer" else None
+            await authenticate(services, presented, "Bearer", "Authorization: Bearer <key>")
+            async with request.form(max_files=len(_IMAGE_PARTS), max_fields=4) as form:
+                body = await _multipart_body(form, services.api)
+            try:
+                return await handle_json(_as_json(request, body))
+            except ServiceError as error:
+                _name_parts(error)
+                raise
+
+        return handle
+
+
+def _post_with_uploads(**kwargs: Any) -> Callable[[_Endpoint], _Endpoint]:
+    """`@router.post("", ...)`, served by the route that also reads multipart/form-data."""
+
+    def register(endpoint: _Endpoint) -> _Endpoint:
+        router.add_api_route(
+            "", endpoint, methods=["POST"], route_class_override=_JobsRoute, **kwargs
+        )
+        return endpoint
+
+    return register
+
+
+@_post_with_uploads(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=JobOut,
     responses={
