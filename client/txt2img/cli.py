@@ -2,7 +2,9 @@
 provenance."""
 
 import argparse
+import base64
 import contextlib
+import re
 import sys
 from argparse import ArgumentParser
 from collections.abc import Callable, Sequence
@@ -22,6 +24,8 @@ EXIT_ERROR = 1
 # `verify`: the check ran, and found neither a valid manifest nor this service's watermark.
 EXIT_UNMARKED = 3
 EXIT_INTERRUPTED = 130
+_LORA = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?::(?P<scale>[^:]+))?$")
+_CONTROL = re.compile(r"^(?P<type>[a-z0-9][a-z0-9_-]*):(?P<file>.+)$")
 
 Command = Callable[[Client, argparse.Namespace], int]
 
@@ -72,10 +76,83 @@ def _generation_fields(args: argparse.Namespace) -> GenerationFields:
         "output_format": output_format,
         "priority": args.priority,
         "preview": _preview_spec(args),
+        "init_image": _base64(args.init_image),
+        "mask_image": _base64(args.mask),
+        "strength": args.strength,
+        "loras": args.lora or None,
+        "control": _control_spec(args.control),
     }
     return cast(
         GenerationFields, {name: value for name, value in pairs.items() if value is not None}
     )
+
+
+def _base64(path: Path | None) -> str | None:
+    return None if path is None else base64.b64encode(path.read_bytes()).decode()
+
+
+def _control_spec(control: tuple[str, Path] | None) -> dict[str, object] | None:
+    if control is None:
+        return None
+    kind, path = control
+    return {"type": kind, "image": _base64(path)}
+
+
+def _lora_option(value: str) -> dict[str, object]:
+    """`--lora NAME[:SCALE]`: a LoRA adapter, at scale 1 unless SCALE says otherwise."""
+    match = _LORA.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not NAME or NAME:SCALE (e.g. tiny-style:0.8)"
+        )
+    scale = match["scale"]
+    if scale is None:
+        return {"name": match["name"], "scale": 1.0}
+    try:
+        number = float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: the scale {scale!r} is not a number (NAME:SCALE, e.g. tiny-style:0.8)"
+        ) from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{value!r}: the scale must be a finite number")
+    return {"name": match["name"], "scale": number}
+
+
+def _image_file(value: str) -> Path:
+    """An input image file that exists (the server checks that it is an image)."""
+    path = Path(value)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value}")
+    return path
+
+
+def _control_option(value: str) -> tuple[str, Path]:
+    """`--control TYPE:FILE`: a ControlNet type of `GET /v1/models` and its image."""
+    match = _CONTROL.match(value)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not TYPE:FILE (e.g. canny:photo.png)")
+    return match["type"], _image_file(match["file"])
+
+
+def _strength(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return number
+
+
+def _check_generate(parser: ArgumentParser, args: argparse.Namespace) -> None:
+    """What one option needs of another, as an argparse error."""
+    if args.init_image is None:
+        for given, option in ((args.mask, "--mask"), (args.strength, "--strength")):
+            if given is not None:
+                parser.error(f"{option} needs --init-image")
+    elif args.control is not None:
+        parser.error("--control does not combine with --init-image")
 
 
 def _preview_spec(args: argparse.Namespace) -> dict[str, object] | None:
@@ -257,6 +334,41 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--preview-every", type=int, default=5, help="with --preview: a preview every N steps"
     )
+    parser.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_option,
+        metavar="NAME[:SCALE]",
+        help="apply a LoRA adapter of `GET /v1/loras`, at SCALE (default: 1); repeatable "
+        "(default: none)",
+    )
+    parser.add_argument(
+        "--init-image",
+        type=_image_file,
+        metavar="FILE",
+        help="image-to-image: start from this PNG, JPEG or WebP (default: none)",
+    )
+    parser.add_argument(
+        "--mask",
+        type=_image_file,
+        metavar="FILE",
+        help="with --init-image, inpainting: white repaints, black keeps; the same size as the "
+        "init image (default: none)",
+    )
+    parser.add_argument(
+        "--strength",
+        type=_strength,
+        metavar="S",
+        help="with --init-image: how far from it the result may move, in (0, 1] (default: the "
+        "server's)",
+    )
+    parser.add_argument(
+        "--control",
+        type=_control_option,
+        metavar="TYPE:FILE",
+        help="ControlNet: follow FILE's structure by a control type of `GET /v1/models`, e.g. "
+        "canny:photo.png (default: none)",
+    )
     parser.add_argument("--no-wait", action="store_true", help="print the job id alone and return")
     parser.add_argument("--json", action="store_true", help="with --no-wait: print the job")
     parser.add_argument(
@@ -265,7 +377,7 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no progress bar (default: a bar on stderr when it is a terminal)",
     )
-    parser.set_defaults(command=run_generate)
+    parser.set_defaults(command=run_generate, generate_parser=parser)
 
 
 def _add_status(commands: argparse._SubParsersAction) -> None:
@@ -358,8 +470,11 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; the exit status is 0 on success, 1 on any error, 130 when interrupted
     (`verify`: 3 for an image with no mark of the service)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     command: Command = args.command
+    if command is run_generate:
+        _check_generate(args.generate_parser, args)
     try:
         with Client(args.api_url, args.api_key) as client:
             return command(client, args)

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from txt2img import (
     Client,
     Conflict,
     JobFailed,
+    JobOut,
     JobStatus,
     NotFound,
     Preview,
@@ -476,3 +478,87 @@ def test_cli_errors_exit_non_zero_with_one_line(local_stack: Stack, tmp_path: Pa
         local_stack, "--api-url", f"http://127.0.0.1:{free_port()}", "status", "x"
     )
     assert_one_line_error(unreachable, "connection_error")
+
+
+def _submitted_job(client: Client, result: subprocess.CompletedProcess) -> JobOut:
+    """The job a `generate --no-wait` printed the id of, once it has ended."""
+    assert result.returncode == 0, result.stderr
+    return client.wait(result.stdout.strip(), timeout_s=180)
+
+
+def _sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cli_inpaints_from_an_init_image_and_a_mask_with_a_strength(
+    local_stack: Stack, client: Client, tmp_path: Path
+) -> None:
+    photo, mask = REPO_ROOT / "examples" / "photo.png", REPO_ROOT / "examples" / "mask.png"
+    result = run_cli(
+        local_stack,
+        "generate",
+        "a harbour",
+        "-W", "256", "-H", "256", "-s", "4",
+        "--init-image", str(photo),
+        "--mask", str(mask),
+        "--strength", "0.7",
+        "-o", str(tmp_path / "out.png"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.splitlines()[0].removeprefix("job ")
+    job = client.get(job_id)
+    assert job.status is JobStatus.SUCCEEDED
+    assert job.request.init_image == _sha256(photo)
+    assert job.request.mask_image == _sha256(mask)
+    assert job.request.strength == 0.7
+    assert image_size(tmp_path / "out.png") == ("PNG", (256, 256))
+
+
+def test_cli_applies_a_lora_at_its_scale_and_follows_a_control_image(
+    customization_stack: Stack, tmp_path: Path
+) -> None:
+    photo = REPO_ROOT / "examples" / "photo.png"
+    small = ("-W", "256", "-H", "256", "-s", "4", "--no-wait")
+    with Client(customization_stack.base_url, customization_stack.api_key, timeout=10) as client:
+        lora = run_cli(
+            customization_stack, "generate", "a cat", *small,
+            "--lora", "tiny-style:0.8", "--lora", "tiny-other",
+        )  # fmt: skip
+        job = _submitted_job(client, lora)
+        assert job.status is JobStatus.SUCCEEDED, job
+        assert [(spec["name"], spec["scale"]) for spec in job.request.loras] == [
+            ("tiny-style", 0.8),
+            ("tiny-other", 1.0),
+        ]
+        control = run_cli(
+            customization_stack, "generate", "a cat", *small, "--control", f"canny:{photo}"
+        )
+        job = _submitted_job(client, control)
+        assert job.status is JobStatus.SUCCEEDED, job
+        assert job.request.control is not None
+        assert job.request.control["type"] == "canny"
+        assert job.request.control["image"] == _sha256(photo)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--lora", "tiny style"),
+        ("--lora", "tiny-style:strong"),
+        ("--lora", "tiny-style:0.5:1"),
+        ("--control", "canny"),
+        ("--init-image", "no-such-file.png"),
+        ("--init-image", "examples/photo.png", "--strength", "1.5"),
+        ("--mask", "examples/mask.png"),
+        ("--init-image", "examples/photo.png", "--control", "canny:examples/photo.png"),
+    ],
+)
+def test_cli_bad_image_options_are_one_argparse_error_line(
+    local_stack: Stack, options: tuple[str, ...]
+) -> None:
+    result = run_cli(local_stack, "generate", "a cat", *options)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert error == result.stderr.splitlines()[-1]
+    assert error.startswith("txt2img generate: error:"), error
