@@ -259,9 +259,17 @@ def test_variations_are_images_of_the_size_asked_for(client: openai.OpenAI) -> N
     assert [image.size for image in images] == [(256, 256)] * 2
     assert "Denoising strength: 0.6" in images[0].info["parameters"]
 
-    # Without a size, the image's own.
-    [url] = client.images.create_variation(image=PHOTO.read_bytes()).data or []
-    assert decoded(httpx.get(url.url or "", timeout=10).content).size == (512, 512)
+    # Without a size, the image's own; Stable Diffusion's settings as extra multipart fields.
+    [url] = (
+        client.images.create_variation(
+            image=PHOTO.read_bytes(), extra_body={"strength": 0.5, "seed": 3}
+        ).data
+        or []
+    )
+    image = decoded(httpx.get(url.url or "", timeout=10).content)
+    assert image.size == (512, 512)
+    assert "Seed: 3" in image.info["parameters"]
+    assert "Denoising strength: 0.5" in image.info["parameters"]
 
 
 def test_a_size_the_workers_cannot_render_is_mapped_to_the_nearest_one(
