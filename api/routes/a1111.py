@@ -2,19 +2,30 @@
 SillyTavern, scripts and bots) call, answered in its shapes."""
 
 import base64
+import binascii
 import json
+import os
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.routing import Match
 
-from api.compat import DialectRoute, Finished, generate
+from api.compat import DialectRoute, Finished, _unfinished
 from api.deps import BearerOrBasicCallerDep, Services, ServicesDep
+from api.events import wait_until_terminal
 from api.openapi import RATE_LIMIT_HEADERS, enum_var_names, error_responses
+from api.routes.jobs import cancel, submit
+from shared import a1111_options
+from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
 from shared.infotext import SAMPLER_NAMES, parameters_text
+from shared.lora_tags import split_lora_tags
+from shared.loras import LORA_SUFFIX, LoraRegistry
+from shared.png_info import parse_parameters, read_image_info
 from shared.queue import live_models
 from shared.schema import (
     MAX_SEED,
@@ -24,6 +35,7 @@ from shared.schema import (
     GuidanceScale,
     InputImage,
     JobStatus,
+    LoraSpec,
     NegativePrompt,
     PreviewSpec,
     Prompt,
@@ -62,7 +74,8 @@ ImagesPerCall = Annotated[int, Field(ge=1, le=MAX_IMAGES), WHOLE_FLOATS_AS_INT]
 _PROGRESS_WINDOW = 50
 _NOT_SUPPORTED = (
     "enable_hr and its hr_* fields, restore_faces, tiling, styles, subseed and its strength, "
-    "override_settings, script_name and script_args, alwayson_scripts, save_images"
+    "override_settings other than sd_model_checkpoint, script_name and script_args, "
+    "alwayson_scripts, save_images"
 )
 
 
@@ -116,12 +129,30 @@ class Txt2ImgRequest(BaseModel):
     width: Dimension = 512
     height: Dimension = 512
     send_images: bool = Field(default=True, description="false: `images` comes back empty")
+    override_settings: dict[str, Any] = Field(
+        default={},
+        description="`sd_model_checkpoint`: the model of this request (one of `GET "
+        "/sdapi/v1/sd-models`), over the key's `POST /sdapi/v1/options` choice; others ignored",
+    )
 
-    def generation(self) -> GenerationRequest:
+    def override_model(self) -> str | None:
+        model = self.override_settings.get(a1111_options.MODEL_OPTION)
+        if model is not None and not isinstance(model, str):
+            raise _invalid("override_settings", "sd_model_checkpoint must be a model's name")
+        return model or None
+
+    def generation(
+        self, model: str | None = None, registry: LoraRegistry | None = None
+    ) -> GenerationRequest:
+        """The job's request, on `model` (None: the deployment's), with the prompt's LoRA tags
+        as its `loras`, each checked against `registry`."""
         if self.batch_size * self.n_iter > MAX_IMAGES:
             raise _invalid("n_iter", f"batch_size x n_iter may be at most {MAX_IMAGES}")
+        prompt, loras = _prompt_loras(self.prompt, registry)
         return GenerationRequest(
-            prompt=self.prompt,
+            prompt=prompt,
+            loras=loras,
+            model=model,
             negative_prompt=self.negative_prompt,
             width=self.width,
             height=self.height,
@@ -186,9 +217,11 @@ class Img2ImgRequest(Txt2ImgRequest):
     mask: InputImage | None = Field(default=None, description="white repaints, black keeps")
     denoising_strength: Annotated[float, Field(gt=0, le=1)] = 0.75
 
-    def generation(self) -> GenerationRequest:
+    def generation(
+        self, model: str | None = None, registry: LoraRegistry | None = None
+    ) -> GenerationRequest:
         fields = {
-            **super().generation().model_dump(),
+            **super().generation(model, registry).model_dump(),
             "init_image": self.init_images[0],
             "mask_image": self.mask,
             "strength": self.denoising_strength,
@@ -197,6 +230,24 @@ class Img2ImgRequest(Txt2ImgRequest):
             return GenerationRequest.model_validate(fields)
         except ValidationError as exc:
             raise _invalid("denoising_strength", exc.errors()[0]["msg"]) from exc
+
+
+def _prompt_loras(prompt: str, registry: LoraRegistry | None) -> tuple[str, list[LoraSpec]]:
+    """The prompt without its `<lora:name:scale>` tags, and the adapters they name."""
+    try:
+        text, tags = split_lora_tags(prompt)
+    except ValueError as exc:
+        raise _invalid("prompt", str(exc)) from exc
+    for name, _ in tags:
+        if registry is None or registry.path(name) is None:
+            raise _invalid(
+                "prompt",
+                f"the prompt's LoRA tag names {name!r}, which is no LoRA adapter here; "
+                "GET /sdapi/v1/loras lists them",
+            )
+    if len({name for name, _ in tags}) != len(tags):
+        raise _invalid("prompt", "the prompt's LoRA tags name an adapter more than once")
+    return text, [LoraSpec(name=name, scale=scale) for name, scale in tags]
 
 
 def _invalid(field: str, message: str) -> ServiceError:
@@ -234,7 +285,14 @@ class SdModel(BaseModel):
 
 
 class Options(BaseModel):
-    sd_model_checkpoint: str | None = Field(description="a model the live workers serve")
+    """The options A1111 clients read, and any other option the key set, as it set it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str | None = Field(
+        description="the model of the key's A1111 requests: the one it chose with POST "
+        "/sdapi/v1/options, else the deployment's default"
+    )
     samples_format: str = "png"
     CLIP_stop_at_last_layers: int = 1
     sd_vae: str = "Automatic"
@@ -268,6 +326,28 @@ class A1111Error(BaseModel):
 
 # A1111's live preview setting for its routes' jobs: a small JPEG every 5 steps.
 A1111_PREVIEW = PreviewSpec(every_n_steps=5, format="jpeg", max_size=256)
+
+
+class Lora(BaseModel):
+    name: str
+    alias: str
+    path: str = Field(description="the adapter's file name in the registry")
+    metadata: dict[str, Any] = {}
+
+
+class PngInfoRequest(BaseModel):
+    image: str = Field(description="the image file (PNG, JPEG or WebP), base64 or a data: URL")
+
+
+class PngInfo(BaseModel):
+    info: str = Field(description="the image's parameters text; empty when it carries none")
+    items: dict[str, Any] = Field(description="the image's other text items")
+    parameters: dict[str, Any] = Field(description="`info` parsed: `Prompt`, `Steps`, `Seed`...")
+
+
+class Embeddings(BaseModel):
+    loaded: dict[str, Any] = {}
+    skipped: dict[str, Any] = {}
 
 
 def a1111_error(error: ServiceError) -> JSONResponse:
@@ -326,6 +406,35 @@ def _info(finished: Finished, body: Txt2ImgRequest, model: str, version: str) ->
     }
 
 
+async def _generate(
+    services: Services, request: Request, caller: ApiKey, generation: GenerationRequest
+) -> Finished:
+    """The job submitted and awaited, listed meanwhile as the key's A1111 job (what
+    `/interrupt` and `/skip` cancel). A job that does not finish in time is canceled and a 504;
+    one that fails or expires is raised; one that was interrupted comes back as it ended."""
+    submission = await submit(services, caller, generation)
+    record = submission.record
+    await run_in_threadpool(a1111_options.track_job, services.redis, caller.id, record.id)
+    try:
+        ended = await wait_until_terminal(
+            services, record.id, services.api.sync_wait_s, give_up=request.is_disconnected
+        )
+    finally:
+        await run_in_threadpool(a1111_options.untrack_job, services.redis, caller.id, record.id)
+    if not ended:
+        await run_in_threadpool(cancel, services, record)
+        raise ServiceError(
+            ErrorType.TIMEOUT,
+            f"the job did not finish within {services.api.sync_wait_s:g} s; it was canceled",
+            {"job_id": record.id},
+        )
+    final = await services.jobs.get(record.id)
+    if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.CANCELED):
+        raise _unfinished(record.id, final)
+    # Interrupted: A1111 answers with what it had; a canceled job has no images.
+    return Finished(final, submission.rate_limit)
+
+
 @router.post(
     "/txt2img",
     response_model=Txt2ImgResponse,
@@ -349,7 +458,10 @@ async def txt2img(
     caller: BearerOrBasicCallerDep,
     request: Request,
 ) -> JSONResponse:
-    finished = await generate(services, request, caller, body.generation())
+    model = body.override_model() or await run_in_threadpool(
+        a1111_options.chosen_model, services.redis, caller.id
+    )
+    finished = await _generate(services, request, caller, body.generation(model, services.loras))
     files = await run_in_threadpool(finished.images, services) if body.send_images else []
     model = await run_in_threadpool(finished.model, services)
     answer = Txt2ImgResponse(
@@ -432,10 +544,47 @@ def sd_models(services: ServicesDep, caller: BearerOrBasicCallerDep) -> list[SdM
     response_model=Options,
     responses=error_responses(401, 503, model=A1111Error),
     summary="The settings A1111 clients read (AUTOMATIC1111)",
+    description="The key's options: what it set with `POST /sdapi/v1/options`, over defaults.",
 )
 def options(services: ServicesDep, caller: BearerOrBasicCallerDep) -> Options:
-    models = _live_models(services)
-    return Options(sd_model_checkpoint=models[0] if models else None)
+    stored = a1111_options.read_options(services.redis, caller.id)
+    model = stored.get(a1111_options.MODEL_OPTION) or services.core.deployment_model
+    return Options(**{**stored, a1111_options.MODEL_OPTION: model})
+
+
+@router.post(
+    "/options",
+    responses={200: {"content": {"application/json": {"example": None}}}}
+    | error_responses(401, 422, 503, model=A1111Error),
+    summary="Set the key's options (AUTOMATIC1111)",
+    description=(
+        "`sd_model_checkpoint` (one of `GET /sdapi/v1/sd-models`) picks the model of this API "
+        "key's later txt2img and img2img requests; a model no live worker serves is a 422. Any "
+        "other option is kept and read back by `GET /sdapi/v1/options`, with no other effect. "
+        "Answers `null`, as A1111 does."
+    ),
+)
+def set_options(
+    body: dict[str, Any], services: ServicesDep, caller: BearerOrBasicCallerDep
+) -> Response:
+    model = body.get(a1111_options.MODEL_OPTION)
+    if model is not None:
+        served = _live_models(services)
+        if model not in served:
+            raise ServiceError(
+                ErrorType.VALIDATION_ERROR,
+                f"no live worker serves the model {model!r}; GET /sdapi/v1/sd-models lists "
+                "those served",
+                [
+                    {
+                        "loc": ["body", a1111_options.MODEL_OPTION],
+                        "msg": "model not served",
+                        "type": "model_not_served",
+                    }
+                ],
+            )
+    a1111_options.write_options(services.redis, caller.id, body)
+    return Response("null", media_type="application/json")
 
 
 @router.get(
@@ -476,3 +625,164 @@ async def progress(
             sampling_steps=total,
         ),
     )
+
+
+def _interrupt(services: Services, caller: ApiKey, statuses: tuple[JobStatus, ...]) -> None:
+    for job_id in a1111_options.tracked_jobs(services.redis, caller.id):
+        record = services.store.get(job_id)
+        if record is not None and record.owner == caller.id and record.status in statuses:
+            cancel(services, record)
+
+
+@router.post(
+    "/interrupt",
+    responses=error_responses(401, 503, model=A1111Error),
+    summary="Stop this key's A1111 renders (AUTOMATIC1111)",
+    description=(
+        "Cancels the key's queued and running jobs that came from `/sdapi/v1/txt2img` and "
+        "`/img2img` (not its `/v1/jobs` jobs), as `POST /v1/jobs/{id}/cancel` does. Each waiting "
+        "txt2img call then answers 200 with no images (the job made none) and its `info`. "
+        "Answers `{}`."
+    ),
+)
+def interrupt(services: ServicesDep, caller: BearerOrBasicCallerDep) -> dict[str, Any]:
+    _interrupt(services, caller, (JobStatus.QUEUED, JobStatus.RUNNING))
+    return {}
+
+
+@router.post(
+    "/skip",
+    responses=error_responses(401, 503, model=A1111Error),
+    summary="Skip this key's running A1111 render (AUTOMATIC1111)",
+    description=(
+        "Cancels the key's running jobs from `/sdapi/v1/txt2img` and `/img2img`; its queued ones "
+        "go on. A job renders all its images at once, so the whole job is skipped, not one "
+        "image of it. Answers `{}`."
+    ),
+)
+def skip(services: ServicesDep, caller: BearerOrBasicCallerDep) -> dict[str, Any]:
+    _interrupt(services, caller, (JobStatus.RUNNING,))
+    return {}
+
+
+@router.get(
+    "/loras",
+    response_model=list[Lora],
+    responses=error_responses(401, 503, model=A1111Error),
+    summary="The LoRA adapters a prompt's <lora:name:scale> tags may name (AUTOMATIC1111)",
+)
+def loras(services: ServicesDep, caller: BearerOrBasicCallerDep) -> list[Lora]:
+    return [
+        Lora(name=lora.name, alias=lora.name, path=f"{lora.name}{LORA_SUFFIX}")
+        for lora in services.loras.listing().data
+    ]
+
+
+@router.post(
+    "/png-info",
+    response_model=PngInfo,
+    responses=error_responses(401, 422, 503, model=A1111Error),
+    summary="The generation parameters an image carries (AUTOMATIC1111)",
+    description=(
+        "Reads the parameters text of a PNG (its `parameters` text chunk) or of a JPEG or WebP "
+        "(its EXIF UserComment), as this service and A1111 write them."
+    ),
+)
+def png_info(body: PngInfoRequest, caller: BearerOrBasicCallerDep) -> PngInfo:
+    encoded = body.image.split(",", 1)[1] if body.image.startswith("data:") else body.image
+    try:
+        text, items = read_image_info(base64.b64decode(encoded, validate=True))
+    except (binascii.Error, ValueError) as exc:
+        raise _invalid("image", f"not a base64 image file: {exc}") from exc
+    if text is None:
+        return PngInfo(info="", items=items, parameters={})
+    return PngInfo(info=text, items=items, parameters=parse_parameters(text))
+
+
+def _empty_list(path: str, what: str) -> None:
+    def answer(caller: BearerOrBasicCallerDep) -> list[Any]:
+        return []
+
+    router.add_api_route(
+        path,
+        answer,
+        methods=["GET"],
+        response_model=list[dict[str, Any]],
+        responses=error_responses(401, 503, model=A1111Error),
+        summary=f"{what}: none here (AUTOMATIC1111)",
+        name=f"a1111_{path.strip('/').replace('-', '_')}",
+    )
+
+
+for _path, _what in (
+    ("/sd-vae", "Separate VAEs (each model uses its own)"),
+    ("/upscalers", "Upscalers"),
+    ("/hypernetworks", "Hypernetworks"),
+    ("/face-restorers", "Face restorers"),
+    ("/realesrgan-models", "Real-ESRGAN models"),
+    ("/prompt-styles", "Saved prompt styles"),
+):
+    _empty_list(_path, _what)
+
+
+@router.get(
+    "/embeddings",
+    response_model=Embeddings,
+    responses=error_responses(401, 503, model=A1111Error),
+    summary="Textual-inversion embeddings: none here (AUTOMATIC1111)",
+)
+def embeddings(caller: BearerOrBasicCallerDep) -> Embeddings:
+    return Embeddings()
+
+
+@router.get(
+    "/cmd-flags",
+    responses=error_responses(401, 503, model=A1111Error),
+    summary="How the server runs (AUTOMATIC1111)",
+    description="The few of A1111's flags that are true of this service: an API without a UI.",
+)
+def cmd_flags(caller: BearerOrBasicCallerDep) -> dict[str, Any]:
+    return {"api": True, "nowebui": True, "lora_dir": None, "ckpt_dir": None}
+
+
+@router.get(
+    "/memory",
+    responses=error_responses(401, 503, model=A1111Error),
+    summary="Memory of the API server (AUTOMATIC1111)",
+    description=(
+        "`ram`: this API server's memory, in bytes. The GPUs are on the workers, not here: "
+        "`cuda` says so, as A1111 does where it has no CUDA."
+    ),
+)
+def memory(caller: BearerOrBasicCallerDep) -> dict[str, Any]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = os.sysconf("SC_PHYS_PAGES") * page
+    free = os.sysconf("SC_AVPHYS_PAGES") * page
+    return {
+        "ram": {"free": free, "used": total - free, "total": total},
+        "cuda": {"error": "the GPUs are on the render workers, not the API server"},
+    }
+
+
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+@router.api_route("/{path:path}", methods=_METHODS, include_in_schema=False)
+def unknown(path: str, request: Request) -> None:
+    """Any other /sdapi/v1 path: a 404 (a 405 for a known path's other methods), in A1111's
+    error shape."""
+    allowed = sorted(
+        method
+        for route in router.routes
+        if isinstance(route, APIRoute)
+        and route.path != "/sdapi/v1/{path:path}"
+        and route.matches(request.scope)[0] is Match.PARTIAL
+        for method in route.methods
+    )
+    if allowed:
+        raise ServiceError(
+            ErrorType.METHOD_NOT_ALLOWED,
+            f"{request.method} is not allowed here; {', '.join(allowed)} is",
+            headers={"Allow": ", ".join(allowed)},
+        )
+    raise ServiceError(ErrorType.NOT_FOUND, f"no route {request.url.path}")

@@ -3,14 +3,21 @@
 import base64
 import io
 import json
+import sys
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import webuiapi
 from PIL import Image
 
 from shared.infotext import SAMPLER_NAMES
-from tests.support import Stack, wait_until
+from tests.conftest import run_stack
+from tests.support import Process, Stack, start_redis, wait_for_job, wait_until
+from worker.tiny_model import SECOND_TINY_MODEL_ID, ensure_second_tiny_model
 
 # What A1111 clients send: many fields this service ignores, besides the ones it uses.
 CLIENT_DEFAULTS = {
@@ -224,3 +231,247 @@ def test_img2img_refuses_a_strength_too_low_for_its_steps(sdapi: httpx.Client) -
         json={**CLIENT_DEFAULTS, "prompt": "x", "init_images": [start], "denoising_strength": 0.1},
     )
     assert response.status_code == 422, response.text
+
+
+def _webui(stack: Stack, api_key: str) -> webuiapi.WebUIApi:
+    host, port = stack.base_url.removeprefix("http://").rsplit(":", 1)
+    return webuiapi.WebUIApi(host=host, port=int(port), username="user", password=api_key)
+
+
+def _jobs(stack: Stack, api_key: str) -> list[dict]:
+    with stack.client(api_key) as http:
+        return http.get("/v1/jobs", params={"limit": 10}).raise_for_status().json()["data"]
+
+
+READ_ONLY_ROUTES = {
+    "/loras": [],
+    "/sd-vae": [],
+    "/upscalers": [],
+    "/hypernetworks": [],
+    "/face-restorers": [],
+    "/realesrgan-models": [],
+    "/prompt-styles": [],
+    "/embeddings": {"loaded": {}, "skipped": {}},
+}
+
+
+def test_the_routes_clients_call_at_start_up_answer(sdapi: httpx.Client) -> None:
+    for path, expected in READ_ONLY_ROUTES.items():
+        response = sdapi.get(path)
+        assert (response.status_code, response.json()) == (200, expected), path
+    assert sdapi.get("/cmd-flags").json()["nowebui"] is True
+    memory = sdapi.get("/memory").json()
+    assert memory["ram"]["total"] > 0 and "error" in memory["cuda"]
+
+
+def test_errors_come_in_a1111s_shape(sdapi: httpx.Client) -> None:
+    missing = sdapi.get("/no-such-route")
+    assert missing.status_code == 404
+    assert set(missing.json()) == {"error", "detail", "body", "errors"}
+    assert missing.json()["error"] == "not_found"
+    wrong_method = sdapi.get("/txt2img")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"] == "method_not_allowed"
+    invalid = sdapi.post("/png-info", json={})
+    assert invalid.status_code == 422 and invalid.json()["error"] == "validation_error"
+    assert invalid.json()["errors"][0]["loc"] == ["body", "image"]
+    not_an_image = sdapi.post("/png-info", json={"image": base64.b64encode(b"x").decode()})
+    assert not_an_image.status_code == 422 and "not a base64 image" in not_an_image.json()["detail"]
+    unknown_lora = sdapi.post("/txt2img", json={**CLIENT_DEFAULTS, "prompt": "a <lora:nope:0.5>"})
+    assert unknown_lora.status_code == 422
+    assert "'nope'" in unknown_lora.json()["detail"]
+    assert "GET /sdapi/v1/loras" in unknown_lora.json()["detail"]
+
+
+def test_options_are_kept_per_key(local_stack: Stack) -> None:
+    mine = _webui(local_stack, local_stack.create_key("options", 100_000))
+    other = _webui(local_stack, local_stack.create_key("other options", 100_000))
+    assert mine.set_options({"sd_model_checkpoint": "tiny", "jpeg_quality": 80}) is None
+    assert mine.util_get_current_model() == "tiny"
+    assert mine.get_options()["jpeg_quality"] == 80
+    assert "jpeg_quality" not in other.get_options()
+    refused = mine.session.post(f"{mine.baseurl}/options", json={"sd_model_checkpoint": "nope"})
+    assert refused.status_code == 422 and refused.json()["error"] == "validation_error"
+    assert "'nope'" in refused.json()["detail"]
+    assert mine.util_get_current_model() == "tiny"
+
+
+def test_png_info_reads_pngs_jpegs_and_webps(sdapi: httpx.Client, local_stack: Stack) -> None:
+    api = _webui(local_stack, local_stack.api_key)
+    result = api.txt2img(prompt="a blue boat", seed=77, steps=2, width=256, height=256)
+    info = api.png_info(result.image)
+    assert info.info == result.info["infotexts"][0]
+    assert (info.parameters["Seed"], info.parameters["Steps"]) == ("77", "2")
+    assert info.parameters["Prompt"] == "a blue boat"
+    with local_stack.client() as http:
+        for output_format in ("jpeg", "webp"):
+            job = http.post(
+                "/v1/jobs",
+                json={
+                    "prompt": f"a {output_format} harbour",
+                    "negative_prompt": "fog",
+                    "seed": 4321,
+                    "num_inference_steps": 3,
+                    "width": 256,
+                    "height": 256,
+                    "output_format": output_format,
+                },
+            ).json()
+            job = wait_for_job(http, job["id"])
+            data = httpx.get(job["images"][0]["url"], timeout=10).raise_for_status().content
+            answer = sdapi.post("/png-info", json={"image": base64.b64encode(data).decode()})
+            assert answer.status_code == 200, answer.text
+            parameters = answer.json()["parameters"]
+            assert (parameters["Seed"], parameters["Steps"]) == ("4321", "3"), output_format
+            assert parameters["Prompt"] == f"a {output_format} harbour"
+            assert parameters["Negative prompt"] == "fog"
+            assert (parameters["Size-1"], parameters["Size-2"]) == ("256", "256")
+    plain = _png_base64(Image.new("RGB", (8, 8)))
+    assert sdapi.post("/png-info", json={"image": plain}).json()["info"] == ""
+
+
+def test_interrupt_ends_the_keys_waiting_render(local_stack: Stack) -> None:
+    key = local_stack.create_key("interrupter", 100_000)
+    api = _webui(local_stack, key)
+    results: list = []
+
+    def render() -> None:
+        results.append(api.txt2img(prompt="a very long render", steps=150, width=256, height=256))
+
+    thread = threading.Thread(target=render)
+    thread.start()
+
+    def rendering() -> bool:
+        return api.get_progress()["state"]["sampling_step"] > 0
+
+    wait_until(rendering, 60, "the A1111 render to start")
+    assert api.interrupt() == {}
+    thread.join(60)
+    assert not thread.is_alive()
+    [result] = results
+    assert result.images == [] and result.info["infotexts"] == []
+    [job] = _jobs(local_stack, key)
+    assert job["status"] == "canceled"
+    # Nothing left to interrupt: still {}.
+    assert api.interrupt() == {} and api.skip() == {}
+
+
+def test_interrupt_leaves_the_keys_other_jobs_alone(local_stack: Stack) -> None:
+    key = local_stack.create_key("v1 jobs only", 100_000)
+    with local_stack.client(key) as http:
+        job = http.post(
+            "/v1/jobs",
+            json={"prompt": "long", "num_inference_steps": 150, "width": 256, "height": 256},
+        ).json()
+        wait_until(
+            lambda: http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running",
+            60,
+            "the job to run",
+        )
+        assert _webui(local_stack, key).interrupt() == {}
+        assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "running"
+        assert http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def models_and_loras(
+    tmp_path_factory: pytest.TempPathFactory, model_cache: Path, tiny_lora_dir: Path
+) -> Iterator[Stack]:
+    """A stack with the tiny LoRA registry, and a second worker serving the second tiny model."""
+    workdir = tmp_path_factory.mktemp("a1111")
+    redis_process, port = start_redis(workdir / "redis")
+    checkpoint = ensure_second_tiny_model(model_cache).with_suffix(".safetensors")
+    stacks = run_stack(
+        "a1111-stack",
+        0,
+        port,
+        workdir,
+        model_cache,
+        T2I_LORA_DIR=str(tiny_lora_dir),
+        T2I_WORKER_HEARTBEAT_MAX_AGE_S="15",
+    )
+    stack = next(stacks)
+    second = Process(
+        "second-worker",
+        [sys.executable, "-m", "worker"],
+        {
+            **stack.env,
+            "T2I_MODEL_ID": str(checkpoint),
+            "T2I_MODEL_NAME": SECOND_TINY_MODEL_ID,
+            "T2I_DEFAULT_MODEL": "tiny",
+            "T2I_SINGLE_FILE_CONFIG": "tiny",
+        },
+        stack.workdir / "second-worker.log",
+    ).start()
+    try:
+        api = _webui(stack, stack.api_key)
+        wait_until(
+            lambda: len(api.util_get_model_names()) == 2,
+            180,
+            f"a worker for each model:\n{second.log_tail()}",
+        )
+        yield stack
+    finally:
+        second.stop()
+        next(stacks, None)
+        redis_process.stop()
+
+
+def test_the_model_a_key_sets_is_the_model_its_renders_use(models_and_loras: Stack) -> None:
+    stack = models_and_loras
+    key = stack.create_key("model chooser", 100_000)
+    api = _webui(stack, key)
+    assert sorted(api.util_get_model_names()) == ["tiny", SECOND_TINY_MODEL_ID]
+    assert api.util_get_current_model() == "tiny"
+    api.util_set_model(SECOND_TINY_MODEL_ID)
+    assert api.util_get_current_model() == SECOND_TINY_MODEL_ID
+    result = api.txt2img(prompt="a second model", steps=2, width=256, height=256)
+    assert result.info["sd_model_name"] == SECOND_TINY_MODEL_ID
+    assert _jobs(stack, key)[0]["request"]["model"] == SECOND_TINY_MODEL_ID
+    # A request's own override wins; other keys keep the default.
+    result = api.txt2img(
+        prompt="the first model",
+        steps=2,
+        width=256,
+        height=256,
+        override_settings={"sd_model_checkpoint": "tiny"},
+    )
+    assert result.info["sd_model_name"] == "tiny"
+    assert _webui(stack, stack.api_key).util_get_current_model() == "tiny"
+
+
+def test_a_prompts_lora_tag_renders_as_the_jobs_loras_do(models_and_loras: Stack) -> None:
+    stack = models_and_loras
+    key = stack.create_key("lora tags", 100_000, watermark_exempt=True)
+    api = _webui(stack, key)
+    assert [(lora["name"], lora["alias"]) for lora in api.get_loras()] == [
+        ("tiny-other", "tiny-other"),
+        ("tiny-style", "tiny-style"),
+    ]
+    settings = {"seed": 99, "steps": 3, "width": 256, "height": 256, "cfg_scale": 7.0}
+    tagged = api.txt2img(
+        prompt="a red kite <lora:tiny-style:0.8>", sampler_name="Euler", **settings
+    )
+    assert tagged.info["prompt"] == "a red kite"
+    assert "a red kite <lora:tiny-style:0.8>\n" in tagged.info["infotexts"][0]
+    with stack.client(key) as http:
+        job = http.post(
+            "/v1/jobs",
+            json={
+                "prompt": "a red kite",
+                "seed": 99,
+                "num_inference_steps": 3,
+                "width": 256,
+                "height": 256,
+                "guidance_scale": 7.0,
+                "scheduler": "euler",
+                "loras": [{"name": "tiny-style", "scale": 0.8}],
+            },
+        ).json()
+        job = wait_for_job(http, job["id"])
+        assert job["status"] == "succeeded", job
+        data = httpx.get(job["images"][0]["url"], timeout=10).raise_for_status().content
+    untagged = api.txt2img(prompt="a red kite", sampler_name="Euler", **settings)
+    pixels = np.asarray(tagged.image.convert("RGB"))
+    assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert not np.array_equal(pixels, np.asarray(untagged.image.convert("RGB")))
