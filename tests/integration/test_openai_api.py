@@ -244,6 +244,20 @@ def test_an_edit_needs_a_mask_or_transparent_pixels(client: openai.OpenAI) -> No
     with pytest.raises(openai.BadRequestError) as not_an_image:
         client.images.edit(image=b"not an image", mask=openai_mask(), prompt="a balloon")
     assert not_an_image.value.param == "image"
+    small_mask = png(Image.open(io.BytesIO(openai_mask())).resize((256, 256)))
+    with pytest.raises(openai.BadRequestError) as other_size:
+        client.images.edit(image=PHOTO.read_bytes(), mask=small_mask, prompt="a balloon")
+    assert other_size.value.param == "mask"
+    assert "the mask is 256x256, the image 512x512" in other_size.value.message
+
+
+def test_an_upload_route_sent_json_answers_in_openais_error_shape(local_stack: Stack) -> None:
+    with local_stack.client() as http:
+        answer = http.post("/v1/images/variations", json={"image": "aGVsbG8="})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "multipart/form-data" in error["message"]
 
 
 def test_variations_are_images_of_the_size_asked_for(client: openai.OpenAI) -> None:
