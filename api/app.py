@@ -28,7 +28,16 @@ from shared.storage import make_storage
 from shared.webhooks import Webhooks
 
 # The routes whose bodies may carry input images.
-IMAGE_PATHS = frozenset({"/v1/jobs", "/sdapi/v1/img2img", "/v1/provenance/verify"})
+IMAGE_PATHS = frozenset(
+    {
+        "/v1/jobs",
+        "/sdapi/v1/img2img",
+        "/sdapi/v1/png-info",
+        "/v1/provenance/verify",
+        "/v1/images/edits",
+        "/v1/images/variations",
+    }
+)
 
 
 def create_app() -> FastAPI:

@@ -119,6 +119,18 @@ def _real_image(body: dict[str, Any]) -> None:
         body["image"] = INIT_IMAGE
 
 
+def _served_model_only(body: dict[str, Any]) -> None:
+    """Which models are served is the deployment's, not the schema's."""
+    body.pop("sd_model_checkpoint", None)
+
+
+# Bodies whose valid values depend on more than the schema, adjusted in positive cases only.
+_STATEFUL_BODIES = {
+    "/v1/provenance/verify": _real_image,
+    "/sdapi/v1/png-info": _real_image,
+    "/sdapi/v1/options": _served_model_only,
+}
+
 _BY_PATH = {
     "/v1/jobs": _submittable,
     "/v1/images/generations": _small_openai_render,
@@ -129,15 +141,15 @@ _BY_PATH = {
 
 @schemathesis.hook
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
-    if case.operation.path == "/v1/provenance/verify":
-        # A negative case's image stays as generated: the route must refuse it.
+    if case.operation.path in _STATEFUL_BODIES:
+        # A negative case's body stays as generated: the route must refuse it.
         meta = case.meta
         positive = meta is None or all(
             mode == "positive"
             for mode in [meta.generation.mode, *(part.mode for part in meta.components.values())]
         )
         if positive and isinstance(case.body, dict):
-            _real_image(case.body)
+            _STATEFUL_BODIES[case.operation.path](case.body)
         return
     adjust = _BY_PATH.get(case.operation.path)
     if (

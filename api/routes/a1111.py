@@ -336,7 +336,40 @@ class Lora(BaseModel):
 
 
 class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "image": "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mOMqjjBgA0"
+                    "wMeAAg1MCAEPFAaoP12TgAAAAAElFTkSuQmCC"
+                },
+                {
+                    "image": "data:image/webp;base64,UklGRjYAAABXRUJQVlA4ICoAAACQAQCdASoIAAgAAsB"
+                    "MJaACdLoAA5gA/uwmX18AU9Uf/OJfyR+gXaAAAAA="
+                },
+            ]
+        }
+    )
+
     image: str = Field(description="the image file (PNG, JPEG or WebP), base64 or a data: URL")
+
+
+class OptionsUpdate(BaseModel):
+    """A1111's settings: `sd_model_checkpoint` picks the key's model; any other is kept."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"sd_model_checkpoint": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+                {"samples_format": "png", "CLIP_stop_at_last_layers": 1},
+            ]
+        },
+    )
+
+    sd_model_checkpoint: str | None = Field(
+        default=None, description="one of `GET /sdapi/v1/sd-models`"
+    )
 
 
 class PngInfo(BaseModel):
@@ -565,8 +598,9 @@ def options(services: ServicesDep, caller: BearerOrBasicCallerDep) -> Options:
     ),
 )
 def set_options(
-    body: dict[str, Any], services: ServicesDep, caller: BearerOrBasicCallerDep
+    update: OptionsUpdate, services: ServicesDep, caller: BearerOrBasicCallerDep
 ) -> Response:
+    body = update.model_dump(exclude_unset=True)
     model = body.get(a1111_options.MODEL_OPTION)
     if model is not None:
         served = _live_models(services)

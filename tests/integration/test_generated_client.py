@@ -118,7 +118,7 @@ def test_error_answers_are_typed_too(generated: ModuleType, local_stack: Stack) 
     assert refused.parsed.error.type_ is ErrorType.UNAUTHORIZED
 
     openai_refused = create_image.sync_detailed(
-        client=client, body=ImageGenerationRequest(prompt="a", size="300x300")
+        client=client, body=ImageGenerationRequest(prompt="a", size="huge")
     )
     assert openai_refused.status_code == 400 and isinstance(openai_refused.parsed, OpenAIError)
     assert openai_refused.parsed.error.param == "size"
