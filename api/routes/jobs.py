@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import Message
 
@@ -27,6 +28,7 @@ from shared.asyncstore import JobView
 from shared.errors import ErrorType, ServiceError
 from shared.jobscripts import Created, QueueFull, RateLimit, RateLimited
 from shared.jobstore import CasResult
+from shared.lora_tags import split_lora_tags
 from shared.metrics import count_finished
 from shared.queue import live_models, live_workers, render_queue
 from shared.ratelimit import Decision
@@ -40,6 +42,7 @@ from shared.schema import (
     JobRecord,
     JobStatus,
     KeyUsage,
+    LoraSpec,
     PreviewSpec,
     strictest,
 )
@@ -245,6 +248,27 @@ def _forget_inputs(services: Services, job_id: str, inputs: InputImages | None) 
         log.warning("could not delete the input images of unmade job %s: %s", job_id, exc)
 
 
+def _with_prompt_loras(generation: GenerationRequest) -> GenerationRequest:
+    """A prompt's `<lora:name:scale>` tags, as A1111 users write them, become its `loras` (only
+    where the request gives none) and leave the prompt's text."""
+    if generation.loras or "<lora:" not in generation.prompt.lower():
+        return generation
+    try:
+        text, tags = split_lora_tags(generation.prompt)
+        loras = [LoraSpec(name=name, scale=scale) for name, scale in tags]
+        return GenerationRequest.model_validate(
+            {**generation.model_dump(), "prompt": text, "loras": loras}
+        )
+    except ValueError as exc:
+        reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        message = f"the prompt's LoRA tags: {reason}"
+        raise ServiceError(
+            ErrorType.VALIDATION_ERROR,
+            message,
+            [{"loc": ["body", "prompt"], "msg": message, "type": "value_error"}],
+        ) from exc
+
+
 async def submit(
     services: Services,
     caller: ApiKey,
@@ -254,6 +278,7 @@ async def submit(
     """The one way a job comes to be, whichever API asked: limits, the job record, the queue.
     What costs little comes first (checks, the idempotency record, the rate limit's token), then
     fetching and storing input images, which are deleted again unless the job is made."""
+    generation = _with_prompt_loras(generation)
     _check_pixel_budget(generation, services.api.max_pixels_per_job)
     _check_priority(generation, caller)
     if generation.webhook is not None:

@@ -236,6 +236,21 @@ def test_the_registry_is_listed_and_a_lora_job_renders_differently(client: httpx
     assert mean_difference(styled, plain) > VISIBLE
 
 
+def test_lora_tags_in_the_prompt_are_the_jobs_loras(customization_stack: Stack) -> None:
+    # Each job's watermark is its own: the two renders are compared unmarked.
+    unmarked = customization_stack.create_key("no watermark", 100_000, watermark_exempt=True)
+    with customization_stack.client(unmarked) as client:
+        tagged, from_tags = rendered(client, seed=12, prompt="a red kite <lora:tiny-style:0.8>")
+        job, explicit = rendered(
+            client, seed=12, prompt="a red kite", loras=[{"name": "tiny-style", "scale": 0.8}]
+        )
+        unknown = client.post("/v1/jobs", json={**BODY, "prompt": "a kite <lora:nowhere>"})
+    assert tagged["request"]["prompt"] == "a red kite"
+    assert tagged["request"]["loras"] == job["request"]["loras"]
+    assert np.array_equal(from_tags, explicit)
+    assert unknown.status_code == 422 and "nowhere" in unknown.json()["error"]["message"]
+
+
 def test_a_canny_job_renders_differently_from_the_same_job_without_control(
     client: httpx.Client,
 ) -> None:
