@@ -59,15 +59,35 @@ class Finished:
         return named or "unknown"
 
 
+@dataclass(frozen=True)
+class Tracking:
+    """What a dialect does with a job while its answer waits (A1111's routes list their jobs, for
+    `/interrupt`), and whether a job canceled meanwhile is an answer rather than an error."""
+
+    start: Callable[[str], object]
+    end: Callable[[str], object]
+    canceled_is_an_answer: bool = False
+
+
 async def generate(
-    services: Services, request: Request, caller: ApiKey, generation: GenerationRequest
+    services: Services,
+    request: Request,
+    caller: ApiKey,
+    generation: GenerationRequest,
+    tracking: Tracking | None = None,
 ) -> Finished:
     """Submit a job and wait until it has succeeded; a job that cannot is canceled and raised."""
     submission = await submit(services, caller, generation)
     record = submission.record
-    ended = await wait_until_terminal(
-        services, record.id, services.api.sync_wait_s, give_up=request.is_disconnected
-    )
+    if tracking is not None:
+        await run_in_threadpool(tracking.start, record.id)
+    try:
+        ended = await wait_until_terminal(
+            services, record.id, services.api.sync_wait_s, give_up=request.is_disconnected
+        )
+    finally:
+        if tracking is not None:
+            await run_in_threadpool(tracking.end, record.id)
     if not ended:
         await run_in_threadpool(cancel, services, record)
         raise ServiceError(
@@ -76,7 +96,10 @@ async def generate(
             {"job_id": record.id},
         )
     final = await services.jobs.get(record.id)
-    if final is None or final.status is not JobStatus.SUCCEEDED:
+    answers = {JobStatus.SUCCEEDED}
+    if tracking is not None and tracking.canceled_is_an_answer:
+        answers.add(JobStatus.CANCELED)
+    if final is None or final.status not in answers:
         raise _unfinished(record.id, final)
     return Finished(final, submission.rate_limit)
 

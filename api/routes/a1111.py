@@ -5,6 +5,7 @@ import base64
 import binascii
 import json
 import os
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -14,11 +15,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import Match
 
-from api.compat import DialectRoute, Finished, _unfinished
+from api.compat import DialectRoute, Finished, Tracking, generate
 from api.deps import BearerOrBasicCallerDep, Services, ServicesDep
-from api.events import wait_until_terminal
 from api.openapi import RATE_LIMIT_HEADERS, enum_var_names, error_responses
-from api.routes.jobs import cancel, submit
+from api.routes.jobs import cancel
 from shared import a1111_options
 from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
@@ -439,33 +439,15 @@ def _info(finished: Finished, body: Txt2ImgRequest, model: str, version: str) ->
     }
 
 
-async def _generate(
-    services: Services, request: Request, caller: ApiKey, generation: GenerationRequest
-) -> Finished:
-    """The job submitted and awaited, listed meanwhile as the key's A1111 job (what
-    `/interrupt` and `/skip` cancel). A job that does not finish in time is canceled and a 504;
-    one that fails or expires is raised; one that was interrupted comes back as it ended."""
-    submission = await submit(services, caller, generation)
-    record = submission.record
-    await run_in_threadpool(a1111_options.track_job, services.redis, caller.id, record.id)
-    try:
-        ended = await wait_until_terminal(
-            services, record.id, services.api.sync_wait_s, give_up=request.is_disconnected
-        )
-    finally:
-        await run_in_threadpool(a1111_options.untrack_job, services.redis, caller.id, record.id)
-    if not ended:
-        await run_in_threadpool(cancel, services, record)
-        raise ServiceError(
-            ErrorType.TIMEOUT,
-            f"the job did not finish within {services.api.sync_wait_s:g} s; it was canceled",
-            {"job_id": record.id},
-        )
-    final = await services.jobs.get(record.id)
-    if final is None or final.status not in (JobStatus.SUCCEEDED, JobStatus.CANCELED):
-        raise _unfinished(record.id, final)
-    # Interrupted: A1111 answers with what it had; a canceled job has no images.
-    return Finished(final, submission.rate_limit)
+def _tracking(services: Services, caller: ApiKey) -> Tracking:
+    """The key's A1111 jobs are listed while they render (what `/interrupt` and `/skip`
+    cancel); an interrupted one comes back as it ended, as A1111 answers with what it had (a
+    canceled job has no images)."""
+    return Tracking(
+        start=partial(a1111_options.track_job, services.redis, caller.id),
+        end=partial(a1111_options.untrack_job, services.redis, caller.id),
+        canceled_is_an_answer=True,
+    )
 
 
 @router.post(
@@ -494,7 +476,13 @@ async def txt2img(
     model = body.override_model() or await run_in_threadpool(
         a1111_options.chosen_model, services.redis, caller.id
     )
-    finished = await _generate(services, request, caller, body.generation(model, services.loras))
+    finished = await generate(
+        services,
+        request,
+        caller,
+        body.generation(model, services.loras),
+        _tracking(services, caller),
+    )
     files = await run_in_threadpool(finished.images, services) if body.send_images else []
     model = await run_in_threadpool(finished.model, services)
     answer = Txt2ImgResponse(
