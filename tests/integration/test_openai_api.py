@@ -286,6 +286,19 @@ def test_variations_are_images_of_the_size_asked_for(client: openai.OpenAI) -> N
     assert "Denoising strength: 0.5" in image.info["parameters"]
 
 
+def test_an_upload_past_the_plain_body_cap_is_taken_as_an_input_image(
+    client: openai.OpenAI,
+) -> None:
+    noise = np.random.default_rng(7).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    upload = png(Image.fromarray(noise))
+    # Several times T2I_MAX_BODY_BYTES (64 KiB): the input image allowance applies here too.
+    assert len(upload) > 4 * 64 * 1024
+    result = client.images.create_variation(
+        image=("noise.png", upload, "image/png"), size="256x256", response_format="b64_json"
+    )
+    assert result.size == "256x256" and len(result.data or []) == 1
+
+
 def test_a_size_the_workers_cannot_render_is_mapped_to_the_nearest_one(
     client: openai.OpenAI,
 ) -> None:
