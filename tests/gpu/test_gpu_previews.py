@@ -11,7 +11,6 @@ CUDA-only checks skip): a check of the tests themselves, in seconds.
 """
 
 import json
-import os
 import statistics
 import time
 from collections import Counter
@@ -24,19 +23,13 @@ import torch
 from diffusers import AutoencoderTiny
 
 from bench.assets import DEFAULT_CACHE_DIR, build_sd15, kind_batch
+from tests.gpu import DEVICE, GPU_MODULE, ON_CPU, needs_cuda
 from worker.kinds import load_renderer
 from worker.pipeline import DiffusionRenderer, SpeedLevers
 from worker.render_types import PreviewAsk, RenderBatch
 from worker.tiny_model import ensure_tiny_model
 
-ON_CPU = os.environ.get("T2I_GPU_TESTS_ON_CPU") == "1"
-DEVICE = torch.device("cpu" if ON_CPU else "cuda")
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(), reason="needs CUDA"),
-]
-needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="a CUDA-only check")
+pytestmark = GPU_MODULE
 
 SIZE = 64 if ON_CPU else 512
 PREVIEW_SIZE = 64

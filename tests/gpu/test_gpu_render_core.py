@@ -10,7 +10,6 @@ T2I_GPU_TESTS_ON_CPU=1 the same tests run on a CPU with the tiny model and the l
 (the CUDA-only checks skip): a check of the tests themselves, in seconds.
 """
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +27,14 @@ from bench.assets import (
     load_customized,
 )
 from bench.gpu_pipeline import count_and_clear, cuda_graph_recordings
+from tests.gpu import DEVICE, GPU_MODULE, ON_CPU, needs_cuda
 from tests.gpu.test_gpu_pipeline import FP16_TOLERANCE
 from worker.executor import GpuExecutor, RenderJob
 from worker.pipeline import DiffusionRenderer, NonFiniteImage, RenderBatch, SpeedLevers
 from worker.render_types import StepCallback
 from worker.tiny_model import ensure_tiny_model
 
-ON_CPU = os.environ.get("T2I_GPU_TESTS_ON_CPU") == "1"
-DEVICE = torch.device("cpu" if ON_CPU else "cuda")
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(), reason="needs CUDA"),
-]
-needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="a CUDA-only check")
+pytestmark = GPU_MODULE
 
 SIZE = 64 if ON_CPU else 512
 STEPS = 8
