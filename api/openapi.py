@@ -100,6 +100,20 @@ def _declares_fastapi_422(operation: dict[str, Any]) -> bool:
     return schema.get("$ref") == _FASTAPI_422
 
 
+# Examples of a request that carries one image file (base64, or a data: URL): real, tiny images,
+# so that a request built from an example is valid.
+IMAGE_BODY_EXAMPLES = [
+    {
+        "image": "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mOMqjjBgA0"
+        "wMeAAg1MCAEPFAaoP12TgAAAAAElFTkSuQmCC"
+    },
+    {
+        "image": "data:image/webp;base64,UklGRjYAAABXRUJQVlA4ICoAAACQAQCdASoIAAgAAsB"
+        "MJaACdLoAA5gA/uwmX18AU9Uf/OJfyR+gXaAAAAA="
+    },
+]
+
+
 def install_openapi(app: FastAPI, body_models: Sequence[type[BaseModel]] = ()) -> None:
     """Serve the document FastAPI derives, with parameters that never take `null` and without
     the 422 answer FastAPI adds where a route declares none: none of ours has that shape.

@@ -2,7 +2,6 @@
 SillyTavern, scripts and bots) call, answered in its shapes."""
 
 import base64
-import binascii
 import json
 import os
 from functools import partial
@@ -17,7 +16,8 @@ from starlette.routing import Match
 
 from api.compat import DialectRoute, Finished, Tracking, generate
 from api.deps import BearerOrBasicCallerDep, Services, ServicesDep
-from api.openapi import RATE_LIMIT_HEADERS, enum_var_names, error_responses
+from api.images import decode_upload
+from api.openapi import IMAGE_BODY_EXAMPLES, RATE_LIMIT_HEADERS, enum_var_names, error_responses
 from api.routes.jobs import cancel
 from shared import a1111_options
 from shared.apikeys import ApiKey
@@ -336,20 +336,7 @@ class Lora(BaseModel):
 
 
 class PngInfoRequest(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "image": "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mOMqjjBgA0"
-                    "wMeAAg1MCAEPFAaoP12TgAAAAAElFTkSuQmCC"
-                },
-                {
-                    "image": "data:image/webp;base64,UklGRjYAAABXRUJQVlA4ICoAAACQAQCdASoIAAgAAsB"
-                    "MJaACdLoAA5gA/uwmX18AU9Uf/OJfyR+gXaAAAAA="
-                },
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": IMAGE_BODY_EXAMPLES})
 
     image: str = Field(description="the image file (PNG, JPEG or WebP), base64 or a data: URL")
 
@@ -710,11 +697,13 @@ def loras(services: ServicesDep, caller: BearerOrBasicCallerDep) -> list[Lora]:
         "(its EXIF UserComment), as this service and A1111 write them."
     ),
 )
-def png_info(body: PngInfoRequest, caller: BearerOrBasicCallerDep) -> PngInfo:
-    encoded = body.image.split(",", 1)[1] if body.image.startswith("data:") else body.image
+def png_info(
+    body: PngInfoRequest, services: ServicesDep, caller: BearerOrBasicCallerDep
+) -> PngInfo:
+    data = decode_upload(body.image, services.api)
     try:
-        text, items = read_image_info(base64.b64decode(encoded, validate=True))
-    except (binascii.Error, ValueError) as exc:
+        text, items = read_image_info(data)
+    except ValueError as exc:
         raise _invalid("image", f"not a base64 image file: {exc}") from exc
     if text is None:
         return PngInfo(info="", items=items, parameters={})

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from api.deps import CallerDep, ServicesDep
 from api.images import decode_upload, open_upload
-from api.openapi import error_responses
+from api.openapi import IMAGE_BODY_EXAMPLES, error_responses
 from shared import watermark
 from shared.content_credentials import ManifestReport, read_manifest
 from shared.errors import ErrorType, ServiceError
@@ -29,20 +29,7 @@ _MULTIPART = "multipart/form-data"
 class VerifyRequest(BaseModel):
     """An image to check, in JSON (a multipart upload sends it as the `image` part)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "image": "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAFUlEQVR42mOMqjjBgA0"
-                    "wMeAAg1MCAEPFAaoP12TgAAAAAElFTkSuQmCC"
-                },
-                {
-                    "image": "data:image/webp;base64,UklGRjYAAABXRUJQVlA4ICoAAACQAQCdASoIAAgAAsB"
-                    "MJaACdLoAA5gA/uwmX18AU9Uf/OJfyR+gXaAAAAA="
-                },
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": IMAGE_BODY_EXAMPLES})
 
     image: str = Field(description="the image (PNG, JPEG or WebP), base64 or a data: URL")
 
