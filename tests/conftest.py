@@ -1,5 +1,6 @@
 """Session-wide real services: Redis, an S3 server, and a worker + API per storage backend."""
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,8 +8,9 @@ import boto3
 import pytest
 from redis import Redis
 
-from tests.support import Stack, service_env, start_redis, start_s3_server
+from tests.support import Process, Stack, service_env, start_redis, start_s3_server
 from worker.tiny_customization import ensure_tiny_loras
+from worker.tiny_model import SECOND_TINY_MODEL_ID, ensure_second_tiny_model
 
 FAIL_PROMPT = "fail-on-purpose"
 S3_BUCKET = "txt2img-test"
@@ -82,6 +84,25 @@ def run_stack(
     stack = Stack(env, stack_dir, with_worker=with_worker, with_webhooks=with_webhooks).start()
     yield stack
     stack.stop()
+
+
+def start_second_model_worker(stack: Stack, model_cache: Path) -> Process:
+    """A worker beside `stack`'s serving the second tiny model, from its single-file checkpoint,
+    under the name requests route by."""
+    checkpoint = ensure_second_tiny_model(model_cache).with_suffix(".safetensors")
+    return Process(
+        "second-worker",
+        [sys.executable, "-m", "worker"],
+        {
+            **stack.env,
+            "T2I_MODEL_ID": str(checkpoint),
+            "T2I_MODEL_NAME": SECOND_TINY_MODEL_ID,
+            "T2I_DEFAULT_MODEL": "tiny",
+            # Its configs and safety checker: the tiny model's, the same shape.
+            "T2I_SINGLE_FILE_CONFIG": "tiny",
+        },
+        stack.workdir / "second-worker.log",
+    ).start()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,9 +14,9 @@ import webuiapi
 from PIL import Image
 
 from shared.infotext import SAMPLER_NAMES
-from tests.conftest import run_stack
-from tests.support import Process, Stack, start_redis, wait_for_job, wait_until
-from worker.tiny_model import SECOND_TINY_MODEL_ID, ensure_second_tiny_model
+from tests.conftest import run_stack, start_second_model_worker
+from tests.support import Stack, start_redis, wait_for_job, wait_until
+from worker.tiny_model import SECOND_TINY_MODEL_ID
 
 # What A1111 clients send: many fields this service ignores, besides the ones it uses.
 CLIENT_DEFAULTS = {
@@ -380,7 +379,6 @@ def models_and_loras(
     """A stack with the tiny LoRA registry, and a second worker serving the second tiny model."""
     workdir = tmp_path_factory.mktemp("a1111")
     redis_process, port = start_redis(workdir / "redis")
-    checkpoint = ensure_second_tiny_model(model_cache).with_suffix(".safetensors")
     stacks = run_stack(
         "a1111-stack",
         0,
@@ -391,18 +389,7 @@ def models_and_loras(
         T2I_WORKER_HEARTBEAT_MAX_AGE_S="15",
     )
     stack = next(stacks)
-    second = Process(
-        "second-worker",
-        [sys.executable, "-m", "worker"],
-        {
-            **stack.env,
-            "T2I_MODEL_ID": str(checkpoint),
-            "T2I_MODEL_NAME": SECOND_TINY_MODEL_ID,
-            "T2I_DEFAULT_MODEL": "tiny",
-            "T2I_SINGLE_FILE_CONFIG": "tiny",
-        },
-        stack.workdir / "second-worker.log",
-    ).start()
+    second = start_second_model_worker(stack, model_cache)
     try:
         api = _webui(stack, stack.api_key)
         wait_until(

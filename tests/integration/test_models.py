@@ -1,7 +1,6 @@
 """Two workers serving two different tiny models side by side, one loaded from a single-file
 checkpoint; each model has its own queue, so a job only ever reaches a worker that serves it."""
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,10 +8,10 @@ import httpx
 import pytest
 from redis import Redis
 
-from tests.conftest import run_stack
+from tests.conftest import run_stack, start_second_model_worker
 from tests.support import Process, Stack, wait_for_job, wait_until
 from worker.encoding import read_parameters
-from worker.tiny_model import SECOND_TINY_MODEL_ID, ensure_second_tiny_model
+from worker.tiny_model import SECOND_TINY_MODEL_ID
 
 SMALL = {"width": 256, "height": 256, "num_inference_steps": 2}
 
@@ -23,26 +22,13 @@ def two_models(
 ) -> Iterator[tuple[Stack, Process]]:
     """The default model's stack, and a second worker serving the second tiny model from its
     single-file checkpoint, under the name requests route by."""
-    checkpoint = ensure_second_tiny_model(model_cache).with_suffix(".safetensors")
     # A busy worker on a loaded machine may miss a heartbeat or two: a model stays served here
     # unless its worker is silent for 15 s.
     stacks = run_stack(
         "two-models", 9, redis_port, workdir, model_cache, T2I_WORKER_HEARTBEAT_MAX_AGE_S="15"
     )
     stack = next(stacks)
-    second = Process(
-        "second-worker",
-        [sys.executable, "-m", "worker"],
-        {
-            **stack.env,
-            "T2I_MODEL_ID": str(checkpoint),
-            "T2I_MODEL_NAME": SECOND_TINY_MODEL_ID,
-            "T2I_DEFAULT_MODEL": "tiny",
-            # Its configs and safety checker: the tiny model's, the same shape.
-            "T2I_SINGLE_FILE_CONFIG": "tiny",
-        },
-        stack.workdir / "second-worker.log",
-    ).start()
+    second = start_second_model_worker(stack, model_cache)
     try:
         with stack.client() as client:
             wait_until(
