@@ -128,18 +128,23 @@ def _validate(payload: int) -> None:
         raise ValueError(f"payload must be in [0, 2**{PAYLOAD_BITS})")
 
 
+def fits(image: Image.Image) -> bool:
+    """Whether `image` has room for the watermark: a whole tile (128 px) on each side."""
+    return min(image.size) >= TILE * BLOCK
+
+
 def embed(image: Image.Image, payload: int) -> Image.Image:
     """A copy of `image` (as RGB, same size) carrying `payload`.
 
-    An image with fewer than one tile (128 px) on a side comes back unmarked; pixels past the
-    last whole 16-pixel block on the right and bottom are left as they are.
+    An image that does not `fit` comes back unmarked; pixels past the last whole 16-pixel block
+    on the right and bottom are left as they are.
     """
     _validate(payload)
+    if not fits(image):
+        return image.convert("RGB").copy()
     rgb = np.asarray(image.convert("RGB"))
     height, width = rgb.shape[:2]
     rows, cols = height // BLOCK, width // BLOCK
-    if rows < TILE or cols < TILE:
-        return image.convert("RGB").copy()
     bits = _coded_bits(payload).reshape(TILE, TILE)
     cell_rows, cell_cols = np.arange(rows) % TILE, np.arange(cols) % TILE
     targets = bits[cell_rows[:, None], cell_cols[None, :]] / 2.0

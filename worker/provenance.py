@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 _HASH_CHUNK = 16 * 2**20
 # A hub download's file is a link to a blob named by its SHA-256.
 _BLOB_NAME = re.compile(r"[0-9a-f]{64}")
-# Smaller images have no room for a whole tile of the watermark's bits.
-_WATERMARK_MIN_SIDE = watermark.TILE * watermark.BLOCK
 _DIFFUSERS_WEIGHTS = (
     "unet/diffusion_pytorch_model.fp16.safetensors",
     "unet/diffusion_pytorch_model.safetensors",
@@ -64,7 +62,7 @@ class Marker:
         if self.signer is None:
             return encode(image), ImageProvenance(c2pa_manifest=False, watermark=False)
         payload = None
-        if record.watermark and min(image.size) >= _WATERMARK_MIN_SIDE:
+        if record.watermark and watermark.fits(image):
             payload = WatermarkPayload.of(record.id, index)
             image = watermark.embed(image, payload.to_int())
         data = self.signer.sign(
