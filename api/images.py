@@ -143,8 +143,7 @@ async def _fetch_checked(url: str, api: ApiSettings, webhooks: WebhookSettings) 
             body = bytearray()
             async for chunk in response.aiter_bytes():
                 body.extend(chunk)
-                if len(body) > limit:
-                    raise BadImage("image_too_large", f"the image is over {limit} bytes")
+                _check_size(len(body), limit)
             return bytes(body)
     except httpx.TimeoutException as exc:
         raise TimeoutError from exc
@@ -152,16 +151,26 @@ async def _fetch_checked(url: str, api: ApiSettings, webhooks: WebhookSettings) 
         raise BadImage("image_fetch_failed", f"could not fetch the image: {exc}") from exc
 
 
+def _too_large(limit: int) -> BadImage:
+    return BadImage("image_too_large", f"the image is over {limit} bytes")
+
+
+def _check_size(size: int, limit: int) -> None:
+    """Refuse an image of `size` bytes over the byte cap `limit`."""
+    if size > limit:
+        raise _too_large(limit)
+
+
 def _decode_base64(text: str, limit: int) -> bytes:
     encoded = _DATA_URL.sub("", text, count=1)
+    # Refused before decoding: base64 of `limit` bytes is at most this long.
     if len(encoded) > 4 * (limit // 3 + 1):
-        raise BadImage("image_too_large", f"the image is over {limit} bytes")
+        raise _too_large(limit)
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadImage("image_invalid", "not base64, a data: URL or an http(s) URL") from exc
-    if len(data) > limit:
-        raise BadImage("image_too_large", f"the image is over {limit} bytes")
+    _check_size(len(data), limit)
     return data
 
 
@@ -279,10 +288,7 @@ def open_upload(data: bytes, api: ApiSettings) -> Image.Image:
     """An uploaded image in RGB, refused like an input image: PNG, JPEG or WebP only, within the
     byte cap and, from its header before any pixel is decoded, the pixel cap."""
     try:
-        if len(data) > api.max_input_image_bytes:
-            raise BadImage(
-                "image_too_large", f"the image is over {api.max_input_image_bytes} bytes"
-            )
+        _check_size(len(data), api.max_input_image_bytes)
         return _open(data, "RGB", api.max_input_image_pixels)
     except BadImage as exc:
         raise _invalid("image", exc) from exc
@@ -292,7 +298,8 @@ def upload_as_base64(part: str, data: bytes, api: ApiSettings) -> str:
     """A multipart file part as the base64 a JSON request would carry, refused at once when it is
     over `T2I_MAX_INPUT_IMAGE_BYTES`; the rest of an input image's checks (the pixel cap from the
     header, the decompression bomb, PNG/JPEG/WebP only) follow on the JSON request's way."""
-    limit = api.max_input_image_bytes
-    if len(data) > limit:
-        raise _invalid(part, BadImage("image_too_large", f"the image is over {limit} bytes"))
+    try:
+        _check_size(len(data), api.max_input_image_bytes)
+    except BadImage as exc:
+        raise _invalid(part, exc) from exc
     return base64.b64encode(data).decode()
