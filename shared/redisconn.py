@@ -9,9 +9,11 @@ from redis.asyncio import BlockingConnectionPool
 from redis.asyncio import Redis as AsyncRedis
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelManagedConnection
 from redis.connection import parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from shared.settings import CoreSettings
 
@@ -19,6 +21,46 @@ from shared.settings import CoreSettings
 class NotReplicated(RedisError):
     """Fewer replicas than T2I_REDIS_REPLICA_ACKS confirmed a write in time: a failover now could
     lose it."""
+
+
+class NotPrimary(RedisConnectionError):
+    """The server a sentinel named as the primary answers ROLE as a replica: that sentinel has
+    not yet learned of a failover. A ConnectionError, so the caller retries (the API: a `503`)."""
+
+
+def _check_role(reply: Any, host: str, port: int) -> None:
+    role = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+    if role != "master":
+        raise NotPrimary(f"{host}:{port}, named the primary by Sentinel, is a {role}")
+
+
+class _PrimaryConnection(SentinelManagedConnection):
+    """A connection to the primary that asks the server its ROLE on connecting, as Sentinel's
+    client guidelines ask: a lagging sentinel can still name the old primary, back as an empty
+    replica of the new one, whose reads would answer a valid key `401` or a live job `404`. Once
+    per connection is enough: Sentinel closes a server's client connections when it demotes it."""
+
+    def connect_to(self, address: tuple[str, int]) -> None:
+        super().connect_to(address)
+        try:
+            self.send_command("ROLE")
+            _check_role(self.read_response(), self.host, self.port)
+        except BaseException:
+            self.disconnect()
+            raise
+
+
+class _AsyncPrimaryConnection(AsyncSentinelManagedConnection):
+    """`_PrimaryConnection`, for the event loop."""
+
+    async def connect_to(self, address: tuple[str, int]) -> None:
+        await super().connect_to(address)
+        try:
+            await self.send_command("ROLE")
+            _check_role(await self.read_response(), self.host, self.port)
+        except BaseException:
+            await self.disconnect()
+            raise
 
 
 def _server_kwargs(settings: CoreSettings, socket_timeout_s: float) -> dict[str, Any]:
@@ -54,6 +96,7 @@ def make_redis(settings: CoreSettings) -> Redis:
     return sentinel.master_for(
         settings.redis_sentinel_master,
         redis_class=Redis,
+        connection_class=_PrimaryConnection,
         health_check_interval=30,
         **_server_kwargs(settings, settings.redis_timeout_s),
     )
@@ -86,6 +129,7 @@ def make_async_redis(settings: CoreSettings, socket_timeout_s: float) -> AsyncRe
         settings.redis_sentinel_master,
         redis_class=AsyncRedis,
         connection_pool_class=_BlockingSentinelPool,
+        connection_class=_AsyncPrimaryConnection,
         **limits,
         **_server_kwargs(settings, socket_timeout_s),
     )
