@@ -489,6 +489,14 @@ class WorkerSettings(_T2ISettings):
         description="how long an idle GPU waits for company after a job arrives; at 0 it starts "
         "at once, and jobs that arrive while it renders form the next batch",
     )
+    batch_arrival_wait_ms: float = Field(
+        default=50.0,
+        ge=0,
+        le=5000,
+        description="how long a batch being gathered waits, at most, for jobs this worker has "
+        "already received and is still preparing (reserving in Redis, reading input images), "
+        "so a burst renders in full batches; a lone job waits for nothing",
+    )
     compile: bool | None = Field(
         default=None,
         description="`torch.compile` the UNet for the warmed shapes (512x512, the image counts "
@@ -514,6 +522,16 @@ class WorkerSettings(_T2ISettings):
         default=False,
         description="channels-last memory format for the UNet and VAE; off unless asked for, "
         "since it slowed eager SD 1.5 on the torch we measured",
+    )
+    compile_vae: bool | None = Field(
+        default=None,
+        description="`torch.compile` the VAE's decode, one image at a time, for the warmed size "
+        "(512x512); other sizes decode eager; unset: on with CUDA",
+    )
+    vae_channels_last: bool = Field(
+        default=False,
+        description="channels-last memory format for the VAE alone (`T2I_CHANNELS_LAST` turns "
+        "it on for both)",
     )
     compiled_image_counts: list[int] | None = Field(
         default=None,

@@ -101,6 +101,8 @@ def main() -> int:
         fuse_qkv=settings.fuse_qkv,
         channels_last=settings.channels_last,
         cudnn_benchmark=settings.cudnn_benchmark,
+        compile_vae=settings.compile_vae,
+        vae_channels_last=settings.vae_channels_last,
     )
     served_model = settings.model_name or core.model_id
     queue = render_queue(core, served_model)
@@ -163,6 +165,7 @@ def main() -> int:
         stall_s=settings.executor_stall_s,
         warm_up=warm_up if settings.warmup or levers.compile else None,
         max_batch_pixels=settings.max_batch_pixels,
+        arrival_wait_s=settings.batch_arrival_wait_ms / 1000,
     )
     try:
         executor.wait_ready()

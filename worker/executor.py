@@ -6,6 +6,10 @@ pipeline call, each with its own prompts and seeds, so each gets the images it w
 A job is admitted (its admission callback: a Redis round trip) as it joins a batch, but on an
 admission thread: the batch starts rendering at once, a job whose admission fails leaves it, and
 a job's images are handed out only once it was admitted. So the GPU never waits on Redis.
+
+Jobs reach the executor one by one (each task reserves its job in Redis and reads its inputs
+first), so a burst would trickle into a small first batch and a ragged last one. A task announces
+its job as it starts (`announce`); a batch being gathered waits, briefly, for announced jobs.
 """
 
 import contextlib
@@ -54,6 +58,31 @@ class NotAdmitted(Exception):
 
 class HandedBack(Exception):
     """The executor stopped taking jobs before this one was admitted to a batch."""
+
+
+# How often a batch being gathered looks again for announced jobs.
+_ARRIVAL_POLL_S = 0.002
+
+
+class Arrival:
+    """A job on its way to the executor: announced by its task as it starts, ended when the job
+    is submitted or the task gives up on it (`end`, idempotent; or leave the `with` block)."""
+
+    def __init__(self, executor: "GpuExecutor") -> None:
+        self._executor = executor
+        self._open = True
+
+    def end(self) -> None:
+        with self._executor._arrivals_lock:
+            if self._open:
+                self._open = False
+                self._executor._arriving -= 1
+
+    def __enter__(self) -> "Arrival":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.end()
 
 
 class _BatchAbandoned(Exception):
@@ -118,7 +147,11 @@ def merge(jobs: list[RenderJob]) -> RenderBatch:
 class GpuExecutor:
     """Serialises GPU work on one thread, so the pipeline is never used concurrently, and
     groups compatible jobs into batches of at most `max_batch_images` images and
-    `max_batch_pixels` pixels (a job larger than that renders alone)."""
+    `max_batch_pixels` pixels (a job larger than that renders alone).
+
+    A batch waits `batch_wait_s` from its first job's arrival for company, and then, while
+    announced jobs are still on their way, up to `arrival_wait_s` more; a lone job waits for
+    nothing."""
 
     def __init__(
         self,
@@ -129,12 +162,17 @@ class GpuExecutor:
         stall_s: float = float("inf"),
         warm_up: WarmUp | None = None,
         max_batch_pixels: int | None = None,
+        arrival_wait_s: float = 0.05,
     ) -> None:
         self._render = render
         self._key = key
         self._max_images = max_batch_images
         self._max_pixels = max_batch_pixels
         self._wait_s = batch_wait_s
+        self._arrival_wait_s = arrival_wait_s
+        # Jobs announced and not yet submitted (nor given up on).
+        self._arriving = 0
+        self._arrivals_lock = threading.Lock()
         self._stall_s = stall_s
         self._queue: queue.Queue[_Work | None] = queue.Queue()
         # Jobs that joined a batch, for the admission thread; None once shut down.
@@ -172,15 +210,26 @@ class GpuExecutor:
         """Whether the warm-up work left for idle time was done within `timeout`."""
         return self._fully_warm.wait(timeout)
 
-    def submit(self, job: RenderJob) -> Future[RenderOutcome]:
+    def announce(self) -> Arrival:
+        """Say a job is on its way, so the batch being gathered may wait for it."""
+        with self._arrivals_lock:
+            self._arriving += 1
+        return Arrival(self)
+
+    def submit(self, job: RenderJob, arrival: Arrival | None = None) -> Future[RenderOutcome]:
         """The job's images, or RenderCanceled, NotAdmitted, HandedBack, or whatever the render
-        raised. The batch key is computed here, on the caller's thread, not the GPU's."""
+        raised. The batch key is computed here, on the caller's thread, not the GPU's. The job's
+        `arrival`, if it was announced, ends once the job is queued."""
         work = _Work(job, self._key(job.batch))
-        if self._handing_back:
-            work.future.set_exception(HandedBack())
+        try:
+            if self._handing_back:
+                work.future.set_exception(HandedBack())
+                return work.future
+            self._queue.put(work)
             return work.future
-        self._queue.put(work)
-        return work.future
+        finally:
+            if arrival is not None:
+                arrival.end()
 
     def shutdown(self) -> None:
         self._queue.put(None)
@@ -322,11 +371,15 @@ class GpuExecutor:
         self._held.extendleft(reversed(skipped))
 
         deadline = first.arrived + self._wait_s
+        arrivals_until = max(deadline, time.monotonic()) + self._arrival_wait_s
         while not self._full(group) and not (self._stopping or self._handing_back):
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            timeout = self._wait_for_next(deadline, arrivals_until)
+            if timeout is None:
                 break
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                continue
             if item is None:
                 self._stopping = True
                 break
@@ -336,6 +389,18 @@ class GpuExecutor:
             else:
                 self._held.append(item)
         return group
+
+    def _wait_for_next(self, deadline: float, arrivals_until: float) -> float | None:
+        """How long to wait for the next job: until the batch wait's deadline, then in short
+        polls while announced jobs are on their way, until `arrivals_until`; None: no longer."""
+        now = time.monotonic()
+        if now < deadline:
+            return deadline - now
+        if self._arriving > 0 and now < arrivals_until:
+            return min(arrivals_until - now, _ARRIVAL_POLL_S)
+        if self._queue.empty():
+            return None
+        return 0.0
 
     def _fits(self, group: list[_Work], work: _Work) -> bool:
         """Whether `work` joins `group` within the caps on images and pixels."""

@@ -1,6 +1,7 @@
 """Dynamic batching: in the executor with the real tiny pipeline, and through HTTP."""
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -135,6 +136,51 @@ def test_a_batch_holds_at_most_max_batch_images(executor: GpuExecutor) -> None:
     results = outcomes(futures)
     assert [result.batch_images for result in results] == [4, 4, 4, 4, 2]
     assert len({result.batch_id for result in results}) == 3
+
+
+@pytest.fixture
+def patient_executor(recorder: Recorder) -> Iterator[GpuExecutor]:
+    """No batch wait, and a long wait for announced jobs: a batch waits exactly while one is
+    announced, whatever the machine's speed."""
+    executor = GpuExecutor(recorder, max_batch_images=4, batch_wait_s=0.0, arrival_wait_s=60.0)
+    yield executor
+    executor.shutdown()
+
+
+def test_a_batch_waits_for_the_jobs_announced_to_it(
+    patient_executor: GpuExecutor, recorder: Recorder
+) -> None:
+    arrivals = [patient_executor.announce() for _ in range(3)]
+    first = patient_executor.submit(RenderJob(job(item(1))), arrivals[0])
+    # The others are still being prepared (a Redis round trip, an input image read) a while.
+    time.sleep(0.3)
+    later = [
+        patient_executor.submit(RenderJob(job(item(seed))), arrival)
+        for seed, arrival in zip((2, 3), arrivals[1:], strict=True)
+    ]
+    results = outcomes([first, *later])
+
+    assert len({result.batch_id for result in results}) == 1
+    assert [len(call.items) for call in recorder.calls] == [3]
+
+
+def test_an_announced_job_given_up_on_holds_nobody_back(
+    patient_executor: GpuExecutor, recorder: Recorder
+) -> None:
+    kept, dropped = patient_executor.announce(), patient_executor.announce()
+    future = patient_executor.submit(RenderJob(job(item(1))), kept)
+    time.sleep(0.3)
+    assert not future.done()  # still waiting for the job on its way
+    with dropped:  # its task found the job taken by another worker, say
+        pass
+    # Rendered once nothing more is on its way, long before the 60 s the batch could wait.
+    assert future.result(timeout=30).batch_images == 1
+    assert [len(call.items) for call in recorder.calls] == [1]
+
+
+def test_a_lone_job_waits_for_nothing(patient_executor: GpuExecutor) -> None:
+    # Unannounced, it renders at once: well within 30 s, where the batch could wait 60.
+    assert patient_executor.submit(RenderJob(job(item(1)))).result(timeout=30).batch_images == 1
 
 
 def test_each_job_in_a_batch_reports_every_step(executor: GpuExecutor) -> None:
