@@ -3,7 +3,8 @@
 `python -m bench.gpu_pipeline` on a CUDA machine times SD 1.5's architecture with random weights
 at 512x512 and writes bench/results/<date>-<gpu>.json; `--mixed` times the worker's set-up with
 LoRA adapters and a ControlNet under plain against mixed traffic instead, into
-<date>-<gpu>-mixed.json. `--smoke` runs the same code on a CPU with the tiny model, to prove it
+<date>-<gpu>-mixed.json; `--vae` times the VAE's decode with its levers, into
+<date>-<gpu>-vae.json. `--smoke` runs the same code on a CPU with the tiny model, to prove it
 executes. It prints the figures as JSON either way.
 """
 
@@ -40,11 +41,13 @@ from bench.assets import (
 from worker.executor import GpuExecutor, RenderJob
 from worker.kinds import load_renderer
 from worker.pipeline import (
+    DEFAULT_DECODE_SLICE_PIXELS,
     DiffusionRenderer,
     NonFiniteImage,
     RenderBatch,
     RenderItem,
     SpeedLevers,
+    VaeDecode,
     compiled_image_counts,
 )
 from worker.tiny_model import ensure_tiny_model
@@ -132,6 +135,8 @@ def levers_for(args: argparse.Namespace) -> SpeedLevers:
         cuda_graphs=args.cuda_graphs,
         fuse_qkv=args.fuse_qkv,
         cudnn_benchmark=args.cudnn_benchmark,
+        compile_vae=args.compile_vae,
+        vae_channels_last=bool(args.vae_channels_last),
     )
 
 
@@ -171,8 +176,14 @@ def run_jobs(executor: GpuExecutor, args: argparse.Namespace, seeds: range) -> d
 
 
 def run_batches(executor: GpuExecutor, jobs: Iterable[RenderBatch]) -> dict[str, int]:
-    """Submit every job at once and wait for all: pipeline calls and failed images."""
-    futures = [executor.submit(RenderJob(job)) for job in jobs]
+    """Submit every job at once and wait for all: pipeline calls and failed images. Each job is
+    announced first, as the worker's tasks announce theirs on receipt."""
+    jobs = list(jobs)
+    arrivals = [executor.announce() for _ in jobs]
+    futures = [
+        executor.submit(RenderJob(job), arrival)
+        for job, arrival in zip(jobs, arrivals, strict=True)
+    ]
     batches: set[str] = set()
     non_finite = 0
     for future in futures:
@@ -245,7 +256,14 @@ def child_options(args: argparse.Namespace) -> list[str]:
     options += ["--max-batch-images", str(args.max_batch_images)]
     if args.compiled_counts:
         options += ["--compiled-counts", ",".join(map(str, args.compiled_counts))]
-    for name in ("compile", "cuda_graphs", "fuse_qkv", "cudnn_benchmark"):
+    for name in (
+        "compile",
+        "cuda_graphs",
+        "fuse_qkv",
+        "cudnn_benchmark",
+        "compile_vae",
+        "vae_channels_last",
+    ):
         value = getattr(args, name)
         if value is not None:
             flag = name.replace("_", "-")
@@ -446,6 +464,70 @@ def measure_mixed(
     save()
 
 
+def vae_levers(
+    model_dir: Path, args: argparse.Namespace, figures: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """The VAE's decode as the worker runs it, lever by lever: eager (slices of four 512x512
+    images), compiled (one image per call), each in the default layout and channels-last.
+    Milliseconds per image decoding one image and `--max-batch-images`, and the largest
+    difference from eager in the default layout, in levels of 255."""
+    from diffusers import AutoencoderKL
+
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=dtype).to(device)
+    vae.eval()
+    generator = torch.Generator(device).manual_seed(0)
+    latent_size = args.size // 8
+    # A few images suffice to prove the smoke run works.
+    images = min(args.max_batch_images, 2) if args.smoke else args.max_batch_images
+    shape = (images, vae.config.latent_channels, latent_size, latent_size)
+    latents = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    latents = latents / vae.config.scaling_factor
+    per_slice = max(1, DEFAULT_DECODE_SLICE_PIXELS // (args.size * args.size))
+    reference: torch.Tensor | None = None
+    results: dict[str, Any] = {}
+    figures["vae_decode"] = results
+    for channels_last in (False, True):
+        if channels_last:
+            vae.to(memory_format=torch.channels_last)
+        for compiled in (False, True):
+            layout = " channels-last" if channels_last else ""
+            name = ("compiled" if compiled else "eager") + layout
+            warm_up_s, one, batch, pixels = time_vae_decode(
+                VaeDecode(vae), compiled, latents, per_slice, args.repeats
+            )
+            levels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+            if reference is None:
+                reference = levels
+            results[name] = {
+                "ms_per_image_1": one * 1000,
+                f"ms_per_image_{images}": batch * 1000 / images,
+                "warm_up_s": warm_up_s,
+                "max_difference_levels": float((levels - reference).abs().max()),
+                "mean_difference_levels": float((levels - reference).abs().mean()),
+            }
+            note(f"vae {name}: {results[name]}")
+            save()
+
+
+@torch.inference_mode()
+def time_vae_decode(
+    decode: VaeDecode, compiled: bool, latents: torch.Tensor, per_slice: int, repeats: int
+) -> tuple[float, float, float, torch.Tensor]:
+    """Seconds to warm up (compile), to decode one image and the whole batch, and its pixels."""
+    started = time.perf_counter()
+    if compiled:
+        decode.compile()
+    decode.warming = True
+    decode(latents[:1], per_slice)
+    decode.warming = False
+    warm_up_s = time.perf_counter() - started
+    one = median_seconds(lambda: decode(latents[:1], per_slice), repeats)
+    batch = median_seconds(lambda: decode(latents, per_slice), repeats)
+    return warm_up_s, one, batch, decode(latents, per_slice)
+
+
 def gpu_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -465,7 +547,7 @@ def main() -> int:
     figures: dict[str, Any] = {"gpu": gpu_name(device), "config": config(args)}
     out = args.out
     if out is None and not args.smoke:
-        suffix = "-mixed" if args.mixed else ""
+        suffix = "-mixed" if args.mixed else "-vae" if args.vae else ""
         out = RESULTS_DIR / f"{datetime.date.today()}-{slug(figures['gpu'])}{suffix}.json"
 
     def save() -> None:
@@ -482,6 +564,8 @@ def main() -> int:
     note(f"model ready in {model_dir}")
     if args.mixed:
         mixed(model_dir, args, figures, save)
+    elif args.vae:
+        vae_levers(model_dir, args, figures, save)
     else:
         versus_diffusers(model_dir, args, figures, save)
     print(json.dumps(figures, indent=2))
@@ -502,6 +586,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "compiled_counts": args.compiled_counts or compiled_image_counts(args.max_batch_images),
         "batch_wait_ms": args.batch_wait_ms,
         "mixed": args.mixed,
+        "vae": args.vae,
         **(loras if args.mixed else {}),
         "levers": asdict(levers_for(args)),
         "smoke": args.smoke,
@@ -531,12 +616,17 @@ def parse_args() -> argparse.Namespace:
         help="concurrent jobs in (d), and in each mixed round (32)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (5)")
-    parser.add_argument("--max-batch-images", type=int, default=8)
+    parser.add_argument("--max-batch-images", type=int, default=16)
     parser.add_argument("--batch-wait-ms", type=float, default=0.0)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile-vae", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--vae", action="store_true", help="the VAE's decode with each of its levers instead"
+    )
     parser.add_argument(
         "--compiled-counts",
         type=lambda text: [int(n) for n in text.split(",")],

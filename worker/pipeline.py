@@ -9,6 +9,7 @@ core, never the reverse. So every kind runs on the same fast path: the dtype the
 loaded in, the graphs compiled at warm-up, adapters in their slots.
 """
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -19,7 +20,7 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -117,6 +118,9 @@ class SpeedLevers:
     fuse_qkv: bool = False
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    # The VAE's decode compiled by inductor, and channels-last for the VAE alone.
+    compile_vae: bool = False
+    vae_channels_last: bool = False
 
     @classmethod
     def for_device(
@@ -128,6 +132,8 @@ class SpeedLevers:
         fuse_qkv: bool | None = None,
         channels_last: bool = False,
         cudnn_benchmark: bool | None = None,
+        compile_vae: bool | None = None,
+        vae_channels_last: bool = False,
     ) -> "SpeedLevers":
         """Levers left unset are on where they pay: on CUDA, not on a CPU."""
         on_cuda = device.type == "cuda"
@@ -141,6 +147,8 @@ class SpeedLevers:
             fuse_qkv=pick(fuse_qkv),
             channels_last=channels_last,
             cudnn_benchmark=pick(cudnn_benchmark),
+            compile_vae=pick(compile_vae),
+            vae_channels_last=vae_channels_last,
         )
 
 
@@ -303,6 +311,35 @@ class _UNetForward:
         if key in self._warmed:
             return self._compiled(sample, timestep, *args, **kwargs)
         return self._eager(sample, timestep, *args, **kwargs)
+
+
+class VaeDecode:
+    """The VAE's decode. Compiled (the `compile_vae` lever), it decodes one image per call, so
+    each size is one graph whatever the batch (at 512x512 one image already keeps a card busy),
+    and only the sizes decoded while warming: others decode eager, a slice of images at a time,
+    at once instead of after a compile."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        self._vae = vae
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._warmed: set[tuple[int, ...]] = set()
+        self.warming = False
+
+    def compile(self) -> None:
+        self._compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
+
+    def _eager(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._vae.decode(latents, return_dict=False)[0]
+
+    def __call__(self, latents: torch.Tensor, images_per_slice: int) -> torch.Tensor:
+        shape = tuple(latents.shape[1:])
+        if self._compiled is not None and self.warming:
+            self._warmed.add(shape)
+        if self._compiled is not None and shape in self._warmed:
+            parts = [self._compiled(image) for image in latents.split(1)]
+        else:
+            parts = [self._eager(part) for part in latents.split(images_per_slice)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def unet_input_shape(sample: torch.Tensor, context: torch.Tensor | None) -> tuple[Any, ...]:
@@ -474,6 +511,7 @@ class DiffusionRenderer:
         self._base_scheduler_config = pipeline.scheduler.config
         self._schedulers: dict[Scheduler, Any] = {}
         self._unet = _UNetForward(pipeline.unet)
+        self._vae_decode = VaeDecode(pipeline.vae)
         # Per (width, height): the image counts compiled, and seconds of a warm-up render by image
         # count (what padding decides on).
         self._compiled_counts: dict[tuple[int, int], set[int]] = {}
@@ -538,6 +576,7 @@ class DiffusionRenderer:
         """Turn levers on; call once, before warming up (the UNet compiles at its first call)."""
         if levers.channels_last:
             self.pipeline.unet.to(memory_format=torch.channels_last)
+        if levers.channels_last or levers.vae_channels_last:
             self.pipeline.vae.to(memory_format=torch.channels_last)
         if levers.fuse_qkv:
             self.pipeline.fuse_qkv_projections()
@@ -548,6 +587,10 @@ class DiffusionRenderer:
                 _use_persistent_compile_cache(compile_cache_dir)
                 self._render_cost_cache = RenderCostCache(compile_cache_dir / RENDER_COSTS_FILE)
             self._unet.compile(levers.cuda_graphs)
+        if levers.compile_vae:
+            if compile_cache_dir is not None:
+                _use_persistent_compile_cache(compile_cache_dir)
+            self._vae_decode.compile()
         self.levers = replace(levers, cuda_graphs=levers.compile and levers.cuda_graphs)
         log.info("speed levers: %s", self.levers)
 
@@ -856,9 +899,7 @@ class DiffusionRenderer:
         scale = self.pipeline.vae_scale_factor
         image_pixels = latents.shape[2] * latents.shape[3] * scale * scale
         per_slice = max(1, self.decode_slice_pixels // image_pixels)
-        scaled = latents / vae.config.scaling_factor
-        slices = [vae.decode(part, return_dict=False)[0] for part in scaled.split(per_slice)]
-        pixels = slices[0] if len(slices) == 1 else torch.cat(slices)
+        pixels = self._vae_decode(latents / vae.config.scaling_factor, per_slice)
         return (pixels / 2 + 0.5).clamp(0, 1)
 
     def _embeddings(self, items: Sequence[RenderItem], chunks: int, guided: bool) -> torch.Tensor:
@@ -966,20 +1007,18 @@ class DiffusionRenderer:
         self, width: int, height: int, compiled_counts: Iterable[int], max_images: int
     ) -> list[Callable[[], object]]:
         if not self._unet.compiled:
-            self.render(_warm_up_batch(1, width, height))
+            with self._warming():
+                self.render(_warm_up_batch(1, width, height))
             return []
         if self.levers.cuda_graphs:
             _cuda_graph_trees_on_this_thread()
         compiled = sorted(set(compiled_counts))
-        self._unet.warming = True
-        try:
+        with self._warming():
             for count in compiled:
                 started = time.perf_counter()
                 for render in self._variants(count, width, height):
                     render()
                 self.warm_up_seconds[f"compile {count}"] = time.perf_counter() - started
-        finally:
-            self._unet.warming = False
         self._compiled_counts[(width, height)] = set(compiled)
         counts = range(1, max(max_images, *compiled) + 1)
         fingerprint = self._warm_up_fingerprint(width, height, compiled, max_images)
@@ -1007,6 +1046,15 @@ class DiffusionRenderer:
         log.info("warm-up render seconds by image count at %dx%d: %s", width, height, costs)
         log.info("warm-up phases in seconds: %s", self.warm_up_seconds)
         return []
+
+    @contextlib.contextmanager
+    def _warming(self) -> Iterator[None]:
+        """The shapes rendered meanwhile run compiled from now on (UNet and VAE, where compiled)."""
+        self._unet.warming = self._vae_decode.warming = True
+        try:
+            yield
+        finally:
+            self._unet.warming = self._vae_decode.warming = False
 
     def _warm_up_fingerprint(
         self, width: int, height: int, compiled: list[int], max_images: int

@@ -1,6 +1,7 @@
 """The compiled UNet, with inductor on this CPU: warmed once on the executor's thread, then every
 scheduler renders through the compiled graph with no recompile."""
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,8 +50,8 @@ def eager(model_cache: Path) -> DiffusionRenderer:
     return load_renderer("tiny", model_cache, "cpu")
 
 
-@pytest.fixture
-def no_recompiles() -> Iterator[None]:
+@contextlib.contextmanager
+def no_recompile() -> Iterator[None]:
     graphs_before = counters["stats"]["unique_graphs"]
     previous = torch._dynamo.config.error_on_recompile
     torch._dynamo.config.error_on_recompile = True
@@ -59,6 +60,12 @@ def no_recompiles() -> Iterator[None]:
     finally:
         torch._dynamo.config.error_on_recompile = previous
     assert counters["stats"]["unique_graphs"] == graphs_before
+
+
+@pytest.fixture
+def no_recompiles() -> Iterator[None]:
+    with no_recompile():
+        yield
 
 
 @pytest.mark.usefixtures("no_recompiles")
@@ -110,3 +117,20 @@ def test_unreadable_cached_timings_are_timed_again(tmp_path: Path) -> None:
     assert cache.get("card") is None
     cache.path.write_text('{"card": {"1": "fast"}}')
     assert cache.get("card") is None
+
+
+def test_the_compiled_vae_decodes_as_eager_one_image_per_graph_and_other_sizes_eager(
+    model_cache: Path, eager: DiffusionRenderer, tmp_path: Path
+) -> None:
+    renderer = load_renderer("tiny", model_cache, "cpu")
+    renderer.apply(SpeedLevers(compile_vae=True), tmp_path / "inductor")
+    graphs_before = counters["stats"]["unique_graphs"]
+    renderer.warm_up(SIZE, SIZE)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    with no_recompile():
+        for batch in [job(item(1), item(2), item(3), size=SIZE), job(item(4), size=SIZE + 8)]:
+            pairs = zip(renderer.render(batch), eager.render(batch), strict=True)
+            for image, reference in pairs:
+                difference = np.asarray(image, np.int16) - np.asarray(reference, np.int16)
+                assert np.abs(difference).max() <= 2
+    assert renderer.recompiles == 0

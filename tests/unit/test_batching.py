@@ -51,6 +51,7 @@ def test_speed_levers_default_on_with_cuda_only() -> None:
     assert SpeedLevers.for_device(torch.device("cpu")) == SpeedLevers()
     on_gpu = SpeedLevers.for_device(torch.device("cuda"))
     assert on_gpu.compile and on_gpu.cuda_graphs and on_gpu.fuse_qkv and on_gpu.cudnn_benchmark
+    assert on_gpu.compile_vae and not on_gpu.vae_channels_last
     assert not on_gpu.channels_last
     assert not SpeedLevers.for_device(torch.device("cuda"), compile=False).compile
 
