@@ -1,9 +1,10 @@
 """SD 1.5's safety checker on every image, and what happens to an image it flags.
 
-The checker runs on the task thread of each job, all of the job's images in one call, after the
-GPU executor has handed the images back: the next batch is already rendering meanwhile, and one
-lock keeps the checker's calls one at a time. Its black-image replacement is never used; the
-job's safety action decides."""
+The checker runs on the task threads, after the GPU executor has handed the images back: the next
+batch is already rendering meanwhile. The jobs of a batch finish together, so their checks are
+combined: each task prepares its images' CLIP input on its own thread and queues it, and whichever
+task holds the checker next checks every queued job's images in one call. Its black-image
+replacement is never used; the job's safety action decides."""
 
 import logging
 import threading
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 BLUR_RADIUS_FRACTION = 1 / 16
 
 
+@dataclass(eq=False)
+class _Check:
+    """One job's images, queued for the next combined call, and their flags once it ran."""
+
+    clip_input: torch.Tensor
+    flags: list[bool] | None = None
+    error: BaseException | None = None
+
+
 class SafetyChecker:
     """StableDiffusionSafetyChecker with its CLIP image processor, on one device."""
 
@@ -38,7 +48,12 @@ class SafetyChecker:
         self._checker = checker
         self._processor = processor
         self._device = device
+        # Held for a combined call; the queue of checks waiting for one has its own lock.
         self._lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued: list[_Check] = []
+        # Checker calls made, and images checked: what combining saves shows in their ratio.
+        self.calls = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,18 +86,44 @@ class SafetyChecker:
         log.info("safety checker from %s on %s", source, device)
         return cls(checker.to(device).eval(), processor, device)
 
-    @torch.inference_mode()
     def flagged(self, images: list[Image]) -> list[bool]:
-        """Whether each image has a concept the checker flags; one call for all of them."""
+        """Whether each image has a concept the checker flags; checked in one call with the
+        images of every other job waiting meanwhile."""
         if not images:
             return []
         pixels = self._processor(images=images, return_tensors="pt").pixel_values
-        clip_input = pixels.to(self._device, self._checker.dtype)
-        # The checker blacks out flagged images in what it is given: give it placeholders.
-        placeholders = np.zeros((len(images), 1, 1, 3), dtype=np.float32)
+        check = _Check(pixels.to(self._device, self._checker.dtype))
+        with self._queue_lock:
+            self._queued.append(check)
         with self._lock:
+            if check.flags is None and check.error is None:
+                with self._queue_lock:
+                    combined, self._queued = self._queued, []
+                self._check_all(combined)
+        if check.error is not None:
+            raise check.error
+        assert check.flags is not None
+        return check.flags
+
+    @torch.inference_mode()
+    def _check_all(self, checks: list[_Check]) -> None:
+        """One checker call for the images of every check; each gets its own flags, or the
+        call's error."""
+        try:
+            clip_input = torch.cat([check.clip_input for check in checks])
+            # The checker blacks out flagged images in what it is given: give it placeholders.
+            placeholders = np.zeros((len(clip_input), 1, 1, 3), dtype=np.float32)
+            self.calls += 1
             _, flags = self._checker(clip_input=clip_input, images=placeholders)
-        return [bool(flag) for flag in flags]
+        except Exception as exc:
+            for check in checks:
+                check.error = exc
+            return
+        offset = 0
+        for check in checks:
+            count = len(check.clip_input)
+            check.flags = [bool(flag) for flag in flags[offset : offset + count]]
+            offset += count
 
 
 @dataclass(frozen=True)
