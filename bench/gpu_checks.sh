@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check in one call on a lent CUDA machine (bench/README.md), in the order that keeps
-# the most if time runs out: the mixed-traffic benchmark (it builds the model, adapters and
-# ControlNet, and compiles every variant the GPU tests warm up), the GPU tests (reusing its
-# models and compile cache), then the benchmark against plain diffusers with the time left (it
-# writes its JSON after each phase). CHECKS picks and orders them; CHECKS_BUDGET_S bounds them all
-# together, and MIXED_TIMEOUT_S, TESTS_TIMEOUT_S and BENCH_TIMEOUT_S each. Arguments go to both
-# benchmarks. Logs and the new JSON go to $OUT when set (the device tool), else to bench/results.
+# Every GPU check in one call on a lent CUDA machine (bench/README.md): the benchmark against
+# plain diffusers (`bench`: it builds the model and fills the compile cache the others reuse),
+# the service end to end (`service`), the VAE's levers (`vae`), the mixed-traffic benchmark
+# (`mixed`) and the GPU tests (`tests`). Each writes its JSON after each phase, so a check cut
+# short keeps what it measured. CHECKS picks and orders them (default: bench service vae mixed
+# tests); CHECKS_BUDGET_S bounds them all together, and <CHECK>_TIMEOUT_S each. Arguments go to
+# the pipeline benchmarks (bench, vae, mixed), SERVICE_ARGS to the service's. Logs and the new
+# JSON go to $OUT when set (the device tool), else to bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
@@ -40,8 +41,21 @@ done_check() {
     echo "$1: exit status $2 at $((SECONDS - started)) s"
 }
 
-for check in ${CHECKS:-mixed tests bench}; do
+for check in ${CHECKS:-bench service vae mixed tests}; do
     case $check in
+    service)
+        seconds=$(limit service "${SERVICE_TIMEOUT_S:-240}") || continue
+        # shellcheck disable=SC2086
+        timeout "$seconds" python3 -m bench.gpu_service ${SERVICE_ARGS:-} 2>&1 >/dev/null |
+            tee "$out/service.log"
+        done_check service "${PIPESTATUS[0]}"
+        ;;
+    vae)
+        seconds=$(limit vae "${VAE_TIMEOUT_S:-150}") || continue
+        timeout "$seconds" python3 -m bench.gpu_pipeline --vae "$@" 2>&1 >/dev/null |
+            tee "$out/vae.log"
+        done_check vae "${PIPESTATUS[0]}"
+        ;;
     mixed)
         seconds=$(limit mixed "${MIXED_TIMEOUT_S:-360}") || continue
         timeout "$seconds" python3 -m bench.gpu_pipeline --mixed "$@" 2>&1 >/dev/null |
@@ -61,7 +75,7 @@ for check in ${CHECKS:-mixed tests bench}; do
         done_check bench "${PIPESTATUS[0]}"
         ;;
     *)
-        echo "unknown check $check (mixed, tests, bench)" >&2
+        echo "unknown check $check (bench, service, vae, mixed, tests)" >&2
         ;;
     esac
 done
