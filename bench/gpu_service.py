@@ -106,23 +106,22 @@ class Stack:
             "worker", [sys.executable, "-m", "worker"], self.env, workdir / "worker.log"
         )
 
-    def start_api(self) -> None:
+    def start(self, worker_timeout_s: float) -> None:
+        """The API and the worker start side by side; this returns once both take requests."""
         self.api.start()
+        self.worker.start()
         try:
             wait_until(lambda: api_answers(self.api, self.base_url), 60, "the API")
         except TimeoutError as exc:
             # uvicorn's parent outlives processes that die at import: their errors are here.
             raise RuntimeError(f"{exc}:\n{self.api.log_tail()}") from exc
 
-    def start_worker(self, timeout_s: float) -> None:
-        self.worker.start()
-
         def ready() -> bool:
             if not self.worker.alive():
                 raise RuntimeError(f"the worker exited:\n{self.worker.log_tail()}")
             return bool(self.redis.zcard(WORKERS_KEY))
 
-        wait_until(ready, timeout_s, "the worker")
+        wait_until(ready, worker_timeout_s, "the worker")
 
     def redis_cpu_s(self) -> float:
         cpu = self.redis.info("cpu")
@@ -310,11 +309,10 @@ async def service(
         put_on_path(redis_server(), Path(workdir))
         stack = Stack(Path(workdir), args.api_processes, worker_env(args, model_id))
         try:
-            stack.start_api()
             section: dict[str, Any] = {"redis_version": stack.redis.info("server")["redis_version"]}
             figures["service"] = section
             started = time.perf_counter()
-            stack.start_worker(args.worker_timeout_s)
+            stack.start(args.worker_timeout_s)
             section["worker_start_s"] = round(time.perf_counter() - started, 2)
             info = httpx.get(f"{stack.base_url}/info", timeout=10).json()
             section["worker"] = {
