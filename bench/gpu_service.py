@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -26,8 +27,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import httpx
 import psutil
+import torch
 from redis import Redis
 
 from bench.assets import DEFAULT_CACHE_DIR, GUIDANCE, PROMPT, build_sd15
@@ -153,7 +156,7 @@ def bare_executor(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def bare_child(args: argparse.Namespace) -> int:
     """Load and warm up as the worker does, then `ours`; one JSON line on stdout."""
-    device = torch_device(args.device)
+    device = torch.device(args.device)
     started = time.perf_counter()
     renderer, executor = load_ours(args.model_dir, args)
     executor.wait_fully_warm()
@@ -168,17 +171,9 @@ def bare_child(args: argparse.Namespace) -> int:
     finally:
         executor.shutdown()
     if device.type == "cuda":
-        import torch
-
         figures["peak_vram_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     print(json.dumps(figures), flush=True)
     return 0
-
-
-def torch_device(name: str) -> Any:
-    import torch
-
-    return torch.device(name)
 
 
 def worker_env(args: argparse.Namespace, model_id: str) -> dict[str, str]:
@@ -342,9 +337,6 @@ async def service(
 
 
 def config(args: argparse.Namespace, model_id: str) -> dict[str, Any]:
-    import diffusers
-    import torch
-
     return {
         "model": "tiny" if args.smoke else "SD 1.5 architecture, random weights",
         "model_id": model_id,
@@ -376,6 +368,8 @@ def main() -> int:
     args = parse_args()
     if args.bare_child:
         return bare_child(args)
+    # A timeout's SIGTERM unwinds like an error: the services stop and their logs are kept.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.smoke:
         model_dir = ensure_tiny_model(args.cache_dir)
         model_id = "tiny"
@@ -469,6 +463,8 @@ def parse_args() -> argparse.Namespace:
     if args.jobs is None:
         args.jobs = args.clients[0]
     args.device = args.device or ("cpu" if args.smoke else "cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("no CUDA device here: run with --smoke for the CPU smoke test")
     args.cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
     args.model_dir = args.model_dir or args.cache_dir / "sd15-random"
     return args
