@@ -331,9 +331,11 @@ async def service(
         finally:
             stack.stop()
             if args.logs is not None:
-                args.logs.mkdir(parents=True, exist_ok=True)
-                for log in Path(workdir).glob("*.log"):
-                    shutil.copy(log, args.logs / f"service-{log.name}")
+                # One file: the device tool brings back only a few.
+                with args.logs.open("w") as logs:
+                    for process in (stack.api, stack.worker):
+                        if process.log_path.exists():
+                            logs.write(f"==== {process.name}\n{process.log_path.read_text()}")
 
 
 def config(args: argparse.Namespace, model_id: str) -> dict[str, Any]:
@@ -444,7 +446,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=None, help="models, compile cache")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
-    parser.add_argument("--logs", type=Path, default=None, help="keep the services' logs here")
+    parser.add_argument(
+        "--logs", type=Path, default=None, help="a file for the API's and the worker's logs"
+    )
     parser.add_argument("--bare-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # Smoke figures are seconds on a CPU: the tiny model at the API's smallest size, 2 steps.
