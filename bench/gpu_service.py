@@ -72,9 +72,13 @@ def redis_server() -> Path:
     """The redis-server to run: `T2I_REDIS_SERVER`, else the one on PATH, else the carried one."""
     named = os.environ.get("T2I_REDIS_SERVER")
     on_path = shutil.which("redis-server")
+    if CARRIED_REDIS.is_file() and not os.access(CARRIED_REDIS, os.X_OK):
+        # A copy to another machine may lose the file's mode.
+        CARRIED_REDIS.chmod(0o755)
     for candidate in (named, on_path, str(CARRIED_REDIS)):
         if candidate and os.access(candidate, os.X_OK):
-            return Path(candidate).resolve()
+            # Not resolved: Debian's redis-server is a link whose name tells the binary its role.
+            return Path(candidate).absolute()
     raise SystemExit(
         "no redis-server: set T2I_REDIS_SERVER, put one on PATH, or run bench/gpu_wheels.sh"
     )
