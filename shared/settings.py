@@ -533,6 +533,17 @@ class WorkerSettings(_T2ISettings):
         description="channels-last memory format for the VAE alone (`T2I_CHANNELS_LAST` turns "
         "it on for both)",
     )
+    compile_autotune: bool = Field(
+        default=False,
+        description="let inductor autotune the UNet's kernels (`max-autotune`): a first compile "
+        "several times longer, for what bench/ measures it gains; only with `T2I_COMPILE`",
+    )
+    unet_quant: Literal["fp8", "int8"] | None = Field(
+        default=None,
+        description="the UNet's linear layers in float8 (`fp8`: Ada or Hopper cards) or `int8`, "
+        "with dynamic activation scales (torchao); opt-in: images drift from float16's by what "
+        "docs/performance.md reports",
+    )
     compiled_image_counts: list[int] | None = Field(
         default=None,
         description="JSON list of the image counts the UNet is compiled for, e.g. `[1,4,8]`; each "

@@ -46,6 +46,7 @@ from worker.pipeline import (
     resolve_device,
 )
 from worker.provenance import load_marker
+from worker.quantization import QuantizationUnavailable
 from worker.reporter import Reporter
 from worker.safety import SafetyChecker
 from worker.supervisor import Supervisor
@@ -103,6 +104,8 @@ def main() -> int:
         cudnn_benchmark=settings.cudnn_benchmark,
         compile_vae=settings.compile_vae,
         vae_channels_last=settings.vae_channels_last,
+        compile_autotune=settings.compile_autotune,
+        unet_quant=settings.unet_quant,
     )
     served_model = settings.model_name or core.model_id
     queue = render_queue(core, served_model)
@@ -139,7 +142,7 @@ def main() -> int:
                 int(settings.lora_cache_mb * 2**20),
                 core.lora_max_rank,
             )
-    except ModelLoadError as exc:
+    except (ModelLoadError, QuantizationUnavailable) as exc:
         log.error("%s", exc)
         return 2
     watch_gpu_memory(renderer.device)

@@ -48,6 +48,7 @@ from shared.schema import Scheduler
 from shared.settings import DEFAULT_MODEL_ID
 from worker.lora_slots import SLOTS, LoraSlots, UnknownAdapter
 from worker.models import ModelLoadError, load_pipeline, model_source
+from worker.quantization import UnetQuant, quantize_unet
 from worker.render_types import (
     AdapterSet,
     BatchKey,
@@ -121,6 +122,10 @@ class SpeedLevers:
     # The VAE's decode compiled by inductor, and channels-last for the VAE alone.
     compile_vae: bool = False
     vae_channels_last: bool = False
+    # Opt-in, for what they cost in image fidelity: inductor's autotuning of the UNet's kernels
+    # (a much longer first compile), and its linear layers in "fp8" or "int8".
+    compile_autotune: bool = False
+    unet_quant: UnetQuant | None = None
 
     @classmethod
     def for_device(
@@ -134,6 +139,8 @@ class SpeedLevers:
         cudnn_benchmark: bool | None = None,
         compile_vae: bool | None = None,
         vae_channels_last: bool = False,
+        compile_autotune: bool = False,
+        unet_quant: UnetQuant | None = None,
     ) -> "SpeedLevers":
         """Levers left unset are on where they pay: on CUDA, not on a CPU."""
         on_cuda = device.type == "cuda"
@@ -149,6 +156,8 @@ class SpeedLevers:
             cudnn_benchmark=pick(cudnn_benchmark),
             compile_vae=pick(compile_vae),
             vae_channels_last=vae_channels_last,
+            compile_autotune=compile_autotune,
+            unet_quant=unet_quant,
         )
 
 
@@ -288,8 +297,11 @@ class _UNetForward:
     def warmed(self) -> set[tuple[Any, ...]]:
         return set(self._warmed)
 
-    def compile(self, cuda_graphs: bool) -> None:
-        mode = "reduce-overhead" if cuda_graphs else "default"
+    def compile(self, cuda_graphs: bool, autotune: bool = False) -> None:
+        if autotune:
+            mode = "max-autotune" if cuda_graphs else "max-autotune-no-cudagraphs"
+        else:
+            mode = "reduce-overhead" if cuda_graphs else "default"
         self._compiled = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
         # One graph per warmed shape and variant; past the limit dynamo would go eager silently.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -580,13 +592,16 @@ class DiffusionRenderer:
             self.pipeline.vae.to(memory_format=torch.channels_last)
         if levers.fuse_qkv:
             self.pipeline.fuse_qkv_projections()
+        if levers.unet_quant is not None:
+            # After fusing, so the fused projections are quantized as one layer.
+            quantize_unet(self.pipeline.unet, levers.unet_quant, self.device)
         if levers.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
         if levers.compile and not self._unet.compiled:
             if compile_cache_dir is not None:
                 _use_persistent_compile_cache(compile_cache_dir)
                 self._render_cost_cache = RenderCostCache(compile_cache_dir / RENDER_COSTS_FILE)
-            self._unet.compile(levers.cuda_graphs)
+            self._unet.compile(levers.cuda_graphs, levers.compile_autotune)
         if levers.compile_vae:
             if compile_cache_dir is not None:
                 _use_persistent_compile_cache(compile_cache_dir)
