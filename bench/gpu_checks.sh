@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Every GPU check in one call on a lent CUDA machine (bench/README.md): the benchmark against
 # plain diffusers (`bench`: it builds the model and fills the compile cache the others reuse),
-# the service end to end (`service`), the VAE's levers (`vae`), the mixed-traffic benchmark
-# (`mixed`) and the GPU tests (`tests`). Each writes its JSON after each phase, so a check cut
-# short keeps what it measured. CHECKS picks and orders them (default: bench service vae mixed
-# tests); CHECKS_BUDGET_S bounds them all together, and <CHECK>_TIMEOUT_S each. Arguments go to
-# the pipeline benchmarks (bench, vae, mixed), SERVICE_ARGS to the service's. Logs and the new
-# JSON go to $OUT when set (the device tool), else to bench/results.
+# the service end to end (`service`), the VAE's levers (`vae`), the opt-in levers against the
+# defaults (`levers`: LEVERS names them), the mixed-traffic benchmark (`mixed`) and the GPU tests
+# (`tests`). Each writes its JSON after each phase, so a check cut short keeps what it measured.
+# CHECKS picks and orders them (default: bench service vae levers mixed tests; more than one
+# 10-minute call holds: split them, e.g. CHECKS="bench service" then CHECKS="vae levers tests");
+# CHECKS_BUDGET_S bounds them all together, and <CHECK>_TIMEOUT_S each. Arguments go to the
+# pipeline benchmarks (bench, vae, levers, mixed), SERVICE_ARGS to the service's. Logs and the
+# new JSON go to $OUT when set (the device tool), else to bench/results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
@@ -41,7 +43,7 @@ done_check() {
     echo "$1: exit status $2 at $((SECONDS - started)) s"
 }
 
-for check in ${CHECKS:-bench service vae mixed tests}; do
+for check in ${CHECKS:-bench service vae levers mixed tests}; do
     case $check in
     service)
         seconds=$(limit service "${SERVICE_TIMEOUT_S:-240}") || continue
@@ -49,6 +51,12 @@ for check in ${CHECKS:-bench service vae mixed tests}; do
         timeout "$seconds" python3 -m bench.gpu_service ${SERVICE_ARGS:-} 2>&1 >/dev/null |
             tee "$out/service.log"
         done_check service "${PIPESTATUS[0]}"
+        ;;
+    levers)
+        seconds=$(limit levers "${LEVERS_TIMEOUT_S:-420}") || continue
+        timeout "$seconds" python3 -m bench.gpu_pipeline --levers "${LEVERS:-int8,fp8,autotune}" \
+            "$@" 2>&1 >/dev/null | tee "$out/levers.log"
+        done_check levers "${PIPESTATUS[0]}"
         ;;
     vae)
         seconds=$(limit vae "${VAE_TIMEOUT_S:-150}") || continue
@@ -75,7 +83,7 @@ for check in ${CHECKS:-bench service vae mixed tests}; do
         done_check bench "${PIPESTATUS[0]}"
         ;;
     *)
-        echo "unknown check $check (bench, service, vae, mixed, tests)" >&2
+        echo "unknown check $check (bench, service, vae, levers, mixed, tests)" >&2
         ;;
     esac
 done

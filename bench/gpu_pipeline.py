@@ -11,6 +11,7 @@ executes. It prints the figures as JSON either way.
 import argparse
 import datetime
 import json
+import math
 import random
 import re
 import statistics
@@ -24,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bench.assets import (
@@ -50,9 +52,18 @@ from worker.pipeline import (
     VaeDecode,
     compiled_image_counts,
 )
+from worker.quantization import UNET_QUANTS, QuantizationUnavailable
 from worker.tiny_model import ensure_tiny_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The opt-in levers `--levers` measures, each as the bench options it sets.
+OPT_IN_LEVERS: dict[str, dict[str, Any]] = {
+    "autotune": {"compile_autotune": True},
+    "fp8": {"unet_quant": "fp8"},
+    "int8": {"unet_quant": "int8"},
+}
+# Fixed seeds whose images each lever's are compared with the defaults' on.
+LEVER_SEEDS = range(4)
 READY = "bench-ready"
 FULLY_WARM = "bench-fully-warm"
 
@@ -137,6 +148,8 @@ def levers_for(args: argparse.Namespace) -> SpeedLevers:
         cudnn_benchmark=args.cudnn_benchmark,
         compile_vae=args.compile_vae,
         vae_channels_last=bool(args.vae_channels_last),
+        compile_autotune=bool(args.compile_autotune),
+        unet_quant=args.unet_quant,
     )
 
 
@@ -263,11 +276,14 @@ def child_options(args: argparse.Namespace) -> list[str]:
         "cudnn_benchmark",
         "compile_vae",
         "vae_channels_last",
+        "compile_autotune",
     ):
         value = getattr(args, name)
         if value is not None:
             flag = name.replace("_", "-")
             options.append(f"--{flag}" if value else f"--no-{flag}")
+    if args.unet_quant is not None:
+        options += ["--unet-quant", args.unet_quant]
     return options
 
 
@@ -511,6 +527,58 @@ def vae_levers(
             save()
 
 
+def opt_in_levers(
+    model_dir: Path, args: argparse.Namespace, figures: dict[str, Any], save: Callable[[], None]
+) -> None:
+    """Each opt-in lever against the defaults, compiled for one image (a count of one keeps each
+    start short): one job's seconds, the start's, and how far its images on fixed seeds are from
+    the defaults' (mean and largest difference in levels of 255, PSNR)."""
+    device = torch.device(args.device)
+    results: dict[str, Any] = {}
+    figures["opt_in_levers"] = results
+    reference: np.ndarray | None = None
+    for name in ["defaults", *args.levers]:
+        variant = argparse.Namespace(**{**vars(args), **OPT_IN_LEVERS.get(name, {})})
+        variant.compiled_counts, variant.max_batch_images = [1], 1
+        started = time.perf_counter()
+        try:
+            renderer, executor = load_ours(model_dir, variant)
+        except QuantizationUnavailable as exc:
+            results[name] = {"unavailable": str(exc)}
+            save()
+            continue
+        load_s = time.perf_counter() - started
+        try:
+            one, images = time_one_job_and_render_seeds(executor, variant)
+        finally:
+            executor.shutdown()
+        del renderer, executor
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if reference is None:
+            reference = images
+        squared = float(((images - reference) ** 2).mean())
+        results[name] = {
+            "s_per_image": one,
+            "load_and_warm_up_s": load_s,
+            "levers": asdict(levers_for(variant)),
+            "mean_difference_levels": float(np.abs(images - reference).mean()),
+            "max_difference_levels": float(np.abs(images - reference).max()),
+            "psnr_db": None if squared == 0 else 10 * math.log10(255**2 / squared),
+        }
+        note(f"lever {name}: {results[name]}")
+        save()
+
+
+def time_one_job_and_render_seeds(
+    executor: GpuExecutor, args: argparse.Namespace
+) -> tuple[float, np.ndarray]:
+    """One job's median seconds, and the images of the fixed seeds."""
+    one = median_seconds(lambda: run_jobs(executor, args, range(1)), args.repeats)
+    futures = [executor.submit(RenderJob(job_batch(args, seed))) for seed in LEVER_SEEDS]
+    return one, np.stack([np.asarray(f.result().images[0], np.float64) for f in futures])
+
+
 @torch.inference_mode()
 def time_vae_decode(
     decode: VaeDecode, compiled: bool, latents: torch.Tensor, per_slice: int, repeats: int
@@ -547,7 +615,9 @@ def main() -> int:
     figures: dict[str, Any] = {"gpu": gpu_name(device), "config": config(args)}
     out = args.out
     if out is None and not args.smoke:
-        suffix = "-mixed" if args.mixed else "-vae" if args.vae else ""
+        suffix = next(
+            (f"-{mode}" for mode in ("mixed", "vae", "levers") if getattr(args, mode)), ""
+        )
         out = RESULTS_DIR / f"{datetime.date.today()}-{slug(figures['gpu'])}{suffix}.json"
 
     def save() -> None:
@@ -566,6 +636,8 @@ def main() -> int:
         mixed(model_dir, args, figures, save)
     elif args.vae:
         vae_levers(model_dir, args, figures, save)
+    elif args.levers is not None:
+        opt_in_levers(model_dir, args, figures, save)
     else:
         versus_diffusers(model_dir, args, figures, save)
     print(json.dumps(figures, indent=2))
@@ -587,6 +659,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "batch_wait_ms": args.batch_wait_ms,
         "mixed": args.mixed,
         "vae": args.vae,
+        "opt_in_levers": args.levers,
         **(loras if args.mixed else {}),
         "levers": asdict(levers_for(args)),
         "smoke": args.smoke,
@@ -626,6 +699,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--vae", action="store_true", help="the VAE's decode with each of its levers instead"
+    )
+    parser.add_argument("--compile-autotune", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--unet-quant", choices=UNET_QUANTS, default=None)
+    parser.add_argument(
+        "--levers",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=None,
+        metavar="NAMES",
+        help=f"the opt-in levers against the defaults instead, e.g. {','.join(OPT_IN_LEVERS)}",
     )
     parser.add_argument(
         "--compiled-counts",

@@ -19,7 +19,7 @@ grep -qx '/.whl/' "$exclude" 2>/dev/null || echo /.whl/ >>"$exclude"
 
 wheels=(
     # The GPU pipeline benchmark's own (diffusers and pydantic-settings).
-    diffusers==0.42.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
+    diffusers==0.42.1 torchao==0.18.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
     typing-inspection==0.4.5 typing-extensions==4.16.0 importlib-metadata==10.2.0 zipp==4.1.2
     pydantic-settings==2.16.3 python-dotenv==1.2.4
     # The API.
