@@ -30,10 +30,17 @@ run: venv redis
 test: venv redis browser lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The GPU pipeline benchmark (bench/README.md); on a machine without CUDA, its CPU smoke mode.
+# The GPU pipeline benchmark (bench/README.md); on a machine without CUDA, the smoke mode of
+# every GPU benchmark (each proves its code runs; its figures mean nothing).
 BENCH_ARGS ?= $(shell $(PY) -c 'import torch; print("" if torch.cuda.is_available() else "--smoke")')
 bench: venv
 	$(PY) -m bench.gpu_pipeline $(BENCH_ARGS)
+ifeq ($(BENCH_ARGS),--smoke)
+	$(PY) -m bench.gpu_pipeline --smoke --mixed
+	$(PY) -m bench.gpu_pipeline --smoke --vae
+	$(PY) -m bench.gpu_pipeline --smoke --levers int8,fp8
+	$(PY) -m bench.gpu_service --smoke
+endif
 
 lint: venv
 	$(VENV)/bin/ruff check .
