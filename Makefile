@@ -9,10 +9,11 @@ PIP := $(PY) -m pip --quiet --disable-pip-version-check
 
 # Every dependency comes from the lock file, hash-checked; the project itself and, beside it, the
 # thin client distribution (client/, its `txt2img` command) are installed on top.
-$(INSTALLED): pyproject.toml client/pyproject.toml requirements.txt
+$(INSTALLED): pyproject.toml client/pyproject.toml requirements.txt requirements-quant.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --require-hashes --no-deps -r requirements.txt
 	$(PIP) install --no-deps --no-build-isolation -e . -e ./client
+	$(PIP) install --require-hashes --no-deps --upgrade --target $(VENV)/quant -r requirements-quant.txt
 	touch $@
 
 venv: $(INSTALLED)
@@ -38,7 +39,7 @@ bench: venv
 ifeq ($(BENCH_ARGS),--smoke)
 	$(PY) -m bench.gpu_pipeline --smoke --mixed
 	$(PY) -m bench.gpu_pipeline --smoke --vae
-	$(PY) -m bench.gpu_pipeline --smoke --levers int8,fp8
+	PYTHONPATH=$(VENV)/quant $(PY) -m bench.gpu_pipeline --smoke --levers int8,fp8
 	$(PY) -m bench.gpu_service --smoke
 endif
 
@@ -65,6 +66,8 @@ lock: venv
 		--no-emit-index-url --no-emit-find-links --extra api,worker,dev \
 		--build-deps-for editable -c constraints.txt -o requirements.txt pyproject.toml \
 		client/pyproject.toml
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+		--no-emit-find-links -c constraints.txt -o requirements-quant.txt requirements-quant.in
 
 # The GPU worker image's lock (Dockerfile.worker installs it alone): the base dependencies, the
 # `worker` extra and the build backend, at requirements.txt's versions, with PyPI's torch of the
@@ -85,7 +88,7 @@ lock-cuda: venv
 		>$(CUDA_LOCK_WORK)/build-system.txt
 	$(VENV)/tools/bin/uv pip compile --quiet --no-config --generate-hashes \
 		--python-version $(CUDA_LOCK_PYTHON) --python-platform $(CUDA_LOCK_PLATFORM) \
-		--custom-compile-command "make lock-cuda" --extra worker -c constraints.txt \
+		--custom-compile-command "make lock-cuda" --extra worker --extra quant -c constraints.txt \
 		-c $(CUDA_LOCK_WORK)/requirements-pins.txt -o $(CUDA_LOCK_WORK)/lock.txt pyproject.toml \
 		$(CUDA_LOCK_WORK)/build-system.txt
 	{ printf '%s\n' \

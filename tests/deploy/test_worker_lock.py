@@ -1,5 +1,6 @@
 """The GPU worker image's lock, requirements-worker-cuda.txt: every package hash-pinned, at the
-versions requirements.txt (what CI tests) pins, but for torch's CUDA build of the same release;
+versions requirements.txt (what CI tests) and requirements-quant.txt (the `quant` extra, which the
+tests load from beside the environment) pin, but for torch's CUDA build of the same release;
 made for the Python the image installs; and installed by Dockerfile.worker alone, hash-checked,
 with nothing resolved at build time."""
 
@@ -18,6 +19,7 @@ from tests.support import REPO_ROOT
 
 CUDA_LOCK = "requirements-worker-cuda.txt"
 CPU_LOCK = "requirements.txt"
+QUANT_LOCK = "requirements-quant.txt"
 TOOLS_LOCK = "requirements-tools.txt"
 DOCKERFILE = "Dockerfile.worker"
 # What torch's CUDA build brings that its CPU build does not: its CUDA libraries and triton.
@@ -150,6 +152,7 @@ def test_the_cuda_lock_pins_every_package_exactly_with_its_hashes() -> None:
 
 def test_the_cuda_lock_has_requirements_txts_versions_and_torchs_cuda_build() -> None:
     cuda, cpu = read_lock(CUDA_LOCK), read_lock(CPU_LOCK)
+    cpu.pins.update(read_lock(QUANT_LOCK).pins)
     assert not version_problems(cuda, cpu)
     torch = cuda.pins["torch"].version
     assert torch.local is None and cpu.pins["torch"].version.local == "cpu"
@@ -178,6 +181,7 @@ def test_the_cuda_lock_holds_the_base_and_worker_dependencies_and_the_build_back
     runtime = [
         *project["project"]["dependencies"],
         *project["project"]["optional-dependencies"]["worker"],
+        *project["project"]["optional-dependencies"]["quant"],
     ]
     build = project["build-system"]["requires"]
     assert len(runtime) >= 15 and build

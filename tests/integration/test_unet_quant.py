@@ -2,6 +2,7 @@
 bench/): a bounded drift from the unquantized image, compiled without recompiles, adapters in
 their slots on top of quantized layers, and a clear refusal of fp8 where it cannot run."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,15 @@ from torch._dynamo.utils import counters
 from shared.loras import LoraRegistry
 from tests.integration.test_batching import item, job
 from tests.integration.test_compiled_unet import no_recompile
+from tests.support import REPO_ROOT
 from worker.kinds import load_renderer
 from worker.pipeline import DiffusionRenderer, SpeedLevers
 from worker.quantization import QuantizationUnavailable, quantize_unet
 
 SIZE = 64
+# torchao lives outside the development environment (pyproject.toml's `quant` extra): on sys.path
+# for this process alone, so the workers other tests start do not import it.
+sys.path.append(str(REPO_ROOT / ".venv" / "quant"))
 
 
 def levels(images: list) -> np.ndarray:
