@@ -13,6 +13,7 @@ Two layers, both in the compile cache directory (`T2I_MODEL_CACHE_DIR/inductor`)
 """
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -48,8 +49,6 @@ def use_persistent_caches(directory: Path) -> dict[str, object]:
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen is None or os.path.abspath(chosen) == _default_inductor_dir():
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory.resolve())
-    import importlib
-
     applied: dict[str, object] = {}
     for module_name, attribute, value in _WARM_RESTART_SETTINGS:
         module = importlib.import_module(module_name)
