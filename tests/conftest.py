@@ -1,6 +1,8 @@
 """Session-wide real services: Redis, an S3 server, and a worker + API per storage backend."""
 
+import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,12 @@ from worker.tiny_model import SECOND_TINY_MODEL_ID, ensure_second_tiny_model
 
 FAIL_PROMPT = "fail-on-purpose"
 S3_BUCKET = "txt2img-test"
+
+# One compile cache for every session and the workers they start, instead of one per session's
+# model cache: the tiny model's graphs compile from scratch once on a machine, not in every run.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / "txt2img-tests-inductor")
+)
 
 
 @pytest.fixture(scope="session")

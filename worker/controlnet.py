@@ -4,7 +4,6 @@
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from diffusers import ControlNetModel
@@ -22,6 +21,9 @@ CANNY_LOW, CANNY_HIGH = 100, 200
 
 def canny_map(image: Image) -> Image:
     """White edges on black, three channels: what the canny ControlNet was trained on."""
+    # OpenCV only where a job asks for a map: not on the worker's start path.
+    import cv2
+
     edges = cv2.Canny(np.asarray(image.convert("RGB")), CANNY_LOW, CANNY_HIGH)
     return PILImage.fromarray(np.stack([edges] * 3, axis=2))
 

@@ -46,6 +46,7 @@ from PIL.Image import Image
 from shared.loras import LoraRegistry
 from shared.schema import Scheduler
 from shared.settings import DEFAULT_MODEL_ID
+from worker.compile_cache import CompileArtifacts, use_persistent_caches
 from worker.lora_slots import SLOTS, LoraSlots, UnknownAdapter
 from worker.models import ModelLoadError, load_pipeline, model_source
 from worker.quantization import UnetQuant, quantize_unet
@@ -377,12 +378,9 @@ def compiled_graphs() -> int:
 
 def _use_persistent_compile_cache(directory: Path) -> None:
     """Keep inductor's compiled kernels across restarts, so a restarted worker is ready fast."""
-    directory.mkdir(parents=True, exist_ok=True)
-    # Inductor reads its cache directory from the environment each time it looks it up.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory))
+    use_persistent_caches(directory)
     import torch._inductor.config as inductor_config
 
-    inductor_config.fx_graph_cache = True
     # 1x1 convolutions as matrix products: cheaper on tensor cores, a common SD setting.
     inductor_config.conv_1x1_as_mm = True
 
@@ -531,6 +529,8 @@ class DiffusionRenderer:
         # Where the start-up time went: compiling each image count, timing every count.
         self.warm_up_seconds: dict[str, float] = {}
         self._render_cost_cache: RenderCostCache | None = None
+        # Where torch's portable compile artifacts are kept; None: not kept.
+        self._compile_cache_dir: Path | None = None
         self.loras: LoraSlots | None = None
         # Graphs compiled when the warm-up ended; None until then.
         self._graphs_when_warm: int | None = None
@@ -601,6 +601,7 @@ class DiffusionRenderer:
             if compile_cache_dir is not None:
                 _use_persistent_compile_cache(compile_cache_dir)
                 self._render_cost_cache = RenderCostCache(compile_cache_dir / RENDER_COSTS_FILE)
+                self._compile_cache_dir = compile_cache_dir
             self._unet.compile(levers.cuda_graphs, levers.compile_autotune)
         if levers.compile_vae:
             if compile_cache_dir is not None:
@@ -1028,25 +1029,35 @@ class DiffusionRenderer:
         if self.levers.cuda_graphs:
             _cuda_graph_trees_on_this_thread()
         compiled = sorted(set(compiled_counts))
-        with self._warming():
-            for count in compiled:
-                started = time.perf_counter()
-                for render in self._variants(count, width, height):
-                    render()
-                self.warm_up_seconds[f"compile {count}"] = time.perf_counter() - started
-        self._compiled_counts[(width, height)] = set(compiled)
+        artifacts = self._compile_artifacts(width, height, compiled)
+        if artifacts is not None:
+            started = time.perf_counter()
+            artifacts.load()
+            self.warm_up_seconds["load compile artifacts"] = time.perf_counter() - started
+        self._compile_counts(compiled[:1], width, height)
         counts = range(1, max(max_images, *compiled) + 1)
         fingerprint = self._warm_up_fingerprint(width, height, compiled, max_images)
         cache = self._render_cost_cache
         cached = cache.get(fingerprint) if cache is not None else None
         if cached is not None and set(cached) == set(counts):
+            if artifacts is not None and artifacts.loaded:
+                # A restart with every cache warm: the other counts' graphs come from the caches
+                # in seconds each, so they compile while no job waits, one render at a time, and
+                # a job that comes meanwhile waits for one graph, not all of them.
+                later = self._compile_in_idle_time(compiled[1:], width, height)
+            else:
+                self._compile_counts(compiled[1:], width, height)
+                self._save_compile_artifacts(artifacts)
+                later = []
             self.render_costs[(width, height)] = cached
             log.info("warm-up render seconds by image count from %s: %s", cache, cached)
-            return [
+            return later + [
                 partial(self.render, _warm_up_batch(count, width, height))
                 for count in counts
                 if count not in compiled
             ]
+        self._compile_counts(compiled[1:], width, height)
+        self._save_compile_artifacts(artifacts)
         started = time.perf_counter()
         costs: dict[int, float] = {}
         for count in counts:
@@ -1091,6 +1102,69 @@ class DiffusionRenderer:
             "max_images": max_images,
         }
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+    def _compile_counts(self, counts: list[int], width: int, height: int) -> None:
+        """Compile (and record CUDA graphs) for each of `counts`, in every variant served."""
+        with self._warming():
+            for count in counts:
+                started = time.perf_counter()
+                for render in self._variants(count, width, height):
+                    render()
+                self.warm_up_seconds[f"compile {count}"] = time.perf_counter() - started
+        self._compiled_counts.setdefault((width, height), set()).update(counts)
+
+    def _save_compile_artifacts(self, artifacts: CompileArtifacts | None) -> None:
+        if artifacts is not None:
+            started = time.perf_counter()
+            artifacts.save_if_new()
+            self.warm_up_seconds["save compile artifacts"] = time.perf_counter() - started
+
+    def _compile_in_idle_time(
+        self, counts: list[int], width: int, height: int
+    ) -> list[Callable[[], object]]:
+        """One warm-up render per graph of `counts`, to run after the warm-up: a count serves
+        batches once all of its variants are compiled, and its graphs are not recompiles."""
+
+        def compile_one(render: Callable[[], object], count: int, last: bool) -> None:
+            graphs_before = compiled_graphs()
+            try:
+                with self._warming():
+                    render()
+            finally:
+                if self._graphs_when_warm is not None:
+                    self._graphs_when_warm += compiled_graphs() - graphs_before
+            if last:
+                self._compiled_counts.setdefault((width, height), set()).add(count)
+
+        pieces: list[Callable[[], object]] = []
+        for count in counts:
+            renders = self._variants(count, width, height)
+            for index, render in enumerate(renders):
+                pieces.append(partial(compile_one, render, count, index == len(renders) - 1))
+        return pieces
+
+    def _compile_artifacts(
+        self, width: int, height: int, compiled: list[int]
+    ) -> CompileArtifacts | None:
+        """torch's portable compile artifacts of this warm-up, named by what its graphs depend
+        on: the card, the model and dtype, the levers, the variants served and the shapes."""
+        if self._compile_cache_dir is None:
+            return None
+        device = self.device
+        card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        facts = {
+            "card": card,
+            "diffusers": diffusers.__version__,
+            "model": self.model_name,
+            "dtype": str(self.dtype),
+            "levers": asdict(self.levers),
+            "lora_rank": None if self.loras is None else self.loras.max_rank,
+            "kinds": sorted(type(kind).__name__ for kind in self.kinds),
+            "control_types": self.control_types,
+            "size": [width, height],
+            "compiled": compiled,
+        }
+        return CompileArtifacts(self._compile_cache_dir, facts)
 
     def _timed_render(self, batch: RenderBatch) -> float:
         _synchronize(self.device)

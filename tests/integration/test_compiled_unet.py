@@ -11,6 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from tests.integration.test_batching import item, job
+from worker.compile_cache import ARTIFACTS_PREFIX
 from worker.executor import GpuExecutor, RenderJob
 from worker.kinds import load_renderer
 from worker.pipeline import RENDER_COSTS_FILE, DiffusionRenderer, RenderCostCache, SpeedLevers
@@ -104,6 +105,40 @@ def test_a_restart_with_cached_timings_leaves_the_counts_not_compiled_for_idle_t
     assert renderer.warm_up(SIZE, SIZE, compiled_counts=(1,), max_images=3) == []
     assert "time every count" in renderer.warm_up_seconds
     assert set(renderer.render_costs[(SIZE, SIZE)]) == {1, 2, 3}
+
+
+def test_the_warm_up_keeps_torchs_compile_artifacts_beside_the_compiled_kernels(
+    compiled: GpuExecutor, compiled_renderer: DiffusionRenderer
+) -> None:
+    directory = compiled_renderer._compile_cache_dir
+    assert directory is not None
+    [artifacts] = directory.glob(f"{ARTIFACTS_PREFIX}*")
+    assert artifacts.stat().st_size > 0
+    assert (artifacts.parent / RENDER_COSTS_FILE).is_file()
+
+
+def test_a_restart_with_every_cache_warm_compiles_the_other_counts_while_no_job_waits(
+    compiled: GpuExecutor, compiled_renderer: DiffusionRenderer
+) -> None:
+    renderer = compiled_renderer
+    recompiles = renderer.recompiles
+    # The first start with counts 1 and 2 compiles both, then saves its artifacts and timings.
+    assert renderer.warm_up(SIZE, SIZE, compiled_counts=(1, 2), max_images=2) == []
+    assert "compile 2" in renderer.warm_up_seconds
+    renderer.warm_up_seconds.clear()
+
+    # Another start on the same card, software and settings (here, the same process again).
+    left_for_idle_time = renderer.warm_up(SIZE, SIZE, compiled_counts=(1, 2), max_images=2)
+
+    assert "compile 1" in renderer.warm_up_seconds
+    assert "compile 2" not in renderer.warm_up_seconds
+    assert "load compile artifacts" in renderer.warm_up_seconds
+    assert len(left_for_idle_time) == 1  # one graph: the plain variant of two images
+    # Padding takes a count once its last graph is compiled (in a new process, not before).
+    renderer._compiled_counts[(SIZE, SIZE)] = {1}
+    left_for_idle_time[0]()
+    assert renderer._compiled_counts[(SIZE, SIZE)] == {1, 2}
+    assert renderer.recompiles == recompiles
 
 
 def test_unreadable_cached_timings_are_timed_again(tmp_path: Path) -> None:
