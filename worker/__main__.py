@@ -103,6 +103,7 @@ def main() -> int:
         cudnn_benchmark=settings.cudnn_benchmark,
         compile_vae=settings.compile_vae,
         vae_channels_last=settings.vae_channels_last,
+        deepcache_interval=settings.deepcache_interval,
     )
     served_model = settings.model_name or core.model_id
     queue = render_queue(core, served_model)
