@@ -277,7 +277,8 @@ class _UNetForward:
     (schedulers feed int64 or float32, on the host), and once compiled, the inputs seen while
     warming run compiled and any other eager, so a request of a new size renders at once instead
     of waiting a minute for a compile. What was warmed is told by the input shapes and the
-    variant: LoRA slots on or off, ControlNet residuals or none."""
+    variant: LoRA slots on or off, ControlNet residuals or none. Feature reuse's whole and
+    shallow steps are forwards of their own, compiled and warmed the same way."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self._eager = unet.forward
@@ -392,7 +393,7 @@ class VaeDecode:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def deepcache_supported(unet: torch.nn.Module) -> str | None:
+def deepcache_unsupported(unet: torch.nn.Module) -> str | None:
     """Why feature reuse cannot run this UNet, or None: its forward is re-traced below for the
     conditioning SD 1.5's UNet takes (timestep and text), nothing more."""
     config = unet.config
@@ -470,6 +471,14 @@ def _out(unet: Any, sample: torch.Tensor) -> torch.Tensor:
     return unet.conv_out(sample)
 
 
+def _mid(
+    unet: Any, sample: torch.Tensor, embedding: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(sample, embedding, encoder_hidden_states=context)
+    return unet.mid_block(sample, embedding)
+
+
 def deep_forward(
     unet: Any, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -496,14 +505,6 @@ def deep_forward(
     return _out(unet, sample), features
 
 
-def _mid(
-    unet: Any, sample: torch.Tensor, embedding: torch.Tensor, context: torch.Tensor
-) -> torch.Tensor:
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        return unet.mid_block(sample, embedding, encoder_hidden_states=context)
-    return unet.mid_block(sample, embedding)
-
-
 def shallow_forward(
     unet: Any,
     sample: torch.Tensor,
@@ -518,7 +519,7 @@ def shallow_forward(
     sample = unet.conv_in(sample)
     _, first = _down(unet.down_blocks[0], sample, embedding, context)
     last = unet.up_blocks[-1]
-    residuals = ((sample, *first))[: len(last.resnets)]
+    residuals = (sample, *first)[: len(last.resnets)]
     return _out(unet, _up(last, features, embedding, residuals, context, None))
 
 
@@ -765,7 +766,7 @@ class DiffusionRenderer:
         if levers.deepcache_interval < 0:
             raise ValueError(f"deepcache_interval must be 0 or more: {levers.deepcache_interval}")
         if levers.deepcache_interval > 1:
-            unsupported = deepcache_supported(self.pipeline.unet)
+            unsupported = deepcache_unsupported(self.pipeline.unet)
             if unsupported is not None:
                 raise ValueError(f"feature reuse (deepcache_interval) cannot run: {unsupported}")
         if levers.compile and not self._unet.compiled:

@@ -18,6 +18,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    UNet2DConditionModel,
 )
 from torch._dynamo.utils import counters
 
@@ -207,11 +208,28 @@ def test_the_schedule_runs_the_first_and_last_steps_and_every_interval_whole() -
     assert all(deepcache_full_step(i, 7, interval) for interval in (0, 1) for i in range(7))
 
 
+def sd15_shaped_unet() -> UNet2DConditionModel:
+    """SD 1.5's block layout (attention in the outermost blocks, two layers a block) at a tiny
+    width, random weights."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+@pytest.mark.parametrize("model", ["tiny", "sd15-shaped"])
 @pytest.mark.parametrize("latent_side", [8, 9], ids=["even", "odd"])
 def test_the_deep_and_shallow_forwards_are_the_unets_own_on_one_step(
-    core: DiffusionRenderer, latent_side: int
+    core: DiffusionRenderer, model: str, latent_side: int
 ) -> None:
-    unet = core.pipeline.unet
+    unet = core.pipeline.unet if model == "tiny" else sd15_shaped_unet()
     sample = torch.randn(2, 4, latent_side, latent_side, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
     timestep = torch.tensor(500.0)
@@ -331,23 +349,27 @@ def test_a_batchs_images_each_equal_their_image_alone(core: DiffusionRenderer) -
 
 
 def test_compiled_feature_reuse_warms_its_graphs_and_matches_eager(
-    model_cache: Path, tmp_path: Path
+    model_cache: Path, tiny_lora_dir: Path, tmp_path: Path
 ) -> None:
     started = time.perf_counter()
     levers = SpeedLevers(compile=True, deepcache_interval=INTERVAL)
-    renderer = load_renderer("tiny", model_cache, "cpu", dtype="bfloat16")
-    renderer.apply(levers, tmp_path / "inductor")
-    eager = load_renderer("tiny", model_cache, "cpu", dtype="bfloat16")
-    eager.apply(SpeedLevers(deepcache_interval=INTERVAL))
+    renderers = []
+    for lever in (levers, SpeedLevers(deepcache_interval=INTERVAL)):
+        renderer = load_renderer("tiny", model_cache, "cpu", dtype="bfloat16")
+        renderer.apply(lever, tmp_path / "inductor")
+        renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20, max_rank=8)
+        renderers.append(renderer)
+    renderer, eager = renderers
     graphs_before = counters["stats"]["unique_graphs"]
     renderer.warm_up(SIZE, SIZE, compiled_counts=(1,), max_images=1)
-    # The whole step's graph and the shallow step's, one image (two with guidance).
-    assert counters["stats"]["unique_graphs"] - graphs_before == 2
-    assert renderer.compiled_variants == {(False, False)}
+    # At least the whole step's graph and the shallow step's, plain and with LoRA slots on.
+    assert counters["stats"]["unique_graphs"] - graphs_before >= 2
+    assert renderer.compiled_variants == {(False, False), (True, False)}
     jobs = [
         batch(item()),
         batch(item(7), scheduler="euler_a"),
         batch(item(init_image=picture(1)), strength=0.6),
+        batch(item(), loras=STYLE),
     ]
     for job in jobs:
         with counted_parts(renderer) as calls:
