@@ -8,6 +8,7 @@ last whole step: what feature reuse computes, with none of the render core's cod
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ from diffusers import (
 )
 from torch._dynamo.utils import counters
 
+from shared.info import WorkerInfo
 from shared.loras import LoraRegistry
+from shared.settings import WorkerSettings
 from worker.controlnet import canny_map
 from worker.kinds import _keep_unmasked, load_renderer
 from worker.pipeline import (
@@ -387,12 +390,15 @@ def test_compiled_feature_reuse_warms_its_graphs_and_matches_eager(
 
 
 def test_the_worker_setting_is_off_unless_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.settings import WorkerSettings
-
     assert WorkerSettings().deepcache_interval == 0
     assert SpeedLevers.for_device(torch.device("cuda")).deepcache_interval == 0
     monkeypatch.setenv("T2I_DEEPCACHE_INTERVAL", "3")
     interval = WorkerSettings().deepcache_interval
-    assert SpeedLevers.for_device(torch.device("cpu"), deepcache_interval=interval) == SpeedLevers(
-        deepcache_interval=3
+    levers = SpeedLevers.for_device(torch.device("cpu"), deepcache_interval=interval)
+    assert levers == SpeedLevers(deepcache_interval=3)
+    # What the worker's heartbeat reports of it.
+    info = WorkerInfo(
+        name="w", model="tiny", device="cpu", max_batch_images=1, levers=asdict(levers), version="0"
     )
+    assert info.levers["deepcache_interval"] == 3
+    assert info.levers["compile"] is False
