@@ -39,7 +39,7 @@ bench: venv
 ifeq ($(BENCH_ARGS),--smoke)
 	$(PY) -m bench.gpu_pipeline --smoke --mixed
 	$(PY) -m bench.gpu_pipeline --smoke --vae
-	PYTHONPATH=$(VENV)/quant $(PY) -m bench.gpu_pipeline --smoke --levers int8,fp8
+	PYTHONPATH=$(VENV)/quant $(PY) -m bench.gpu_pipeline --smoke --levers int8,fp8,deepcache3
 	$(PY) -m bench.gpu_service --smoke
 endif
 

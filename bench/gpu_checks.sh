@@ -54,7 +54,7 @@ for check in ${CHECKS:-bench service vae levers mixed tests}; do
         ;;
     levers)
         seconds=$(limit levers "${LEVERS_TIMEOUT_S:-420}") || continue
-        timeout "$seconds" python3 -m bench.gpu_pipeline --levers "${LEVERS:-int8,fp8,autotune}" \
+        timeout "$seconds" python3 -m bench.gpu_pipeline --levers "${LEVERS:-fp8,int8,deepcache2,deepcache3,autotune}" \
             "$@" 2>&1 >/dev/null | tee "$out/levers.log"
         done_check levers "${PIPESTATUS[0]}"
         ;;

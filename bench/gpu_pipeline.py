@@ -61,6 +61,8 @@ OPT_IN_LEVERS: dict[str, dict[str, Any]] = {
     "autotune": {"compile_autotune": True},
     "fp8": {"unet_quant": "fp8"},
     "int8": {"unet_quant": "int8"},
+    "deepcache2": {"deepcache_interval": 2},
+    "deepcache3": {"deepcache_interval": 3},
 }
 # Fixed seeds whose images each lever's are compared with the defaults' on.
 LEVER_SEEDS = range(4)
@@ -152,6 +154,7 @@ def levers_for(args: argparse.Namespace) -> SpeedLevers:
         vae_channels_last=bool(args.vae_channels_last),
         compile_autotune=bool(args.compile_autotune),
         unet_quant=args.unet_quant,
+        deepcache_interval=args.deepcache_interval,
     )
 
 
@@ -307,6 +310,7 @@ def child_options(args: argparse.Namespace) -> list[str]:
             options.append(f"--{flag}" if value else f"--no-{flag}")
     if args.unet_quant is not None:
         options += ["--unet-quant", args.unet_quant]
+    options += ["--deepcache-interval", str(args.deepcache_interval)]
     return options
 
 
@@ -726,6 +730,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--compile-autotune", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--unet-quant", choices=UNET_QUANTS, default=None)
+    parser.add_argument("--deepcache-interval", type=int, default=0)
     parser.add_argument(
         "--levers",
         type=lambda text: [name for name in text.split(",") if name],

@@ -21,7 +21,10 @@ class WorkerInfo(BaseModel):
     queue: str | None = Field(default=None, description="the broker queue it reads")
     device: str
     max_batch_images: int
-    levers: dict[str, bool] = Field(description="speed levers and whether each is on")
+    levers: dict[str, bool | int | str | None] = Field(
+        description="speed levers: whether each is on, or its setting where it takes one "
+        "(`deepcache_interval`, `unet_quant`: null when off)"
+    )
     control_types: list[str] = Field(default=[], description="the ControlNets it has loaded")
     dtypes: dict[str, str] = Field(
         default={},

@@ -544,6 +544,15 @@ class WorkerSettings(_T2ISettings):
         "with dynamic activation scales (torchao); opt-in: images drift from float16's by what "
         "docs/performance.md reports",
     )
+    deepcache_interval: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="feature reuse (DeepCache): run the whole UNet every this many denoising "
+        "steps (and at the last) and only its outermost blocks on the steps between, reusing "
+        "the deep features of the last whole step. Faster, but it changes the image (see "
+        "docs/performance.md); ControlNet jobs always run every step whole; 0 or 1: off",
+    )
     compiled_image_counts: list[int] | None = Field(
         default=None,
         description="JSON list of the image counts the UNet is compiled for, e.g. `[1,4,8]`; each "

@@ -106,6 +106,7 @@ def main() -> int:
         vae_channels_last=settings.vae_channels_last,
         compile_autotune=settings.compile_autotune,
         unet_quant=settings.unet_quant,
+        deepcache_interval=settings.deepcache_interval,
     )
     served_model = settings.model_name or core.model_id
     queue = render_queue(core, served_model)

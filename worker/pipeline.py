@@ -127,6 +127,10 @@ class SpeedLevers:
     # (a much longer first compile), and its linear layers in "fp8" or "int8".
     compile_autotune: bool = False
     unet_quant: UnetQuant | None = None
+    # DeepCache-style feature reuse: the whole UNet runs every `deepcache_interval` steps (and
+    # at the last), the steps between run only its outermost blocks on the deep features kept
+    # from the last whole step. 0 or 1: every step whole. Changes the image.
+    deepcache_interval: int = 0
 
     @classmethod
     def for_device(
@@ -142,6 +146,7 @@ class SpeedLevers:
         vae_channels_last: bool = False,
         compile_autotune: bool = False,
         unet_quant: UnetQuant | None = None,
+        deepcache_interval: int = 0,
     ) -> "SpeedLevers":
         """Levers left unset are on where they pay: on CUDA, not on a CPU."""
         on_cuda = device.type == "cuda"
@@ -159,6 +164,7 @@ class SpeedLevers:
             vae_channels_last=vae_channels_last,
             compile_autotune=compile_autotune,
             unet_quant=unet_quant,
+            deepcache_interval=deepcache_interval,
         )
 
 
@@ -281,7 +287,8 @@ class _UNetForward:
     (schedulers feed int64 or float32, on the host), and once compiled, the inputs seen while
     warming run compiled and any other eager, so a request of a new size renders at once instead
     of waiting a minute for a compile. What was warmed is told by the input shapes and the
-    variant: LoRA slots on or off, ControlNet residuals or none."""
+    variant: LoRA slots on or off, ControlNet residuals or none. Feature reuse's whole and
+    shallow steps are forwards of their own, compiled and warmed the same way."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         self._eager = unet.forward
@@ -289,6 +296,12 @@ class _UNetForward:
         self._warmed: set[tuple[Any, ...]] = set()
         self.warming = False
         unet.forward = self._forward
+        # Feature reuse's two forwards, eager and (once compiled) compiled, each its own graphs.
+        self._reuse_parts: dict[str, tuple[Callable[..., Any], Callable[..., Any] | None]] = {
+            "deep": (partial(deep_forward, unet), None),
+            "shallow": (partial(shallow_forward, unet), None),
+        }
+        self._warmed_reuse: set[tuple[Any, ...]] = set()
 
     @property
     def compiled(self) -> bool:
@@ -304,6 +317,11 @@ class _UNetForward:
         else:
             mode = "reduce-overhead" if cuda_graphs else "default"
         self._compiled = torch.compile(self._eager, mode=mode, fullgraph=True, dynamic=False)
+        # Compiled lazily: no cost unless feature reuse renders through them.
+        self._reuse_parts = {
+            part: (eager, torch.compile(eager, mode=mode, fullgraph=True, dynamic=False))
+            for part, (eager, _) in self._reuse_parts.items()
+        }
         # One graph per warmed shape and variant; past the limit dynamo would go eager silently.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
@@ -324,6 +342,39 @@ class _UNetForward:
         if key in self._warmed:
             return self._compiled(sample, timestep, *args, **kwargs)
         return self._eager(sample, timestep, *args, **kwargs)
+
+    @property
+    def warmed_reuse(self) -> set[tuple[Any, ...]]:
+        """The feature-reuse graphs warmed: input shapes, LoRA slots on, "deep" or "shallow"."""
+        return set(self._warmed_reuse)
+
+    def deep(
+        self, sample: torch.Tensor, timestep: Any, context: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole UNet, as its forward computes it, and the deep features it fed the last up
+        block with."""
+        return self._reuse_call("deep", sample, timestep, context)
+
+    def shallow(
+        self, sample: torch.Tensor, timestep: Any, context: torch.Tensor, features: torch.Tensor
+    ) -> torch.Tensor:
+        """The UNet's outermost blocks alone, on `features` kept from a whole step."""
+        return self._reuse_call("shallow", sample, timestep, context, features)
+
+    def _reuse_call(
+        self, part: str, sample: torch.Tensor, timestep: Any, *args: torch.Tensor
+    ) -> Any:
+        timestep = _timestep_on(sample.device, timestep)
+        sample = sample.contiguous()
+        eager, compiled = self._reuse_parts[part]
+        if compiled is None:
+            return eager(sample, timestep, *args)
+        key = (*unet_input_shape(sample, args[0]), SLOTS.on, part)
+        if self.warming:
+            self._warmed_reuse.add(key)
+        if key in self._warmed_reuse:
+            return compiled(sample, timestep, *args)
+        return eager(sample, timestep, *args)
 
 
 class VaeDecode:
@@ -353,6 +404,136 @@ class VaeDecode:
         else:
             parts = [self._eager(part) for part in latents.split(images_per_slice)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def deepcache_unsupported(unet: torch.nn.Module) -> str | None:
+    """Why feature reuse cannot run this UNet, or None: its forward is re-traced below for the
+    conditioning SD 1.5's UNet takes (timestep and text), nothing more."""
+    config = unet.config
+    extras = {
+        "class embeddings": config.class_embed_type or config.num_class_embeds,
+        "added embeddings": config.addition_embed_type,
+        "an encoder projection": config.encoder_hid_dim_type,
+        "timestep conditioning": config.time_cond_proj_dim,
+    }
+    present = [name for name, value in extras.items() if value]
+    if present:
+        return "the UNet takes " + ", ".join(present)
+    if len(unet.up_blocks) < 2 or unet.mid_block is None:
+        return "the UNet has no deep path to reuse"
+    return None
+
+
+def deepcache_full_step(index: int, steps: int, interval: int) -> bool:
+    """Whether step `index` of `steps` runs the whole UNet with feature reuse every `interval`
+    steps: the first of each `interval` steps, and the last step."""
+    return interval <= 1 or index % interval == 0 or index == steps - 1
+
+
+def _embed(
+    unet: Any, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first part of UNet2DConditionModel.forward: the input, timestep embedding and text
+    conditioning as its blocks take them."""
+    if unet.config.center_input_sample:
+        sample = 2 * sample - 1.0
+    embedding = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if unet.time_embed_act is not None:
+        embedding = unet.time_embed_act(embedding)
+    context = unet.process_encoder_hidden_states(
+        encoder_hidden_states=context, added_cond_kwargs=None
+    )
+    return sample, embedding, context
+
+
+def _down(
+    block: Any, sample: torch.Tensor, embedding: torch.Tensor, context: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    if getattr(block, "has_cross_attention", False):
+        return block(hidden_states=sample, temb=embedding, encoder_hidden_states=context)
+    return block(hidden_states=sample, temb=embedding)
+
+
+def _up(
+    block: Any,
+    sample: torch.Tensor,
+    embedding: torch.Tensor,
+    residuals: tuple[torch.Tensor, ...],
+    context: torch.Tensor,
+    upsample_size: Any,
+) -> torch.Tensor:
+    if getattr(block, "has_cross_attention", False):
+        return block(
+            hidden_states=sample,
+            temb=embedding,
+            res_hidden_states_tuple=residuals,
+            encoder_hidden_states=context,
+            upsample_size=upsample_size,
+        )
+    return block(
+        hidden_states=sample,
+        temb=embedding,
+        res_hidden_states_tuple=residuals,
+        upsample_size=upsample_size,
+    )
+
+
+def _out(unet: Any, sample: torch.Tensor) -> torch.Tensor:
+    if unet.conv_norm_out:
+        sample = unet.conv_act(unet.conv_norm_out(sample))
+    return unet.conv_out(sample)
+
+
+def _mid(
+    unet: Any, sample: torch.Tensor, embedding: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
+    if getattr(unet.mid_block, "has_cross_attention", False):
+        return unet.mid_block(sample, embedding, encoder_hidden_states=context)
+    return unet.mid_block(sample, embedding)
+
+
+def deep_forward(
+    unet: Any, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """UNet2DConditionModel.forward for text conditioning alone, the same operations in the same
+    order (so the same output), and the input of its last up block: the deep features."""
+    sample, embedding, context = _embed(unet, sample, timestep, context)
+    # Sizes that are no multiple of the overall upsampling tell each upsampler its output size.
+    factor = 2**unet.num_upsamplers
+    forward_upsample_size = any(dim % factor != 0 for dim in sample.shape[-2:])
+    sample = unet.conv_in(sample)
+    residuals: tuple[torch.Tensor, ...] = (sample,)
+    for block in unet.down_blocks:
+        sample, more = _down(block, sample, embedding, context)
+        residuals += more
+    sample = _mid(unet, sample, embedding, context)
+    *inner, last = unet.up_blocks
+    for block in inner:
+        taken = len(block.resnets)
+        block_residuals, residuals = residuals[-taken:], residuals[:-taken]
+        upsample_size = residuals[-1].shape[2:] if forward_upsample_size else None
+        sample = _up(block, sample, embedding, block_residuals, context, upsample_size)
+    features = sample
+    sample = _up(last, sample, embedding, residuals[-len(last.resnets) :], context, None)
+    return _out(unet, sample), features
+
+
+def shallow_forward(
+    unet: Any,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    features: torch.Tensor,
+) -> torch.Tensor:
+    """The UNet's shallow branch on deep features from an earlier step: conv_in, the first down
+    block, the last up block (with the skips it takes: conv_in's output and the first down
+    block's, short of its downsampler's) and the output convolution."""
+    sample, embedding, context = _embed(unet, sample, timestep, context)
+    sample = unet.conv_in(sample)
+    _, first = _down(unet.down_blocks[0], sample, embedding, context)
+    last = unet.up_blocks[-1]
+    residuals = (sample, *first)[: len(last.resnets)]
+    return _out(unet, _up(last, features, embedding, residuals, context, None))
 
 
 def unet_input_shape(sample: torch.Tensor, context: torch.Tensor | None) -> tuple[Any, ...]:
@@ -597,6 +778,12 @@ class DiffusionRenderer:
             quantize_unet(self.pipeline.unet, levers.unet_quant, self.device)
         if levers.cudnn_benchmark:
             torch.backends.cudnn.benchmark = True
+        if levers.deepcache_interval < 0:
+            raise ValueError(f"deepcache_interval must be 0 or more: {levers.deepcache_interval}")
+        if levers.deepcache_interval > 1:
+            unsupported = deepcache_unsupported(self.pipeline.unet)
+            if unsupported is not None:
+                raise ValueError(f"feature reuse (deepcache_interval) cannot run: {unsupported}")
         if levers.compile and not self._unet.compiled:
             if compile_cache_dir is not None:
                 _use_persistent_compile_cache(compile_cache_dir)
@@ -640,8 +827,10 @@ class DiffusionRenderer:
 
     @property
     def compiled_variants(self) -> set[tuple[bool, bool]]:
-        """The UNet graphs warmed, as (LoRA slots on, ControlNet residuals) pairs."""
-        return {(key[-2], key[-1]) for key in self._unet.warmed}
+        """The UNet graphs warmed, as (LoRA slots on, ControlNet residuals) pairs; with feature
+        reuse, its graphs stand for the variants without residuals."""
+        reuse = {(key[-2], False) for key in self._unet.warmed_reuse}
+        return {(key[-2], key[-1]) for key in self._unet.warmed} | reuse
 
     @property
     def recompiles(self) -> int:
@@ -727,18 +916,37 @@ class DiffusionRenderer:
         step_arguments = _step_arguments(scheduler, generators)
         unet = self.pipeline.unet
         latents = plan.latents
+        # A kind that adds UNet inputs (ControlNet's residuals, into every skip) runs every step
+        # whole: reusing features would drop its contribution to the deep path.
+        interval = self.levers.deepcache_interval if plan.unet_inputs is None else 0
+        total = len(plan.timesteps)
+        features: torch.Tensor | None = None
         for index, timestep in enumerate(plan.timesteps):
             on_device = _timestep_on(self.device, timestep)
             model_input = torch.cat([latents] * 2) if batch.guided else latents
             model_input = scheduler.scale_model_input(model_input, timestep)
-            extra = (
-                {}
-                if plan.unet_inputs is None
-                else plan.unet_inputs(model_input, on_device, embeddings)
-            )
-            output = unet(
-                model_input, on_device, encoder_hidden_states=embeddings, return_dict=False, **extra
-            )[0]
+            if interval > 1:
+                if features is None or deepcache_full_step(index, total, interval):
+                    output, features = self._unet.deep(model_input, on_device, embeddings)
+                    if self.levers.cuda_graphs:
+                        # The graph's next replay overwrites its outputs; the shallow steps
+                        # read these features after it.
+                        features = features.clone()
+                else:
+                    output = self._unet.shallow(model_input, on_device, embeddings, features)
+            else:
+                extra = (
+                    {}
+                    if plan.unet_inputs is None
+                    else plan.unet_inputs(model_input, on_device, embeddings)
+                )
+                output = unet(
+                    model_input,
+                    on_device,
+                    encoder_hidden_states=embeddings,
+                    return_dict=False,
+                    **extra,
+                )[0]
             if batch.guided:
                 unconditional, conditional = output.chunk(2)
                 noise = unconditional + batch.guidance_scale * (conditional - unconditional)
