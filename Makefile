@@ -29,7 +29,7 @@ run: venv redis
 	@scripts/run.sh
 
 test: venv redis browser lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 # The GPU pipeline benchmark (bench/README.md); on a machine without CUDA, the smoke mode of
 # every GPU benchmark (each proves its code runs; its figures mean nothing).
