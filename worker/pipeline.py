@@ -1294,19 +1294,10 @@ class DiffusionRenderer:
         self, width: int, height: int, compiled: list[int], max_images: int
     ) -> str:
         """What the warm-up timings depend on: the card, the software, the model and levers."""
-        device = self.device
-        card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         facts = {
-            "card": card,
+            **self._set_up_facts(width, height, compiled),
             "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "model": self.model_name,
-            "dtype": str(self.dtype),
-            "levers": asdict(self.levers),
             "variants": sorted(self.compiled_variants),
-            "lora_rank": None if self.loras is None else self.loras.max_rank,
-            "size": [width, height],
-            "compiled": compiled,
             "max_images": max_images,
         }
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
@@ -1358,21 +1349,26 @@ class DiffusionRenderer:
         on: the card, the model and dtype, the levers, the variants served and the shapes."""
         if self._compile_cache_dir is None:
             return None
-        device = self.device
-        card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         facts = {
-            "card": card,
+            **self._set_up_facts(width, height, compiled),
+            "kinds": sorted(type(kind).__name__ for kind in self.kinds),
+            "control_types": self.control_types,
+        }
+        return CompileArtifacts(self._compile_cache_dir, facts)
+
+    def _set_up_facts(self, width: int, height: int, compiled: list[int]) -> dict[str, Any]:
+        """The card, model, dtype, levers, adapter slots and shapes a warm-up worked on."""
+        device = self.device
+        return {
+            "card": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "diffusers": diffusers.__version__,
             "model": self.model_name,
             "dtype": str(self.dtype),
             "levers": asdict(self.levers),
             "lora_rank": None if self.loras is None else self.loras.max_rank,
-            "kinds": sorted(type(kind).__name__ for kind in self.kinds),
-            "control_types": self.control_types,
             "size": [width, height],
             "compiled": compiled,
         }
-        return CompileArtifacts(self._compile_cache_dir, facts)
 
     def _timed_render(self, batch: RenderBatch) -> float:
         _synchronize(self.device)

@@ -12,7 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from diffusers import (
@@ -21,12 +20,14 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from PIL import Image
 from torch._dynamo.utils import counters
 
 from shared.info import WorkerInfo
 from shared.loras import LoraRegistry
 from shared.settings import WorkerSettings
+from tests.integration.test_mixed_traffic import largest_difference, mean_difference
+from tests.integration.test_render_core import batch as render_core_batch
+from tests.integration.test_render_core import item, picture, square_mask
 from worker.controlnet import canny_map
 from worker.kinds import _keep_unmasked, load_renderer
 from worker.pipeline import (
@@ -53,40 +54,8 @@ REUSE_MEAN_BOUND = 4.0
 BFLOAT16_MEAN_TOLERANCE = 3.0
 
 
-def picture(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-    return Image.fromarray(coarse).resize((SIZE, SIZE), Image.Resampling.NEAREST)
-
-
-def square_mask() -> Image.Image:
-    mask = Image.new("L", (SIZE, SIZE))
-    mask.paste(255, (16, 16, 48, 48))
-    return mask
-
-
 def batch(*items: RenderItem, **shared: object) -> RenderBatch:
-    options: dict = {
-        "width": SIZE,
-        "height": SIZE,
-        "num_inference_steps": STEPS,
-        "guidance_scale": GUIDANCE,
-        "scheduler": "dpmpp_2m",
-        **shared,
-    }
-    return RenderBatch(items=items, **options)
-
-
-def item(seed: int = 3, **images: Image.Image) -> RenderItem:
-    return RenderItem("a cat", "blurry", seed, **images)
-
-
-def largest_difference(first: object, second: object) -> int:
-    return int(np.abs(np.asarray(first, np.int16) - np.asarray(second, np.int16)).max())
-
-
-def mean_difference(first: object, second: object) -> float:
-    return float(np.abs(np.asarray(first, np.int16) - np.asarray(second, np.int16)).mean())
+    return render_core_batch(*items, **{"num_inference_steps": STEPS, **shared})
 
 
 @pytest.fixture(scope="module")
