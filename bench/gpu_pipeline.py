@@ -56,6 +56,16 @@ from worker.quantization import UNET_QUANTS, QuantizationUnavailable
 from worker.tiny_model import ensure_tiny_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The levers a `--<name>` or `--no-<name>` option switches (unset: the device's default).
+SWITCHED_LEVERS = (
+    "compile",
+    "cuda_graphs",
+    "fuse_qkv",
+    "cudnn_benchmark",
+    "compile_vae",
+    "vae_channels_last",
+    "compile_autotune",
+)
 # The opt-in levers `--levers` measures, each as the bench options it sets.
 OPT_IN_LEVERS: dict[str, dict[str, Any]] = {
     "autotune": {"compile_autotune": True},
@@ -295,15 +305,7 @@ def child_options(args: argparse.Namespace) -> list[str]:
     options += ["--max-batch-images", str(args.max_batch_images)]
     if args.compiled_counts:
         options += ["--compiled-counts", ",".join(map(str, args.compiled_counts))]
-    for name in (
-        "compile",
-        "cuda_graphs",
-        "fuse_qkv",
-        "cudnn_benchmark",
-        "compile_vae",
-        "vae_channels_last",
-        "compile_autotune",
-    ):
+    for name in SWITCHED_LEVERS:
         value = getattr(args, name)
         if value is not None:
             flag = name.replace("_", "-")
@@ -700,6 +702,23 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The options that are the worker's settings: batching, levers and compiled counts."""
+    parser.add_argument("--max-batch-images", type=int, default=16)
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
+    for name in SWITCHED_LEVERS:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--unet-quant", choices=UNET_QUANTS, default=None)
+    parser.add_argument("--deepcache-interval", type=int, default=0)
+    parser.add_argument(
+        "--compiled-counts",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=None,
+        help="image counts to compile, e.g. 1,4,8 (default: 1 and the max batch)",
+    )
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model on a CPU, seconds")
@@ -717,32 +736,16 @@ def parse_args() -> argparse.Namespace:
         help="concurrent jobs in (d), and in each mixed round (32)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (5)")
-    parser.add_argument("--max-batch-images", type=int, default=16)
-    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--compile-vae", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--vae-channels-last", action=argparse.BooleanOptionalAction, default=None)
+    add_worker_options(parser)
     parser.add_argument(
         "--vae", action="store_true", help="the VAE's decode with each of its levers instead"
     )
-    parser.add_argument("--compile-autotune", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--unet-quant", choices=UNET_QUANTS, default=None)
-    parser.add_argument("--deepcache-interval", type=int, default=0)
     parser.add_argument(
         "--levers",
         type=lambda text: [name for name in text.split(",") if name],
         default=None,
         metavar="NAMES",
         help=f"the opt-in levers against the defaults instead, e.g. {','.join(OPT_IN_LEVERS)}",
-    )
-    parser.add_argument(
-        "--compiled-counts",
-        type=lambda text: [int(n) for n in text.split(",")],
-        default=None,
-        help="image counts to compile, e.g. 1,4,8 (default: 1 and the max batch)",
     )
     parser.add_argument("--cache-dir", default=None, help="models and the compile cache")
     parser.add_argument("--model-dir", type=Path, default=None)

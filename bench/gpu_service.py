@@ -36,6 +36,8 @@ from redis import Redis
 from bench.assets import DEFAULT_CACHE_DIR, GUIDANCE, PROMPT, build_sd15
 from bench.gpu_pipeline import (
     RESULTS_DIR,
+    SWITCHED_LEVERS,
+    add_worker_options,
     child_options,
     gpu_name,
     levers_for,
@@ -196,10 +198,13 @@ def worker_env(args: argparse.Namespace, model_id: str) -> dict[str, str]:
     }
     if args.compiled_counts:
         env["T2I_COMPILED_IMAGE_COUNTS"] = json.dumps(args.compiled_counts)
-    for name in ("compile", "cuda_graphs", "fuse_qkv", "cudnn_benchmark"):
+    for name in SWITCHED_LEVERS:
         value = getattr(args, name)
         if value is not None:
             env[f"T2I_{name.upper()}"] = str(value).lower()
+    if args.unet_quant is not None:
+        env["T2I_UNET_QUANT"] = args.unet_quant
+    env["T2I_DEEPCACHE_INTERVAL"] = str(args.deepcache_interval)
     return env
 
 
@@ -435,18 +440,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--worker-timeout-s", type=float, default=600, help="its start, at most")
     parser.add_argument("--provenance", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--safety-checker", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--max-batch-images", type=int, default=8)
-    parser.add_argument("--batch-wait-ms", type=float, default=0.0)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument(
-        "--compiled-counts",
-        type=lambda text: [int(n) for n in text.split(",")],
-        default=None,
-        help="image counts to compile, e.g. 1,4,8 (default: 1 and the max batch)",
-    )
+    add_worker_options(parser)
     parser.add_argument("--cache-dir", type=Path, default=None, help="models, compile cache")
     parser.add_argument("--model-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
