@@ -52,7 +52,7 @@ class SafetyChecker:
         self._lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queued: list[_Check] = []
-        # Checker calls made, and images checked: what combining saves shows in their ratio.
+        # Checker calls made: fewer than the jobs checked where checks were combined.
         self.calls = 0
 
     @property
