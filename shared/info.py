@@ -5,6 +5,7 @@ from typing import get_args
 
 from pydantic import BaseModel, Field
 
+from shared.families import DEFAULT_FAMILY, ModelFamilyName
 from shared.schema import GenerationRequest, Scheduler
 
 SERVICE_NAME = "txt2img-service"
@@ -18,6 +19,14 @@ class WorkerInfo(BaseModel):
 
     name: str
     model: str
+    family: ModelFamilyName = Field(
+        default=DEFAULT_FAMILY.name, description="the model family of the weights it loaded"
+    )
+    cross_attention_dim: int | None = Field(
+        default=None,
+        description="the text features its UNet's cross-attention takes (a LoRA adapter's "
+        "cross-attention layers must take as many)",
+    )
     queue: str | None = Field(default=None, description="the broker queue it reads")
     device: str
     max_batch_images: int
