@@ -223,6 +223,8 @@ def main() -> int:
         return WorkerInfo(
             name=worker_name,
             model=served_model,
+            family=renderer.family.name,
+            cross_attention_dim=renderer.cross_attention_dim,
             queue=queue,
             device=str(renderer.device),
             max_batch_images=settings.max_batch_images,

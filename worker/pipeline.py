@@ -43,6 +43,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image as PILImage
 from PIL.Image import Image
 
+from shared.families import SD15, SDXL, ModelFamily
 from shared.loras import LoraRegistry
 from shared.schema import Scheduler
 from shared.settings import DEFAULT_MODEL_ID
@@ -735,6 +736,14 @@ class DiffusionRenderer:
     @property
     def dtype(self) -> torch.dtype:
         return self.pipeline.unet.dtype
+
+    @property
+    def family(self) -> ModelFamily:
+        return SDXL if getattr(self.pipeline, "text_encoder_2", None) is not None else SD15
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return int(self.pipeline.unet.config.cross_attention_dim)
 
     @classmethod
     def load(

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 import torch
 from PIL import Image
 
+from shared.families import DEFAULT_FAMILY
 from worker.pipeline import SpeedLevers
 from worker.render_types import (
     BatchKey,
@@ -40,6 +41,8 @@ class SimulatedRenderer:
         self.levers = SpeedLevers()
         self.control_types: list[str] = []
         self.recompiles = 0
+        self.family = DEFAULT_FAMILY
+        self.cross_attention_dim: int | None = None
 
     def use_loras(self, *args: object, **kwargs: object) -> None:
         """Adapters change nothing here."""
