@@ -401,6 +401,13 @@ class WorkerSettings(_T2ISettings):
         description="for a single-file checkpoint: the diffusers directory or hub id its configs, "
         "tokenizer and safety checker come from",
     )
+    vae_id: str | None = Field(
+        default=None,
+        description="a VAE (diffusers' `AutoencoderKL`: a hub id or directory) that replaces the "
+        "model's own. SDXL's own VAE overflows in float16, so a float16 worker keeps it in "
+        "float32; `madebyollin/sdxl-vae-fp16-fix` decodes in float16 instead. Unset: the "
+        "model's own",
+    )
     safety_checker: bool = Field(
         default=True,
         description="run the safety checker on every image; `false` is the only way to turn it "

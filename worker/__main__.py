@@ -135,6 +135,7 @@ def main() -> int:
             decode_slice_pixels=settings.decode_slice_pixels,
             controlnets=settings.controlnets,
             preview_vae=settings.preview_vae,
+            vae=settings.vae_id,
         )
         safety = _safety_checker(core.model_id, renderer.device, renderer.dtype)
         if core.lora_dir is not None:

@@ -1,7 +1,8 @@
 """The kinds of job the render core serves, each a small strategy: where a batch's denoising
 starts and what each step adds. They follow diffusers' SD 1.5 pipelines step for step (text-to-
 image, image-to-image, inpainting, ControlNet) but run inside the core's one loop, so every kind
-keeps the modules' dtype, the compiled UNet and the adapters in their slots."""
+keeps the modules' dtype, the compiled UNet and the adapters in their slots. They serve SD 1.5 and
+SDXL models alike: the core hands them the family's conditioning."""
 
 from pathlib import Path
 from typing import Any, cast
@@ -14,7 +15,15 @@ from PIL import Image as PILImage
 from PIL.Image import Image
 
 from worker.controlnet import load_controlnets
-from worker.pipeline import Denoising, DiffusionRenderer, JobKind, SpeedLevers, Start, resized
+from worker.pipeline import (
+    Conditioning,
+    Denoising,
+    DiffusionRenderer,
+    JobKind,
+    SpeedLevers,
+    Start,
+    resized,
+)
 from worker.render_types import RenderBatch, RenderItem
 from worker.simulated import SimulatedRenderer, is_simulated
 
@@ -198,12 +207,12 @@ class ControlNet:
         scale = batch.control_scale
 
         def unet_inputs(
-            model_input: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor
+            model_input: torch.Tensor, timestep: torch.Tensor, conditioning: Conditioning
         ) -> dict[str, Any]:
             down, middle = controlnet(
                 model_input,
                 timestep,
-                encoder_hidden_states=embeddings,
+                **conditioning.unet_arguments(),
                 controlnet_cond=condition,
                 conditioning_scale=scale,
                 guess_mode=False,

@@ -56,7 +56,7 @@ _LEGACY_NAMES = {
     ".self_attn.to_v": ".self_attn.v_proj",
     ".self_attn.to_out": ".self_attn.out_proj",
 }
-_PREFIXES = ("unet", "text_encoder")
+_PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 
 
 class UnknownAdapter(Exception):
@@ -159,7 +159,9 @@ def _layer_slots(
     return slots
 
 
-def _slot_places(unet: nn.Module, text_encoder: nn.Module) -> list[tuple[nn.Module, str, list]]:
+def _slot_places(
+    unet: nn.Module, text_encoders: dict[str, nn.Module]
+) -> list[tuple[nn.Module, str, list]]:
     """Every layer the slots cover, as (parent, attribute, parts)."""
     places: list[tuple[nn.Module, str, list]] = []
     for path, module in unet.named_modules():
@@ -173,18 +175,18 @@ def _slot_places(unet: nn.Module, text_encoder: nn.Module) -> list[tuple[nn.Modu
         elif kind == "FeedForward":
             places.append((module.net[0], "proj", [(f"unet.{path}.net.0.proj", slice(None))]))
             places.append((module.net, "2", [(f"unet.{path}.net.2", slice(None))]))
-    for path, module in text_encoder.named_modules():
-        kind = type(module).__name__
-        if kind.endswith("Attention"):
-            for attribute in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                places.append(
-                    (module, attribute, [(f"text_encoder.{path}.{attribute}", slice(None))])
-                )
-        elif kind.endswith("MLP"):
-            for attribute in ("fc1", "fc2"):
-                places.append(
-                    (module, attribute, [(f"text_encoder.{path}.{attribute}", slice(None))])
-                )
+    for encoder_name, text_encoder in text_encoders.items():
+        for path, module in text_encoder.named_modules():
+            kind = type(module).__name__
+            if kind.endswith("Attention"):
+                attributes: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
+            elif kind.endswith("MLP"):
+                attributes = ("fc1", "fc2")
+            else:
+                continue
+            for attribute in attributes:
+                part = f"{encoder_name}.{path}.{attribute}"
+                places.append((module, attribute, [(part, slice(None))]))
     return places
 
 
@@ -201,11 +203,13 @@ def _get_child(parent: nn.Module, attribute: str) -> nn.Module:
     return getattr(parent, attribute)
 
 
-def install_slots(unet: nn.Module, text_encoder: nn.Module, max_rank: int) -> list[LoraSlot]:
+def install_slots(
+    unet: nn.Module, text_encoders: dict[str, nn.Module], max_rank: int
+) -> list[LoraSlot]:
     """Put a slot on every layer adapters may target; call before the UNet is first compiled,
     after its projections are fused (or not)."""
     slots = []
-    for parent, attribute, parts in _slot_places(unet, text_encoder):
+    for parent, attribute, parts in _slot_places(unet, text_encoders):
         base = _get_child(parent, attribute)
         if isinstance(base, LoraSlot):
             slots.append(base)
@@ -303,7 +307,7 @@ class LoraSlots:
     def __init__(
         self,
         unet: nn.Module,
-        text_encoder: nn.Module,
+        text_encoders: dict[str, nn.Module],
         registry: LoraRegistry,
         max_bytes: int,
         max_rank: int,
@@ -311,10 +315,12 @@ class LoraSlots:
         self.registry = registry
         self.max_rank = max_rank
         self._max_bytes = max_bytes
-        self._slots = install_slots(unet, text_encoder, max_rank)
-        # Adapters name the text encoder's layers under `text_model.`, which transformers 5's
-        # CLIPTextModel no longer has.
-        self._flat_text_encoder = not hasattr(text_encoder, "text_model")
+        self._slots = install_slots(unet, text_encoders, max_rank)
+        # Adapters name the text encoders' layers under `text_model.`, which transformers 5's
+        # CLIP text models no longer have.
+        self._flat_text_encoders = [
+            name for name, encoder in text_encoders.items() if not hasattr(encoder, "text_model")
+        ]
         self._by_part = {part: slot for slot in self._slots for part, _ in slot.parts}
         self._cached: OrderedDict[str, Adapter] = OrderedDict()
         self._cached_bytes = 0
@@ -371,10 +377,10 @@ class LoraSlots:
         if path is None:
             raise UnknownAdapter(f"no LoRA adapter named {name!r} in the registry")
         adapter = read_adapter(path)
-        if self._flat_text_encoder:
+        for encoder in self._flat_text_encoders:
             adapter = {
-                name.replace("text_encoder.text_model.", "text_encoder.", 1): layer
-                for name, layer in adapter.items()
+                layer_name.replace(f"{encoder}.text_model.", f"{encoder}.", 1): layer
+                for layer_name, layer in adapter.items()
             }
         unknown = sorted(set(adapter) - set(self._by_part))
         if unknown:

@@ -8,7 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,27 +62,47 @@ def model_source(model_id: str, cache_dir: Path, single_file_config: str) -> Mod
     return ModelSource(weights)
 
 
-def load_pipeline(source: ModelSource, dtype: torch.dtype) -> StableDiffusionPipeline:
-    options: dict[str, Any] = {
-        "dtype": dtype,
+def pipeline_class(
+    source: ModelSource,
+) -> type[StableDiffusionPipeline] | type[StableDiffusionXLPipeline]:
+    """The pipeline the model's layout names (its `model_index.json`): SDXL's, or SD 1.5's for
+    anything else (and where the layout cannot be read: loading then says why)."""
+    try:
+        config = DiffusionPipeline.load_config(source.diffusers_layout)
+    except (OSError, ValueError):
+        return StableDiffusionPipeline
+    if str(config.get("_class_name", "")).startswith("StableDiffusionXL"):
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
+def load_pipeline(
+    source: ModelSource, dtype: torch.dtype, vae: str | None = None
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """The model's pipeline (SD 1.5's or SDXL's, as its layout says) in `dtype`, on the host;
+    with `vae` (a hub id or directory) in place of the model's own VAE."""
+    family_pipeline = pipeline_class(source)
+    options: dict[str, Any] = {"dtype": dtype}
+    if vae is not None:
+        try:
+            options["vae"] = AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"could not load T2I_VAE_ID={vae!r}: {exc}") from exc
+    if family_pipeline is StableDiffusionPipeline:
         # The service runs the checker itself (worker/safety.py): the pipeline's own would
-        # return black images.
-        "safety_checker": None,
-        "requires_safety_checker": False,
-    }
+        # return black images. (SDXL's pipeline has none.)
+        options.update(safety_checker=None, requires_safety_checker=False)
     try:
         if source.single_file_config is not None:
-            return StableDiffusionPipeline.from_single_file(
+            return family_pipeline.from_single_file(
                 source.weights, config=source.single_file_config, **options
             )
         if dtype == torch.float16:
             try:
-                return StableDiffusionPipeline.from_pretrained(
-                    source.weights, variant="fp16", **options
-                )
+                return family_pipeline.from_pretrained(source.weights, variant="fp16", **options)
             except (OSError, ValueError):
                 log.info("%s has no fp16 variant; loading the default weights as fp16", source)
-        return StableDiffusionPipeline.from_pretrained(source.weights, **options)
+        return family_pipeline.from_pretrained(source.weights, **options)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"could not load T2I_MODEL_ID={source.weights!r}: {exc}\n"

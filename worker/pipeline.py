@@ -37,6 +37,7 @@ from diffusers import (
     LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -626,13 +627,41 @@ def load_preview_vae(
     return vae.to(device).eval()
 
 
+def _vae_overflows(pipeline: Any, dtype: torch.dtype) -> bool:
+    """Whether the pipeline's VAE must run in float32: an SDXL VAE that says so, in float16.
+    (SD 1.5's VAE configs carry the same flag, but SD 1.5 runs its VAE in float16 well, as its
+    diffusers pipeline does.)"""
+    return (
+        isinstance(pipeline, StableDiffusionXLPipeline)
+        and dtype == torch.float16
+        and bool(pipeline.vae.config.get("force_upcast", False))
+    )
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-# Extra UNet arguments for one step: (scaled latents, timestep on the device, text embeddings).
-UNetInputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, Any]]
+@dataclass(frozen=True)
+class Conditioning:
+    """What a batch's text (and for SDXL, its size) gives the UNet at every step: the text
+    embeddings, the unconditional rows first when guided, and SDXL's added conditioning (pooled
+    text embeddings and size ids) in the same row order."""
+
+    embeddings: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def unet_arguments(self) -> dict[str, Any]:
+        """The keyword arguments a UNet (or a ControlNet) takes them as."""
+        arguments: dict[str, Any] = {"encoder_hidden_states": self.embeddings}
+        if self.added is not None:
+            arguments["added_cond_kwargs"] = self.added
+        return arguments
+
+
+# Extra UNet arguments for one step: (scaled latents, timestep on the device, conditioning).
+UNetInputs = Callable[[torch.Tensor, torch.Tensor, Conditioning], dict[str, Any]]
 
 
 @dataclass
@@ -681,12 +710,13 @@ class JobKind(Protocol):
 
 
 class DiffusionRenderer:
-    """The render core: a warm StableDiffusionPipeline's modules on one device, and the job
-    kinds it serves."""
+    """The render core: a warm SD 1.5 or SDXL pipeline's modules on one device, and the job
+    kinds it serves. The model's family changes only how text becomes conditioning (and the
+    warm-up's default size); every kind and lever runs the same loop for both."""
 
     def __init__(
         self,
-        pipeline: StableDiffusionPipeline,
+        pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline,
         model_name: str,
         kinds: Sequence[JobKind] = (),
         decode_slice_pixels: int = DEFAULT_DECODE_SLICE_PIXELS,
@@ -756,15 +786,23 @@ class DiffusionRenderer:
         dtype: str = "auto",
         kinds: Sequence[JobKind] = (),
         preview_vae: str | None = None,
+        vae: str | None = None,
         **options: Any,
     ) -> "DiffusionRenderer":
         """`preview_vae`: a tiny autoencoder (hub id or directory, or "tiny") that decodes
-        previews; None: a linear map fitted to the model's VAE."""
+        previews; None: a linear map fitted to the model's VAE. `vae`: a VAE (hub id or
+        directory) in place of the model's own."""
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         source = model_source(model_id, cache_dir, single_file_config)
-        pipeline = load_pipeline(source, torch_dtype)
+        pipeline = load_pipeline(source, torch_dtype, vae)
         pipeline.to(target)
+        if _vae_overflows(pipeline, torch_dtype):
+            # SDXL's own VAE overflows to NaN in float16 (its config says `force_upcast`): it is
+            # kept in float32 for good, where diffusers' SDXL pipeline casts it there and back
+            # at every decode. A VAE fixed for float16 (T2I_VAE_ID) stays in float16.
+            pipeline.vae.to(torch.float32)
+            log.info("the VAE stays in float32: it overflows in float16 (force_upcast)")
         pipeline.set_progress_bar_config(disable=True)
         log.info("loaded %s on %s (%s)", model_id, target, torch_dtype)
         if preview_vae is not None:
@@ -814,8 +852,15 @@ class DiffusionRenderer:
             self.loras.use_registry(registry, max_bytes)
             return
         self.loras = LoraSlots(
-            self.pipeline.unet, self.pipeline.text_encoder, registry, max_bytes, max_rank
+            self.pipeline.unet, self.text_encoders(), registry, max_bytes, max_rank
         )
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's text encoders by the names adapters give them: one for SD 1.5, two for
+        SDXL."""
+        names = ("text_encoder", "text_encoder_2")
+        found = {name: getattr(self.pipeline, name, None) for name in names}
+        return {name: encoder for name, encoder in found.items() if encoder is not None}
 
     @property
     def control_types(self) -> list[str]:
@@ -826,7 +871,7 @@ class DiffusionRenderer:
         modules: dict[str, torch.nn.Module] = {
             "unet": self.pipeline.unet,
             "vae": self.pipeline.vae,
-            "text_encoder": self.pipeline.text_encoder,
+            **self.text_encoders(),
         }
         if self.preview_vae is not None:
             modules["preview_vae"] = self.preview_vae
@@ -896,9 +941,9 @@ class DiffusionRenderer:
         chunks = self.prompt_chunks(batch)
         items = self._pad(batch, chunks)
         host, stepping = self._generators(items)
-        embeddings = self._embeddings(items, chunks, batch.guided)
+        conditioning = self._conditioning(items, chunks, batch)
         plan = kind.start(Start(self, batch, items, scheduler, host))
-        latents = self._denoise(plan, embeddings, scheduler, stepping, batch, on_step, on_preview)
+        latents = self._denoise(plan, conditioning, scheduler, stepping, batch, on_step, on_preview)
         pixels = self.decode(latents)
         if plan.finish is not None:
             pixels = plan.finish(pixels)
@@ -907,7 +952,7 @@ class DiffusionRenderer:
     def _denoise(
         self,
         plan: Denoising,
-        embeddings: torch.Tensor,
+        conditioning: Conditioning,
         scheduler: Any,
         generators: list[torch.Generator],
         batch: RenderBatch,
@@ -928,6 +973,7 @@ class DiffusionRenderer:
         # A kind that adds UNet inputs (ControlNet's residuals, into every skip) runs every step
         # whole: reusing features would drop its contribution to the deep path.
         interval = self.levers.deepcache_interval if plan.unet_inputs is None else 0
+        embeddings = conditioning.embeddings
         total = len(plan.timesteps)
         features: torch.Tensor | None = None
         for index, timestep in enumerate(plan.timesteps):
@@ -947,12 +993,12 @@ class DiffusionRenderer:
                 extra = (
                     {}
                     if plan.unet_inputs is None
-                    else plan.unet_inputs(model_input, on_device, embeddings)
+                    else plan.unet_inputs(model_input, on_device, conditioning)
                 )
                 output = unet(
                     model_input,
                     on_device,
-                    encoder_hidden_states=embeddings,
+                    **conditioning.unet_arguments(),
                     return_dict=False,
                     **extra,
                 )[0]
@@ -1046,7 +1092,7 @@ class DiffusionRenderer:
         channels = vae.config.latent_channels
         generator = torch.Generator("cpu").manual_seed(0)
         latents = torch.randn((2, channels, 16, 16), generator=generator)
-        on_device = latents.to(self.device, self.dtype)
+        on_device = latents.to(self.device, vae.dtype)
         decoded = vae.decode(on_device / vae.config.scaling_factor, return_dict=False)[0]
         # Not clamped: the map is fitted where the decoder is linear, and clamped when applied.
         pixels = torch.nn.functional.avg_pool2d(
@@ -1111,20 +1157,20 @@ class DiffusionRenderer:
     ) -> torch.Tensor:
         """Images in [-1, 1] as latents, each sampled with its own host generator."""
         vae = self.pipeline.vae
-        distribution = vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        distribution = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
         draws = torch.cat(
             [
                 randn_tensor(
                     distribution.mean[index : index + 1].shape,
                     generator=generator,
                     device=self.device,
-                    dtype=self.dtype,
+                    dtype=vae.dtype,
                 )
                 for index, generator in enumerate(generators)
             ]
         )
         latents = distribution.mean + distribution.std * draws
-        return latents * vae.config.scaling_factor
+        return (latents * vae.config.scaling_factor).to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as pixels in [0, 1], decoded in slices of at most `decode_slice_pixels`."""
@@ -1132,17 +1178,43 @@ class DiffusionRenderer:
         scale = self.pipeline.vae_scale_factor
         image_pixels = latents.shape[2] * latents.shape[3] * scale * scale
         per_slice = max(1, self.decode_slice_pixels // image_pixels)
-        pixels = self._vae_decode(latents / vae.config.scaling_factor, per_slice)
+        pixels = self._vae_decode((latents / vae.config.scaling_factor).to(vae.dtype), per_slice)
         return (pixels / 2 + 0.5).clamp(0, 1)
 
-    def _embeddings(self, items: Sequence[RenderItem], chunks: int, guided: bool) -> torch.Tensor:
-        """The UNet's text conditioning: the prompts' embeddings, after the negative prompts'
-        when guided."""
-        prompts = self._encode_in_chunks([item.prompt for item in items], chunks)
-        if not guided:
-            return prompts
-        negatives = self._encode_in_chunks([item.negative_prompt for item in items], chunks)
-        return torch.cat([negatives, prompts])
+    def _conditioning(
+        self, items: Sequence[RenderItem], chunks: int, batch: RenderBatch
+    ) -> Conditioning:
+        """The UNet's conditioning: the prompts' embeddings, after the negative prompts' when
+        guided; for SDXL also the pooled embeddings and the size ids, in the same order.
+
+        An SDXL model whose config says `force_zeros_for_empty_prompt` (SDXL base does) takes an
+        empty negative prompt as zeros, not as the encoding of "", as diffusers' SDXL pipelines
+        do when given no negative prompt."""
+        prompts, pooled = self._encode_in_chunks([item.prompt for item in items], chunks)
+        if batch.guided:
+            negatives, negatives_pooled = self._encode_in_chunks(
+                [item.negative_prompt for item in items], chunks
+            )
+            if self.family is SDXL and self.pipeline.config.get("force_zeros_for_empty_prompt"):
+                empty = torch.tensor(
+                    [item.negative_prompt == "" for item in items], device=self.device
+                )
+                negatives = negatives.masked_fill(empty[:, None, None], 0)
+                if negatives_pooled is not None:
+                    negatives_pooled = negatives_pooled.masked_fill(empty[:, None], 0)
+            embeddings = torch.cat([negatives, prompts])
+            if pooled is not None and negatives_pooled is not None:
+                pooled = torch.cat([negatives_pooled, pooled])
+        else:
+            embeddings = prompts
+        if pooled is None:
+            return Conditioning(embeddings)
+        # SDXL's micro-conditioning: the image's original size, the crop's top left corner and
+        # the target size; a render is an uncropped image at its own size.
+        height, width = batch.height, batch.width
+        size_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=embeddings.dtype)
+        time_ids = size_ids.to(self.device).repeat(len(embeddings), 1)
+        return Conditioning(embeddings, {"text_embeds": pooled, "time_ids": time_ids})
 
     def _token_ids(self, text: str) -> list[int]:
         with self._counting_lock:
@@ -1162,21 +1234,46 @@ class DiffusionRenderer:
         with empty chunks would change its image."""
         return (*batch_key(batch), self.prompt_chunks(batch))
 
-    def _encode_in_chunks(self, texts: list[str], chunks: int) -> torch.Tensor:
+    def _encode_in_chunks(
+        self, texts: list[str], chunks: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each text as `chunks` CLIP windows of BOS + 75 tokens + EOS, encoded separately and
         joined along the sequence: long prompts are not truncated (as popular SD UIs do it). One
-        window is exactly what diffusers' own prompt encoding gives."""
-        tokenizer = self.pipeline.tokenizer
+        window is exactly what diffusers' own prompt encoding gives.
+
+        SD 1.5: the text encoder's last hidden states, and no pooled embedding. SDXL: both text
+        encoders' penultimate hidden states side by side, and the second encoder's projected
+        pooled embedding of each text's first window (as popular SDXL UIs pool long prompts)."""
+        ids = [self._token_ids(text) for text in texts]
+        if self.family is not SDXL:
+            hidden = self.pipeline.text_encoder(self._windows(self.pipeline.tokenizer, ids, chunks))
+            return self._joined(hidden[0], len(texts), chunks), None
+        pipeline = self.pipeline
+        first = pipeline.text_encoder(
+            self._windows(pipeline.tokenizer, ids, chunks), output_hidden_states=True
+        )
+        second = pipeline.text_encoder_2(
+            self._windows(pipeline.tokenizer_2, ids, chunks), output_hidden_states=True
+        )
+        hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        pooled = second.text_embeds.reshape(len(texts), chunks, -1)[:, 0]
+        return self._joined(hidden, len(texts), chunks).to(self.dtype), pooled.to(self.dtype)
+
+    def _windows(self, tokenizer: Any, ids: list[list[int]], chunks: int) -> torch.Tensor:
+        """The token ids of each text's `chunks` windows, each padded with `tokenizer`'s own
+        padding token (SDXL's second tokenizer pads with "!", not with EOS)."""
         rows: list[list[int]] = []
-        for text in texts:
-            ids = self._token_ids(text)
+        for text_ids in ids:
             for chunk in range(chunks):
-                part = ids[chunk * CHUNK_TOKENS : (chunk + 1) * CHUNK_TOKENS]
+                part = text_ids[chunk * CHUNK_TOKENS : (chunk + 1) * CHUNK_TOKENS]
                 padding = [tokenizer.pad_token_id] * (CHUNK_TOKENS - len(part))
                 rows.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id, *padding])
-        input_ids = torch.tensor(rows, device=self.device)
-        hidden = self.pipeline.text_encoder(input_ids)[0]
-        return hidden.reshape(len(texts), chunks * hidden.shape[1], hidden.shape[2])
+        return torch.tensor(rows, device=self.device)
+
+    @staticmethod
+    def _joined(hidden: torch.Tensor, texts: int, chunks: int) -> torch.Tensor:
+        """Each text's windows one after the other along the sequence."""
+        return hidden.reshape(texts, chunks * hidden.shape[1], hidden.shape[2])
 
     def _pad(self, batch: RenderBatch, chunks: int) -> tuple[RenderItem, ...]:
         """The batch's items, padded up to a compiled image count where warm-up measured that to
@@ -1199,8 +1296,8 @@ class DiffusionRenderer:
 
     def warm_up(
         self,
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         compiled_counts: Iterable[int] = (1,),
         max_images: int = 1,
     ) -> list[Callable[[], object]]:
@@ -1213,8 +1310,9 @@ class DiffusionRenderer:
         Returns the renders left for idle time: when the timings are cached from an earlier start
         on the same card, software and settings, the counts that are not compiled are warmed
         (their first render selects kernels) only while no job waits."""
+        size = self.family.default_size
         try:
-            return self._warm_up(width, height, compiled_counts, max_images)
+            return self._warm_up(width or size, height or size, compiled_counts, max_images)
         finally:
             self._graphs_when_warm = compiled_graphs()
 
