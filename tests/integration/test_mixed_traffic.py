@@ -1,8 +1,9 @@
-"""Every kind of job on the fast path a GPU worker runs, as far as this CPU allows: the tiny model
-in bfloat16, the UNet compiled by inductor, fused attention projections, LoRA slots and a canny
-ControlNet, warmed on the executor's thread. A mixed sequence of jobs must keep every module's
-dtype, compile nothing after the warm-up, and give the same request the same image wherever it
-falls; first in this process through the GPU executor, then from outside through `make run`.
+"""Every kind of job on the fast path a GPU worker runs, as far as this CPU allows: the tiny models
+of both families (SD 1.5 and SDXL) in bfloat16, the UNet compiled by inductor, fused attention
+projections, LoRA slots and a canny ControlNet, warmed on the executor's thread. A mixed sequence
+of jobs must keep every module's dtype, compile nothing after the warm-up, and give the same
+request the same image wherever it falls; first in this process through the GPU executor, then
+(SD 1.5) from outside through `make run`.
 
 Both warm up at 512x512 for one image with the same settings, so `make run` finds the graphs this
 process compiled in the shared inductor cache instead of compiling them again.
@@ -19,7 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
@@ -27,6 +28,7 @@ from redis import Redis
 from shared.apikeys import ApiKeyStore
 from shared.loras import LoraRegistry
 from tests.integration.test_operations import MakeRun, ports, start_make_run
+from tests.integration.test_render_core import FAMILIES, Family
 from tests.support import wait_for_job, wait_until
 from worker.controlnet import canny_map
 from worker.executor import GpuExecutor, RenderJob
@@ -37,8 +39,6 @@ from worker.render_types import AdapterSet
 
 SIZE = 512
 STEPS = 4
-STYLE: AdapterSet = (("tiny-style", 1.0),)
-OTHER: AdapterSet = (("tiny-other", 1.0),)
 # bfloat16 keeps 8 bits of mantissa: compiled kernels and eager ones round differently, and the
 # tiny model's random weights amplify that into single pixels far apart (bfloat16 against float32,
 # eager: up to 115 levels of 255) while the mean stays about 1.5 levels. So paths are compared by
@@ -83,16 +83,19 @@ def item(seed: int = 5, **images: Image.Image) -> RenderItem:
     return RenderItem("a harbour at dawn", "blurry", seed, **images)
 
 
-def mixed_sequence() -> list[tuple[str, RenderBatch]]:
+def mixed_sequence(family: Family) -> list[tuple[str, RenderBatch]]:
     """Ten jobs of every kind, in an order that puts each kind before and after the others."""
     init = picture(1)
+    # Adapters at scale 1.
+    style: AdapterSet = ((family.style[0][0], 1.0),)
+    other: AdapterSet = ((family.other[0][0], 1.0),)
     return [
         ("plain", batch(item())),
-        ("lora A", batch(item(), loras=STYLE)),
+        ("lora A", batch(item(), loras=style)),
         ("image-to-image", batch(item(init_image=init), strength=0.6)),
         ("controlnet", batch(item(control_image=canny_map(picture(2))), control_type="canny")),
-        ("lora B", batch(item(), loras=OTHER)),
-        ("lora A again", batch(item(), loras=STYLE)),
+        ("lora B", batch(item(), loras=other)),
+        ("lora A again", batch(item(), loras=style)),
         ("plain again", batch(item())),
         (
             "unguided pndm",
@@ -106,20 +109,23 @@ def mixed_sequence() -> list[tuple[str, RenderBatch]]:
     ]
 
 
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> Family:
+    return FAMILIES[request.param]
+
+
 @pytest.fixture(scope="module")
-def fast_path(
-    model_cache: Path, tiny_lora_dir: Path
-) -> Iterator[tuple[DiffusionRenderer, GpuExecutor]]:
+def fast_path(model_cache: Path, family: Family) -> Iterator[tuple[DiffusionRenderer, GpuExecutor]]:
     """The worker's set-up, with the levers a GPU worker turns on."""
     renderer = load_renderer(
-        "tiny",
+        family.model,
         model_cache,
         "cpu",
         SpeedLevers(compile=True, fuse_qkv=True),
         dtype="bfloat16",
-        controlnets={"canny": "tiny"},
+        controlnets={"canny": family.controlnet},
     )
-    renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20)
+    renderer.use_loras(LoraRegistry(family.loras(model_cache)), max_bytes=64 * 2**20)
     executor = GpuExecutor(
         renderer.render,
         max_batch_images=2,
@@ -132,20 +138,24 @@ def fast_path(
 
 
 @pytest.fixture(scope="module")
-def eager(model_cache: Path, tiny_lora_dir: Path) -> DiffusionRenderer:
+def eager(model_cache: Path, family: Family) -> DiffusionRenderer:
     """The same model and dtype without compile or fused projections."""
     renderer = load_renderer(
-        "tiny", model_cache, "cpu", dtype="bfloat16", controlnets={"canny": "tiny"}
+        family.model,
+        model_cache,
+        "cpu",
+        dtype="bfloat16",
+        controlnets={"canny": family.controlnet},
     )
-    renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20)
+    renderer.use_loras(LoraRegistry(family.loras(model_cache)), max_bytes=64 * 2**20)
     return renderer
 
 
 @pytest.fixture(scope="module")
-def rendered(fast_path: tuple[DiffusionRenderer, GpuExecutor]) -> dict[str, list]:
+def rendered(fast_path: tuple[DiffusionRenderer, GpuExecutor], family: Family) -> dict[str, list]:
     renderer, executor = fast_path
     images = {}
-    for name, job in mixed_sequence():
+    for name, job in mixed_sequence(family):
         images[name] = executor.submit(RenderJob(job)).result(timeout=300).images
         assert renderer.recompiles == 0, f"{name} compiled a graph after the warm-up"
     return images
@@ -160,12 +170,12 @@ def test_the_warm_up_compiled_a_graph_for_each_variant(
 
 
 def test_mixed_jobs_compile_nothing_and_keep_every_dtype(
-    fast_path: tuple[DiffusionRenderer, GpuExecutor], rendered: dict[str, list]
+    fast_path: tuple[DiffusionRenderer, GpuExecutor], rendered: dict[str, list], family: Family
 ) -> None:
     renderer, _ = fast_path
     assert renderer.recompiles == 0
     dtypes = renderer.module_dtypes()
-    assert set(dtypes) == {"unet", "vae", "text_encoder", "controlnet:canny"}
+    assert set(dtypes) == {"unet", "vae", *family.text_encoders, "controlnet:canny"}
     assert set(dtypes.values()) == {"bfloat16"}
 
 
@@ -179,28 +189,25 @@ def test_the_same_request_gives_the_same_image_wherever_it_falls(rendered: dict[
 
 
 def test_every_kind_renders_compiled_as_it_does_eager(
-    rendered: dict[str, list], eager: DiffusionRenderer
+    rendered: dict[str, list], eager: DiffusionRenderer, family: Family
 ) -> None:
     """Compiled, fused and in slots, each job's images are those of the eager core (which
     equals diffusers' own pipelines: tests/integration/test_render_core.py)."""
-    for name, job in mixed_sequence():
+    for name, job in mixed_sequence(family):
         for compiled, reference in zip(rendered[name], eager.render(job), strict=True):
             assert mean_difference(compiled, reference) <= BFLOAT16_MEAN_TOLERANCE, name
 
 
 def test_a_lora_job_equals_a_fresh_eager_pipeline_with_the_same_adapter(
-    rendered: dict[str, list], model_cache: Path, tiny_lora_dir: Path
+    rendered: dict[str, list], model_cache: Path, family: Family
 ) -> None:
-    fresh = StableDiffusionPipeline.from_pretrained(
-        resolve("tiny", model_cache),
-        dtype=torch.bfloat16,
-        safety_checker=None,
-        requires_safety_checker=False,
+    fresh = family.text.from_pretrained(
+        resolve(family.model, model_cache), dtype=torch.bfloat16, **family.load_options
     )
     fresh.set_progress_bar_config(disable=True)
-    fresh.load_lora_weights(str(tiny_lora_dir / "tiny-style.safetensors"), adapter_name="style")
-    from diffusers import DPMSolverMultistepScheduler
-
+    [(style, _)] = family.style
+    adapter = family.loras(model_cache) / f"{style}.safetensors"
+    fresh.load_lora_weights(str(adapter), adapter_name="style")
     fresh.scheduler = DPMSolverMultistepScheduler.from_config(
         fresh.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
     )

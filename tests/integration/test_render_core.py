@@ -1,23 +1,32 @@
 """The render core against diffusers' own pipelines, and the invariants it keeps for any order of
-job kinds: the tiny model, eager, on this CPU (tests/integration/test_mixed_traffic.py runs the
-same kinds compiled, in bfloat16, with fused projections).
+job kinds: the tiny models of both families (SD 1.5 and SDXL), eager, on this CPU
+(tests/integration/test_mixed_traffic.py runs the same kinds compiled, in bfloat16, with fused
+projections).
 
 Each kind runs in the core's one denoising loop; with the same seeds it must give the image
-diffusers' own pipeline gives (StableDiffusionPipeline, ...Img2ImgPipeline, ...InpaintPipeline,
-...ControlNetPipeline, and `load_lora_weights` for adapters) on the same modules.
+diffusers' own pipeline of the model's family gives (StableDiffusion[XL]Pipeline,
+...Img2ImgPipeline, ...InpaintPipeline, ...ControlNetPipeline, and `load_lora_weights` for
+adapters) on the same modules.
 """
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DiffusionPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
 )
 from PIL import Image
 from safetensors.torch import save_file
@@ -29,12 +38,59 @@ from worker.kinds import _keep_unmasked, load_renderer
 from worker.models import resolve
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, SpeedLevers, to_images
 from worker.render_types import AdapterSet
+from worker.tiny_customization import ensure_tiny_loras, ensure_tiny_xl_loras
 
 SIZE = 64
 STEPS = 4
 GUIDANCE = 7.5
-STYLE: AdapterSet = (("tiny-style", 0.7),)
-OTHER: AdapterSet = (("tiny-other", 1.0),)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model of one family, its adapters and ControlNet, and diffusers' own pipelines."""
+
+    model: str
+    controlnet: str
+    loras: Callable[[Path], Path]
+    style: AdapterSet
+    other: AdapterSet
+    text: type[DiffusionPipeline]
+    image_to_image: type[DiffusionPipeline]
+    inpainting: type[DiffusionPipeline]
+    controlnet_pipeline: type[DiffusionPipeline]
+    text_encoders: tuple[str, ...]
+    # What diffusers needs told to load the model's folder as the service does (no checker).
+    load_options: dict[str, object]
+
+
+FAMILIES = {
+    "sd15": Family(
+        model="tiny",
+        controlnet="tiny",
+        loras=ensure_tiny_loras,
+        style=(("tiny-style", 0.7),),
+        other=(("tiny-other", 1.0),),
+        text=StableDiffusionPipeline,
+        image_to_image=StableDiffusionImg2ImgPipeline,
+        inpainting=StableDiffusionInpaintPipeline,
+        controlnet_pipeline=StableDiffusionControlNetPipeline,
+        text_encoders=("text_encoder",),
+        load_options={"safety_checker": None, "requires_safety_checker": False},
+    ),
+    "sdxl": Family(
+        model="tiny-xl",
+        controlnet="tiny-xl",
+        loras=ensure_tiny_xl_loras,
+        style=(("tiny-xl-style", 0.7),),
+        other=(("tiny-xl-other", 1.0),),
+        text=StableDiffusionXLPipeline,
+        image_to_image=StableDiffusionXLImg2ImgPipeline,
+        inpainting=StableDiffusionXLInpaintPipeline,
+        controlnet_pipeline=StableDiffusionXLControlNetPipeline,
+        text_encoders=("text_encoder", "text_encoder_2"),
+        load_options={},
+    ),
+}
 
 
 def picture(seed: int) -> Image.Image:
@@ -73,14 +129,34 @@ def generator(seed: int = 3) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed)]
 
 
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> Family:
+    return FAMILIES[request.param]
+
+
 @pytest.fixture(scope="module")
-def core(model_cache: Path, tiny_lora_dir: Path) -> DiffusionRenderer:
-    renderer = load_renderer("tiny", model_cache, "cpu", controlnets={"canny": "tiny"})
-    renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20, max_rank=8)
+def lora_dir(family: Family, model_cache: Path) -> Path:
+    return family.loras(model_cache)
+
+
+@pytest.fixture(scope="module")
+def core(model_cache: Path, family: Family, lora_dir: Path) -> DiffusionRenderer:
+    renderer = load_renderer(
+        family.model, model_cache, "cpu", controlnets={"canny": family.controlnet}
+    )
+    renderer.use_loras(LoraRegistry(lora_dir), max_bytes=64 * 2**20, max_rank=8)
     return renderer
 
 
-def diffusers_pipeline(core: DiffusionRenderer, kind: type = StableDiffusionPipeline, **extra):
+def test_the_core_serves_the_family_its_model_belongs_to(
+    core: DiffusionRenderer, family: Family
+) -> None:
+    assert type(core.pipeline) is family.text
+    assert core.family.name == ("sdxl" if family.text is StableDiffusionXLPipeline else "sd15")
+    assert set(core.text_encoders()) == set(family.text_encoders)
+
+
+def diffusers_pipeline(core: DiffusionRenderer, kind: type[DiffusionPipeline], **extra):
     """diffusers' own pipeline of `kind` on the core's modules and scheduler."""
     pipeline = kind(**core.pipeline.components, **extra)
     pipeline.scheduler = core.scheduler("dpmpp_2m")
@@ -91,18 +167,44 @@ def diffusers_pipeline(core: DiffusionRenderer, kind: type = StableDiffusionPipe
 ARGUMENTS = {"prompt": "a cat", "negative_prompt": "blurry", "num_inference_steps": STEPS}
 
 
-def test_text_to_image_is_diffusers_own_image(core: DiffusionRenderer) -> None:
+def test_text_to_image_is_diffusers_own_image(core: DiffusionRenderer, family: Family) -> None:
     [ours] = core.render(batch(item()))
-    reference = diffusers_pipeline(core)(
+    reference = diffusers_pipeline(core, family.text)(
         **ARGUMENTS, width=SIZE, height=SIZE, guidance_scale=GUIDANCE, generator=generator()
     ).images[0]
     assert largest_difference(ours, reference) == 0
 
 
-def test_image_to_image_is_diffusers_own_image(core: DiffusionRenderer) -> None:
+def test_an_empty_negative_prompt_is_what_diffusers_makes_of_none(
+    core: DiffusionRenderer, family: Family
+) -> None:
+    """SDXL base zeroes the unconditional embeddings when no negative prompt is given
+    (`force_zeros_for_empty_prompt`); SD 1.5 encodes the empty text."""
+    [ours] = core.render(batch(RenderItem("a cat", "", 3)))
+    reference = diffusers_pipeline(core, family.text)(
+        prompt="a cat",
+        negative_prompt=None,
+        num_inference_steps=STEPS,
+        width=SIZE,
+        height=SIZE,
+        guidance_scale=GUIDANCE,
+        generator=generator(),
+    ).images[0]
+    assert largest_difference(ours, reference) == 0
+
+
+def test_each_image_of_a_batch_is_the_image_it_gets_alone(core: DiffusionRenderer) -> None:
+    together = core.render(batch(item(3), RenderItem("a dog", "", 4), item(5)))
+    for index, seed in enumerate((3, 4, 5)):
+        single = item(seed) if seed != 4 else RenderItem("a dog", "", 4)
+        [alone] = core.render(batch(single))
+        assert largest_difference(together[index], alone) <= 1, seed
+
+
+def test_image_to_image_is_diffusers_own_image(core: DiffusionRenderer, family: Family) -> None:
     init = picture(1)
     [ours] = core.render(batch(item(init_image=init), strength=0.6))
-    reference = diffusers_pipeline(core, StableDiffusionImg2ImgPipeline)(
+    reference = diffusers_pipeline(core, family.image_to_image)(
         **ARGUMENTS, image=[init], strength=0.6, guidance_scale=GUIDANCE, generator=generator()
     ).images[0]
     assert largest_difference(ours, reference) == 0
@@ -110,11 +212,11 @@ def test_image_to_image_is_diffusers_own_image(core: DiffusionRenderer) -> None:
 
 @pytest.mark.parametrize("strength", [0.75, 1.0])
 def test_inpainting_is_diffusers_own_image_with_the_unmasked_part_pasted_back(
-    core: DiffusionRenderer, strength: float
+    core: DiffusionRenderer, family: Family, strength: float
 ) -> None:
     init, mask = picture(2), square_mask()
     [ours] = core.render(batch(item(init_image=init, mask_image=mask), strength=strength))
-    pixels = diffusers_pipeline(core, StableDiffusionInpaintPipeline)(
+    pixels = diffusers_pipeline(core, family.inpainting)(
         **ARGUMENTS,
         image=[init],
         mask_image=[mask],
@@ -131,13 +233,13 @@ def test_inpainting_is_diffusers_own_image_with_the_unmasked_part_pasted_back(
     assert (np.asarray(ours)[outside] == np.asarray(init)[outside]).all()
 
 
-def test_controlnet_is_diffusers_own_image(core: DiffusionRenderer) -> None:
+def test_controlnet_is_diffusers_own_image(core: DiffusionRenderer, family: Family) -> None:
     edges = canny_map(picture(3))
     [ours] = core.render(batch(item(control_image=edges), control_type="canny", control_scale=0.8))
     [controlnet] = [kind for kind in core.kinds if kind.name == "controlnet"]
     reference = diffusers_pipeline(
         core,
-        StableDiffusionControlNetPipeline,
+        family.controlnet_pipeline,
         controlnet=controlnet.modules()["controlnet:canny"],
     )(
         **ARGUMENTS,
@@ -149,21 +251,23 @@ def test_controlnet_is_diffusers_own_image(core: DiffusionRenderer) -> None:
         generator=generator(),
     ).images[0]
     assert largest_difference(ours, reference) == 0
+    [plain] = core.render(batch(item()))
+    assert largest_difference(ours, plain) > 32
 
 
 @pytest.fixture(scope="module")
-def fresh_with_adapters(model_cache: Path, tiny_lora_dir: Path) -> StableDiffusionPipeline:
+def fresh_with_adapters(model_cache: Path, family: Family, lora_dir: Path) -> DiffusionPipeline:
     """A fresh eager pipeline with both tiny adapters loaded by diffusers itself."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        resolve("tiny", model_cache), safety_checker=None, requires_safety_checker=False
+    pipeline = family.text.from_pretrained(
+        resolve(family.model, model_cache), **family.load_options
     )
     pipeline.set_progress_bar_config(disable=True)
-    for name, _ in (*STYLE, *OTHER):
-        pipeline.load_lora_weights(str(tiny_lora_dir / f"{name}.safetensors"), adapter_name=name)
+    for name, _ in (*family.style, *family.other):
+        pipeline.load_lora_weights(str(lora_dir / f"{name}.safetensors"), adapter_name=name)
     return pipeline
 
 
-def diffusers_with(pipeline: StableDiffusionPipeline, core: DiffusionRenderer, loras: AdapterSet):
+def diffusers_with(pipeline: DiffusionPipeline, core: DiffusionRenderer, loras: AdapterSet):
     pipeline.scheduler = core.scheduler("dpmpp_2m")
     pipeline.set_adapters([name for name, _ in loras], [scale for _, scale in loras])
     return pipeline(
@@ -174,19 +278,22 @@ def diffusers_with(pipeline: StableDiffusionPipeline, core: DiffusionRenderer, l
 @pytest.mark.parametrize("fuse_qkv", [False, True], ids=["separate", "fused"])
 def test_every_lora_batch_is_diffusers_own_image_in_any_order_fused_or_not(
     model_cache: Path,
-    tiny_lora_dir: Path,
-    fresh_with_adapters: StableDiffusionPipeline,
+    family: Family,
+    lora_dir: Path,
+    fresh_with_adapters: DiffusionPipeline,
     fuse_qkv: bool,
 ) -> None:
     """A second and a third LoRA batch, after plain ones and other adapters, keep every layer
-    of the adapter (fused query-key-value projections included) and leave plain images alone."""
-    core = load_renderer("tiny", model_cache, "cpu", SpeedLevers(fuse_qkv=fuse_qkv))
-    core.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20, max_rank=8)
-    both = (*OTHER, *STYLE)
-    sequence = [(), STYLE, (), OTHER, STYLE, both, (), STYLE]
+    of the adapter (fused query-key-value projections included, and both of SDXL's text
+    encoders) and leave plain images alone."""
+    core = load_renderer(family.model, model_cache, "cpu", SpeedLevers(fuse_qkv=fuse_qkv))
+    core.use_loras(LoraRegistry(lora_dir), max_bytes=64 * 2**20, max_rank=8)
+    style, other = family.style, family.other
+    both = (*other, *style)
+    sequence = [(), style, (), other, style, both, (), style]
     images = [core.render(batch(item(), loras=loras))[0] for loras in sequence]
     expected = {
-        loras: diffusers_with(fresh_with_adapters, core, loras) for loras in (STYLE, OTHER, both)
+        loras: diffusers_with(fresh_with_adapters, core, loras) for loras in (style, other, both)
     }
     for loras, image in zip(sequence, images, strict=True):
         if loras:
@@ -195,43 +302,66 @@ def test_every_lora_batch_is_diffusers_own_image_in_any_order_fused_or_not(
             assert largest_difference(image, images[0]) == 0
     assert largest_difference(images[1], images[0]) > 32
     assert core.loras is not None
-    # STYLE's weights went into the slots three times; plain batches copied nothing.
+    # The style adapter's weights went into the slots three times; plain batches copied nothing.
     assert core.loras.swaps == 5
 
 
 @pytest.fixture(scope="module")
-def bfloat16_core(model_cache: Path, tiny_lora_dir: Path) -> DiffusionRenderer:
+def bfloat16_core(model_cache: Path, family: Family, lora_dir: Path) -> DiffusionRenderer:
     renderer = load_renderer(
-        "tiny",
+        family.model,
         model_cache,
         "cpu",
         SpeedLevers(fuse_qkv=True),
         dtype="bfloat16",
-        controlnets={"canny": "tiny"},
+        controlnets={"canny": family.controlnet},
     )
-    renderer.use_loras(LoraRegistry(tiny_lora_dir), max_bytes=64 * 2**20, max_rank=8)
+    renderer.use_loras(LoraRegistry(lora_dir), max_bytes=64 * 2**20, max_rank=8)
     return renderer
 
 
-def test_every_module_keeps_its_dtype_whatever_kinds_of_job_ran(
-    bfloat16_core: DiffusionRenderer,
-) -> None:
-    core = bfloat16_core
+def every_kind(family: Family) -> list[RenderBatch]:
     init, mask = picture(4), square_mask()
-    for job in [
+    return [
         batch(item(init_image=init), strength=0.5),
         batch(item(init_image=init, mask_image=mask), strength=0.8),
         batch(item(control_image=canny_map(init)), control_type="canny"),
-        batch(item(), loras=STYLE),
+        batch(item(), loras=family.style),
         batch(item(), guidance_scale=1.0, scheduler="euler_a"),
-    ]:
+    ]
+
+
+def test_every_module_keeps_its_dtype_whatever_kinds_of_job_ran(
+    bfloat16_core: DiffusionRenderer, family: Family
+) -> None:
+    core = bfloat16_core
+    for job in every_kind(family):
         [image] = core.render(job)
         assert np.asarray(image).std() > 0
     dtypes = core.module_dtypes()
-    assert set(dtypes) == {"unet", "vae", "text_encoder", "controlnet:canny"}
+    assert set(dtypes) == {"unet", "vae", *family.text_encoders, "controlnet:canny"}
     assert set(dtypes.values()) == {"bfloat16"}
     assert {p.dtype for p in core.pipeline.unet.parameters()} == {torch.bfloat16}
     assert {b.dtype for b in core.pipeline.unet.buffers()} == {torch.bfloat16}
+
+
+def test_a_float16_sdxl_core_keeps_its_vae_in_float32_and_every_other_module_in_float16(
+    model_cache: Path, family: Family, lora_dir: Path
+) -> None:
+    """SDXL's VAE overflows in float16 (its config says `force_upcast`): the core keeps it in
+    float32 for good, whatever kinds of job run, and hands it latents in its own dtype. SD 1.5's
+    VAE runs in float16 as its diffusers pipeline runs it."""
+    core = load_renderer(
+        family.model, model_cache, "cpu", dtype="float16", controlnets={"canny": family.controlnet}
+    )
+    core.use_loras(LoraRegistry(lora_dir), max_bytes=64 * 2**20, max_rank=8)
+    for job in every_kind(family):
+        [image] = core.render(job)
+        assert np.asarray(image).std() > 0
+    dtypes = core.module_dtypes()
+    vae = "float32" if family.text is StableDiffusionXLPipeline else "float16"
+    assert dtypes.pop("vae") == vae
+    assert set(dtypes.values()) == {"float16"}
 
 
 def test_the_vae_decodes_in_slices_to_the_same_images(core: DiffusionRenderer) -> None:
