@@ -56,9 +56,10 @@ class CoreSettings(_T2ISettings):
     )
     model_id: str = Field(
         default=DEFAULT_MODEL_ID,
-        description="the model a worker loads: a hub id, a local diffusers directory or a "
-        "single-file checkpoint (`.safetensors`, `.ckpt`); `tiny` builds the tiny offline model, "
-        "`tiny-second` another one with other weights",
+        description="the model a worker loads, SD 1.5 or SDXL (its layout says which): a hub "
+        "id, a local diffusers directory or a single-file checkpoint (`.safetensors`, `.ckpt`); "
+        "`tiny` builds the tiny offline SD 1.5 model, `tiny-second` another one with other "
+        "weights, `tiny-xl` the tiny offline SDXL model",
     )
     default_model: str | None = Field(
         default=None,
@@ -442,8 +443,9 @@ class WorkerSettings(_T2ISettings):
     controlnets: dict[str, str] = Field(
         default={},
         description="JSON: the ControlNet a worker loads for each control type, e.g. "
-        '`{"canny": "lllyasviel/sd-controlnet-canny"}` (hub ids or directories); `"tiny"` is '
-        "the tiny model's",
+        '`{"canny": "lllyasviel/sd-controlnet-canny"}` (hub ids or directories; an SDXL model '
+        'needs SDXL ControlNets); `"tiny"` is the tiny model\'s, `"tiny-xl"` the tiny SDXL '
+        "model's",
     )
     preview_vae: str | None = Field(
         default=None,
