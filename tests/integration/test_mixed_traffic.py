@@ -227,10 +227,9 @@ def test_a_lora_job_equals_a_fresh_eager_pipeline_with_the_same_adapter(
 
 
 @pytest.fixture(scope="module")
-def service(
-    rendered: dict[str, list], workdir: Path, model_cache: Path, redis_port: int
-) -> Iterator[MakeRun]:
-    """Started after this process compiled the graphs, so the worker finds them cached."""
+def service(workdir: Path, model_cache: Path, redis_port: int) -> Iterator[MakeRun]:
+    """Started after this process compiled the graphs (its tests come last in the module), so
+    the worker finds them cached. `make run` serves the SD 1.5 tiny model only."""
     # Its own database: a worker of another stack in the same one would take its jobs.
     redis_url = f"redis://127.0.0.1:{redis_port}/13"
     run = start_make_run(
