@@ -198,8 +198,8 @@ def with_family_sizes(generation: GenerationRequest, target: ModelTarget) -> Gen
     )
     named = " and ".join(f"{side} {value}" for side, value in wrong.items())
     message = (
-        f"{named}: {target.describe()} is of the {family.title} family, which takes {allowed}; "
-        "GET /v1/models lists each model's sizes"
+        f"{named}: outside the sizes of the model {target.model!r}, of the {family.title} "
+        f"family: {allowed}; GET /v1/models lists each model's sizes"
     )
     raise ServiceError(
         ErrorType.VALIDATION_ERROR,
