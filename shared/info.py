@@ -1,11 +1,11 @@
 """What the service tells about itself: its version, request limits and the live workers."""
 
 from importlib.metadata import version
-from typing import get_args
+from typing import Self, get_args
 
 from pydantic import BaseModel, Field
 
-from shared.families import DEFAULT_FAMILY, ModelFamilyName
+from shared.families import DEFAULT_FAMILY, ModelFamily, ModelFamilyName
 from shared.schema import GenerationRequest, Scheduler
 
 SERVICE_NAME = "txt2img-service"
@@ -47,10 +47,46 @@ class WorkerInfo(BaseModel):
     last_seen_s: float | None = Field(default=None, description="seconds since its last heartbeat")
 
 
-class ModelInfo(BaseModel):
-    """A model as `GET /v1/models` lists it."""
+class Bounds(BaseModel):
+    minimum: float
+    maximum: float
+    multiple_of: int | None = None
+
+
+class ServedModel(BaseModel):
+    """A model and what a request may ask of it, by the family of its weights."""
 
     id: str = Field(description="what a request's `model` names")
+    family: ModelFamilyName = Field(
+        description="`sd15` or `sdxl`: what its live workers say, else what its workers said "
+        "last, else `sd15`"
+    )
+    default_width: int = Field(description="a request's width when it gives none")
+    default_height: int = Field(description="a request's height when it gives none")
+    width: Bounds = Field(description="the widths a request may ask of it")
+    height: Bounds = Field(description="the heights a request may ask of it")
+
+    @classmethod
+    def of(cls, model: str, family: ModelFamily, **fields: object) -> "Self":
+        sizes = Bounds(
+            minimum=family.min_size, maximum=family.max_size, multiple_of=family.size_multiple
+        )
+        return cls.model_validate(
+            {
+                "id": model,
+                "family": family.name,
+                "default_width": family.default_size,
+                "default_height": family.default_size,
+                "width": sizes,
+                "height": sizes,
+                **fields,
+            }
+        )
+
+
+class ModelInfo(ServedModel):
+    """A model as `GET /v1/models` lists it."""
+
     default: bool = Field(description="what a request that names no model gets")
     workers: int = Field(description="live workers serving it")
     queued: int = Field(description="jobs of the model that no worker has started")
@@ -86,16 +122,16 @@ class Backlog(BaseModel):
     )
 
 
-class Bounds(BaseModel):
-    minimum: float
-    maximum: float
-    multiple_of: int | None = None
-
-
 class RequestLimits(BaseModel):
     prompt_max_chars: int
-    width: Bounds
-    height: Bounds
+    width: Bounds = Field(
+        description="any family's widths; each model's own are in `served_models` and "
+        "`GET /v1/models`"
+    )
+    height: Bounds = Field(
+        description="any family's heights; each model's own are in `served_models` and "
+        "`GET /v1/models`"
+    )
     num_inference_steps: Bounds
     guidance_scale: Bounds
     num_images: Bounds
@@ -107,6 +143,9 @@ class ServiceInfo(BaseModel):
 
     version: str
     models: list[str] = Field(description="the models the live workers serve")
+    served_models: list[ServedModel] = Field(
+        description="each model of `models`, with its family and the sizes a request may ask of it"
+    )
     schedulers: list[str]
     limits: RequestLimits
     workers: list[WorkerInfo]

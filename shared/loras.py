@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from shared.errors import ErrorType, ServiceError
+from shared.families import FAMILIES, SD15
+from shared.model_families import ModelTarget
 from shared.schema import LoraSpec
 
 LORA_SUFFIX = ".safetensors"
@@ -47,6 +49,11 @@ _COVERED = re.compile(
     r")$"
 )
 _NAMED_UNSUPPORTED = 3
+# The UNet's cross-attention key and value layers: their in-features are the text features the
+# model the adapter was trained on feeds them (SD 1.5: 768, SDXL: 2048).
+_CROSS_ATTENTION = re.compile(r"(?:^|_)attn2_to_[kv]$")
+# SDXL's second text encoder: diffusers' and kohya's names.
+_SECOND_TEXT_ENCODER = ("text_encoder_2.", "lora_te2_")
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,47 @@ class AdapterLayout:
     rank: int
     # Its modules (and weights of kinds other than LoRA) that the slots do not cover, sorted.
     unsupported: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdapterModel:
+    """What an adapter file tells of the model it was trained on."""
+
+    # The in-features of its UNet cross-attention key/value layers; None when it has none.
+    cross_attention_dim: int | None
+    # Whether it has weights for a second text encoder (SDXL's).
+    second_text_encoder: bool
+
+
+def _made_for(dim: int) -> str:
+    """The model an adapter whose cross-attention takes `dim` text features was made for."""
+    for family in FAMILIES.values():
+        if dim == family.cross_attention_dim:
+            return family.title
+    return f"a model whose cross-attention takes {dim} text features"
+
+
+def adapter_model(path: Path) -> AdapterModel:
+    """What the adapter in `path` tells of its model; ValueError for a file that is not
+    safetensors."""
+    stat = path.stat()
+    return _read_model(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=1024)
+def _read_model(path: Path, mtime_ns: int, size: int) -> AdapterModel:
+    dims: set[int] = set()
+    second = False
+    for key, shape in _tensor_shapes(path, size).items():
+        second = second or key.startswith(_SECOND_TEXT_ENCODER)
+        split = _lora_module(key)
+        if split is None or split[1] != "down" or len(shape) < 2:
+            continue
+        if _CROSS_ATTENTION.search(split[0].replace(".", "_")):
+            dims.add(shape[1])
+    # One dimension in any adapter trained on one model; the largest of several, should a file
+    # mix them, is the one that names a family.
+    return AdapterModel(max(dims) if dims else None, second)
 
 
 def slot_covers(module: str) -> bool:
@@ -198,10 +246,16 @@ class LoraRegistry:
             ]
         )
 
-    def check(self, loras: list[LoraSpec], max_rank: int) -> None:
-        """A 422 for the first adapter the registry does not hold, cannot read or whose layers the
-        LoRA slots do not cover, or for adapters whose ranks add up to more than `max_rank`."""
+    def check(
+        self, loras: list[LoraSpec], max_rank: int, target: ModelTarget | None = None
+    ) -> None:
+        """A 422 for the first adapter the registry does not hold, cannot read, whose layers the
+        LoRA slots do not cover or that was made for another model than `target` (unchecked when
+        None or not known), or for adapters whose ranks add up to more than `max_rank`."""
         ranks = {lora.name: self._rank(index, lora.name) for index, lora in enumerate(loras)}
+        if target is not None and target.known:
+            for index, lora in enumerate(loras):
+                self._check_model(index, lora.name, target)
         total = sum(ranks.values())
         if total <= max_rank:
             return
@@ -255,3 +309,25 @@ class LoraRegistry:
                 "lora_unsupported",
             )
         return layout.rank
+
+    def _check_model(self, index: int, name: str, target: ModelTarget) -> None:
+        """A 422 when adapter `name` (readable: `_rank` passed it) was made for another model."""
+        path = self.path(name)
+        assert path is not None
+        made = adapter_model(path)
+        dim = made.cross_attention_dim
+        other_dim = dim is not None and target.cross_attention_dim not in (None, dim)
+        second_on_sd15 = made.second_text_encoder and target.family is SD15
+        if dim is not None and other_dim:
+            made_for = _made_for(dim)
+        elif second_on_sd15:
+            made_for = "SDXL (it has weights for a second text encoder)"
+        else:
+            return
+        raise _refused(
+            f"LoRA adapter {name!r} was made for {made_for}, not for {target.describe()}; "
+            "GET /v1/models tells each model's family",
+            ["body", "loras", index, "name"],
+            "the adapter was made for another model",
+            "lora_wrong_model",
+        )

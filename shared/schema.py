@@ -13,6 +13,8 @@ from pydantic import (
     model_validator,
 )
 
+from shared.families import DEFAULT_FAMILY, MAX_SIZE, MIN_SIZE
+
 MAX_SEED = 2**32 - 1
 
 Scheduler = Literal[
@@ -37,7 +39,8 @@ WHOLE_FLOATS_AS_INT = BeforeValidator(_integral)
 # The request's bounds, named so that the compatibility routes declare the same ones.
 Prompt = Annotated[str, Field(min_length=1, max_length=2000, pattern=r"\S")]
 NegativePrompt = Annotated[str, Field(max_length=2000)]
-Dimension = Annotated[int, Field(ge=256, le=1024, multiple_of=8), WHOLE_FLOATS_AS_INT]
+# Any family's sizes: the family of the model a request names narrows them at submission.
+Dimension = Annotated[int, Field(ge=MIN_SIZE, le=MAX_SIZE, multiple_of=8), WHOLE_FLOATS_AS_INT]
 MAX_STEPS = 150
 Steps = Annotated[int, Field(ge=1, le=MAX_STEPS), WHOLE_FLOATS_AS_INT]
 GuidanceScale = Annotated[float, Field(ge=0, le=20)]
@@ -152,8 +155,10 @@ class PreviewSpec(BaseModel):
 
 class GenerationRequest(BaseModel):
     """What a client asks for. The defaults are SD 1.5's usual ones (512x512, guidance 7.5), with
-    DPM-Solver++ in 25 steps instead of PNDM in 50. `width x height x num_images` may not exceed
-    the service's pixel budget (`T2I_MAX_PIXELS_PER_JOB`)."""
+    DPM-Solver++ in 25 steps instead of PNDM in 50; a width or height not given is the default
+    size of the named model's family (SDXL: 1024), and each side must be within that family's
+    sizes. `width x height x num_images` may not exceed the service's pixel budget
+    (`T2I_MAX_PIXELS_PER_JOB`)."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -182,8 +187,16 @@ class GenerationRequest(BaseModel):
         "truncated: it is encoded in 75-token chunks"
     )
     negative_prompt: NegativePrompt = Field(default="", description="what to steer away from")
-    width: Dimension = Field(default=512, description="image width in pixels")
-    height: Dimension = Field(default=512, description="image height in pixels")
+    width: Dimension = Field(
+        default=DEFAULT_FAMILY.default_size,
+        description="image width in pixels, within the model's family's sizes (`GET /v1/models`);"
+        " absent: the family's default (SD 1.5: 512, SDXL: 1024)",
+    )
+    height: Dimension = Field(
+        default=DEFAULT_FAMILY.default_size,
+        description="image height in pixels, within the model's family's sizes (`GET "
+        "/v1/models`); absent: the family's default (SD 1.5: 512, SDXL: 1024)",
+    )
     num_inference_steps: Steps = Field(default=25, description="denoising steps")
     guidance_scale: GuidanceScale = Field(
         default=7.5,

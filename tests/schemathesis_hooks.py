@@ -14,6 +14,7 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from api.routes.openai import SIZE_PATTERN
+from shared.families import MAX_SIZE, MIN_SIZE, SD15
 from shared.schema import MAX_LORAS, ControlSpec, LoraSpec, WebhookSpec
 from shared.settings import ApiSettings
 
@@ -76,8 +77,12 @@ def _submittable(body: dict[str, Any]) -> None:
     if all(body.get(field) is None or isinstance(body[field], str) for field in fields):
         for field in _STATEFUL_FIELDS:
             body.pop(field, None)
-    width = _valid_int(body, "width", 256, 1024, 512)
-    height = _valid_int(body, "height", 256, 1024, 512)
+    # The default model is SD 1.5's: the schema's sizes are any family's.
+    for side in ("width", "height"):
+        if side in body:
+            _shrink(body, side, MIN_SIZE, MAX_SIZE, SD15.default_size, SD15.max_size)
+    width = _valid_int(body, "width", MIN_SIZE, MAX_SIZE, SD15.default_size)
+    height = _valid_int(body, "height", MIN_SIZE, MAX_SIZE, SD15.default_size)
     images = _valid_int(body, "num_images", 1, 8, 1)
     if width and height and images and width * height * images > MAX_PIXELS:
         body["num_images"] = MAX_PIXELS // (width * height)
@@ -93,7 +98,7 @@ def _small_openai_render(body: dict[str, Any]) -> None:
 
 def _small_a1111_render(body: dict[str, Any]) -> None:
     for side in ("width", "height"):
-        if _valid_int(body, side, 256, 1024, 512) is not None:
+        if _valid_int(body, side, MIN_SIZE, MAX_SIZE, SD15.default_size) is not None:
             body[side] = SMALL_SIDE
     _shrink(body, "batch_size", 1, 8, 1, 1)
     _shrink(body, "n_iter", 1, 8, 1, 1)

@@ -16,6 +16,7 @@ from shared.info import SERVICE_VERSION, WorkerInfo
 from shared.jobstore import JobStore
 from shared.logs import configure_logging
 from shared.loras import LoraRegistry
+from shared.model_families import record_model_family
 from shared.queue import consume, make_celery, render_queue, send_render
 from shared.redisconn import end_wait_args, make_redis
 from shared.settings import (
@@ -237,6 +238,7 @@ def main() -> int:
         )
 
     info = describe()
+    record_model_family(redis, info)
     supervisor = Supervisor(
         executor,
         leases,

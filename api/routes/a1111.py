@@ -126,8 +126,12 @@ class Txt2ImgRequest(BaseModel):
     )
     steps: Steps = 50
     cfg_scale: GuidanceScale = 7.0
-    width: Dimension = 512
-    height: Dimension = 512
+    width: Dimension = Field(
+        default=512, description="absent: the model's family's default (SD 1.5: 512, SDXL: 1024)"
+    )
+    height: Dimension = Field(
+        default=512, description="absent: the model's family's default (SD 1.5: 512, SDXL: 1024)"
+    )
     send_images: bool = Field(default=True, description="false: `images` comes back empty")
     override_settings: dict[str, Any] = Field(
         default={},
@@ -149,13 +153,18 @@ class Txt2ImgRequest(BaseModel):
         if self.batch_size * self.n_iter > MAX_IMAGES:
             raise _invalid("n_iter", f"batch_size x n_iter may be at most {MAX_IMAGES}")
         prompt, loras = _prompt_loras(self.prompt, registry)
+        # A side the client did not give is the model's family's default, filled in at submission.
+        sizes = {
+            side: getattr(self, side)
+            for side in ("width", "height")
+            if side in self.model_fields_set
+        }
         return GenerationRequest(
             prompt=prompt,
             loras=loras,
             model=model,
             negative_prompt=self.negative_prompt,
-            width=self.width,
-            height=self.height,
+            **sizes,
             num_inference_steps=self.steps,
             guidance_scale=self.cfg_scale,
             scheduler=self._scheduler(),
@@ -221,7 +230,7 @@ class Img2ImgRequest(Txt2ImgRequest):
         self, model: str | None = None, registry: LoraRegistry | None = None
     ) -> GenerationRequest:
         fields = {
-            **super().generation(model, registry).model_dump(),
+            **super().generation(model, registry).model_dump(exclude_unset=True),
             "init_image": self.init_images[0],
             "mask_image": self.mask,
             "strength": self.denoising_strength,
@@ -475,7 +484,12 @@ async def txt2img(
     answer = Txt2ImgResponse(
         images=[base64.b64encode(file).decode() for file in files],
         # Input images are not echoed back.
-        parameters=body.model_dump(mode="json", exclude={"init_images", "mask"}),
+        parameters={
+            **body.model_dump(mode="json", exclude={"init_images", "mask"}),
+            # The size rendered: the family's default where the client gave none.
+            "width": finished.record.request.width,
+            "height": finished.record.request.height,
+        },
         info=json.dumps(_info(finished, body, model, request.app.version)),
     )
     return JSONResponse(answer.model_dump(mode="json"), headers=finished.rate_limit.headers())

@@ -26,11 +26,13 @@ from api.openapi import RATE_LIMIT_HEADERS, error_responses, header
 from shared.apikeys import ApiKey
 from shared.asyncstore import JobView
 from shared.errors import ErrorType, ServiceError
+from shared.info import WorkerInfo
 from shared.jobscripts import Created, QueueFull, RateLimit, RateLimited
 from shared.jobstore import CasResult
 from shared.lora_tags import split_lora_tags
 from shared.metrics import count_finished
-from shared.queue import live_models, live_workers, render_queue
+from shared.model_families import ModelTarget, model_target
+from shared.queue import live_workers, render_queue
 from shared.ratelimit import Decision
 from shared.records import new_job_id, request_fingerprint, utc_now
 from shared.schema import (
@@ -167,14 +169,67 @@ class Submission:
         return self.view.record
 
 
-def _check_model_served(generation: GenerationRequest, services: Services) -> None:
+def resolve_model(services: Services, model: str | None) -> tuple[ModelTarget, list[WorkerInfo]]:
+    """The model a request names (None: the deployment's) as requests are checked against it, and
+    the live workers it was told by."""
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
+    named = model or services.core.deployment_model
+    return model_target(services.redis, named, workers), workers
+
+
+def with_family_sizes(generation: GenerationRequest, target: ModelTarget) -> GenerationRequest:
+    """The request with the width and height it did not give set to the default size of the
+    model's family; a 422 for a side outside the family's sizes."""
+    family = target.family
+    unset = {"width", "height"} - generation.model_fields_set
+    if unset:
+        generation = generation.model_copy(update=dict.fromkeys(unset, family.default_size))
+    sides = {"width": generation.width, "height": generation.height}
+    wrong = {
+        side: value
+        for side, value in sides.items()
+        if not family.min_size <= value <= family.max_size or value % family.size_multiple
+    }
+    if not wrong:
+        return generation
+    allowed = (
+        f"{family.min_size} to {family.max_size} pixels a side, in multiples of "
+        f"{family.size_multiple}"
+    )
+    named = " and ".join(f"{side} {value}" for side, value in wrong.items())
+    message = (
+        f"{named}: outside the sizes of the model {target.model!r}, of the {family.title} "
+        f"family: {allowed}; GET /v1/models lists each model's sizes"
+    )
+    raise ServiceError(
+        ErrorType.VALIDATION_ERROR,
+        message,
+        [
+            {
+                "loc": ["body", side],
+                "msg": f"outside the {family.title} family's sizes ({allowed})",
+                "type": "size_out_of_family",
+                "ctx": {
+                    "family": family.name,
+                    "min": family.min_size,
+                    "max": family.max_size,
+                    "multiple_of": family.size_multiple,
+                },
+            }
+            for side in wrong
+        ],
+    )
+
+
+def _check_model_served(
+    generation: GenerationRequest, services: Services, workers: list[WorkerInfo]
+) -> None:
     """A request may name the default model at any time (its jobs wait for a worker, as ever);
     another model only while a live worker serves it: nothing would ever take its jobs."""
     model = generation.model
     if model is None or model == services.core.deployment_model:
         return
-    served = live_models(services.redis, services.core.worker_heartbeat_max_age_s)
-    if model not in served:
+    if model not in {worker.model for worker in workers}:
         raise ServiceError(
             ErrorType.VALIDATION_ERROR,
             f"no live worker serves the model {model!r}; GET /v1/models lists those served",
@@ -182,12 +237,13 @@ def _check_model_served(generation: GenerationRequest, services: Services) -> No
         )
 
 
-def _check_control_served(generation: GenerationRequest, services: Services) -> None:
+def _check_control_served(
+    generation: GenerationRequest, services: Services, workers: list[WorkerInfo]
+) -> None:
     """A control type only while a live worker of the job's model offers it."""
     if generation.control is None:
         return
     model = generation.model or services.core.deployment_model
-    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
     offered = {kind for worker in workers if worker.model == model for kind in worker.control_types}
     if generation.control.type not in offered:
         raise ServiceError(
@@ -256,8 +312,9 @@ def _with_prompt_loras(generation: GenerationRequest) -> GenerationRequest:
     try:
         text, tags = split_lora_tags(generation.prompt)
         loras = [LoraSpec(name=name, scale=scale) for name, scale in tags]
+        # Only the fields it gave: the ones it did not are filled in by the model's family.
         return GenerationRequest.model_validate(
-            {**generation.model_dump(), "prompt": text, "loras": loras}
+            {**generation.model_dump(exclude_unset=True), "prompt": text, "loras": loras}
         )
     except ValueError as exc:
         reason = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
@@ -279,19 +336,23 @@ async def submit(
     What costs little comes first (checks, the idempotency record, the rate limit's token), then
     fetching and storing input images, which are deleted again unless the job is made."""
     generation = _with_prompt_loras(generation)
+    target, workers = await run_in_threadpool(resolve_model, services, generation.model)
+    # First: the sizes of a model nobody serves would be no one's.
+    _check_model_served(generation, services, workers)
+    generation = with_family_sizes(generation, target)
     _check_pixel_budget(generation, services.api.max_pixels_per_job)
     _check_priority(generation, caller)
     if generation.webhook is not None:
         # It may resolve the host name: off the event loop.
         await run_in_threadpool(_check_webhook, generation, services)
-    if generation.model is not None:
-        await run_in_threadpool(_check_model_served, generation, services)
     if generation.loras:
-        await run_in_threadpool(services.loras.check, generation.loras, services.core.lora_max_rank)
-    if generation.control is not None:
-        await run_in_threadpool(_check_control_served, generation, services)
+        await run_in_threadpool(
+            services.loras.check, generation.loras, services.core.lora_max_rank, target
+        )
+    _check_control_served(generation, services, workers)
     per_minute = caller.rate_limit_per_min
-    # The fingerprint is of the body as sent, so a retry without a seed matches its original.
+    # The fingerprint is of the body as sent with its size filled in, so a retry without a seed
+    # matches its original.
     fingerprint = request_fingerprint(generation)
     earlier, tokens_left = await _admit(services, caller, idempotency_key, fingerprint)
     if earlier is not None:

@@ -23,7 +23,9 @@ from api.images import open_upload
 from api.openapi import RATE_LIMIT_HEADERS, error_responses
 from shared.apikeys import ApiKey
 from shared.errors import ErrorType, ServiceError
-from shared.queue import live_models
+from shared.families import ModelFamily
+from shared.model_families import model_target
+from shared.queue import live_workers
 from shared.schema import (
     WHOLE_FLOATS_AS_INT,
     GenerationRequest,
@@ -41,16 +43,16 @@ from shared.settings import ApiSettings
 # Any `WIDTHxHEIGHT` (1 to 99999 pixels a side) or `auto`; `fitted_size` maps it to a size the
 # workers render.
 SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
-MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1024, 8
-DEFAULT_SIZE = "512x512"
 SIZE_RULE = (
-    f"`WIDTHxHEIGHT` in pixels, any sides, or `auto`. A size the workers cannot render is mapped "
-    f"to the nearest one they can, keeping the aspect ratio: scaled down until the longer side is "
-    f"at most {MAX_SIDE} and width x height x n fits the pixel budget (`T2I_MAX_PIXELS_PER_JOB`), "
-    f"or up until the shorter side is {MIN_SIDE}, then each side rounded down to a multiple of "
-    f"{SIDE_STEP} and kept within {MIN_SIDE}..{MAX_SIDE} (e.g. 1536x1024 -> 1024x680). The "
-    f"answer's `size` is the size rendered"
+    "`WIDTHxHEIGHT` in pixels, any sides, or `auto`. A size the model cannot render is mapped to "
+    "the nearest one it can by the sizes of its family (`GET /v1/models`; SD 1.5: 256 to 1024, "
+    "SDXL: 512 to 2048), keeping the aspect ratio: scaled down until the longer side is at most "
+    "the family's largest and width x height x n fits the pixel budget "
+    "(`T2I_MAX_PIXELS_PER_JOB`), or up until the shorter side is the family's smallest, then each "
+    "side rounded down to a multiple of 8 and kept within the family's sizes (e.g. on SD 1.5, "
+    "1536x1024 -> 1024x680). The answer's `size` is the size rendered"
 )
+DEFAULT_SIZE_RULE = "the model's family's default size (SD 1.5: 512x512, SDXL: 1024x1024)"
 # `model` picks the served model it names; any other name (dall-e-2, gpt-image-1...) renders with
 # the deployment's default.
 MODEL_RULE = (
@@ -100,7 +102,7 @@ class ImageGenerationRequest(BaseModel):
     size: str | None = Field(
         default=None,
         json_schema_extra={"pattern": SIZE_PATTERN},
-        description=f"{SIZE_RULE}; `auto` or absent: {DEFAULT_SIZE}",
+        description=f"{SIZE_RULE}; `auto` or absent: {DEFAULT_SIZE_RULE}",
     )
     response_format: Literal["url", "b64_json"] | None = Field(
         default=None,
@@ -142,9 +144,12 @@ class ImageGenerationRequest(BaseModel):
             raise ValueError("only false: streamed answers are not offered")
         return stream
 
-    def generation(self, budget: int, model: str | None) -> GenerationRequest:
-        size = self.size if self.size not in (None, "auto") else DEFAULT_SIZE
-        width, height = fitted_size(parsed_size(size), self.n or 1, budget)
+    def generation(self, budget: int, model: str | None, family: ModelFamily) -> GenerationRequest:
+        if self.size in (None, "auto"):
+            size = (family.default_size, family.default_size)
+        else:
+            size = parsed_size(self.size)
+        width, height = fitted_size(size, self.n or 1, budget, family)
         return GenerationRequest(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt,
@@ -177,29 +182,33 @@ def parsed_size(size: str) -> tuple[int, int]:
     return int(width), int(height)
 
 
-def fitted_size(size: tuple[int, int], n: int, budget: int) -> tuple[int, int]:
-    """The nearest size the workers render (see SIZE_RULE)."""
+def fitted_size(size: tuple[int, int], n: int, budget: int, family: ModelFamily) -> tuple[int, int]:
+    """The nearest size a model of `family` renders (see SIZE_RULE)."""
     width, height = size
-    scale = min(1.0, MAX_SIDE / max(width, height), math.sqrt(budget / n / (width * height)))
-    scale = max(scale, MIN_SIDE / min(width, height))
+    smallest, largest, step = family.min_size, family.max_size, family.size_multiple
+    scale = min(1.0, largest / max(width, height), math.sqrt(budget / n / (width * height)))
+    scale = max(scale, smallest / min(width, height))
 
     def side(pixels: int) -> int:
         # The epsilon keeps a side scaled to exactly 1024 from flooring to 1016.
-        rounded = math.floor(pixels * scale / SIDE_STEP + 1e-9) * SIDE_STEP
-        return min(MAX_SIDE, max(MIN_SIDE, rounded))
+        rounded = math.floor(pixels * scale / step + 1e-9) * step
+        return min(largest, max(smallest, rounded))
 
     return side(width), side(height)
 
 
-async def served_model(services: Services, name: str | None) -> str | None:
-    """The model `name` names when it is served (see MODEL_RULE), else None: the default."""
-    if name is None:
-        return None
-    if name == services.core.deployment_model:
-        return name
-    max_age_s = services.core.worker_heartbeat_max_age_s
-    served = await run_in_threadpool(live_models, services.redis, max_age_s)
-    return name if name in served else None
+async def served_model(services: Services, name: str | None) -> tuple[str | None, ModelFamily]:
+    """The model `name` names when it is served (see MODEL_RULE), else None: the default; and
+    the family of the model that renders."""
+    return await run_in_threadpool(_served_model, services, name)
+
+
+def _served_model(services: Services, name: str | None) -> tuple[str | None, ModelFamily]:
+    workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
+    default = services.core.deployment_model
+    served = name == default or name in {worker.model for worker in workers}
+    chosen = name if served else None
+    return chosen, model_target(services.redis, chosen or default, workers).family
 
 
 class GeneratedImage(BaseModel):
@@ -282,8 +291,8 @@ async def create_image(
     caller: CallerDep,
     request: Request,
 ) -> JSONResponse:
-    model = await served_model(services, body.model)
-    generation = body.generation(services.api.max_pixels_per_job, model)
+    model, family = await served_model(services, body.model)
+    generation = body.generation(services.api.max_pixels_per_job, model, family)
     return await _render(services, request, caller, generation, body.response_format)
 
 
@@ -515,8 +524,8 @@ async def _image_job(
     init, mask, image_size = images
     n = fields.n or 1
     size = parsed_size(fields.size) if fields.size not in (None, "auto") else image_size
-    width, height = fitted_size(size, n, services.api.max_pixels_per_job)
-    model = await served_model(services, fields.model)
+    model, family = await served_model(services, fields.model)
+    width, height = fitted_size(size, n, services.api.max_pixels_per_job, family)
     generation = _validated(
         GenerationRequest,
         {

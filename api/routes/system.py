@@ -22,10 +22,12 @@ from shared.info import (
     Backlog,
     ModelInfo,
     ModelList,
+    ServedModel,
     ServiceInfo,
     request_limits,
 )
 from shared.loras import LoraList
+from shared.model_families import model_target
 from shared.queue import live_worker_count, live_workers, render_queue
 from shared.storage import LocalStorage, StorageError
 
@@ -101,9 +103,14 @@ def _check_storage(services: Services) -> str:
 )
 def info(services: ServicesDep) -> ServiceInfo:
     workers = live_workers(services.redis, services.core.worker_heartbeat_max_age_s)
+    models = sorted({worker.model for worker in workers})
     return ServiceInfo(
         version=SERVICE_VERSION,
-        models=sorted({worker.model for worker in workers}),
+        models=models,
+        served_models=[
+            ServedModel.of(model, model_target(services.redis, model, workers).family)
+            for model in models
+        ],
         schedulers=SCHEDULERS,
         limits=request_limits(services.api.max_pixels_per_job),
         workers=workers,
@@ -126,8 +133,9 @@ def list_models(services: ServicesDep, caller: CallerDep) -> ModelList:
         control_types.setdefault(worker.model, set()).update(worker.control_types)
     return ModelList(
         data=[
-            ModelInfo(
-                id=model,
+            ModelInfo.of(
+                model,
+                model_target(services.redis, model, workers).family,
                 default=model == default,
                 workers=counts[model],
                 queued=backlog[render_queue(services.core, model)].queued,

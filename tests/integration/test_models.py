@@ -60,10 +60,19 @@ def test_models_lists_both_models_with_their_workers_and_queues(
     stack, _ = two_models
     with stack.client() as client:
         models = client.get("/v1/models").raise_for_status().json()["data"]
+    sizes = {"minimum": 256.0, "maximum": 1024.0, "multiple_of": 8}
+    sd15 = {
+        "family": "sd15",
+        "default_width": 512,
+        "default_height": 512,
+        "width": sizes,
+        "height": sizes,
+    }
     assert models == [
-        {"id": "tiny", "default": True, "workers": 1, "queued": 0, "control_types": []},
+        {"id": "tiny", **sd15, "default": True, "workers": 1, "queued": 0, "control_types": []},
         {
             "id": SECOND_TINY_MODEL_ID,
+            **sd15,
             "default": False,
             "workers": 1,
             "queued": 0,

@@ -9,7 +9,14 @@ import pytest
 from safetensors.numpy import save_file
 
 from shared.errors import ServiceError
-from shared.loras import AdapterLayout, LoraRegistry, adapter_layout, slot_covers
+from shared.loras import (
+    AdapterLayout,
+    AdapterModel,
+    LoraRegistry,
+    adapter_layout,
+    adapter_model,
+    slot_covers,
+)
 from shared.schema import LoraSpec
 
 BLOCK = "down_blocks.0.attentions.0"
@@ -244,3 +251,55 @@ def test_ranks_add_up_against_the_slots_rank(registry: LoraRegistry) -> None:
     assert "T2I_LORA_MAX_RANK" in too_large["message"]
     alone = refusal(registry, ["large"], max_rank=32)
     assert "'large' has rank 48, more than the 32" in alone["message"]
+
+
+@pytest.mark.parametrize(
+    ("tensors", "expected"),
+    [
+        # Diffusers (PEFT) names: the key/value layers' in-features; attn1 and the query do not
+        # count.
+        (
+            {
+                **peft(f"unet.{BLOCK}.transformer_blocks.0.attn1.to_k", 4),
+                **_pair(
+                    f"unet.{BLOCK}.transformer_blocks.0.attn2.to_k",
+                    4,
+                    "lora_A.weight",
+                    "lora_B.weight",
+                    768,
+                ),
+            },
+            AdapterModel(768, second_text_encoder=False),
+        ),
+        # Kohya names, SDXL's second text encoder among them.
+        (
+            {
+                **_pair(
+                    f"{KOHYA_BLOCK}_transformer_blocks_0_attn2_to_v",
+                    4,
+                    "lora_down.weight",
+                    "lora_up.weight",
+                    2048,
+                ),
+                **kohya("lora_te2_text_model_encoder_layers_0_self_attn_q_proj", 4),
+            },
+            AdapterModel(2048, second_text_encoder=True),
+        ),
+        # Early diffusers' processor names, and an adapter of the text encoder only.
+        (
+            _pair(
+                f"unet.{BLOCK}.transformer_blocks.0.attn2.processor",
+                4,
+                "to_k_lora.down.weight",
+                "to_k_lora.up.weight",
+            )
+            | peft(f"text_encoder_2.{TEXT_LAYER}.self_attn.q_proj", 4),
+            AdapterModel(32, second_text_encoder=True),
+        ),
+        (peft(f"text_encoder.{TEXT_LAYER}.self_attn.q_proj", 4), AdapterModel(None, False)),
+    ],
+)
+def test_an_adapter_tells_the_model_it_was_made_for(
+    tmp_path: Path, tensors: dict[str, np.ndarray], expected: AdapterModel
+) -> None:
+    assert adapter_model(written(tmp_path / "adapter.safetensors", tensors)) == expected

@@ -27,7 +27,7 @@ def test_defaults_are_sd15s_usual_ones_with_dpm_solver_in_25_steps() -> None:
         {"prompt": "x" * 2001},
         {"prompt": "a", "negative_prompt": "x" * 2001},
         {"prompt": "a", "width": 248},
-        {"prompt": "a", "width": 1032},
+        {"prompt": "a", "width": 2056},
         {"prompt": "a", "height": 260},
         {"prompt": "a", "num_inference_steps": 151},
         {"prompt": "a", "guidance_scale": 20.5},
