@@ -50,6 +50,8 @@ def both_families(workdir: Path, model_cache: Path) -> Iterator[Stack]:
         T2I_DEFAULT_MODEL="tiny",
         T2I_SINGLE_FILE_CONFIG="tiny",
         T2I_LORA_DIR=str(loras),
+        # The least strict action, so that each request may ask for a stricter one.
+        T2I_SAFETY_ACTION="flag",
         # A busy worker on a loaded machine may miss a heartbeat or two.
         T2I_WORKER_HEARTBEAT_MAX_AGE_S="15",
     )
