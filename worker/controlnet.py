@@ -12,6 +12,8 @@ from PIL.Image import Image
 
 # What T2I_CONTROLNETS names to get the tiny offline ControlNet of the tiny model.
 TINY_CONTROLNET_ID = "tiny"
+# ... and of the tiny SDXL model.
+TINY_XL_CONTROLNET_ID = "tiny-xl"
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ def control_map(image: Image, control_type: str, preprocess: bool) -> Image:
 def load_controlnets(
     sources: dict[str, str], cache_dir: Path, dtype: torch.dtype, device: torch.device
 ) -> dict[str, ControlNetModel]:
-    """The ControlNet of each control type, on `device`; "tiny" is the tiny offline one."""
+    """The ControlNet of each control type, on `device`; "tiny" and "tiny-xl" are the tiny
+    offline ones of the tiny models."""
     loaded = {}
     for control_type, source in sources.items():
         location = source
@@ -53,6 +56,10 @@ def load_controlnets(
             from worker.tiny_customization import ensure_tiny_controlnet
 
             location = str(ensure_tiny_controlnet(cache_dir))
+        elif source == TINY_XL_CONTROLNET_ID:
+            from worker.tiny_customization import ensure_tiny_xl_controlnet
+
+            location = str(ensure_tiny_xl_controlnet(cache_dir))
         controlnet = ControlNetModel.from_pretrained(location, torch_dtype=dtype)
         loaded[control_type] = controlnet.to(device)
         log.info("loaded the %s ControlNet from %s", control_type, location)

@@ -40,7 +40,7 @@ class ModelSource:
 
 
 # The names of the tiny offline test models (worker/tiny_model.py builds them).
-TINY_MODEL_IDS = ("tiny", "tiny-second")
+TINY_MODEL_IDS = ("tiny", "tiny-second", "tiny-xl")
 
 
 def resolve(name: str, cache_dir: Path) -> str:
@@ -48,10 +48,18 @@ def resolve(name: str, cache_dir: Path) -> str:
     if name not in TINY_MODEL_IDS:
         return name
     # Imported only where a tiny model is asked for: it builds test models.
-    from worker.tiny_model import SECOND_TINY_MODEL_ID, ensure_second_tiny_model, ensure_tiny_model
+    from worker.tiny_model import (
+        SECOND_TINY_MODEL_ID,
+        TINY_XL_MODEL_ID,
+        ensure_second_tiny_model,
+        ensure_tiny_model,
+        ensure_tiny_xl_model,
+    )
 
     if name == SECOND_TINY_MODEL_ID:
         return str(ensure_second_tiny_model(cache_dir))
+    if name == TINY_XL_MODEL_ID:
+        return str(ensure_tiny_xl_model(cache_dir))
     return str(ensure_tiny_model(cache_dir))
 
 

@@ -1,10 +1,11 @@
-"""Tiny, randomly initialised SD-1.5-shaped pipelines for tests and offline runs."""
+"""Tiny, randomly initialised SD-1.5- and SDXL-shaped pipelines for tests and offline runs."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +15,11 @@ if TYPE_CHECKING:
 TINY_MODEL_ID = "tiny"
 # The second tiny model, for tests that serve two models side by side.
 SECOND_TINY_MODEL_ID = "tiny-second"
+# The tiny SDXL-shaped model.
+TINY_XL_MODEL_ID = "tiny-xl"
 # Bump when the architecture below changes, so old caches are not reused.
 _TINY_VERSION = "v2"
+_TINY_XL_VERSION = "v1"
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -48,6 +52,8 @@ FLAGGED_REQUEST = {
     "guidance_scale": 7.5,
     "scheduler": "dpmpp_2m",
 }
+# FLAGGED_REQUEST for the tiny SDXL model: the SDXL family's smallest size.
+FLAGGED_XL_REQUEST = {**FLAGGED_REQUEST, "width": 512, "height": 512}
 # Seeds whose images, rendered like the flagged one, set the checker's threshold below it.
 _UNFLAGGED_SEEDS = range(6)
 # The cosine similarity to the flagged image's embedding above which an image is flagged.
@@ -143,14 +149,16 @@ def _passthrough_vae() -> AutoencoderKL:
     return vae
 
 
-def _tiny_safety_checker(pipeline: Any) -> tuple[Any, Any]:
+def _tiny_safety_checker(pipeline: Any, request: dict[str, Any]) -> tuple[Any, Any]:
     """SD 1.5's safety checker, shrunk, whose first concept is the embedding of the image the
-    pipeline renders for FLAGGED_REQUEST; its threshold lies halfway between that image and
-    the nearest of a few others, so only images very like it are flagged."""
+    pipeline renders for `request`; its threshold lies halfway between that image and the
+    nearest of a few others, so only images very like it are flagged."""
     import torch
+    from diffusers import DPMSolverMultistepScheduler
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
+    assert request["scheduler"] == "dpmpp_2m"
     config = CLIPConfig(
         text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1},
         vision_config={
@@ -165,11 +173,17 @@ def _tiny_safety_checker(pipeline: Any) -> tuple[Any, Any]:
     )
     checker = StableDiffusionSafetyChecker(config).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32)
+    # The service's "dpmpp_2m" (worker/pipeline.py), made from the pipeline's own scheduler
+    # as the service makes it; the saved pipeline keeps its own.
+    saved_scheduler = pipeline.scheduler
+    render_scheduler = DPMSolverMultistepScheduler.from_config(
+        saved_scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
 
     def embedding(seed: int) -> torch.Tensor:
-        request = {**FLAGGED_REQUEST, "seed": seed}
         image = pipeline(
             request["prompt"],
+            negative_prompt=None,
             width=request["width"],
             height=request["height"],
             num_inference_steps=request["num_inference_steps"],
@@ -179,9 +193,14 @@ def _tiny_safety_checker(pipeline: Any) -> tuple[Any, Any]:
         pixels = processor(images=image, return_tensors="pt").pixel_values
         return checker.visual_projection(checker.vision_model(pixels)[1])[0]
 
+    pipeline.scheduler = render_scheduler
+    try:
+        with torch.no_grad():
+            flagged = embedding(int(request["seed"]))
+            others = torch.stack([embedding(seed) for seed in _UNFLAGGED_SEEDS])
+    finally:
+        pipeline.scheduler = saved_scheduler
     with torch.no_grad():
-        flagged = embedding(int(FLAGGED_REQUEST["seed"]))
-        others = torch.stack([embedding(seed) for seed in _UNFLAGGED_SEEDS])
         # A random vision model maps every image near one direction: project it out, so that
         # embeddings tell images apart.
         common = torch.nn.functional.normalize(others.mean(dim=0), dim=0)
@@ -200,6 +219,23 @@ def _tiny_safety_checker(pipeline: Any) -> tuple[Any, Any]:
     return checker, processor
 
 
+def _text_encoder_config(tokenizer: Any, **extra: Any) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 def _build(target: Path, seed: int) -> None:
     import torch
     from diffusers import (
@@ -207,7 +243,7 @@ def _build(target: Path, seed: int) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -229,19 +265,7 @@ def _build(target: Path, seed: int) -> None:
             str(Path(tokenizer_dir) / "merges.txt"),
             model_max_length=77,
         )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_text_encoder_config(tokenizer))
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -262,7 +286,7 @@ def _build(target: Path, seed: int) -> None:
         requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
-    checker, processor = _tiny_safety_checker(pipeline)
+    checker, processor = _tiny_safety_checker(pipeline, FLAGGED_REQUEST)
     pipeline.register_modules(safety_checker=checker, feature_extractor=processor)
     pipeline.save_pretrained(target)
     from worker.single_file import save_single_file
@@ -270,16 +294,94 @@ def _build(target: Path, seed: int) -> None:
     save_single_file(pipeline, target.with_suffix(".safetensors"))
 
 
-def _ensure(cache_dir: Path, name: str, seed: int) -> Path:
-    target = cache_dir / f"{name}-{_TINY_VERSION}"
+def _build_xl(target: Path, seed: int) -> None:
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    text_hidden, projection_dim, time_embed_dim = 32, 32, 8
+    unet = UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        # SDXL stacks several transformer blocks in an attention; real SDXL (1, 2, 10).
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        # Both text encoders' hidden states, concatenated.
+        cross_attention_dim=2 * text_hidden,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # The second encoder's pooled text embedding and the six size/crop numbers.
+        projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
+        norm_num_groups=8,
+    )
+    with tempfile.TemporaryDirectory() as tokenizer_dir:
+        _write_tokenizer_files(Path(tokenizer_dir))
+        vocab, merges = (
+            str(Path(tokenizer_dir) / "vocab.json"),
+            str(Path(tokenizer_dir) / "merges.txt"),
+        )
+        tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
+        # SDXL's second tokenizer pads with "!", not with its end token.
+        tokenizer_2 = CLIPTokenizer(vocab, merges, model_max_length=77, pad_token="!")
+    text_encoder = CLIPTextModel(_text_encoder_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        _text_encoder_config(tokenizer_2, projection_dim=projection_dim)
+    )
+    # SDXL base's scheduler.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        interpolation_type="linear",
+        prediction_type="epsilon",
+    )
+    vae = _passthrough_vae()
+    # SDXL's VAE decodes in float32 whatever the pipeline's dtype; the tiny one says so too.
+    vae.register_to_config(force_upcast=True)
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    checker, processor = _tiny_safety_checker(pipeline, FLAGGED_XL_REQUEST)
+    pipeline.register_modules(feature_extractor=processor)
+    pipeline.save_pretrained(target)
+    # StableDiffusionXLPipeline has no safety checker component, so save_pretrained skips it;
+    # the service loads it from the folder's safety_checker/ all the same (worker/safety.py).
+    checker.save_pretrained(target / "safety_checker")
+
+
+def _ensure(cache_dir: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """Build a pipeline folder `name` once into `cache_dir`; `build` writes the folder it is
+    given and may write a single-file checkpoint beside it (the folder's name + .safetensors)."""
+    target = cache_dir / name
     if (target / "model_index.json").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".building-"))
     try:
-        _build(staging / "model", seed)
+        build(staging / "model")
         # The checkpoint first: a folder in place means both are.
-        staging.joinpath("model.safetensors").replace(target.with_suffix(".safetensors"))
+        checkpoint = staging / "model.safetensors"
+        if checkpoint.is_file():
+            checkpoint.replace(target.with_suffix(".safetensors"))
         try:
             (staging / "model").rename(target)
         except OSError:
@@ -293,10 +395,16 @@ def _ensure(cache_dir: Path, name: str, seed: int) -> Path:
 
 def ensure_tiny_model(cache_dir: Path) -> Path:
     """Build the tiny pipeline once into `cache_dir`; later calls reuse it."""
-    return _ensure(cache_dir, "tiny-sd15", 0)
+    return _ensure(cache_dir, f"tiny-sd15-{_TINY_VERSION}", lambda target: _build(target, 0))
 
 
 def ensure_second_tiny_model(cache_dir: Path) -> Path:
     """Another tiny pipeline, the same shape with other random weights; beside its folder lies
     the same model as one single-file checkpoint (`.safetensors`, the original layout)."""
-    return _ensure(cache_dir, "second-tiny-sd15", 1)
+    return _ensure(cache_dir, f"second-tiny-sd15-{_TINY_VERSION}", lambda target: _build(target, 1))
+
+
+def ensure_tiny_xl_model(cache_dir: Path) -> Path:
+    """Build the tiny SDXL pipeline once into `cache_dir`; later calls reuse it. Its folder
+    has SDXL's components and a tiny safety checker that flags FLAGGED_XL_REQUEST's image."""
+    return _ensure(cache_dir, f"tiny-sdxl-{_TINY_XL_VERSION}", lambda target: _build_xl(target, 2))
