@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig
 
 TINY_MODEL_ID = "tiny"
 # The second tiny model, for tests that serve two models side by side.
@@ -219,7 +220,7 @@ def _tiny_safety_checker(pipeline: Any, request: dict[str, Any]) -> tuple[Any, A
     return checker, processor
 
 
-def _text_encoder_config(tokenizer: Any, **extra: Any) -> Any:
+def _text_encoder_config(tokenizer: Any, **extra: Any) -> CLIPTextConfig:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
