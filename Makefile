@@ -37,6 +37,7 @@ BENCH_ARGS ?= $(shell $(PY) -c 'import torch; print("" if torch.cuda.is_availabl
 bench: venv
 	$(PY) -m bench.gpu_pipeline $(BENCH_ARGS)
 ifeq ($(BENCH_ARGS),--smoke)
+	$(PY) -m bench.gpu_pipeline --smoke --family sdxl
 	$(PY) -m bench.gpu_pipeline --smoke --mixed
 	$(PY) -m bench.gpu_pipeline --smoke --vae
 	PYTHONPATH=$(VENV)/quant $(PY) -m bench.gpu_pipeline --smoke --levers int8,fp8,deepcache3

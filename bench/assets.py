@@ -1,25 +1,27 @@
 """What the GPU benchmark and the GPU tests render with, built offline once in a cache directory:
-SD 1.5's architecture with random weights, LoRA adapters and a canny ControlNet of its shapes (or
-the tiny model's own, when smoke-testing on a CPU), and each kind of job with the pictures, masks
-and control maps it brings."""
+SD 1.5's and SDXL base's architectures with random weights, LoRA adapters and a canny ControlNet
+of SD 1.5's shapes (or the tiny model's own, when smoke-testing on a CPU), and each kind of job
+with the pictures, masks and control maps it brings."""
 
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
 from PIL.Image import Image
 
+from shared.families import ModelFamilyName
 from shared.loras import LoraRegistry
 from shared.schema import Scheduler
 from worker.controlnet import TINY_CONTROLNET_ID, canny_map
 from worker.kinds import load_renderer
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, SpeedLevers
 from worker.tiny_customization import staged
-from worker.tiny_model import ensure_tiny_model
+from worker.tiny_model import ensure_tiny_model, ensure_tiny_xl_model
 
 # Models, adapters and the compile cache; the GPU tests reuse them when the benchmark ran first.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "t2i-bench-cache"
@@ -41,58 +43,124 @@ _SD15_ADAPTERS = {"random-style": 31, "random-other": 32}
 _TINY_ADAPTERS = ("tiny-style", "tiny-other")
 
 
+# The text encoders' sizes: CLIP ViT-L (SD 1.5's, and SDXL's first) and OpenCLIP ViT-bigG
+# (SDXL's second, with its projection of the pooled text).
+_CLIP_VIT_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "hidden_act": "quick_gelu",
+}
+_OPENCLIP_BIG_G = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "hidden_act": "gelu",
+    "projection_dim": 1280,
+}
+
+
+def _grown(tiny: Any, unet: dict[str, Any], vae: dict[str, Any]) -> dict[str, Any]:
+    """The tiny pipeline's components grown to a real model's sizes, with random weights: its
+    UNet and VAE from their configs with `unet` and `vae` changed, and each text encoder (one or
+    two) at its real size. Only the tokenizers stay the tiny model's byte-level ones."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    components = {
+        **tiny.components,
+        "unet": UNet2DConditionModel.from_config(tiny.unet.config, norm_num_groups=32, **unet),
+        "vae": AutoencoderKL.from_config(
+            tiny.vae.config,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            norm_num_groups=32,
+            **vae,
+        ),
+    }
+    sizes = {"text_encoder": _CLIP_VIT_L, "text_encoder_2": _OPENCLIP_BIG_G}
+    for name, size in sizes.items():
+        encoder = components.get(name)
+        if encoder is not None:
+            config = encoder.config.to_dict()
+            config.update(size)
+            components[name] = type(encoder)(type(encoder.config)(**config))
+    return components
+
+
+def _save(pipeline: Any, target: Path) -> Path:
+    # Half the bytes to write and read back; every consumer loads it in fp16 anyway.
+    pipeline.to(torch.float16).save_pretrained(target)
+    return target
+
+
 def build_sd15(target: Path, cache_dir: Path) -> Path:
     """SD 1.5's architecture (UNet, VAE, CLIP ViT-L text encoder) with random weights, saved as a
     diffusers directory: the tiny model's components grown to SD 1.5's sizes, so it has the real
     model's shapes and FLOPs and needs no hub. Only the tokenizer stays byte-level."""
     if (target / "model_index.json").is_file():
         return target
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
-    from diffusers import UNet2DConditionModel as UNet
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     tiny = StableDiffusionPipeline.from_pretrained(ensure_tiny_model(cache_dir))
-    torch.manual_seed(0)
-    unet = UNet.from_config(
-        tiny.unet.config,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL.from_config(
-        tiny.vae.config,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        norm_num_groups=32,
-        scaling_factor=0.18215,
-    )
-    text_config = tiny.text_encoder.config.to_dict()
-    text_config.update(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        hidden_act="quick_gelu",
-    )
+    unet = {
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+    }
+    components = _grown(tiny, unet, {"scaling_factor": 0.18215})
     # SD 1.5's default scheduler: its own PNDM configuration.
-    scheduler = PNDMScheduler.from_config(
+    components["scheduler"] = PNDMScheduler.from_config(
         tiny.scheduler.config, skip_prk_steps=True, set_alpha_to_one=False
     )
-    components = {
-        **tiny.components,
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
-        "scheduler": scheduler,
+    return _save(StableDiffusionPipeline(**components, requires_safety_checker=False), target)
+
+
+def build_sdxl(target: Path, cache_dir: Path) -> Path:
+    """SDXL base's architecture (UNet with its added size and pooled-text conditioning, CLIP
+    ViT-L and OpenCLIP ViT-bigG text encoders, SDXL's VAE) with random weights, as build_sd15
+    builds SD 1.5's: the tiny SDXL model grown to SDXL base's sizes. Its scheduler is the tiny
+    model's, SDXL base's EulerDiscrete configuration."""
+    if (target / "model_index.json").is_file():
+        return target
+    from diffusers import StableDiffusionXLPipeline
+
+    tiny = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_xl_model(cache_dir))
+    unet = {
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+        "up_block_types": ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+        "transformer_layers_per_block": (1, 2, 10),
+        # diffusers' name for SDXL's heads per block (64 channels each).
+        "attention_head_dim": (5, 10, 20),
+        "use_linear_projection": True,
+        # Both text encoders' hidden states side by side: 768 + 1280.
+        "cross_attention_dim": 2048,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        # The pooled text embedding (1280) and six size and crop numbers of 256 each.
+        "projection_class_embeddings_input_dim": 2816,
+        "sample_size": 128,
     }
-    pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    # Half the bytes to write and read back; every consumer loads it in fp16 anyway.
-    pipeline.to(torch.float16).save_pretrained(target)
-    return target
+    vae = {"scaling_factor": 0.13025, "force_upcast": True, "sample_size": 1024}
+    components = _grown(tiny, unet, vae)
+    pipeline = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    return _save(pipeline, target)
+
+
+def bench_model(family: ModelFamilyName, cache_dir: Path, model_dir: Path | None) -> Path:
+    """The family's real architecture with random weights, built into `model_dir` once; with no
+    `model_dir`, the family's tiny model (a CPU's smoke run)."""
+    if model_dir is None:
+        return ensure_tiny_model(cache_dir) if family == "sd15" else ensure_tiny_xl_model(cache_dir)
+    build = build_sd15 if family == "sd15" else build_sdxl
+    return build(model_dir, cache_dir)
 
 
 def _unet(model_dir: Path) -> torch.nn.Module:
@@ -199,11 +267,12 @@ def load_customized(
     device: str,
     levers: SpeedLevers,
     custom: Customization,
+    **options: Any,
 ) -> DiffusionRenderer:
-    """The worker's render core with LoRA slots and ControlNets, not warmed up yet: warm it up on
-    the thread that will render, after this."""
+    """The worker's render core with LoRA slots and ControlNets (and load_renderer's `options`),
+    not warmed up yet: warm it up on the thread that will render, after this."""
     renderer = load_renderer(
-        str(model_dir), cache_dir, device, levers, controlnets=custom.controlnets
+        str(model_dir), cache_dir, device, levers, controlnets=custom.controlnets, **options
     )
     renderer.use_loras(LoraRegistry(custom.lora_dir), LORA_CACHE_BYTES, LORA_MAX_RANK)
     return renderer

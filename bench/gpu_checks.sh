@@ -2,10 +2,12 @@
 # Every GPU check in one call on a lent CUDA machine (bench/README.md): the benchmark against
 # plain diffusers (`bench`: it builds the model and fills the compile cache the others reuse),
 # the service end to end (`service`), the VAE's levers (`vae`), the opt-in levers against the
-# defaults (`levers`: LEVERS names them), the mixed-traffic benchmark (`mixed`) and the GPU tests
-# (`tests`). Each writes its JSON after each phase, so a check cut short keeps what it measured.
-# CHECKS picks and orders them (default: bench service vae levers mixed tests; more than one
-# 10-minute call holds: split them, e.g. CHECKS="bench service" then CHECKS="vae levers tests");
+# defaults (`levers`: LEVERS names them), the mixed-traffic benchmark (`mixed`), the GPU tests
+# (`tests`) and the benchmark against plain diffusers with SDXL base's architecture at 1024x1024
+# (`sdxl`: SDXL_ARGS are its arguments). Each writes its JSON after each phase, so a check cut
+# short keeps what it measured. CHECKS picks and orders them (default: bench service vae levers
+# mixed tests sdxl; more than one 10-minute call holds: split them, e.g. CHECKS="bench service"
+# then CHECKS="vae levers tests");
 # CHECKS_BUDGET_S bounds them all together, and <CHECK>_TIMEOUT_S each. Arguments go to the
 # pipeline benchmarks (bench, vae, levers, mixed), SERVICE_ARGS to the service's. Logs and the
 # new JSON go to $OUT when set (the device tool), else to bench/results.
@@ -43,7 +45,7 @@ done_check() {
     echo "$1: exit status $2 at $((SECONDS - started)) s"
 }
 
-for check in ${CHECKS:-bench service vae levers mixed tests}; do
+for check in ${CHECKS:-bench service vae levers mixed tests sdxl}; do
     case $check in
     service)
         seconds=$(limit service "${SERVICE_TIMEOUT_S:-240}") || continue
@@ -82,8 +84,16 @@ for check in ${CHECKS:-bench service vae levers mixed tests}; do
             tee "$out/bench.log"
         done_check bench "${PIPESTATUS[0]}"
         ;;
+    sdxl)
+        # A guess, not a measurement: no SDXL run has been timed on a card yet.
+        seconds=$(limit sdxl "${SDXL_TIMEOUT_S:-540}") || continue
+        # shellcheck disable=SC2086
+        timeout "$seconds" python3 -m bench.gpu_pipeline --family sdxl ${SDXL_ARGS:-} 2>&1 \
+            >/dev/null | tee "$out/sdxl.log"
+        done_check sdxl "${PIPESTATUS[0]}"
+        ;;
     *)
-        echo "unknown check $check (bench, service, vae, levers, mixed, tests)" >&2
+        echo "unknown check $check (bench, service, vae, levers, mixed, tests, sdxl)" >&2
         ;;
     esac
 done

@@ -1,11 +1,12 @@
 """GPU pipeline benchmark: plain diffusers against our render path and executor, on one card.
 
 `python -m bench.gpu_pipeline` on a CUDA machine times SD 1.5's architecture with random weights
-at 512x512 and writes bench/results/<date>-<gpu>.json; `--mixed` times the worker's set-up with
+at 512x512 and writes bench/results/<date>-<gpu>.json; `--family sdxl` times SDXL base's at
+1024x1024 the same way, into <date>-<gpu>-sdxl.json. `--mixed` times the worker's set-up with
 LoRA adapters and a ControlNet under plain against mixed traffic instead, into
 <date>-<gpu>-mixed.json; `--vae` times the VAE's decode with its levers, into
-<date>-<gpu>-vae.json. `--smoke` runs the same code on a CPU with the tiny model, to prove it
-executes. It prints the figures as JSON either way.
+<date>-<gpu>-vae.json. `--smoke` runs the same code on a CPU with the tiny model (the tiny SDXL
+model with `--family sdxl`), to prove it executes. It prints the figures as JSON either way.
 """
 
 import argparse
@@ -35,11 +36,13 @@ from bench.assets import (
     PROMPT,
     SD15_LORA_RANK,
     Customization,
-    build_sd15,
+    bench_model,
     customization,
     kind_batch,
     load_customized,
 )
+from shared.families import FAMILIES
+from shared.settings import WorkerSettings
 from worker.executor import GpuExecutor, RenderJob
 from worker.kinds import load_renderer
 from worker.pipeline import (
@@ -53,7 +56,6 @@ from worker.pipeline import (
     compiled_image_counts,
 )
 from worker.quantization import UNET_QUANTS, QuantizationUnavailable
-from worker.tiny_model import ensure_tiny_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # The levers a `--<name>` or `--no-<name>` option switches (unset: the device's default).
@@ -106,13 +108,27 @@ def median_seconds(run: Callable[[], Any], repeats: int) -> float:
 
 
 def plain_diffusers(model_dir: Path, device: torch.device, args: argparse.Namespace) -> dict:
-    """(a) plain diffusers with SD 1.5's default scheduler and (b) with DPM-Solver++, batch 1."""
-    from diffusers import DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
+    """(a) plain diffusers with the model's default scheduler (SD 1.5: PNDM; SDXL: its own
+    EulerDiscrete) and (b) with DPM-Solver++, batch 1."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
-    ).to(device)
+    if args.family == "sdxl":
+        # No invisible watermark: the pipeline's own would stamp each image on the host inside
+        # the call; ours marks stored images off the GPU thread.
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            model_dir, dtype=dtype, add_watermarker=False
+        )
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        )
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     base = pipe.scheduler.config
 
@@ -126,14 +142,15 @@ def plain_diffusers(model_dir: Path, device: torch.device, args: argparse.Namesp
             generator=[torch.Generator("cpu").manual_seed(n) for n in range(images)],
         )
 
-    # As SD 1.5 ships it: PNDM without its Runge-Kutta warm-up steps.
-    pipe.scheduler = PNDMScheduler.from_config(base, skip_prk_steps=True)
+    if args.family == "sd15":
+        # As SD 1.5 ships it: PNDM without its Runge-Kutta warm-up steps.
+        pipe.scheduler = PNDMScheduler.from_config(base, skip_prk_steps=True)
     seed = median_seconds(call(args.seed_steps), args.repeats)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(
         base, algorithm_type="dpmsolver++", solver_order=2
     )
     dpm = median_seconds(call(args.steps), args.repeats)
-    note(f"plain diffusers: seed path {seed:.3f} s, DPM-Solver++ {dpm:.3f} s per image")
+    note(f"plain diffusers: default path {seed:.3f} s, DPM-Solver++ {dpm:.3f} s per image")
     batched = median_seconds(call(args.steps, args.max_batch_images), args.repeats)
     return {
         "seed_baseline_s_per_image": seed,
@@ -176,10 +193,16 @@ def load_ours(
     time each batch size), which is where jobs will render."""
     levers = levers_for(args)
     started = time.perf_counter()
+    # As the worker caps a batch (and padding): by pixels as well as images.
+    pixels = args.max_batch_pixels
     if custom is None:
-        renderer = load_renderer(str(model_dir), args.cache_dir, args.device, levers)
+        renderer = load_renderer(
+            str(model_dir), args.cache_dir, args.device, levers, max_batch_pixels=pixels
+        )
     else:
-        renderer = load_customized(model_dir, args.cache_dir, args.device, levers, custom)
+        renderer = load_customized(
+            model_dir, args.cache_dir, args.device, levers, custom, max_batch_pixels=pixels
+        )
     renderer.warm_up_seconds["load"] = time.perf_counter() - started
     counts = args.compiled_counts or compiled_image_counts(args.max_batch_images)
     executor = GpuExecutor(
@@ -188,6 +211,7 @@ def load_ours(
         args.batch_wait_ms / 1000,
         key=renderer.batch_key,
         warm_up=lambda: renderer.warm_up(args.size, args.size, counts, args.max_batch_images),
+        max_batch_pixels=pixels,
     )
     executor.wait_ready()
     return renderer, executor
@@ -262,7 +286,7 @@ def cold_start(model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     clock), the child's own phases (load, load compile artifacts, compile each count, ...), and
     "other" the rest (the executor's thread, the parent reading the child's output)."""
     command = [sys.executable, "-m", "bench.gpu_pipeline", "--cold-start-child"]
-    command += [*child_options(args), "--model-dir", str(model_dir)]
+    command += [*child_options(args), "--family", args.family, "--model-dir", str(model_dir)]
     started_at = time.time()
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -303,6 +327,7 @@ def child_options(args: argparse.Namespace) -> list[str]:
         str(args.cache_dir),
     ]
     options += ["--max-batch-images", str(args.max_batch_images)]
+    options += ["--max-batch-pixels", str(args.max_batch_pixels)]
     if args.compiled_counts:
         options += ["--compiled-counts", ",".join(map(str, args.compiled_counts))]
     for name in SWITCHED_LEVERS:
@@ -648,6 +673,8 @@ def main() -> int:
         suffix = next(
             (f"-{mode}" for mode in ("mixed", "vae", "levers") if getattr(args, mode)), ""
         )
+        if args.family != "sd15":
+            suffix = f"-{args.family}{suffix}"
         out = RESULTS_DIR / f"{datetime.date.today()}-{slug(figures['gpu'])}{suffix}.json"
 
     def save() -> None:
@@ -656,11 +683,7 @@ def main() -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(figures, indent=2) + "\n")
 
-    model_dir = (
-        ensure_tiny_model(args.cache_dir)
-        if args.smoke
-        else build_sd15(args.model_dir, args.cache_dir)
-    )
+    model_dir = bench_model(args.family, args.cache_dir, None if args.smoke else args.model_dir)
     note(f"model ready in {model_dir}")
     if args.mixed:
         mixed(model_dir, args, figures, save)
@@ -680,11 +703,13 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
     # The SD 1.5-sized adapters' rank (the tiny ones' is the tiny model's own).
     loras = {"lora_rank": None if args.smoke else SD15_LORA_RANK, "lora_max_rank": LORA_MAX_RANK}
     return {
+        "family": args.family,
         "size": args.size,
         "steps": args.steps,
         "seed_steps": args.seed_steps,
         "jobs": args.jobs,
         "max_batch_images": args.max_batch_images,
+        "max_batch_pixels": args.max_batch_pixels,
         "compiled_counts": args.compiled_counts or compiled_image_counts(args.max_batch_images),
         "batch_wait_ms": args.batch_wait_ms,
         "mixed": args.mixed,
@@ -705,6 +730,12 @@ def slug(name: str) -> str:
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
     """The options that are the worker's settings: batching, levers and compiled counts."""
     parser.add_argument("--max-batch-images", type=int, default=16)
+    parser.add_argument(
+        "--max-batch-pixels",
+        type=int,
+        default=WorkerSettings.model_fields["max_batch_pixels"].default,
+        help="most pixels a batch renders (T2I_MAX_BATCH_PIXELS, and its default)",
+    )
     parser.add_argument("--batch-wait-ms", type=float, default=0.0)
     for name in SWITCHED_LEVERS:
         flag = "--" + name.replace("_", "-")
@@ -723,20 +754,30 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny model on a CPU, seconds")
     parser.add_argument(
+        "--family",
+        choices=tuple(FAMILIES),
+        default="sd15",
+        help="the architecture: SD 1.5's (sd15) or SDXL base's (sdxl)",
+    )
+    parser.add_argument(
         "--mixed", action="store_true", help="plain-only against mixed traffic, with LoRA and more"
     )
     parser.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
-    parser.add_argument("--size", type=int, default=None, help="width and height (512)")
+    parser.add_argument(
+        "--size", type=int, default=None, help="width and height (the family's: 512, 1024)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="our steps and (b)'s (25)")
     parser.add_argument("--seed-steps", type=int, default=None, help="(a)'s PNDM steps (50)")
     parser.add_argument(
         "--jobs",
         type=int,
         default=None,
-        help="concurrent jobs in (d), and in each mixed round (32)",
+        help="concurrent jobs in (d), and in each mixed round (32; sdxl 16)",
     )
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (5)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs, median (5; sdxl 3)")
     add_worker_options(parser)
+    # Unset: 16, or fewer where the pixel cap holds fewer images of the size.
+    parser.set_defaults(max_batch_images=None)
     parser.add_argument(
         "--vae", action="store_true", help="the VAE's decode with each of its levers instead"
     )
@@ -752,20 +793,29 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
     parser.add_argument("--cold-start-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # Smoke figures are seconds on a CPU: tiny model, 256x256, 2 steps, a few jobs (enough for
-    # every kind of job in a mixed round).
+    if args.family != "sd15" and (args.mixed or args.vae or args.levers is not None):
+        parser.error(f"--family {args.family} times the run against plain diffusers only")
+    # Smoke figures are seconds on a CPU: tiny model, 256x256 (below SDXL's smallest request:
+    # the render core takes any size), 2 steps, a few jobs (enough for every kind of job in a
+    # mixed round). SDXL's images cost about four times SD 1.5's: fewer jobs and repeats.
     smoke_jobs = 10 if args.mixed else 4
-    defaults = (256, 2, 2, smoke_jobs, 1) if args.smoke else (512, 25, 50, 32, 5)
+    if args.smoke:
+        defaults: tuple[int, ...] = (256, 2, 2, smoke_jobs, 1)
+    else:
+        size = FAMILIES[args.family].default_size
+        defaults = (size, 25, 50, 32, 5) if args.family == "sd15" else (size, 25, 50, 16, 3)
     for name, value in zip(
         ("size", "steps", "seed_steps", "jobs", "repeats"), defaults, strict=True
     ):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.max_batch_images is None:
+        args.max_batch_images = max(1, min(16, args.max_batch_pixels // args.size**2))
     args.device = args.device or ("cpu" if args.smoke else "cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("no CUDA device here: run with --smoke for the CPU smoke test")
     args.cache_dir = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE_DIR
-    args.model_dir = args.model_dir or args.cache_dir / "sd15-random"
+    args.model_dir = args.model_dir or args.cache_dir / f"{args.family}-random"
     return args
 
 

@@ -191,6 +191,7 @@ def worker_env(args: argparse.Namespace, model_id: str) -> dict[str, str]:
         "T2I_DEVICE": args.device,
         "T2I_STORAGE": "local",
         "T2I_MAX_BATCH_IMAGES": str(args.max_batch_images),
+        "T2I_MAX_BATCH_PIXELS": str(args.max_batch_pixels),
         "T2I_BATCH_WAIT_MS": str(args.batch_wait_ms),
         "T2I_PROVENANCE": str(args.provenance).lower(),
         "T2I_SAFETY_CHECKER": str(args.safety_checker).lower(),

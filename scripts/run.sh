@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: Redis (unless T2I_REDIS_URL already answers), WORKERS render workers (1 unless set),
-# a webhook worker and the API. Every port is checked before anything starts: a taken one stops
+# a webhook worker and the API. EXTRA_MODELS (model ids, space-separated, e.g. "tiny-xl") adds one
+# render worker per model, each on that model's own queue; T2I_MODEL_ID stays the deployment's
+# default model (T2I_DEFAULT_MODEL, set for every process). Every port is checked before anything starts: a taken one stops
 # it, named. Ctrl-C, or SIGTERM to make or its process group, stops everything this script
 # started; a second Ctrl-C kills it all at once.
 set -euo pipefail
@@ -53,8 +55,16 @@ if ! [[ $workers =~ ^[1-9][0-9]?$ ]]; then
     echo "WORKERS=$workers: give a number of render workers from 1 to 99" >&2
     exit 2
 fi
+read -r -a extra_models <<<"${EXTRA_MODELS:-}"
+all_workers=$((workers + ${#extra_models[@]}))
+if ((${#extra_models[@]})); then
+    # Every process agrees on the default model, so each extra worker takes its own model's
+    # queue (<T2I_QUEUE_NAME>@<model>), not the default one.
+    default_model="${T2I_MODEL_NAME:-${T2I_MODEL_ID:-$("$PY" -c 'from shared.settings import DEFAULT_MODEL_ID as m; print(m)')}}"
+    export T2I_DEFAULT_MODEL="${T2I_DEFAULT_MODEL:-$default_model}"
+fi
 # Before anything starts: a taken port fails here, named, instead of in a process's log.
-metrics_ports=$("$PY" -m shared.ports --workers "$workers") || exit 1
+metrics_ports=$("$PY" -m shared.ports --workers "$all_workers") || exit 1
 
 if redis_answers; then
     echo "txt2img-service: using the Redis that answers at $T2I_REDIS_URL"
@@ -98,18 +108,34 @@ export T2I_INSTANCE="make-run-$$-$RANDOM"
 services+=($!)
 "$PY" -m worker.webhooks &
 services+=($!)
-if ((workers > 1)) && [[ -z ${T2I_TORCH_THREADS:-} ]]; then
+if ((all_workers > 1)) && [[ -z ${T2I_TORCH_THREADS:-} ]]; then
     # Workers rendering on this machine's CPUs each take their share of the cores.
     cores=$(getconf _NPROCESSORS_ONLN)
-    export T2I_TORCH_THREADS=$((cores / workers > 0 ? cores / workers : 1))
+    export T2I_TORCH_THREADS=$((cores / all_workers > 0 ? cores / all_workers : 1))
 fi
-for metrics_port in $metrics_ports; do
+mapfile -t worker_ports <<<"$metrics_ports"
+for metrics_port in "${worker_ports[@]:0:workers}"; do
     T2I_METRICS_PORT=$metrics_port "$PY" -m worker &
+    services+=($!)
+done
+# Each extra model's worker: its own model and name; a ControlNet fits one family, so only the
+# tiny SDXL model's own comes along (the LoRA registry is the deployment's, as the API's).
+for index in "${!extra_models[@]}"; do
+    model=${extra_models[index]}
+    controlnets=()
+    [[ $model == tiny-xl ]] && controlnets=(T2I_CONTROLNETS='{"canny": "tiny-xl"}')
+    env -u T2I_MODEL_NAME -u T2I_CONTROLNETS T2I_MODEL_ID="$model" "${controlnets[@]}" \
+        T2I_METRICS_PORT="${worker_ports[workers + index]}" "$PY" -m worker &
     services+=($!)
 done
 
 api_url="http://${T2I_HOST:-127.0.0.1}:${T2I_PORT:-8000}"
-echo "txt2img-service: starting $workers worker(s); ready once each has loaded its model..."
+if ((${#extra_models[@]})); then
+    echo "txt2img-service: starting $workers worker(s) of $T2I_DEFAULT_MODEL and one each of" \
+        "${extra_models[*]}; ready once each has loaded its model..."
+else
+    echo "txt2img-service: starting $workers worker(s); ready once each has loaded its model..."
+fi
 # Ready when the API started here answers, and each worker has loaded and warmed its model and
 # takes jobs (a worker's /ready, or the API's /ready for any worker where workers have none).
 until "$PY" - "$api_url" "$T2I_INSTANCE" $metrics_ports <<'PROBE' 2>/dev/null; do

@@ -387,34 +387,52 @@ def _processes_of(data_dir: Path) -> list[int]:
     return found
 
 
-def test_ctrl_c_stops_two_workers_and_the_redis_make_run_started(
+def test_ctrl_c_stops_the_workers_of_two_models_and_the_redis_make_run_started(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    """Text logs, the default; two workers, each on its own metrics port; Redis started by make
-    run itself and stopped last."""
+    """Text logs, the default; two workers of the default model and one of EXTRA_MODELS's tiny
+    SDXL model on its own queue, each on its own metrics port; Redis started by make run itself
+    and stopped last."""
     redis_port = free_port()
     run = start_make_run(
-        tmp_path, model_cache, f"redis://127.0.0.1:{redis_port}/0", WORKERS="2", **ports()
+        tmp_path,
+        model_cache,
+        f"redis://127.0.0.1:{redis_port}/0",
+        WORKERS="2",
+        EXTRA_MODELS="tiny-xl",
+        **ports(),
     )
     try:
         run.wait_ready()
         assert port_open(redis_port)
         first_log_line = run.stderr().splitlines()[0]
         assert " INFO " in first_log_line and not first_log_line.startswith("{")
-        # The next free port after the first worker's, past the webhook worker's.
-        [(first, second)] = re.findall(r"worker metrics on port\(s\) (\d+) (\d+);", run.stdout())
-        assert int(first) == run.metrics_port and int(second) > run.metrics_port
-        for port in (first, second):
+        # The next free ports after the first worker's, past the webhook worker's.
+        [found] = re.findall(r"worker metrics on port\(s\) (\d+) (\d+) (\d+);", run.stdout())
+        worker_ports = [int(port) for port in found]
+        assert worker_ports[0] == run.metrics_port and worker_ports == sorted(worker_ports)
+        for port in worker_ports:
             assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
+        info = httpx.get(f"{run.api}/info").raise_for_status().json()
+        families = {(worker["model"], worker["family"]) for worker in info["workers"]}
+        assert families == {("tiny", "sd15"), ("tiny-xl", "sdxl")}
         with run.client() as client:
-            [model] = client.get("/v1/models").raise_for_status().json()["data"]
-        assert model["workers"] == 2
+            models = client.get("/v1/models").raise_for_status().json()["data"]
+            assert [(m["id"], m["default"], m["workers"]) for m in models] == [
+                ("tiny", True, 2),
+                ("tiny-xl", False, 1),
+            ]
+            job_id = submit(client, model="tiny-xl", width=512, height=512)
+            job = wait_for_job(client, job_id)
+        assert job["status"] == "succeeded", job
+        assert job["request"]["model"] == "tiny-xl"
     finally:
         run.stop(signal.SIGINT)
     output = run.stdout() + run.stderr()
     assert "Traceback" not in output and " ERROR " not in output
-    assert run.stderr().count("warm shutdown") == 3  # two render workers, the webhook worker
-    for port in (redis_port, run.api_port, int(first), int(second), run.webhook_metrics_port):
+    # Three render workers, the webhook worker.
+    assert run.stderr().count("warm shutdown") == 4
+    for port in (redis_port, run.api_port, *worker_ports, run.webhook_metrics_port):
         assert not port_open(port)
     assert _processes_of(run.data_dir) == []
 
