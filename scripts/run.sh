@@ -91,7 +91,8 @@ fi
 # ControlNet examples work on a machine with no network.
 if [[ ${T2I_MODEL_ID:-} == tiny ]]; then
     if [[ -z ${T2I_LORA_DIR:-} ]]; then
-        T2I_LORA_DIR=$("$PY" -m worker.tiny_customization)
+        # With a tiny SDXL worker beside, one registry of both families' tiny adapters.
+        T2I_LORA_DIR=$("$PY" -m worker.tiny_customization "${extra_models[@]}")
         export T2I_LORA_DIR
     fi
     export T2I_CONTROLNETS="${T2I_CONTROLNETS:-{\"canny\": \"tiny\"\}}"
@@ -119,7 +120,8 @@ for metrics_port in "${worker_ports[@]:0:workers}"; do
     services+=($!)
 done
 # Each extra model's worker: its own model and name; a ControlNet fits one family, so only the
-# tiny SDXL model's own comes along (the LoRA registry is the deployment's, as the API's).
+# tiny SDXL model's own comes along (the LoRA registry is the deployment's, as the API's: with the
+# tiny models, both families' tiny adapters).
 for index in "${!extra_models[@]}"; do
     model=${extra_models[index]}
     controlnets=()

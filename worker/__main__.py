@@ -40,6 +40,7 @@ from worker.metrics import instrument, watch_gpu_memory, watch_recompiles
 from worker.metrics_server import MetricsPortInUse, WorkerProbes
 from worker.models import ModelLoadError, model_source
 from worker.pipeline import (
+    LeverUnsupported,
     SpeedLevers,
     compiled_image_counts,
     dtype_name,
@@ -145,7 +146,7 @@ def main() -> int:
                 int(settings.lora_cache_mb * 2**20),
                 core.lora_max_rank,
             )
-    except (ModelLoadError, QuantizationUnavailable) as exc:
+    except (ModelLoadError, QuantizationUnavailable, LeverUnsupported) as exc:
         log.error("%s", exc)
         return 2
     watch_gpu_memory(renderer.device)

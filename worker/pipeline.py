@@ -408,6 +408,10 @@ class VaeDecode:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+class LeverUnsupported(ValueError):
+    """A speed lever this model cannot run with; the worker refuses to start, saying why."""
+
+
 def deepcache_unsupported(unet: torch.nn.Module) -> str | None:
     """Why feature reuse cannot run this UNet, or None: its forward is re-traced below for the
     conditioning SD 1.5's UNet takes (timestep and text), nothing more."""
@@ -830,7 +834,10 @@ class DiffusionRenderer:
         if levers.deepcache_interval > 1:
             unsupported = deepcache_unsupported(self.pipeline.unet)
             if unsupported is not None:
-                raise ValueError(f"feature reuse (deepcache_interval) cannot run: {unsupported}")
+                raise LeverUnsupported(
+                    f"feature reuse (T2I_DEEPCACHE_INTERVAL) cannot run on this model: "
+                    f"{unsupported}; unset it"
+                )
         if levers.compile and not self._unet.compiled:
             if compile_cache_dir is not None:
                 _use_persistent_compile_cache(compile_cache_dir)

@@ -126,6 +126,19 @@ def ensure_tiny_xl_loras(cache_dir: Path) -> Path:
     return staged(target, lambda staging: _build_xl_loras(cache_dir, staging))
 
 
+def ensure_tiny_loras_of_both_families(cache_dir: Path) -> Path:
+    """One LoRA registry directory holding the tiny SD 1.5 and the tiny SDXL adapters, as a
+    deployment serving both families has one registry."""
+
+    def build(staging: Path) -> None:
+        staging.mkdir()
+        for registry in (ensure_tiny_loras(cache_dir), ensure_tiny_xl_loras(cache_dir)):
+            for adapter in registry.glob("*.safetensors"):
+                shutil.copy(adapter, staging / adapter.name)
+
+    return staged(cache_dir / f"tiny-loras-both-{_VERSION}-{_XL_VERSION}", build)
+
+
 def _build_controlnet(base: Path, target: Path, seed: int) -> None:
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -166,10 +179,15 @@ def ensure_tiny_xl_controlnet(cache_dir: Path) -> Path:
 
 
 if __name__ == "__main__":
-    # `make run` with the tiny model: build the tiny adapters, print their registry directory.
+    # `make run` with the tiny model: build the tiny adapters, print their registry directory;
+    # with the argument `tiny-xl` (a tiny SDXL worker beside), the registry of both families.
+    import sys
+
     from shared.settings import worker_settings
     from worker.library_logs import route_library_logs
 
     # Its progress bars would land between the service's log lines (JSON ones too).
     route_library_logs()
-    print(ensure_tiny_loras(worker_settings().model_cache_dir))
+    cache = worker_settings().model_cache_dir
+    both = "tiny-xl" in sys.argv[1:]
+    print(ensure_tiny_loras_of_both_families(cache) if both else ensure_tiny_loras(cache))

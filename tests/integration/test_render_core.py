@@ -36,7 +36,14 @@ from worker.controlnet import canny_map
 from worker.executor import GpuExecutor, RenderJob
 from worker.kinds import _keep_unmasked, load_renderer
 from worker.models import resolve
-from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, SpeedLevers, to_images
+from worker.pipeline import (
+    DiffusionRenderer,
+    LeverUnsupported,
+    RenderBatch,
+    RenderItem,
+    SpeedLevers,
+    to_images,
+)
 from worker.render_types import AdapterSet
 from worker.tiny_customization import ensure_tiny_loras, ensure_tiny_xl_loras
 
@@ -154,6 +161,12 @@ def test_the_core_serves_the_family_its_model_belongs_to(
     assert type(core.pipeline) is family.text
     assert core.family.name == ("sdxl" if family.text is StableDiffusionXLPipeline else "sd15")
     assert set(core.text_encoders()) == set(family.text_encoders)
+
+
+def test_feature_reuse_is_refused_on_sdxl_with_the_reason(model_cache: Path) -> None:
+    """Its shallow forward passes on SD 1.5's conditioning only, not SDXL's added embeddings."""
+    with pytest.raises(LeverUnsupported, match="added embeddings"):
+        load_renderer("tiny-xl", model_cache, "cpu", SpeedLevers(deepcache_interval=2))
 
 
 def diffusers_pipeline(core: DiffusionRenderer, kind: type[DiffusionPipeline], **extra):

@@ -6,7 +6,6 @@ through the service: adapters (an SD 1.5 adapter is refused), ControlNet and the
 
 import base64
 import io
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image
 from tests.conftest import run_stack
 from tests.support import Process, Stack, start_redis, wait_for_job, wait_until
 from worker.encoding import read_parameters
-from worker.tiny_customization import ensure_tiny_loras, ensure_tiny_xl_loras
+from worker.tiny_customization import ensure_tiny_loras_of_both_families
 from worker.tiny_model import FLAGGED_XL_REQUEST, TINY_XL_MODEL_ID, ensure_tiny_model
 
 FAST = {"num_inference_steps": 2, "seed": 11}
@@ -33,11 +32,7 @@ def both_families(workdir: Path, model_cache: Path) -> Iterator[Stack]:
     """The default model, tiny SD 1.5, served from its single-file checkpoint; beside it a worker
     of the tiny SDXL model. One LoRA registry holds both families' adapters."""
     redis_process, port = start_redis(workdir / "two-families-redis")
-    loras = workdir / "two-families-loras"
-    loras.mkdir()
-    for registry in (ensure_tiny_loras(model_cache), ensure_tiny_xl_loras(model_cache)):
-        for adapter in registry.glob("*.safetensors"):
-            shutil.copy(adapter, loras / adapter.name)
+    loras = ensure_tiny_loras_of_both_families(model_cache)
     checkpoint = ensure_tiny_model(model_cache).with_suffix(".safetensors")
     stacks = run_stack(
         "two-families",
