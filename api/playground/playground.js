@@ -7,6 +7,8 @@ const KEY_STORAGE = "t2i-playground-key";
 const TERMINAL = new Set(["succeeded", "failed", "canceled", "expired"]);
 let currentJob = null;
 let stream = null;
+// The models of `GET /v1/models`: each one's family sizes set the size inputs when it is chosen.
+let models = [];
 
 function headers() {
   return { Authorization: `Bearer ${$("api-key").value.trim()}`, "Content-Type": "application/json" };
@@ -39,12 +41,26 @@ async function loadOptions() {
   }
   if (!$("api-key").value.trim()) return;
   try {
-    const models = (await api("GET", "/v1/models")).data;
+    models = (await api("GET", "/v1/models")).data;
     fillSelect($("model"), models.map((m) => m.id));
+    useModelSizes();
     fillSelect($("control-type"), [...new Set(models.flatMap((m) => m.control_types))].sort());
     fillSelect($("lora"), (await api("GET", "/v1/loras")).data.map((l) => l.name));
   } catch (error) {
     $("error").textContent = `could not list models and adapters: ${error.message}`;
+  }
+}
+
+// The chosen model's (or the default model's) family sizes: its default and its bounds.
+function useModelSizes() {
+  const model = models.find((m) => ($("model").value ? m.id === $("model").value : m.default));
+  if (!model || !model.width) return;
+  for (const [id, defaultSize, bounds] of [
+    ["width", model.default_width, model.width],
+    ["height", model.default_height, model.height],
+  ]) {
+    Object.assign($(id), { min: bounds.minimum, max: bounds.maximum, step: bounds.multiple_of });
+    $(id).value = defaultSize;
   }
 }
 
@@ -210,4 +226,5 @@ $("cancel").addEventListener("click", cancel);
 $("copy-curl").addEventListener("click", () => navigator.clipboard.writeText($("curl").textContent));
 $("api-key").value = localStorage.getItem(KEY_STORAGE) || "";
 $("api-key").addEventListener("change", loadOptions);
+$("model").addEventListener("change", useModelSizes);
 loadOptions();

@@ -66,6 +66,7 @@ def _generation_fields(args: argparse.Namespace) -> GenerationFields:
         output_format = FORMAT_BY_SUFFIX.get(Path(args.output).suffix.lower())
     pairs = {
         "negative_prompt": args.negative_prompt,
+        "model": args.model,
         "width": args.width,
         "height": args.height,
         "num_inference_steps": args.steps,
@@ -295,8 +296,21 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-n", "--negative-prompt", default="", help="what to keep out of the image (default: none)"
     )
-    parser.add_argument("-W", "--width", type=int, default=512, help="pixels, a multiple of 8")
-    parser.add_argument("-H", "--height", type=int, default=512, help="pixels, a multiple of 8")
+    parser.add_argument(
+        "-m",
+        "--model",
+        help="a model of `GET /v1/models` (default: the deployment's default model)",
+    )
+    parser.add_argument(
+        "-W",
+        "--width",
+        type=int,
+        help="pixels, a multiple of 8 (default: the model's family's size, 512 for SD 1.5, "
+        "1024 for SDXL)",
+    )
+    parser.add_argument(
+        "-H", "--height", type=int, help="pixels, a multiple of 8 (default: as --width)"
+    )
     parser.add_argument("-s", "--steps", type=int, default=25, help="denoising steps")
     parser.add_argument("-g", "--guidance", type=float, default=7.5, help="guidance scale")
     parser.add_argument("--scheduler", default="dpmpp_2m", help=f"one of {', '.join(SCHEDULERS)}")

@@ -271,11 +271,16 @@ def test_info_names_the_live_worker_its_model_levers_and_the_limits(running: Mak
     assert info["models"] == ["tiny"]
     assert info["schedulers"] == SCHEDULERS
     limits = info["limits"]
-    assert (limits["width"]["minimum"], limits["width"]["maximum"]) == (256, 1024)
+    # Any family's sizes; the model's own family narrows them.
+    assert (limits["width"]["minimum"], limits["width"]["maximum"]) == (256, 2048)
     assert limits["width"]["multiple_of"] == 8
+    [served] = info["served_models"]
+    assert (served["id"], served["family"], served["default_width"]) == ("tiny", "sd15", 512)
+    assert (served["width"]["minimum"], served["width"]["maximum"]) == (256, 1024)
     assert limits["num_inference_steps"]["maximum"] == 150
     (worker,) = info["workers"]
     assert (worker["model"], worker["device"], worker["max_batch_images"]) == ("tiny", "cpu", 8)
+    assert worker["family"] == "sd15"
     # Every lever, each off: on a CPU none of them pays.
     assert worker["levers"] == dataclasses.asdict(SpeedLevers())
     assert not any(worker["levers"].values())

@@ -83,6 +83,10 @@ def test_the_playground_submits_shows_progress_and_the_image_and_cancels(
     assert "euler_a" in [o.text for o in Select(browser.find_element(By.ID, "scheduler")).options]
     control_types = Select(browser.find_element(By.ID, "control-type")).options
     assert [option.text for option in control_types] == ["none", "canny"]
+    # The size inputs follow the default model's family (SD 1.5): its default and bounds.
+    width = browser.find_element(By.ID, "width")
+    sizes = [width.get_attribute(name) for name in ("value", "min", "max", "step")]
+    assert sizes == ["512", "256", "1024", "8"]
     fill(browser, "prompt", "a red kite over the sea")
     fill(browser, "width", "256")
     fill(browser, "height", "256")

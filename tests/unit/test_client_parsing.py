@@ -131,11 +131,14 @@ def test_several_images_get_index_suffixes() -> None:
 
 def test_cli_defaults_are_the_servers_and_the_format_follows_the_suffix() -> None:
     parser = build_parser()
-    # What the CLI has no option for is left out of its requests, as the server's default is.
+    # What the CLI has no option for is left out of its requests, as the server's default is;
+    # so are the model and its size, which the server picks by the model's family.
     unset = {
         "prompt",
         "webhook",
         "model",
+        "width",
+        "height",
         "safety_action",
         "init_image",
         "mask_image",
@@ -149,9 +152,13 @@ def test_cli_defaults_are_the_servers_and_the_format_follows_the_suffix() -> Non
     assert {**defaults, "seed": None, "output_format": "png", "preview": None} == server_defaults
     assert "seed" not in defaults and "output_format" not in defaults
     assert "preview" not in defaults
-    args = parser.parse_args(["generate", "a cat", "-o", "cat.JPG", "-W", "256", "--seed", "0"])
+    assert not {"model", "width", "height"} & set(defaults)
+    args = parser.parse_args(
+        ["generate", "a cat", "-o", "cat.JPG", "-W", "256", "--seed", "0", "-m", "sdxl-base"]
+    )
     fields = _generation_fields(args)
     assert (fields["width"], fields["seed"], fields["output_format"]) == (256, 0, "jpeg")
+    assert fields["model"] == "sdxl-base" and "height" not in fields
     explicit = parser.parse_args(["generate", "a cat", "-o", "cat.jpg", "-f", "webp"])
     assert _generation_fields(explicit)["output_format"] == "webp"
 
