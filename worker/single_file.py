@@ -1,6 +1,6 @@
-"""Writes a pipeline as one `.safetensors` checkpoint in the original Stable Diffusion layout (the
-keys fine-tuning tools write and `from_single_file` reads): how the tiny offline model gets a
-single-file variant, the inverse of diffusers' own conversion."""
+"""Writes a pipeline as one `.safetensors` checkpoint in the original Stable Diffusion (SD 1.5) or
+SDXL layout (the keys fine-tuning tools write and `from_single_file` reads): how the tiny offline
+models get a single-file variant, the inverse of diffusers' own conversion."""
 
 from pathlib import Path
 from typing import Any
@@ -11,6 +11,9 @@ from safetensors.torch import save_file
 _UNET_PREFIX = "model.diffusion_model."
 _VAE_PREFIX = "first_stage_model."
 _TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+# SDXL's two text encoders: OpenAI's CLIP as transformers names it, then OpenCLIP's bigG.
+_XL_TEXT_ENCODER_PREFIX = "conditioner.embedders.0.transformer."
+_XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 _UNET_TOP = {
     "time_embedding.linear_1.": "time_embed.0.",
@@ -18,6 +21,9 @@ _UNET_TOP = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    # SDXL's embedding of the pooled text and the size/crop numbers.
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET = {
     "norm1.": "in_layers.0.",
@@ -28,6 +34,19 @@ _UNET_RESNET = {
     "conv_shortcut.": "skip_connection.",
 }
 _VAE_RENAMES = {"conv_shortcut.": "nin_shortcut.", "conv_norm_out.": "norm_out."}
+_OPEN_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "self_attn.out_proj.": "attn.out_proj.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+}
 _VAE_ATTENTION = {
     "group_norm.": "norm.",
     "to_q.": "q.",
@@ -67,15 +86,17 @@ def _unet_prefixes(config: Any) -> dict[str, str]:
     return prefixes
 
 
+def _rename_start(key: str, renames: dict[str, str]) -> str:
+    for hf_part, sd_part in renames.items():
+        if key.startswith(hf_part):
+            return sd_part + key[len(hf_part) :]
+    return key
+
+
 def _rename(key: str, prefixes: dict[str, str], inner: dict[str, str]) -> str:
     for hf_prefix, sd_prefix in prefixes.items():
         if key.startswith(hf_prefix):
-            rest = key[len(hf_prefix) :]
-            for hf_part, sd_part in inner.items():
-                if rest.startswith(hf_part):
-                    rest = sd_part + rest[len(hf_part) :]
-                    break
-            return sd_prefix + rest
+            return sd_prefix + _rename_start(key[len(hf_prefix) :], inner)
     return key
 
 
@@ -121,20 +142,48 @@ def _vae_state(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _text_encoder_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _text_encoder_state(
+    text_encoder: torch.nn.Module, prefix: str = _TEXT_ENCODER_PREFIX
+) -> dict[str, torch.Tensor]:
     # Newer transformers flatten CLIPTextModel; checkpoints keep its `text_model.` level.
     state = {}
     for key, value in text_encoder.state_dict().items():
         nested = key if key.startswith("text_model.") else "text_model." + key
-        state[_TEXT_ENCODER_PREFIX + nested] = value
+        state[prefix + nested] = value
     return state
 
 
+def _open_clip_state(text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection in OpenCLIP's layout: each layer's query, key and value
+    projections are one `in_proj`, and the text projection is a matrix applied from the right."""
+    source = text_encoder.state_dict()
+    state = {"text_projection": source["text_projection.weight"].T}
+    for hf_key, open_clip_key in _OPEN_CLIP_TOP.items():
+        state[open_clip_key] = source[hf_key]
+    layers = "text_model.encoder.layers."
+    for key, value in source.items():
+        if not key.startswith(layers):
+            continue
+        index, rest = key[len(layers) :].split(".", 1)
+        block = f"transformer.resblocks.{index}."
+        if rest.startswith("self_attn.q_proj."):
+            kind = rest.rsplit(".", 1)[1]
+            attention = f"{layers}{index}.self_attn."
+            state[f"{block}attn.in_proj_{kind}"] = torch.cat(
+                [source[f"{attention}{projection}_proj.{kind}"] for projection in "qkv"]
+            )
+        elif not rest.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            state[block + _rename_start(rest, _OPEN_CLIP_LAYER)] = value
+    return {_XL_OPEN_CLIP_PREFIX + key: value for key, value in state.items()}
+
+
 def save_single_file(pipeline: Any, target: Path) -> None:
-    """The pipeline's UNet, VAE and text encoder as one original-layout checkpoint."""
-    state = {
-        **_unet_state(pipeline.unet),
-        **_vae_state(pipeline.vae),
-        **_text_encoder_state(pipeline.text_encoder),
-    }
+    """The pipeline's UNet, VAE and text encoder(s) as one original-layout checkpoint: SD 1.5's,
+    or SDXL's where the pipeline has a second text encoder."""
+    state = {**_unet_state(pipeline.unet), **_vae_state(pipeline.vae)}
+    if getattr(pipeline, "text_encoder_2", None) is None:
+        state.update(_text_encoder_state(pipeline.text_encoder))
+    else:
+        state.update(_text_encoder_state(pipeline.text_encoder, _XL_TEXT_ENCODER_PREFIX))
+        state.update(_open_clip_state(pipeline.text_encoder_2))
     save_file({key: value.contiguous() for key, value in state.items()}, str(target))

@@ -18,7 +18,8 @@ TINY_LORAS = {"tiny-style": 11, "tiny-other": 12}
 # The tiny SDXL model's adapters.
 TINY_XL_LORAS = {"tiny-xl-style": 13, "tiny-xl-other": 14}
 _VERSION = "v2"
-_XL_VERSION = "v1"
+# Bump with the tiny SDXL model's version: its adapters and ControlNet are drawn from its shape.
+_XL_VERSION = "v2"
 # The layers LoRA training adapts, as diffusers' SDXL training script targets them.
 _UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 _TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

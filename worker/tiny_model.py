@@ -20,7 +20,7 @@ SECOND_TINY_MODEL_ID = "tiny-second"
 TINY_XL_MODEL_ID = "tiny-xl"
 # Bump when the architecture below changes, so old caches are not reused.
 _TINY_VERSION = "v2"
-_TINY_XL_VERSION = "v1"
+_TINY_XL_VERSION = "v2"
 
 
 def _byte_to_unicode() -> dict[int, str]:
@@ -223,18 +223,18 @@ def _tiny_safety_checker(pipeline: Any, request: dict[str, Any]) -> tuple[Any, A
 def _text_encoder_config(tokenizer: Any, **extra: Any) -> CLIPTextConfig:
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **extra,
-    )
+    settings: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return CLIPTextConfig(**{**settings, **extra})
 
 
 def _build(target: Path, seed: int) -> None:
@@ -301,7 +301,9 @@ def _build_xl(target: Path, seed: int) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    text_hidden, projection_dim, time_embed_dim = 32, 32, 8
+    # The encoders differ in width, as SDXL's do (768 and 1280): diffusers' single-file loader
+    # tells a checkpoint's two encoders apart by it.
+    text_hidden, text_hidden_2, projection_dim, time_embed_dim = 32, 48, 32, 8
     unet = UNet2DConditionModel(
         sample_size=128,
         in_channels=4,
@@ -315,7 +317,7 @@ def _build_xl(target: Path, seed: int) -> None:
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         # Both text encoders' hidden states, concatenated.
-        cross_attention_dim=2 * text_hidden,
+        cross_attention_dim=text_hidden + text_hidden_2,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim,
         # The second encoder's pooled text embedding and the six size/crop numbers.
@@ -333,7 +335,7 @@ def _build_xl(target: Path, seed: int) -> None:
         tokenizer_2 = CLIPTokenizer(vocab, merges, model_max_length=77, pad_token="!")
     text_encoder = CLIPTextModel(_text_encoder_config(tokenizer))
     text_encoder_2 = CLIPTextModelWithProjection(
-        _text_encoder_config(tokenizer_2, projection_dim=projection_dim)
+        _text_encoder_config(tokenizer_2, hidden_size=text_hidden_2, projection_dim=projection_dim)
     )
     # SDXL base's scheduler.
     scheduler = EulerDiscreteScheduler(
@@ -367,6 +369,9 @@ def _build_xl(target: Path, seed: int) -> None:
     # StableDiffusionXLPipeline has no safety checker component, so save_pretrained skips it;
     # the service loads it from the folder's safety_checker/ all the same (worker/safety.py).
     checker.save_pretrained(target / "safety_checker")
+    from worker.single_file import save_single_file
+
+    save_single_file(pipeline, target.with_suffix(".safetensors"))
 
 
 def _ensure(cache_dir: Path, name: str, build: Callable[[Path], None]) -> Path:
@@ -407,5 +412,7 @@ def ensure_second_tiny_model(cache_dir: Path) -> Path:
 
 def ensure_tiny_xl_model(cache_dir: Path) -> Path:
     """Build the tiny SDXL pipeline once into `cache_dir`; later calls reuse it. Its folder
-    has SDXL's components and a tiny safety checker that flags FLAGGED_XL_REQUEST's image."""
+    has SDXL's components and a tiny safety checker that flags FLAGGED_XL_REQUEST's image;
+    beside it lies the same model as one single-file checkpoint (`.safetensors`, SDXL's
+    original layout)."""
     return _ensure(cache_dir, f"tiny-sdxl-{_TINY_XL_VERSION}", lambda target: _build_xl(target, 2))

@@ -2,6 +2,7 @@
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from worker.kinds import load_renderer
 from worker.models import ModelSource, load_pipeline
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem
-from worker.tiny_model import ensure_tiny_model
+from worker.tiny_model import TINY_XL_MODEL_ID, ensure_tiny_model, ensure_tiny_xl_model
 
 SCHEDULERS = ["dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_a", "ddim", "pndm", "lms", "unipc"]
 
@@ -115,6 +116,17 @@ def test_the_tiny_vae_passes_an_image_through_as_8x8_block_averages(
     assert (decoded - blocks).abs().max() < 1e-3
 
 
+def _assert_same_weights(expected: Any, loaded: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        original = getattr(expected, name).state_dict()
+        round_trip = getattr(loaded, name).state_dict()
+        assert original.keys() == round_trip.keys()
+        assert all(
+            torch.equal(original[key], round_trip[key].reshape(original[key].shape))
+            for key in original
+        )
+
+
 def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(
     renderer: DiffusionRenderer, model_cache: Path
 ) -> None:
@@ -122,13 +134,30 @@ def test_a_single_file_checkpoint_loads_the_same_weights_as_its_folder(
     single = load_pipeline(
         ModelSource(str(folder.with_suffix(".safetensors")), str(folder)), torch.float32
     )
-    for name in ("unet", "vae", "text_encoder"):
-        expected = getattr(renderer.pipeline, name).state_dict()
-        loaded = getattr(single, name).state_dict()
-        assert expected.keys() == loaded.keys()
-        assert all(
-            torch.equal(expected[key], loaded[key].reshape(expected[key].shape)) for key in expected
-        )
+    _assert_same_weights(renderer.pipeline, single, ("unet", "vae", "text_encoder"))
+
+
+def test_the_sdxl_single_file_checkpoint_renders_what_its_folder_renders(
+    model_cache: Path,
+) -> None:
+    """The tiny SDXL model's checkpoint in SDXL's original layout (both text encoders, the
+    second in OpenCLIP's names) reads back as the very model its folder holds."""
+    checkpoint = ensure_tiny_xl_model(model_cache).with_suffix(".safetensors")
+    folder = load_renderer(TINY_XL_MODEL_ID, model_cache, "cpu")
+    single = load_renderer(str(checkpoint), model_cache, "cpu", single_file_config=TINY_XL_MODEL_ID)
+    assert single.family.name == "sdxl"
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    _assert_same_weights(folder.pipeline, single.pipeline, names)
+    batch = RenderBatch(
+        items=(RenderItem("a cat", "blurry", 1), RenderItem("a dog", "", 2)),
+        width=64,
+        height=64,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        scheduler="dpmpp_2m",
+    )
+    for expected, loaded in zip(folder.render(batch), single.render(batch), strict=True):
+        assert np.array_equal(_array(expected), _array(loaded))
 
 
 def test_batch_keys_counted_on_other_threads_never_break_a_render(
