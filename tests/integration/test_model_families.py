@@ -21,8 +21,8 @@ from worker.heartbeat import Heartbeat
 XL = "tiny-xl"
 SD15_SIZES = {"minimum": 256.0, "maximum": 1024.0, "multiple_of": 8}
 XL_SIZES = {"minimum": 512.0, "maximum": 2048.0, "multiple_of": 8}
-# Tiny test models' cross-attention: 32 (tiny SD 1.5) and 64 (tiny SDXL) text features.
-WORKERS = {"tiny": ("sd15", 32), XL: ("sdxl", 64)}
+# Tiny test models' cross-attention: 32 (tiny SD 1.5) and 80 (tiny SDXL) text features.
+WORKERS = {"tiny": ("sd15", 32), XL: ("sdxl", 80)}
 PROMPT = {"prompt": "a lighthouse at dusk", "num_inference_steps": 2}
 UNET_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 KOHYA_KEY = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v"
@@ -54,8 +54,8 @@ def write_adapters(directory: Path) -> None:
         str(directory / "small.safetensors"),
     )
     # Kohya's names, with a second text encoder: trained on SDXL (2048 text features), and on
-    # the tiny SDXL (64).
-    for name, dim in (("xl", 2048), ("tiny-xl", 64)):
+    # the tiny SDXL (80).
+    for name, dim in (("xl", 2048), ("tiny-xl", 80)):
         save_file(
             {
                 f"{KOHYA_KEY}.lora_down.weight": np.zeros((rank, dim), np.float16),
@@ -241,7 +241,7 @@ def test_a1111_fills_in_the_family_of_its_checkpoint(client: httpx.Client, route
             "small",
             XL,
             "a model whose cross-attention takes 32 text features",
-            "SDXL, its cross-attention taking 64 text features",
+            "SDXL, its cross-attention taking 80 text features",
         ),
     ],
 )
