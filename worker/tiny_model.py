@@ -150,6 +150,24 @@ def _passthrough_vae() -> AutoencoderKL:
     return vae
 
 
+def render_request(pipeline: Any, request: dict[str, Any], seed: int, **extra: Any) -> Any:
+    """`request` (a job's prompt, size, steps and guidance) with `seed`, rendered by diffusers'
+    own `pipeline` with its scheduler as it is and no negative prompt; `extra` goes to the
+    pipeline's call."""
+    import torch
+
+    return pipeline(
+        request["prompt"],
+        negative_prompt=None,
+        width=request["width"],
+        height=request["height"],
+        num_inference_steps=request["num_inference_steps"],
+        guidance_scale=request["guidance_scale"],
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **extra,
+    ).images[0]
+
+
 def _tiny_safety_checker(pipeline: Any, request: dict[str, Any]) -> tuple[Any, Any]:
     """SD 1.5's safety checker, shrunk, whose first concept is the embedding of the image the
     pipeline renders for `request`; its threshold lies halfway between that image and the
@@ -182,15 +200,7 @@ def _tiny_safety_checker(pipeline: Any, request: dict[str, Any]) -> tuple[Any, A
     )
 
     def embedding(seed: int) -> torch.Tensor:
-        image = pipeline(
-            request["prompt"],
-            negative_prompt=None,
-            width=request["width"],
-            height=request["height"],
-            num_inference_steps=request["num_inference_steps"],
-            guidance_scale=request["guidance_scale"],
-            generator=torch.Generator("cpu").manual_seed(seed),
-        ).images[0]
+        image = render_request(pipeline, request, seed)
         pixels = processor(images=image, return_tensors="pt").pixel_values
         return checker.visual_projection(checker.vision_model(pixels)[1])[0]
 
@@ -237,6 +247,18 @@ def _text_encoder_config(tokenizer: Any, **extra: Any) -> CLIPTextConfig:
     return CLIPTextConfig(**{**settings, **extra})
 
 
+# What both tiny UNets share: two levels, one layer each, the first without attention.
+_TINY_UNET: dict[str, Any] = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+}
+
+
 def _build(target: Path, seed: int) -> None:
     import torch
     from diffusers import (
@@ -248,16 +270,7 @@ def _build(target: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
+        **_TINY_UNET, sample_size=64, cross_attention_dim=32, attention_head_dim=4
     )
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         _write_tokenizer_files(Path(tokenizer_dir))
@@ -305,13 +318,8 @@ def _build_xl(target: Path, seed: int) -> None:
     # tells a checkpoint's two encoders apart by it.
     text_hidden, text_hidden_2, projection_dim, time_embed_dim = 32, 48, 32, 8
     unet = UNet2DConditionModel(
+        **_TINY_UNET,
         sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         # SDXL stacks several transformer blocks in an attention; real SDXL (1, 2, 10).
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
@@ -322,7 +330,6 @@ def _build_xl(target: Path, seed: int) -> None:
         addition_time_embed_dim=time_embed_dim,
         # The second encoder's pooled text embedding and the six size/crop numbers.
         projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
-        norm_num_groups=8,
     )
     with tempfile.TemporaryDirectory() as tokenizer_dir:
         _write_tokenizer_files(Path(tokenizer_dir))

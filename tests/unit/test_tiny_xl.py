@@ -22,7 +22,7 @@ from worker.tiny_customization import (
     ensure_tiny_xl_controlnet,
     ensure_tiny_xl_loras,
 )
-from worker.tiny_model import FLAGGED_XL_REQUEST, ensure_tiny_xl_model
+from worker.tiny_model import FLAGGED_XL_REQUEST, ensure_tiny_xl_model, render_request
 
 # Mean absolute difference of 8-bit pixels, in [0, 1], that counts as a visible change.
 VISIBLE = 0.005
@@ -43,20 +43,10 @@ def pipeline(cache: Path) -> StableDiffusionXLPipeline:
 def _render(pipeline: Any, seed: int, **extra: Any) -> Image.Image:
     """FLAGGED_XL_REQUEST with `seed`, rendered as the service renders it (DPM++ 2M, no negative
     prompt)."""
-    request = FLAGGED_XL_REQUEST
     pipeline.scheduler = DPMSolverMultistepScheduler.from_config(
         pipeline.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
     )
-    return pipeline(
-        request["prompt"],
-        negative_prompt=None,
-        width=request["width"],
-        height=request["height"],
-        num_inference_steps=request["num_inference_steps"],
-        guidance_scale=request["guidance_scale"],
-        generator=torch.Generator("cpu").manual_seed(seed),
-        **extra,
-    ).images[0]
+    return render_request(pipeline, FLAGGED_XL_REQUEST, seed, **extra)
 
 
 def _difference(a: Image.Image, b: Image.Image) -> float:
