@@ -31,6 +31,7 @@ from diffusers import (
 from PIL import Image
 from safetensors.torch import save_file
 
+from shared.info import SCHEDULERS
 from shared.loras import LoraRegistry
 from worker.controlnet import canny_map
 from worker.executor import GpuExecutor, RenderJob
@@ -204,6 +205,15 @@ def test_an_empty_negative_prompt_is_what_diffusers_makes_of_none(
         generator=generator(),
     ).images[0]
     assert largest_difference(ours, reference) == 0
+
+
+def test_every_scheduler_offered_renders_the_familys_model(core: DiffusionRenderer) -> None:
+    """From the model's own scheduler config (SDXL's Euler with "leading" spacing, SD 1.5's
+    DPM-Solver), each sampler a request may name gives a finite image of its own."""
+    images = {name: core.render(batch(item(), scheduler=name))[0] for name in SCHEDULERS}
+    for name, image in images.items():
+        assert np.asarray(image).std() > 0, name
+    assert largest_difference(images["euler"], images["dpmpp_2m"]) > 0
 
 
 def test_each_image_of_a_batch_is_the_image_it_gets_alone(core: DiffusionRenderer) -> None:
