@@ -1,6 +1,6 @@
 """What the GPU benchmark and the GPU tests render with, built offline once in a cache directory:
 SD 1.5's and SDXL base's architectures with random weights, LoRA adapters and a canny ControlNet
-of SD 1.5's shapes (or the tiny model's own, when smoke-testing on a CPU), and each kind of job
+of either's shapes (or the tiny models' own, when smoke-testing on a CPU), and each kind of job
 with the pictures, masks and control maps it brings."""
 
 import tempfile
@@ -17,18 +17,18 @@ from PIL.Image import Image
 from shared.families import ModelFamilyName
 from shared.loras import LoraRegistry
 from shared.schema import Scheduler
-from worker.controlnet import TINY_CONTROLNET_ID, canny_map
+from worker.controlnet import TINY_CONTROLNET_ID, TINY_XL_CONTROLNET_ID, canny_map
 from worker.kinds import load_renderer
 from worker.pipeline import DiffusionRenderer, RenderBatch, RenderItem, SpeedLevers
-from worker.tiny_customization import staged
+from worker.tiny_customization import TINY_LORAS, TINY_XL_LORAS, staged
 from worker.tiny_model import ensure_tiny_model, ensure_tiny_xl_model
 
 # Models, adapters and the compile cache; the GPU tests reuse them when the benchmark ran first.
 DEFAULT_CACHE_DIR = Path(tempfile.gettempdir()) / "t2i-bench-cache"
 PROMPT = "a lighthouse at dusk, oil painting, highly detailed"
 GUIDANCE = 7.5
-# The rank of the SD 1.5-sized adapters: what style adapters are commonly trained with.
-SD15_LORA_RANK = 32
+# The rank of the random adapters of either family: what style adapters are commonly trained with.
+LORA_RANK = 32
 # T2I_LORA_MAX_RANK's default: the rank of the slots the worker installs.
 LORA_MAX_RANK = 64
 LORA_CACHE_BYTES = 256 * 2**20
@@ -39,8 +39,18 @@ LORA_STRENGTH = 0.5
 IMAGE_STRENGTH = 0.6
 # The kinds of job, as the benchmark and the tests name them.
 KINDS = ("plain", "lora", "image-to-image", "controlnet", "inpainting")
-_SD15_ADAPTERS = {"random-style": 31, "random-other": 32}
-_TINY_ADAPTERS = ("tiny-style", "tiny-other")
+# The random adapters of each family's real architecture, by name, with the seed each is drawn from.
+_ADAPTERS: dict[ModelFamilyName, dict[str, int]] = {
+    "sd15": {"random-style": 31, "random-other": 32},
+    "sdxl": {"random-xl-style": 33, "random-xl-other": 34},
+}
+_TINY_ADAPTERS: dict[ModelFamilyName, tuple[str, ...]] = {
+    "sd15": tuple(TINY_LORAS),
+    "sdxl": tuple(TINY_XL_LORAS),
+}
+# The attention projections of the UNet's transformer blocks, which every family's adapters adapt.
+_UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+_TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 # The text encoders' sizes: CLIP ViT-L (SD 1.5's, and SDXL's first) and OpenCLIP ViT-bigG
@@ -169,43 +179,90 @@ def _unet(model_dir: Path) -> torch.nn.Module:
     return UNet2DConditionModel.from_pretrained(model_dir / "unet", torch_dtype=torch.float32)
 
 
-def _write_loras(model_dir: Path, rank: int, target: Path) -> None:
-    """Random adapters on the UNet's attention projections, in the file format PEFT training and
-    diffusers' `save_lora_weights` give (the tiny adapters' own), written without PEFT."""
-    from diffusers import StableDiffusionPipeline
+def _unet_layers(model_dir: Path, feed_forward: bool) -> list[tuple[str, torch.nn.Module]]:
+    """The UNet's layers an adapter adapts, by name: the attention projections of its transformer
+    blocks, and with `feed_forward` their feed-forward layers too."""
+    unet = _unet(model_dir)
+    layers: list[tuple[str, torch.nn.Module]] = []
+    for path, module in unet.named_modules():
+        kind = type(module).__name__
+        if kind == "Attention" and ".transformer_blocks." in f".{path}":
+            layers += [(f"{path}.{part}", module.get_submodule(part)) for part in _UNET_ATTENTION]
+        elif kind == "FeedForward" and feed_forward:
+            layers += [(f"{path}.net.0.proj", module.net[0].proj), (f"{path}.net.2", module.net[2])]
+    return layers
+
+
+def _text_encoder_layers(model_dir: Path, name: str) -> list[tuple[str, torch.nn.Module]]:
+    """The attention projections of a text encoder (`name`, its folder), by the names adapters in
+    the wild give them."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    model = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+    encoder = model.from_pretrained(model_dir / name)
+    # Adapters name a text encoder's layers under `text_model.`, which transformers 5's CLIP text
+    # models no longer have (as worker/tiny_customization.py writes them).
+    prefix = "" if hasattr(encoder, "text_model") else "text_model."
+    return [
+        (f"{prefix}{path}.{part}", getattr(module, part))
+        for path, module in encoder.named_modules()
+        if type(module).__name__.endswith("Attention")
+        for part in _TEXT_ATTENTION
+    ]
+
+
+def _random_layers(
+    layers: list[tuple[str, torch.nn.Module]], rank: int, form: str, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A random adapter of `rank` on `layers`, its product BA LORA_STRENGTH of each layer's own
+    weights, keyed as `<layer>.<form>.down.weight` and `<layer>.<form>.up.weight`."""
+    drawn: dict[str, torch.Tensor] = {}
+    for path, layer in layers:
+        weight = layer.weight.detach().float()
+        down = torch.randn(rank, weight.shape[1], generator=generator)
+        up = torch.randn(weight.shape[0], rank, generator=generator)
+        up *= LORA_STRENGTH * weight.norm() / (up @ down).norm()
+        drawn[f"{path}.{form}.down.weight"] = down.contiguous()
+        drawn[f"{path}.{form}.up.weight"] = up.contiguous()
+    return drawn
+
+
+def _write_loras(family: ModelFamilyName, model_dir: Path, rank: int, target: Path) -> None:
+    """Random adapters for the family's architecture, in the file format diffusers'
+    `save_lora_weights` gives (the tiny adapters' own), written without PEFT. SD 1.5's adapt the
+    UNet's attention projections; SDXL's also its feed-forward layers and both text encoders'
+    attention projections, as diffusers' SDXL training script targets them."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     target.mkdir(parents=True)
-    unet = _unet(model_dir)
-    projections = [
-        (f"{path}.{part}", layer)
-        for path, module in unet.named_modules()
-        if type(module).__name__ == "Attention" and ".transformer_blocks." in f".{path}"
-        for part, layer in (
-            ("to_q", module.to_q),
-            ("to_k", module.to_k),
-            ("to_v", module.to_v),
-            ("to_out.0", module.to_out[0]),
-        )
-    ]
-    for name, seed in _SD15_ADAPTERS.items():
+    xl = family == "sdxl"
+    components = {"unet": _unet_layers(model_dir, feed_forward=xl)}
+    if xl:
+        for name in ("text_encoder", "text_encoder_2"):
+            components[name] = _text_encoder_layers(model_dir, name)
+    pipeline = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    for name, seed in _ADAPTERS[family].items():
         generator = torch.Generator().manual_seed(seed)
-        layers: dict[str, torch.Tensor] = {}
-        for path, layer in projections:
-            weight = layer.weight.detach()
-            down = torch.randn(rank, weight.shape[1], generator=generator)
-            up = torch.randn(weight.shape[0], rank, generator=generator)
-            up *= LORA_STRENGTH * weight.norm() / (up @ down).norm()
-            layers[f"{path}.lora.down.weight"] = down.contiguous()
-            layers[f"{path}.lora.up.weight"] = up.contiguous()
-        StableDiffusionPipeline.save_lora_weights(
-            target, unet_lora_layers=layers, weight_name=f"{name}.safetensors"
-        )
+        # diffusers' own form for the UNet's layers; its text-encoder form for the encoders'.
+        layers = {
+            f"{component}_lora_layers": _random_layers(
+                component_layers,
+                rank,
+                "lora" if component == "unet" else "lora_linear_layer",
+                generator,
+            )
+            for component, component_layers in components.items()
+        }
+        pipeline.save_lora_weights(target, **layers, weight_name=f"{name}.safetensors")
 
 
-def build_sd15_loras(model_dir: Path, cache_dir: Path, rank: int = SD15_LORA_RANK) -> Path:
-    """A LoRA registry directory with two random adapters of `rank` for SD 1.5's UNet."""
-    target = cache_dir / f"sd15-loras-r{rank}"
-    return staged(target, lambda staging: _write_loras(model_dir, rank, staging))
+def build_loras(
+    family: ModelFamilyName, model_dir: Path, cache_dir: Path, rank: int = LORA_RANK
+) -> Path:
+    """A LoRA registry directory with two random adapters of `rank` for the family's
+    architecture (built by build_sd15 or build_sdxl into `model_dir`)."""
+    target = cache_dir / f"{family}-loras-r{rank}"
+    return staged(target, lambda staging: _write_loras(family, model_dir, rank, staging))
 
 
 def _write_controlnet(model_dir: Path, target: Path) -> None:
@@ -228,9 +285,10 @@ def _write_controlnet(model_dir: Path, target: Path) -> None:
     controlnet.to(torch.float16).save_pretrained(target)
 
 
-def build_sd15_controlnet(model_dir: Path, cache_dir: Path) -> Path:
-    """A canny ControlNet of SD 1.5's shapes with random weights, built once from its UNet."""
-    target = cache_dir / "sd15-controlnet"
+def build_controlnet(family: ModelFamilyName, model_dir: Path, cache_dir: Path) -> Path:
+    """A canny ControlNet of the family's shapes with random weights, built once from the UNet
+    in `model_dir`."""
+    target = cache_dir / f"{family}-controlnet"
     return staged(target, lambda staging: _write_controlnet(model_dir, staging))
 
 
@@ -245,19 +303,27 @@ class Customization:
     controlnets: dict[str, str]
 
 
-def customization(model_dir: Path, cache_dir: Path, tiny: bool) -> Customization:
-    """Two LoRA adapters and a canny ControlNet for the tiny model or for SD 1.5's shapes."""
+def customization(
+    model_dir: Path, cache_dir: Path, tiny: bool, family: ModelFamilyName = "sd15"
+) -> Customization:
+    """Two LoRA adapters and a canny ControlNet for the family's tiny model or for its real
+    architecture's shapes (in `model_dir`)."""
     if tiny:
-        from worker.tiny_customization import ensure_tiny_loras
+        from worker.tiny_customization import ensure_tiny_loras, ensure_tiny_xl_loras
 
+        first, second = _TINY_ADAPTERS[family]
+        if family == "sd15":
+            return Customization(
+                ensure_tiny_loras(cache_dir), (first, second), {"canny": TINY_CONTROLNET_ID}
+            )
         return Customization(
-            ensure_tiny_loras(cache_dir), _TINY_ADAPTERS, {"canny": TINY_CONTROLNET_ID}
+            ensure_tiny_xl_loras(cache_dir), (first, second), {"canny": TINY_XL_CONTROLNET_ID}
         )
-    first, second = _SD15_ADAPTERS
+    first, second = _ADAPTERS[family]
     return Customization(
-        build_sd15_loras(model_dir, cache_dir),
+        build_loras(family, model_dir, cache_dir),
         (first, second),
-        {"canny": str(build_sd15_controlnet(model_dir, cache_dir))},
+        {"canny": str(build_controlnet(family, model_dir, cache_dir))},
     )
 
 

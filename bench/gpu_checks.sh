@@ -3,10 +3,11 @@
 # plain diffusers (`bench`: it builds the model and fills the compile cache the others reuse),
 # the service end to end (`service`), the VAE's levers (`vae`), the opt-in levers against the
 # defaults (`levers`: LEVERS names them), the mixed-traffic benchmark (`mixed`), the GPU tests
-# (`tests`) and the benchmark against plain diffusers with SDXL base's architecture at 1024x1024
-# (`sdxl`: SDXL_ARGS are its arguments). Each writes its JSON after each phase, so a check cut
-# short keeps what it measured. CHECKS picks and orders them (default: bench service vae levers
-# mixed tests sdxl; more than one 10-minute call holds: split them, e.g. CHECKS="bench service"
+# (`tests`), the benchmark against plain diffusers with SDXL base's architecture at 1024x1024
+# (`sdxl`: SDXL_ARGS are its arguments) and the render core's GPU tests with SDXL base's
+# architecture (`sdxl-tests`). Each writes its JSON after each phase, so a check cut short keeps
+# what it measured. CHECKS picks and orders them (default: bench service vae levers mixed tests
+# sdxl sdxl-tests; more than one 10-minute call holds: split them, e.g. CHECKS="bench service"
 # then CHECKS="vae levers tests");
 # CHECKS_BUDGET_S bounds them all together, and <CHECK>_TIMEOUT_S each. Arguments go to the
 # pipeline benchmarks (bench, vae, levers, mixed), SERVICE_ARGS to the service's. Logs and the
@@ -45,7 +46,7 @@ done_check() {
     echo "$1: exit status $2 at $((SECONDS - started)) s"
 }
 
-for check in ${CHECKS:-bench service vae levers mixed tests sdxl}; do
+for check in ${CHECKS:-bench service vae levers mixed tests sdxl sdxl-tests}; do
     case $check in
     service)
         seconds=$(limit service "${SERVICE_TIMEOUT_S:-240}") || continue
@@ -92,8 +93,16 @@ for check in ${CHECKS:-bench service vae levers mixed tests sdxl}; do
             >/dev/null | tee "$out/sdxl.log"
         done_check sdxl "${PIPESTATUS[0]}"
         ;;
+    sdxl-tests)
+        # A guess, not a measurement: these tests have not run with SDXL on a card yet.
+        seconds=$(limit sdxl-tests "${SDXL_TESTS_TIMEOUT_S:-540}") || continue
+        T2I_GPU_FAMILY=sdxl timeout "$seconds" python3 -m pytest --noconftest -p no:cacheprovider \
+            -q -m gpu -rA tests/gpu/test_gpu_render_core.py 2>&1 |
+            tee "$out/sdxl-gpu-tests.log" | tail -60
+        done_check sdxl-tests "${PIPESTATUS[0]}"
+        ;;
     *)
-        echo "unknown check $check (bench, service, vae, levers, mixed, tests, sdxl)" >&2
+        echo "unknown check $check (bench, service, vae, levers, mixed, tests, sdxl, sdxl-tests)" >&2
         ;;
     esac
 done

@@ -33,8 +33,8 @@ from bench.assets import (
     DEFAULT_CACHE_DIR,
     GUIDANCE,
     LORA_MAX_RANK,
+    LORA_RANK,
     PROMPT,
-    SD15_LORA_RANK,
     Customization,
     bench_model,
     customization,
@@ -700,8 +700,8 @@ def main() -> int:
 
 
 def config(args: argparse.Namespace) -> dict[str, Any]:
-    # The SD 1.5-sized adapters' rank (the tiny ones' is the tiny model's own).
-    loras = {"lora_rank": None if args.smoke else SD15_LORA_RANK, "lora_max_rank": LORA_MAX_RANK}
+    # The random adapters' rank (the tiny ones' is the tiny model's own).
+    loras = {"lora_rank": None if args.smoke else LORA_RANK, "lora_max_rank": LORA_MAX_RANK}
     return {
         "family": args.family,
         "size": args.size,
