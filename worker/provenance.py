@@ -178,9 +178,14 @@ def _weights_file(weights: str) -> Path | None:
     if path.is_dir():
         return next((path / name for name in _DIFFUSERS_WEIGHTS if (path / name).is_file()), None)
     from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
     for name in _DIFFUSERS_WEIGHTS:
-        found = try_to_load_from_cache(weights, name)
+        try:
+            found = try_to_load_from_cache(weights, name)
+        except HFValidationError:
+            # Not a hub id either (a simulated model's name): no weights to hash.
+            return None
         if isinstance(found, str):
             return Path(found)
     return None
