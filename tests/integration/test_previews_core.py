@@ -55,9 +55,10 @@ class Previews:
         self.calls.append((step, total, images))
 
 
-@pytest.fixture(scope="module")
-def renderer(model_cache: Path) -> DiffusionRenderer:
-    return load_renderer("tiny", model_cache, "cpu")
+@pytest.fixture(scope="module", params=["tiny", "tiny-xl"], ids=["sd15", "sdxl"])
+def renderer(model_cache: Path, request: pytest.FixtureRequest) -> DiffusionRenderer:
+    """The tiny model of each family: previews come the same way from both."""
+    return load_renderer(request.param, model_cache, "cpu")
 
 
 @dataclass
@@ -161,9 +162,10 @@ class TinyAutoencoderRender:
 
 
 @pytest.fixture(scope="module")
-def tiny_autoencoder(model_cache: Path) -> TinyAutoencoderRender:
-    """ASKING rendered by a core whose previews the tiny autoencoder decodes."""
-    renderer = load_renderer("tiny", model_cache, "cpu", preview_vae="tiny")
+def tiny_autoencoder(model_cache: Path, renderer: DiffusionRenderer) -> TinyAutoencoderRender:
+    """ASKING rendered by a core of the same model whose previews the tiny autoencoder
+    decodes."""
+    renderer = load_renderer(renderer.model_name, model_cache, "cpu", preview_vae="tiny")
     assert renderer.preview_vae is not None
     decoded: list[torch.Tensor] = []
     finals: list[torch.Tensor] = []
