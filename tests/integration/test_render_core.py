@@ -10,6 +10,7 @@ adapters) on the same modules.
 """
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from shared.loras import LoraRegistry
 from worker.controlnet import canny_map
 from worker.executor import GpuExecutor, RenderJob
 from worker.kinds import _keep_unmasked, load_renderer
-from worker.models import resolve
+from worker.models import ModelLoadError, resolve
 from worker.pipeline import (
     DiffusionRenderer,
     LeverUnsupported,
@@ -385,6 +386,23 @@ def test_a_float16_sdxl_core_keeps_its_vae_in_float32_and_every_other_module_in_
     vae = "float32" if family.text is StableDiffusionXLPipeline else "float16"
     assert dtypes.pop("vae") == vae
     assert set(dtypes.values()) == {"float16"}
+
+
+def test_a_vae_fixed_for_float16_replaces_sdxls_own_and_stays_in_float16(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """T2I_VAE_ID: a VAE whose config does not ask for an upcast (as the float16-fixed SDXL VAE's
+    does not) decodes in float16; one that cannot be read stops the load, naming the setting."""
+    fixed = tmp_path / "fixed-vae"
+    shutil.copytree(Path(resolve("tiny-xl", model_cache)) / "vae", fixed)
+    config = json.loads((fixed / "config.json").read_text())
+    (fixed / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    core = load_renderer("tiny-xl", model_cache, "cpu", dtype="float16", vae=str(fixed))
+    assert core.module_dtypes()["vae"] == "float16"
+    [image] = core.render(batch(item()))
+    assert np.asarray(image).std() > 0
+    with pytest.raises(ModelLoadError, match="T2I_VAE_ID"):
+        load_renderer("tiny-xl", model_cache, "cpu", vae=str(tmp_path / "missing"))
 
 
 def test_the_vae_decodes_in_slices_to_the_same_images(core: DiffusionRenderer) -> None:
